@@ -1,0 +1,3 @@
+from avr.cli import main
+
+main()

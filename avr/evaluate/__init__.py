@@ -1,0 +1,1 @@
+"""Stage three: a trained head scored on every (caption, video) pair of a split."""

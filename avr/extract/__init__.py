@@ -1,0 +1,1 @@
+"""Stage one: media -> frozen backbone tokens -> Zarr store."""

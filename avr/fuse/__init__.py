@@ -1,0 +1,1 @@
+"""Stage two: Zarr store -> trained fusion head."""

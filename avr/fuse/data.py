@@ -1,0 +1,126 @@
+"""Cache reader for training and evaluation: one split of a store as in-memory tensors.
+
+The trainer loads a split once (16-bit floats stay 16-bit), on the GPU when it fits, and then
+only indexes rows. Rows that failed extraction are left out of the video gallery; their
+captions stay, with ``caption_video = -1``, so evaluation can count them as failed queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avr import schema
+from avr.schema import CacheSpec
+
+
+@dataclass
+class SplitTensors:
+    split: str
+    spec: CacheSpec
+    video_ids: list[str]
+    videos: dict[str, torch.Tensor]  # array name -> [N, ...], rows = usable videos of the split
+    captions: dict[str, torch.Tensor]  # array name -> [M, ...], rows = captions of the split
+    caption_video: torch.Tensor  # long [M]: row in ``videos``, -1 when its video failed
+    caption_text: list[str]
+    missing_videos: list[str] = field(default_factory=list)  # ids that failed extraction
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.video_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.caption_text)
+
+    def video_rows(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        return {name: t[rows] for name, t in self.videos.items()}
+
+    def caption_rows(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        return {name: t[rows] for name, t in self.captions.items()}
+
+    def to(self, device: str | torch.device) -> SplitTensors:
+        def move(tensors):
+            return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+
+        return SplitTensors(self.split, self.spec, self.video_ids, move(self.videos),
+                            move(self.captions), self.caption_video.to(device), self.caption_text,
+                            self.missing_videos)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.videos.values(), *self.captions.values()))
+
+
+def _read_rows(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Read selected rows of a zarr array; contiguous runs are read as slices (fast path)."""
+    if len(rows) == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return np.asarray(array[int(rows[0]):int(rows[-1]) + 1])
+    return np.concatenate([np.asarray(array.get_orthogonal_selection(rows[i:i + block]))
+                           for i in range(0, len(rows), block)])
+
+
+def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
+               caption_names: tuple[str, ...], *, device: str | torch.device = "cpu",
+               expect: CacheSpec | None = None) -> SplitTensors:
+    """Read ``split`` of the store at ``path``: only the arrays a head asks for."""
+    group, spec = schema.open_store(path, expect=expect)
+    code = schema.split_code(split)
+    in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == code
+    done = np.asarray(group[schema.VIDEO_DONE][:]).astype(bool)
+    all_ids = np.asarray(group[schema.VIDEO_ID][:])
+    video_rows = np.flatnonzero(in_split & done)
+    missing = [str(v) for v in all_ids[in_split & ~done]]
+
+    caption_video_all = np.asarray(group[schema.CAPTION_VIDEO][:])
+    caption_rows = np.flatnonzero(in_split[caption_video_all])
+    store_to_local = np.full(len(all_ids), -1, dtype=np.int64)
+    store_to_local[video_rows] = np.arange(len(video_rows))
+    caption_video = store_to_local[caption_video_all[caption_rows]]
+    caption_text = [str(t) for t in np.asarray(group[schema.CAPTION_TEXT][:])[caption_rows]]
+
+    videos = {name: torch.from_numpy(_read_rows(group[name], video_rows)).to(device)
+              for name in video_names}
+    captions = {name: torch.from_numpy(_read_rows(group[name], caption_rows)).to(device)
+                for name in caption_names}
+    return SplitTensors(split, spec, [str(v) for v in all_ids[video_rows]], videos, captions,
+                        torch.from_numpy(caption_video).to(device), caption_text, missing)
+
+
+def random_split(spec: CacheSpec, num_videos: int, captions_per_video: int = 1, *,
+                 video_names: tuple[str, ...] | None = None,
+                 caption_names: tuple[str, ...] | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16
+                 ) -> SplitTensors:
+    """Random tensors with the shapes of a store for ``spec``: for unit tests and benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    layout = schema.array_layout(spec, num_videos, num_videos * captions_per_video)
+    video_names = video_names or tuple(n for n, a in layout.items()
+                                       if a.rows == "video" and n in _FEATURES)
+    caption_names = caption_names or tuple(n for n, a in layout.items()
+                                           if a.rows == "caption" and n in _FEATURES)
+
+    def make(name):
+        shape = layout[name].shape
+        if layout[name].dtype == np.bool_:
+            tensor = torch.ones(shape, dtype=torch.bool)
+            if name in (schema.TEXT_TOKEN_MASK, schema.ROBERTA_MASK):
+                lengths = torch.randint(3, shape[1] + 1, (shape[0],), generator=generator)
+                tensor = torch.arange(shape[1])[None, :] < lengths[:, None]
+            return tensor.to(device)
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    videos = {n: make(n) for n in video_names}
+    captions = {n: make(n) for n in caption_names}
+    caption_video = torch.arange(num_videos).repeat_interleave(captions_per_video).to(device)
+    return SplitTensors("train", spec, [f"v{i}" for i in range(num_videos)], videos, captions,
+                        caption_video, [f"caption {j}" for j in range(len(caption_video))])
+
+
+_FEATURES = set(schema.VIDEO_FEATURES) | set(schema.CAPTION_FEATURES) | {
+    schema.swin_stage(k) for k in range(8)}

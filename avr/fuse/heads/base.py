@@ -1,0 +1,124 @@
+"""The interface every fusion head implements (DESIGN.md, "One interface for every head").
+
+Retrieval cost lives in the pairwise part, so a head splits its work in three:
+
+- ``encode_videos(videos) -> video state``: all that does not depend on the query; once per video.
+- ``encode_texts(captions) -> text state``: all that does not depend on the video; once per caption.
+- ``score(text state, video state) -> [Q, V]``: only the text-conditioned part. It never builds a
+  Q x V x D tensor for the whole split: eval calls it on chunks of rows (see ``chunked_scores``).
+
+Inputs are dicts keyed by the array names of :mod:`avr.schema`, rows first, 16-bit floats as
+they sit in the cache; a head casts them to its parameter dtype. States are dicts of tensors,
+every tensor rows first, so that slicing every tensor of a state by the same rows gives the state
+of those rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avr.schema import CacheSpec
+
+State = dict[str, torch.Tensor]
+
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp
+
+
+@dataclass
+class HeadConfig:
+    """Options shared by every head; each head subclasses it with its own."""
+
+    temperature: float = 0.05  # initial softmax temperature; logit scale = 1 / temperature
+    learn_temperature: bool = True
+    dropout: float = 0.3
+
+
+class RetrievalHead(nn.Module):
+    """Base class: holds the learnable temperature and the symmetric InfoNCE loss."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[HeadConfig]] = HeadConfig
+    video_inputs: ClassVar[tuple[str, ...]] = ()
+    caption_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, spec: CacheSpec, config: HeadConfig):
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        init = torch.tensor(math.log(1.0 / config.temperature))
+        if config.learn_temperature:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+
+    # ---- the three parts -------------------------------------------------------------------
+    def encode_videos(self, videos: State) -> State:
+        raise NotImplementedError
+
+    def encode_texts(self, captions: State) -> State:
+        raise NotImplementedError
+
+    def score(self, texts: State, videos: State) -> torch.Tensor:
+        """Cosine-like similarities [Q, V] (not multiplied by the logit scale)."""
+        raise NotImplementedError
+
+    # ---- training ----------------------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss for a batch where caption i belongs to video i.
+
+        Default: symmetric InfoNCE (TEFAL Eq. 4-6, averaged rather than summed as CLIP and
+        X-Pool do) with the learnable temperature. Heads with extra terms override it.
+        """
+        logits = self.score(texts, videos) * self.scale()
+        loss = symmetric_infonce(logits)
+        return loss, {"loss": float(loss.detach())}
+
+    # ---- introspection, for reports ---------------------------------------------------------
+    def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
+        """Named tensors worth plotting for these pairs (attention over frames, gates, DTW
+        paths). Rows of ``texts`` and ``videos`` are paired one to one. Empty by default."""
+        return {}
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def param_dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.parameters()), torch.float32)
+
+
+def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the text->video and video->text cross-entropies; positives on the diagonal."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def slice_state(state: State, rows: slice | torch.Tensor) -> State:
+    return {name: tensor[rows] for name, tensor in state.items()}
+
+
+def state_rows(state: State) -> int:
+    return next(iter(state.values())).shape[0]
+
+
+@torch.no_grad()
+def chunked_scores(head: RetrievalHead, texts: State, videos: State, *, text_chunk: int = 4096,
+                   video_chunk: int = 64, out_device: str | torch.device = "cpu") -> torch.Tensor:
+    """Score every (caption, video) pair in chunks: memory is bounded by one chunk's work."""
+    n_text, n_video = state_rows(texts), state_rows(videos)
+    sim = torch.empty(n_text, n_video, dtype=torch.float32, device=out_device)
+    for t0 in range(0, n_text, text_chunk):
+        text_part = slice_state(texts, slice(t0, t0 + text_chunk))
+        for v0 in range(0, n_video, video_chunk):
+            video_part = slice_state(videos, slice(v0, v0 + video_chunk))
+            block = head.score(text_part, video_part)
+            sim[t0:t0 + text_chunk, v0:v0 + video_chunk] = block.float().to(out_device)
+    return sim

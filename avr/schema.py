@@ -1,0 +1,326 @@
+"""The cache schema: every array name, shape, dtype and attribute of an avr store.
+
+This is the one module that spells array names. The extract stage writes through it, the fuse
+and eval stages read through it; nothing else names an array with a string literal.
+
+One Zarr v3 group per dataset. Rows of the video arrays are videos (N), rows of the caption
+arrays are captions (M); ``caption_video[j]`` is the video row of caption j. Every array is
+chunked along rows only, so a row range is a contiguous set of chunk files.
+
+Video arrays (N rows)
+    video_id              str   [N]
+    video_split           int8  [N]                 index into attrs["splits"]
+    video_done            bool  [N]                 set only after every array of the row is written
+    frame_embeddings      f16   [N, F, D_clip]      CLIP image embedding per frame (after projection)
+    frame_mask            bool  [N, F]              False for padded frames of short videos
+    swin_stage{k}         f16   [N, F, g_k*g_k, C_k] Swin stage k feature map, adaptive-avg-pooled to g_k x g_k
+    audio_patch_tokens    f16   [N, 1212, D_ast]    AST patch tokens (12 freq x 101 time, freq-major)
+    audio_global_tokens   f16   [N, 2, D_ast]       AST CLS and distillation tokens
+    audio_time_tokens     f16   [N, 101, D_ast]     patch tokens averaged over the 12 frequency rows
+    has_audio             bool  [N]                 False: no audio track, the fbank was all zeros
+
+Caption arrays (M rows)
+    caption_video         int32 [M]
+    caption_text          str   [M]
+    caption_done          bool  [M]
+    text_embeddings       f16   [M, D_clip]         CLIP sentence embedding (EOT token, projected)
+    text_token_states     f16   [M, L_clip, D_clip] CLIP text tokens after ln_final, projected
+    text_token_mask       bool  [M, L_clip]
+    roberta_states        f16   [M, L_rob, D_rob]   RoBERTa last hidden states
+    roberta_mask          bool  [M, L_rob]
+
+Attributes: ``schema_version``, ``spec`` (CacheSpec: dataset, every backbone with weights tag and
+library version, every preprocessing parameter), ``splits``, ``created``, ``failures``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avr.errors import CacheMismatchError
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+# ---- video arrays -------------------------------------------------------------------------
+VIDEO_ID = "video_id"
+VIDEO_SPLIT = "video_split"
+VIDEO_DONE = "video_done"
+FRAME_EMBEDDINGS = "frame_embeddings"
+FRAME_MASK = "frame_mask"
+AUDIO_PATCH_TOKENS = "audio_patch_tokens"
+AUDIO_GLOBAL_TOKENS = "audio_global_tokens"
+AUDIO_TIME_TOKENS = "audio_time_tokens"
+HAS_AUDIO = "has_audio"
+
+# ---- caption arrays -----------------------------------------------------------------------
+CAPTION_VIDEO = "caption_video"
+CAPTION_TEXT = "caption_text"
+CAPTION_DONE = "caption_done"
+TEXT_EMBEDDINGS = "text_embeddings"
+TEXT_TOKEN_STATES = "text_token_states"
+TEXT_TOKEN_MASK = "text_token_mask"
+ROBERTA_STATES = "roberta_states"
+ROBERTA_MASK = "roberta_mask"
+
+# ---- attributes ---------------------------------------------------------------------------
+ATTR_SCHEMA_VERSION = "schema_version"
+ATTR_SPEC = "spec"
+ATTR_SPLITS = "splits"
+ATTR_CREATED = "created"
+ATTR_FAILURES = "failures"
+
+FAILURES_FILE = "failures.jsonl"
+
+
+def swin_stage(k: int) -> str:
+    """Name of the array holding Swin stage ``k`` (0-based)."""
+    return f"swin_stage{k}"
+
+
+# Arrays a head may ask for, split by which side of the retrieval they describe.
+VIDEO_FEATURES = (FRAME_EMBEDDINGS, FRAME_MASK, AUDIO_PATCH_TOKENS, AUDIO_GLOBAL_TOKENS,
+                  AUDIO_TIME_TOKENS, HAS_AUDIO)
+CAPTION_FEATURES = (TEXT_EMBEDDINGS, TEXT_TOKEN_STATES, TEXT_TOKEN_MASK, ROBERTA_STATES,
+                    ROBERTA_MASK)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What produced a family of arrays: enough to load the same model again."""
+
+    name: str  # open_clip model name, HF model id or local path
+    weights: str  # pretrained tag, revision, or "random:<seed>" for tiny random configs
+    library: str  # "open_clip" or "transformers"
+    version: str  # the library's version at extraction time
+
+
+@dataclass(frozen=True)
+class AudioParams:
+    """Audio preprocessing, TEFAL/AST style (METHODS G, DESIGN 'The cache')."""
+
+    sample_rate: int = 16_000
+    num_mel_bins: int = 128
+    target_length: int = 1024
+    frame_length_ms: float = 25.0
+    frame_shift: str = "adaptive"  # f_shift_ms = n_samples * 1000 / (sr * target_length)
+    window_type: str = "hanning"
+    htk_compat: bool = True
+    dither: float = 0.0
+    fbank_mean: float = -4.2677393  # AST AudioSet statistics
+    fbank_std: float = 4.5689974
+    normalization: str = "(fbank - mean) / (2 * std); a clip without audio stays all zeros"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Every parameter that decides the content of a store. Two stores with equal specs are
+    interchangeable; a run refuses a store whose spec differs from the one it was trained on."""
+
+    dataset: str
+    num_frames: int
+    image_size: int
+    clip_dim: int
+    clip_text_len: int
+    swin_channels: tuple[int, ...]
+    swin_grids: tuple[int, ...]
+    ast_dim: int
+    roberta_dim: int
+    roberta_len: int
+    backbones: dict[str, BackboneInfo]  # keys: clip, swin, ast, roberta
+    audio: AudioParams = field(default_factory=AudioParams)
+    frame_sampling: str = "uniform: centre of F equal segments of the video's duration"
+    ast_freq_patches: int = 12
+    ast_time_patches: int = 101
+    dtype: str = "float16"
+
+    @property
+    def ast_patches(self) -> int:
+        return self.ast_freq_patches * self.ast_time_patches
+
+    @property
+    def num_swin_stages(self) -> int:
+        return len(self.swin_channels)
+
+    def to_attrs(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["swin_channels"] = list(self.swin_channels)
+        data["swin_grids"] = list(self.swin_grids)
+        return data
+
+    @classmethod
+    def from_attrs(cls, data: dict[str, Any]) -> CacheSpec:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["backbones"] = {k: BackboneInfo(**v) for k, v in data["backbones"].items()}
+        kwargs["audio"] = AudioParams(**data.get("audio", {}))
+        kwargs["swin_channels"] = tuple(data["swin_channels"])
+        kwargs["swin_grids"] = tuple(data["swin_grids"])
+        return cls(**kwargs)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the spec (library versions included)."""
+        text = json.dumps(self.to_attrs(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: Any  # numpy dtype or `str` for variable-length strings
+    rows: str  # "video" or "caption"
+    chunk_rows: int
+
+
+def _chunk_rows(row_bytes: int, target_bytes: int = 8 << 20, cap: int = 512) -> int:
+    """Rows per chunk: about ``target_bytes`` of uncompressed data, at least one row."""
+    return int(max(1, min(cap, target_bytes // max(row_bytes, 1))))
+
+
+def array_layout(spec: CacheSpec, n_videos: int, n_captions: int) -> dict[str, ArraySpec]:
+    """Every array of a store for ``spec`` with ``n_videos`` and ``n_captions`` rows."""
+    half = np.dtype(spec.dtype)
+    F = spec.num_frames
+    per_video: dict[str, tuple[tuple[int, ...], Any]] = {
+        VIDEO_ID: ((), str),
+        VIDEO_SPLIT: ((), np.int8),
+        VIDEO_DONE: ((), np.bool_),
+        FRAME_EMBEDDINGS: ((F, spec.clip_dim), half),
+        FRAME_MASK: ((F,), np.bool_),
+        AUDIO_PATCH_TOKENS: ((spec.ast_patches, spec.ast_dim), half),
+        AUDIO_GLOBAL_TOKENS: ((2, spec.ast_dim), half),
+        AUDIO_TIME_TOKENS: ((spec.ast_time_patches, spec.ast_dim), half),
+        HAS_AUDIO: ((), np.bool_),
+    }
+    for k, (channels, grid) in enumerate(zip(spec.swin_channels, spec.swin_grids)):
+        per_video[swin_stage(k)] = ((F, grid * grid, channels), half)
+    per_caption: dict[str, tuple[tuple[int, ...], Any]] = {
+        CAPTION_VIDEO: ((), np.int32),
+        CAPTION_TEXT: ((), str),
+        CAPTION_DONE: ((), np.bool_),
+        TEXT_EMBEDDINGS: ((spec.clip_dim,), half),
+        TEXT_TOKEN_STATES: ((spec.clip_text_len, spec.clip_dim), half),
+        TEXT_TOKEN_MASK: ((spec.clip_text_len,), np.bool_),
+        ROBERTA_STATES: ((spec.roberta_len, spec.roberta_dim), half),
+        ROBERTA_MASK: ((spec.roberta_len,), np.bool_),
+    }
+    # All video arrays share one chunking so that a chunk-aligned row range is written whole
+    # in every array; the largest row decides it (audio tokens dominate).
+    video_row_bytes = max(int(np.prod(s)) * np.dtype(d if d is not str else np.uint8).itemsize
+                          for s, d in per_video.values())
+    caption_row_bytes = max(int(np.prod(s)) * np.dtype(d if d is not str else np.uint8).itemsize
+                            for s, d in per_caption.values())
+    video_chunk = min(_chunk_rows(video_row_bytes), max(n_videos, 1))
+    caption_chunk = min(_chunk_rows(caption_row_bytes), max(n_captions, 1))
+    layout = {name: ArraySpec((n_videos, *shape), dtype, "video", video_chunk)
+              for name, (shape, dtype) in per_video.items()}
+    layout.update({name: ArraySpec((n_captions, *shape), dtype, "caption", caption_chunk)
+                   for name, (shape, dtype) in per_caption.items()})
+    return layout
+
+
+def spec_differences(found: CacheSpec, expected: CacheSpec, *, ignore_versions: bool = False
+                     ) -> list[str]:
+    """Human-readable list of what differs between two specs (empty when they match)."""
+    diffs: list[str] = []
+    a, b = found.to_attrs(), expected.to_attrs()
+    for key in sorted(set(a) | set(b)):
+        if key == "backbones":
+            for role in sorted(set(a[key]) | set(b[key])):
+                fa, fb = a[key].get(role), b[key].get(role)
+                if fa is None or fb is None:
+                    diffs.append(f"backbone {role}: {fa} != {fb}")
+                    continue
+                for item in ("name", "weights", "library", "version"):
+                    if ignore_versions and item == "version":
+                        continue
+                    if fa[item] != fb[item]:
+                        diffs.append(f"backbone {role} {item}: store has {fa[item]!r}, "
+                                     f"expected {fb[item]!r}")
+        elif a.get(key) != b.get(key):
+            diffs.append(f"{key}: store has {a.get(key)!r}, expected {b.get(key)!r}")
+    return diffs
+
+
+def cache_identity(spec: CacheSpec) -> dict[str, Any]:
+    """What a run records about the store it trained on."""
+    return {"schema_version": SCHEMA_VERSION, "dataset": spec.dataset,
+            "fingerprint": spec.fingerprint(), "spec": spec.to_attrs()}
+
+
+# ---- store creation and opening --------------------------------------------------------------
+
+def _compressor():
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
+                 caption_video: list[int] | np.ndarray, caption_text: list[str]):
+    """Pre-allocate every array of a new store (zarr forbids safe concurrent resizes, so the
+    store is created at its final size and writers fill row ranges). Returns the zarr group."""
+    import zarr
+
+    n_videos, n_captions = len(video_ids), len(caption_text)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    compressor = _compressor()
+    for name, arr in array_layout(spec, n_videos, n_captions).items():
+        chunks = (arr.chunk_rows, *arr.shape[1:])
+        if arr.dtype is str:
+            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str)
+        else:
+            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
+                               compressors=compressor, fill_value=0)
+    split_index = {s: i for i, s in enumerate(SPLITS)}
+    group[VIDEO_ID][:] = np.asarray(video_ids, dtype=object)
+    group[VIDEO_SPLIT][:] = np.asarray([split_index[s] for s in video_splits], dtype=np.int8)
+    group[CAPTION_VIDEO][:] = np.asarray(caption_video, dtype=np.int32)
+    group[CAPTION_TEXT][:] = np.asarray(caption_text, dtype=object)
+    group.attrs.update({
+        ATTR_SCHEMA_VERSION: SCHEMA_VERSION,
+        ATTR_SPEC: spec.to_attrs(),
+        ATTR_SPLITS: list(SPLITS),
+        ATTR_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        ATTR_FAILURES: [],
+    })
+    return group
+
+
+def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = None,
+               ignore_versions: bool = False):
+    """Open an existing store, checking its schema version (and spec, when ``expect`` is given).
+
+    Returns ``(group, spec)``. Raises CacheMismatchError naming the store and each difference.
+    """
+    import zarr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise CacheMismatchError(f"{path}: no avr cache here (zarr.json not found); "
+                                 f"run `avr extract ... --out {path}` first")
+    group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    version = group.attrs.get(ATTR_SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise CacheMismatchError(f"{path}: schema version {version}, this avr reads version "
+                                 f"{SCHEMA_VERSION}; re-extract with --overwrite")
+    spec = CacheSpec.from_attrs(group.attrs[ATTR_SPEC])
+    if expect is not None:
+        diffs = spec_differences(spec, expect, ignore_versions=ignore_versions)
+        if diffs:
+            raise CacheMismatchError(f"{path} does not match:\n  " + "\n  ".join(diffs))
+    return group, spec
+
+
+def split_code(split: str) -> int:
+    try:
+        return SPLITS.index(split)
+    except ValueError:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}") from None
