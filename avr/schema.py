@@ -22,6 +22,8 @@ Video arrays (N rows)
 Caption arrays (M rows)
     caption_video         int32 [M]
     caption_text          str   [M]
+    caption_tag           str   [M]                 optional label for subset metrics ("" when none;
+                                                    the demo tags captions only sound can decide)
     caption_done          bool  [M]
     text_embeddings       f16   [M, D_clip]         CLIP sentence embedding (EOT token, projected)
     text_token_states     f16   [M, L_clip, D_clip] CLIP text tokens after ln_final, projected
@@ -63,6 +65,7 @@ HAS_AUDIO = "has_audio"
 # ---- caption arrays -----------------------------------------------------------------------
 CAPTION_VIDEO = "caption_video"
 CAPTION_TEXT = "caption_text"
+CAPTION_TAG = "caption_tag"
 CAPTION_DONE = "caption_done"
 TEXT_EMBEDDINGS = "text_embeddings"
 TEXT_TOKEN_STATES = "text_token_states"
@@ -204,6 +207,7 @@ def array_layout(spec: CacheSpec, n_videos: int, n_captions: int) -> dict[str, A
     per_caption: dict[str, tuple[tuple[int, ...], Any]] = {
         CAPTION_VIDEO: ((), np.int32),
         CAPTION_TEXT: ((), str),
+        CAPTION_TAG: ((), str),
         CAPTION_DONE: ((), np.bool_),
         TEXT_EMBEDDINGS: ((spec.clip_dim,), half),
         TEXT_TOKEN_STATES: ((spec.clip_text_len, spec.clip_dim), half),
@@ -264,7 +268,8 @@ def _compressor():
 
 
 def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
-                 caption_video: list[int] | np.ndarray, caption_text: list[str]):
+                 caption_video: list[int] | np.ndarray, caption_text: list[str],
+                 caption_tags: list[str] | None = None):
     """Pre-allocate every array of a new store (zarr forbids safe concurrent resizes, so the
     store is created at its final size and writers fill row ranges). Returns the zarr group."""
     import zarr
@@ -284,6 +289,7 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
     group[VIDEO_SPLIT][:] = np.asarray([split_index[s] for s in video_splits], dtype=np.int8)
     group[CAPTION_VIDEO][:] = np.asarray(caption_video, dtype=np.int32)
     group[CAPTION_TEXT][:] = np.asarray(caption_text, dtype=object)
+    group[CAPTION_TAG][:] = np.asarray(caption_tags or [""] * n_captions, dtype=object)
     group.attrs.update({
         ATTR_SCHEMA_VERSION: SCHEMA_VERSION,
         ATTR_SPEC: spec.to_attrs(),

@@ -26,6 +26,7 @@ class SplitTensors:
     captions: dict[str, torch.Tensor]  # array name -> [M, ...], rows = captions of the split
     caption_video: torch.Tensor  # long [M]: row in ``videos``, -1 when its video failed
     caption_text: list[str]
+    caption_tags: list[str] = field(default_factory=list)  # "" when untagged
     missing_videos: list[str] = field(default_factory=list)  # ids that failed extraction
 
     @property
@@ -48,7 +49,7 @@ class SplitTensors:
 
         return SplitTensors(self.split, self.spec, self.video_ids, move(self.videos),
                             move(self.captions), self.caption_video.to(device), self.caption_text,
-                            self.missing_videos)
+                            self.caption_tags, self.missing_videos)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
@@ -83,13 +84,15 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     store_to_local[video_rows] = np.arange(len(video_rows))
     caption_video = store_to_local[caption_video_all[caption_rows]]
     caption_text = [str(t) for t in np.asarray(group[schema.CAPTION_TEXT][:])[caption_rows]]
+    caption_tags = [str(t) for t in np.asarray(group[schema.CAPTION_TAG][:])[caption_rows]]
 
     videos = {name: torch.from_numpy(_read_rows(group[name], video_rows)).to(device)
               for name in video_names}
     captions = {name: torch.from_numpy(_read_rows(group[name], caption_rows)).to(device)
                 for name in caption_names}
     return SplitTensors(split, spec, [str(v) for v in all_ids[video_rows]], videos, captions,
-                        torch.from_numpy(caption_video).to(device), caption_text, missing)
+                        torch.from_numpy(caption_video).to(device), caption_text, caption_tags,
+                        missing)
 
 
 def random_split(spec: CacheSpec, num_videos: int, captions_per_video: int = 1, *,
@@ -119,7 +122,8 @@ def random_split(spec: CacheSpec, num_videos: int, captions_per_video: int = 1, 
     captions = {n: make(n) for n in caption_names}
     caption_video = torch.arange(num_videos).repeat_interleave(captions_per_video).to(device)
     return SplitTensors("train", spec, [f"v{i}" for i in range(num_videos)], videos, captions,
-                        caption_video, [f"caption {j}" for j in range(len(caption_video))])
+                        caption_video, [f"caption {j}" for j in range(len(caption_video))],
+                        [""] * len(caption_video))
 
 
 _FEATURES = set(schema.VIDEO_FEATURES) | set(schema.CAPTION_FEATURES) | {

@@ -1,0 +1,109 @@
+"""Run directories: what a trained head leaves behind and how it is loaded again.
+
+A run directory holds
+    config.json        head name and options, training options, the identity of its cache
+    best.safetensors   head weights at the best validation R@1 (never chosen on test)
+    last.safetensors   head weights, optimizer and schedule state at the end of the last epoch
+    log.csv            one row per epoch
+    events.*           TensorBoard events
+
+Weights load from safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from avr import schema
+from avr.errors import CacheMismatchError, RunError
+from avr.fuse.heads import build_head
+from avr.fuse.heads.base import RetrievalHead
+from avr.schema import CacheSpec
+
+CONFIG_FILE = "config.json"
+BEST_FILE = "best.safetensors"
+LAST_FILE = "last.safetensors"
+LOG_FILE = "log.csv"
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise RunError(f"{run_dir}: not a run directory ({CONFIG_FILE} not found)")
+    return json.loads(path.read_text())
+
+
+def latest_run(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """The most recently modified run directory under ``runs_dir``."""
+    runs_dir = Path(runs_dir)
+    runs = [p for p in runs_dir.glob("*") if (p / CONFIG_FILE).exists()] if runs_dir.exists() else []
+    if not runs:
+        raise RunError(f"no runs under {runs_dir}/; train one with `avr train --cache cache/` "
+                       f"or name one with --run DIR")
+    return max(runs, key=lambda p: (p / CONFIG_FILE).stat().st_mtime)
+
+
+def run_spec(config: dict[str, Any]) -> CacheSpec:
+    return CacheSpec.from_attrs(config["cache"]["identity"]["spec"])
+
+
+def check_cache(config: dict[str, Any], spec: CacheSpec, cache_path: str | Path) -> None:
+    """Refuse a cache whose schema or backbones differ from the run's, naming the difference."""
+    identity = config["cache"]["identity"]
+    if identity["schema_version"] != schema.SCHEMA_VERSION:
+        raise CacheMismatchError(f"run was trained on schema version {identity['schema_version']},"
+                                 f" {cache_path} is version {schema.SCHEMA_VERSION}")
+    diffs = schema.spec_differences(spec, run_spec(config), ignore_versions=True)
+    if diffs:
+        raise CacheMismatchError(f"{cache_path} is not the cache this run was trained on:\n  "
+                                 + "\n  ".join(diffs))
+
+
+def save_weights(head: RetrievalHead, path: Path, extra: dict[str, torch.Tensor] | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+    tensors = {f"head.{k}": v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
+    meta = {"head": head.name}
+    meta.update(metadata or {})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_weights(head: RetrievalHead, path: Path) -> dict[str, torch.Tensor]:
+    """Load head weights from ``path``; returns the non-head tensors saved beside them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        saved_head = (f.metadata() or {}).get("head")
+    if saved_head is not None and saved_head != head.name:
+        raise RunError(f"{path} holds weights of head {saved_head!r}, not {head.name!r}")
+    tensors = load_file(str(path))
+    state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(f"{path} does not fit head {head.name!r}: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    return {k: v for k, v in tensors.items() if not k.startswith("head.")}
+
+
+def load_head(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"
+              ) -> tuple[RetrievalHead, dict[str, Any]]:
+    """Rebuild a run's head from its config.json and load its ``best`` or ``last`` weights."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    head = build_head(config["head"], run_spec(config), config.get("head_options", {}))
+    path = run_dir / (BEST_FILE if which == "best" else LAST_FILE)
+    if not path.exists():
+        raise RunError(f"{path} not found: the run has no {which} checkpoint yet")
+    load_weights(head, path)
+    return head.to(device).eval(), config
