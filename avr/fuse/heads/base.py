@@ -29,6 +29,13 @@ State = dict[str, torch.Tensor]
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp
 
+# Keys of ``RetrievalHead.explain`` (each [P, ...] for P paired rows), read by `avr eval --report`.
+EXPLAIN_FRAME_ATTENTION = "frame_attention"  # [P, F] weight of each frame for the caption
+EXPLAIN_AUDIO_ATTENTION = "audio_attention"  # [P, N_audio] weight of each audio token/step
+EXPLAIN_AUDIO_GATE = "audio_gate"  # [P, G] gate values (per layer, per frame, ...)
+EXPLAIN_THRESHOLD = "threshold"  # [P, ...] learned attention thresholds
+EXPLAIN_DTW_ALIGNMENT = "dtw_alignment"  # [P, L_text, T_audio] expected soft-DTW alignment
+
 
 @dataclass
 class HeadConfig:
@@ -46,6 +53,9 @@ class RetrievalHead(nn.Module):
     Config: ClassVar[type[HeadConfig]] = HeadConfig
     video_inputs: ClassVar[tuple[str, ...]] = ()
     caption_inputs: ClassVar[tuple[str, ...]] = ()
+    # True when ``score`` already includes the logit scale (AVIGATE's log-sum-exp does);
+    # callers that need logits (dual softmax, the loss) multiply by ``scale()`` otherwise.
+    score_is_scaled: ClassVar[bool] = False
 
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()
@@ -72,14 +82,17 @@ class RetrievalHead(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 
+    def logits(self, texts: State, videos: State) -> torch.Tensor:
+        sim = self.score(texts, videos)
+        return sim if self.score_is_scaled else sim * self.scale()
+
     def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss for a batch where caption i belongs to video i.
 
         Default: symmetric InfoNCE (TEFAL Eq. 4-6, averaged rather than summed as CLIP and
         X-Pool do) with the learnable temperature. Heads with extra terms override it.
         """
-        logits = self.score(texts, videos) * self.scale()
-        loss = symmetric_infonce(logits)
+        loss = symmetric_infonce(self.logits(texts, videos))
         return loss, {"loss": float(loss.detach())}
 
     # ---- introspection, for reports ---------------------------------------------------------
