@@ -7,6 +7,7 @@ shows the traceback.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -33,6 +34,155 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 # ---- stage one: extract and cache ------------------------------------------------------------
 
 # ---- stage two: train and sweep --------------------------------------------------------------
+
+def _load_toml(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    import tomllib
+
+    if not path.exists():
+        raise AvrError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise AvrError(f"{path}: not valid TOML: {error}") from None
+    head_options = {**data.pop("head_options", {}), **data.pop("head_opts", {})}
+    if isinstance(data.get("head"), dict):  # [head] table: name plus options
+        table = data.pop("head")
+        data["head"] = table.pop("name", "tefal")
+        head_options.update(table)
+    data["head_options"] = head_options
+    return data
+
+
+def _train_config(config_file: Optional[Path], flags: dict, opts: list[str]):
+    from avr.fuse.sweep import parse_options
+    from avr.fuse.trainer import TrainConfig, split_options
+
+    values = _load_toml(config_file)
+    cache = values.pop("cache", None)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    head = values.get("head", TrainConfig.head)
+    train_opts, head_opts = split_options(parse_options(opts), head)
+    values.update(train_opts)
+    values["head_options"] = {**values.get("head_options", {}), **head_opts}
+    unknown = set(values) - {f for f in TrainConfig.__dataclass_fields__}
+    if unknown:
+        raise AvrError(f"unknown training option(s) {', '.join(sorted(unknown))}")
+    return TrainConfig(**values), cache
+
+
+def _epoch_printer(progress, task):
+    def on_epoch(log):
+        progress.update(task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
+                        loss=log.loss, r1=log.val_r1)
+
+    return on_epoch
+
+
+@app.command()
+def train(
+    cache: Optional[Path] = typer.Option(None, help="Feature cache (default: cache/)."),
+    head: Optional[str] = typer.Option(None, help="meanp | xpool | tefal | avigate | gais | htav "
+                                                  "(default: tefal)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 5)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch (default 128)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    warmup: Optional[float] = typer.Option(None, help="Warmup fraction of all steps."),
+    temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature."),
+    dropout: Optional[float] = typer.Option(None, help="Head dropout."),
+    fusion: Optional[str] = typer.Option(None, help="tefal: add | late | concat | xattn | stack."),
+    pairs: Optional[str] = typer.Option(None, help="one (a random caption per video per epoch) "
+                                                   "| all (every caption)."),
+    early_stop: Optional[int] = typer.Option(None, "--early-stop",
+                                             help="Stop after N epochs without a better val R@1."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    opt: list[str] = typer.Option([], "--opt", help="Any training or head option as key=value."),
+    config: Optional[Path] = typer.Option(None, "--config", help="run.toml with the same keys."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="Where the run goes (default runs/<time>-<head>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume",
+                                          help="Continue this run from its last checkpoint."),
+):
+    """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1."""
+    from avr.fuse import trainer
+    from avr.progress import progress_bar
+
+    extra = [f"{k}={v}" for k, v in (("temperature", temperature), ("dropout", dropout),
+                                      ("fusion", fusion)) if v is not None]
+    if resume is not None:
+        with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
+                                          "{task.fields[r1]:.1f}") as progress:
+            task = progress.add_task(f"resume {resume.name}", total=epochs, rate="", loss=0.0,
+                                     r1=0.0)
+            result = trainer.resume(resume, epochs=epochs, cache_path=cache,
+                                    on_epoch=_epoch_printer(progress, task))
+        _print_train_result(result)
+        return
+    flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device)
+    train_config, toml_cache = _train_config(config, flags, [*extra, *opt])
+    cache_path = cache or (Path(toml_cache) if toml_cache else trainer.DEFAULT_CACHE)
+    run_dir = run_dir or trainer.default_run_dir(train_config.head)
+    console.print(f"training [bold]{train_config.head}[/] on {cache_path} -> {run_dir}")
+    with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
+                                      "{task.fields[r1]:.1f}") as progress:
+        task = progress.add_task(train_config.head, total=train_config.epochs, rate="", loss=0.0,
+                                 r1=0.0)
+        result = trainer.train(cache_path, train_config, run_dir,
+                               on_epoch=_epoch_printer(progress, task))
+    _print_train_result(result)
+
+
+def _print_train_result(result) -> None:
+    per_epoch = sum(h.seconds for h in result.history) / max(1, len(result.history))
+    console.print(f"best val t2v R@1 {result.best_val_r1:.1f} at epoch {result.best_epoch}; "
+                  f"{per_epoch:.2f} s/epoch; run: {result.run_dir}")
+
+
+@app.command()
+def sweep(
+    grid: str = typer.Option(..., help='e.g. "lr=1e-4,3e-4 temperature=0.05,0.1 dropout=0.1,0.3"'),
+    cache: Path = typer.Option(Path("cache"), help="Feature cache."),
+    head: str = typer.Option("tefal", help="Head to sweep."),
+    epochs: int = typer.Option(5),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    seed: int = typer.Option(42),
+    device: str = typer.Option("auto"),
+    opt: list[str] = typer.Option([], "--opt", help="Fixed options as key=value."),
+    save_runs: bool = typer.Option(False, "--save-runs", help="Keep each trial's run dir."),
+):
+    """Train every configuration of a grid on one loaded cache; print a ranked table."""
+    from rich.table import Table
+
+    from avr.fuse.sweep import parse_grid, sweep as run_sweep
+    from avr.progress import progress_bar
+
+    trials_grid = parse_grid(grid)
+    base, _ = _train_config(None, dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed,
+                                       device=device), opt)
+    with progress_bar(console, fields="best val R@1 {task.fields[best]:.1f}") as progress:
+        task = progress.add_task(f"sweep {head}", total=len(trials_grid), rate="", best=0.0)
+        best = [0.0]
+
+        def on_trial(index, trial):
+            best[0] = max(best[0], trial.result.best_val_r1)
+            progress.update(task, advance=1, best=best[0],
+                            rate=f"{trial.seconds:.1f} s/trial")
+
+        trials = run_sweep(cache, base, trials_grid, Path("runs") if save_runs else None,
+                           on_trial=on_trial)
+    table = Table(title=f"sweep: {head} on {cache}")
+    for column in ("rank", "options", "val R@1", "best epoch", "s/trial"):
+        table.add_column(column)
+    for rank, trial in enumerate(trials, 1):
+        options = " ".join(f"{k}={v}" for k, v in trial.options.items())
+        table.add_row(str(rank), options, f"{trial.result.best_val_r1:.1f}",
+                      str(trial.result.best_epoch), f"{trial.seconds:.1f}")
+    console.print(table)
+
 
 # ---- stage three: eval and search ------------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""The trainer: learning, determinism, checkpoints, resume, refusals, sweeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avr.errors import AvrError, CacheMismatchError, RunError
+from avr.fuse import checkpoint, trainer
+from avr.fuse.data import load_split
+from avr.fuse.sweep import parse_grid, parse_options, sweep
+from avr.fuse.trainer import TrainConfig, epoch_pairs
+from stores import make_learnable_store
+
+FAST = dict(head="meanp", epochs=6, batch_size=16, lr=3e-3, warmup=0.0)
+
+
+@pytest.fixture
+def store(tmp_path, tiny_spec) -> Path:
+    return make_learnable_store(tmp_path / "cache", tiny_spec, failed=(3,))
+
+
+def history(result):
+    return [(h.epoch, round(h.loss, 5), h.val_r1) for h in result.history]
+
+
+def test_training_beats_chance_by_a_wide_margin(store, tmp_path):
+    result = trainer.train(store, TrainConfig(**FAST), tmp_path / "run")
+    chance = 100.0 / 12
+    assert result.best_val_r1 > 4 * chance
+
+
+def test_run_directory_holds_config_checkpoints_and_logs(store, tmp_path):
+    run = tmp_path / "run"
+    trainer.train(store, TrainConfig(**{**FAST, "epochs": 2}), run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"] == "meanp"
+    assert config["cache"]["identity"]["fingerprint"]
+    assert (run / "best.safetensors").exists() and (run / "last.safetensors").exists()
+    assert len((run / "log.csv").read_text().splitlines()) == 3
+    assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_same_seed_gives_same_metrics_on_cpu(store, tmp_path):
+    first = trainer.train(store, TrainConfig(**FAST), tmp_path / "a")
+    second = trainer.train(store, TrainConfig(**FAST), tmp_path / "b")
+    assert history(first) == history(second)
+
+
+def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
+    straight = trainer.train(store, TrainConfig(**FAST), tmp_path / "straight")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(log):
+        if log.epoch == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        trainer.train(store, TrainConfig(**FAST), tmp_path / "cut", on_epoch=stop_after_three)
+    resumed = trainer.resume(tmp_path / "cut")
+    assert history(resumed) == history(straight)
+    best_straight = checkpoint.load_head(tmp_path / "straight")[0].state_dict()
+    best_resumed = checkpoint.load_head(tmp_path / "cut")[0].state_dict()
+    assert all(torch.equal(best_straight[k], best_resumed[k]) for k in best_straight)
+
+
+def test_resume_refuses_a_cache_with_other_backbones(store, tmp_path, tiny_spec):
+    run = tmp_path / "run"
+    trainer.train(store, TrainConfig(**{**FAST, "epochs": 1}), run)
+    other_spec = dataclasses.replace(tiny_spec, backbones={
+        **tiny_spec.backbones, "clip": dataclasses.replace(tiny_spec.backbones["clip"],
+                                                           weights="random:7")})
+    other = make_learnable_store(tmp_path / "other", other_spec)
+    with pytest.raises(CacheMismatchError, match="backbone clip weights"):
+        trainer.resume(run, epochs=2, cache_path=other)
+
+
+def test_a_run_directory_is_never_overwritten(store, tmp_path):
+    trainer.train(store, TrainConfig(**{**FAST, "epochs": 1}), tmp_path / "run")
+    with pytest.raises(RunError, match="already holds a run"):
+        trainer.train(store, TrainConfig(**{**FAST, "epochs": 1}), tmp_path / "run")
+
+
+def test_one_caption_per_video_per_epoch(store):
+    data = load_split(store, "train", (), ())
+    videos, captions = epoch_pairs(data, "one", torch.Generator().manual_seed(0))
+    assert sorted(videos.tolist()) == list(range(data.num_videos))
+    assert torch.equal(data.caption_video[captions], videos)
+
+
+def test_all_pairs_visits_every_caption_of_usable_videos(store):
+    data = load_split(store, "train", (), ())
+    _, captions = epoch_pairs(data, "all", torch.Generator().manual_seed(0))
+    usable = int((data.caption_video >= 0).sum())
+    assert sorted(captions.tolist()) == sorted(np.flatnonzero(data.caption_video >= 0).tolist())
+    assert len(captions) == usable < data.num_captions  # the failed video's captions are skipped
+
+
+def test_unknown_options_are_refused_with_the_choices():
+    with pytest.raises(AvrError, match="unknown option 'lrr'"):
+        trainer.split_options({"lrr": 1.0}, "meanp")
+
+
+def test_grid_is_the_cartesian_product_with_typed_values():
+    grid = parse_grid("lr=1e-4,3e-4 temperature=0.05,0.1 pairs=one")
+    assert len(grid) == 4
+    assert grid[1] == {"lr": 1e-4, "temperature": 0.1, "pairs": "one"}
+    assert parse_options(["proj=false", "epochs=3"]) == {"proj": False, "epochs": 3}
+
+
+def test_sweep_ranks_trials_by_val_recall(store):
+    base = TrainConfig(**{**FAST, "epochs": 2})
+    trials = sweep(store, base, parse_grid("lr=1e-5,3e-3"))
+    assert [t.options["lr"] for t in trials] == [3e-3, 1e-5]
+    assert trials[0].result.best_val_r1 > trials[1].result.best_val_r1
