@@ -7,6 +7,8 @@ meanp, xpool, tefal, avigate, gais, htav.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Any
 
 from avr.errors import AvrError
@@ -49,5 +51,8 @@ def build_head(name: str, spec: CacheSpec, options: dict[str, Any] | None = None
 
 
 def _import_heads() -> None:
-    # Importing a head module runs its @register_head.
-    from avr.fuse.heads import avigate, gais, htav, meanp, tefal, xpool  # noqa: F401
+    # Importing a head module runs its @register_head; every module here but base is a head.
+    package = importlib.import_module(__name__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")

@@ -1,0 +1,67 @@
+"""meanP: CLIP4Clip's parameter-free temporal pooling, the floor every other head must beat.
+
+Video embedding = mean of the (masked) CLIP frame embeddings; caption embedding = the CLIP
+sentence embedding; similarity = cosine (CLIP4Clip "meanP", Luo et al. 2022, Sec. 3.3).
+
+CLIP4Clip fine-tunes CLIP itself; on frozen cached features the only thing left to learn is
+a linear map on each side. ``proj=True`` (default) adds one D x D projection per side,
+initialised to the identity so that epoch 0 is exactly zero-shot CLIP; ``proj=False`` is the
+zero-shot baseline with only the temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avr import schema
+from avr.fuse.heads import register_head
+from avr.fuse.heads.base import HeadConfig, RetrievalHead, State
+
+
+@dataclass
+class MeanPConfig(HeadConfig):
+    proj: bool = True
+
+
+def identity_linear(dim: int) -> nn.Linear:
+    layer = nn.Linear(dim, dim)
+    nn.init.eye_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of ``tokens`` [B, T, D] counting only rows where ``mask`` [B, T] is set."""
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+@register_head("meanp")
+class MeanP(RetrievalHead):
+    Config = MeanPConfig
+    video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK)
+    caption_inputs = (schema.TEXT_EMBEDDINGS,)
+
+    def __init__(self, spec, config: MeanPConfig):
+        super().__init__(spec, config)
+        dim = spec.clip_dim
+        self.video_proj = identity_linear(dim) if config.proj else nn.Identity()
+        self.text_proj = identity_linear(dim) if config.proj else nn.Identity()
+
+    def encode_videos(self, videos: State) -> State:
+        frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())
+        pooled = masked_mean(frames, videos.get(schema.FRAME_MASK))  # [V, D]
+        return {"video": F.normalize(self.video_proj(pooled), dim=-1)}
+
+    def encode_texts(self, captions: State) -> State:
+        text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())
+        return {"text": F.normalize(self.text_proj(text), dim=-1)}
+
+    def score(self, texts: State, videos: State) -> torch.Tensor:
+        return texts["text"] @ videos["video"].t()
