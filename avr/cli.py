@@ -34,6 +34,123 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 # ---- stage one: extract and cache ------------------------------------------------------------
 
+@app.command()
+def extract(
+    dataset: str = typer.Option("vatex", help="vatex | msrvtt | generic | demo."),
+    root: Optional[Path] = typer.Option(None, help="Dataset files (default data/<dataset>/)."),
+    show_layout: bool = typer.Option(False, "--show-layout",
+                                     help="Print the files the dataset expects under --root."),
+    out: Path = typer.Option(Path("cache"), help="The Zarr store to write or resume."),
+    backbones: str = typer.Option("real", help="real (pretrained weights) | tiny (small random "
+                                               "configs of the same classes, for tests/demo)."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name."),
+    clip_pretrained: str = typer.Option("openai", "--clip-pretrained",
+                                        help="open_clip pretrained tag or a local checkpoint."),
+    swin: str = typer.Option("microsoft/swin-tiny-patch4-window7-224",
+                             help="Swin: HF model id or local directory."),
+    ast: str = typer.Option("MIT/ast-finetuned-audioset-10-10-0.4593",
+                            help="AST: HF model id or local directory."),
+    roberta: str = typer.Option("roberta-base", help="RoBERTa: HF model id or local directory."),
+    frames: Optional[int] = typer.Option(None, "--frames",
+                                         help="Frames per video (default 32 vatex, 12 others)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    workers: Optional[int] = typer.Option(None, help="Decode processes (0: in this process)."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows",
+                                             help="Video rows per chunk and per write."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a store made with other settings."),
+    seed: int = typer.Option(0, help="Seed of tiny backbones and of the demo clips."),
+    option: list[str] = typer.Option([], "--option", help="Dataset option key=value "
+                                                          "(msrvtt: train=7k, val_size=500)."),
+):
+    """Decode a dataset, run the frozen backbones once, write every token to a Zarr store."""
+    from avr.extract.datasets import layout_of
+
+    if show_layout:
+        console.print(layout_of(dataset), markup=False, highlight=False, soft_wrap=True)
+        return
+    from avr.extract.backbones import BackboneNames
+    from avr.extract.pipeline import ExtractConfig, extract as run_extract
+    from avr.fuse.sweep import parse_options
+
+    config = ExtractConfig(
+        dataset=dataset, root=root, out=out, backbones=backbones,
+        names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
+                            ast=ast, roberta=roberta),
+        num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
+        overwrite=overwrite, seed=seed, dataset_options=parse_options(option))
+    summary = run_extract(config, console=console)
+    _print_extract_summary(summary)
+
+
+def _print_extract_summary(summary) -> None:
+    failed = len(summary.failures)
+    console.print(
+        f"[bold]{summary.out}[/]: {summary.done}/{summary.videos} videos done "
+        f"({summary.done_now} now, {failed} failed), {summary.captions} captions, "
+        f"{summary.bytes_on_disk / 1e6:,.1f} MB; {summary.seconds:.1f} s "
+        f"({summary.clips_per_s:.1f} clips/s; decode {summary.decode_seconds:.1f} s over workers, "
+        f"backbones {summary.encode_seconds:.1f} s on {summary.device})")
+    for failure in summary.failures[:10]:
+        console.print(f"  [red]failed[/] {failure.video_id}: {failure.reason} ({failure.path})")
+    if failed > 10:
+        console.print(f"  ... {failed - 10} more in {summary.out}/failures.jsonl")
+
+
+@cache_app.command("info")
+def cache_info(
+    path: Path = typer.Argument(Path("cache"), help="The store."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Rows, arrays, shapes, bytes, backbones and failures of a store."""
+    import json
+
+    from rich.table import Table
+
+    from avr.cache import cache_info as read_info
+
+    info = read_info(path)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    videos, captions = info["videos"], info["captions"]
+    console.print(f"[bold]{info['path']}[/] dataset {info['dataset']}, schema "
+                  f"{info['schema_version']}, created {info['created']}, fingerprint "
+                  f"{info['fingerprint']}")
+    splits = ", ".join(f"{k} {v}" for k, v in videos["per_split"].items())
+    console.print(f"videos {videos['done']}/{videos['rows']} done ({splits}), "
+                  f"{videos['failed']} failed; captions {captions['done']}/{captions['rows']}; "
+                  f"{info['bytes'] / 1e6:,.1f} MB on disk")
+    table = Table("array", "shape", "dtype", "chunks", "MB on disk")
+    for name, array in info["arrays"].items():
+        table.add_row(name, " x ".join(map(str, array["shape"])), array["dtype"],
+                      " x ".join(map(str, array["chunks"])), f"{array['stored_bytes'] / 1e6:,.2f}")
+    console.print(table)
+    backbones = Table("role", "model", "weights", "library")
+    for role, backbone in info["backbones"].items():
+        backbones.add_row(role, backbone["name"], backbone["weights"],
+                          f"{backbone['library']} {backbone['version']}")
+    console.print(backbones)
+    for failure in info["failures"]:
+        console.print(f"  [red]failed[/] {failure['video_id']}: {failure['reason']} "
+                      f"({failure['path']})")
+
+
+@cache_app.command("export")
+def cache_export(
+    path: Path = typer.Argument(..., help="The store."),
+    out: Path = typer.Argument(..., help="Output file."),
+    format: str = typer.Option("h5", "--format", help="h5 (HDF5, same array names)."),
+):
+    """Write a store to another format under the same array names."""
+    from avr.cache import export_h5
+
+    if format != "h5":
+        raise AvrError(f"unknown export format {format!r}; available: h5")
+    export_h5(path, out)
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB)")
+
+
 # ---- stage two: train and sweep --------------------------------------------------------------
 
 def _load_toml(path: Optional[Path]) -> dict:

@@ -187,8 +187,12 @@ def _chunk_rows(row_bytes: int, target_bytes: int = 8 << 20, cap: int = 512) -> 
     return int(max(1, min(cap, target_bytes // max(row_bytes, 1))))
 
 
-def array_layout(spec: CacheSpec, n_videos: int, n_captions: int) -> dict[str, ArraySpec]:
-    """Every array of a store for ``spec`` with ``n_videos`` and ``n_captions`` rows."""
+def array_layout(spec: CacheSpec, n_videos: int, n_captions: int, *,
+                 video_chunk_rows: int | None = None) -> dict[str, ArraySpec]:
+    """Every array of a store for ``spec`` with ``n_videos`` and ``n_captions`` rows.
+
+    ``video_chunk_rows`` overrides the automatic chunking of video rows (a chunk is also the
+    unit an extract writes and resumes by)."""
     half = np.dtype(spec.dtype)
     F = spec.num_frames
     per_video: dict[str, tuple[tuple[int, ...], Any]] = {
@@ -221,7 +225,7 @@ def array_layout(spec: CacheSpec, n_videos: int, n_captions: int) -> dict[str, A
                           for s, d in per_video.values())
     caption_row_bytes = max(int(np.prod(s)) * np.dtype(d if d is not str else np.uint8).itemsize
                             for s, d in per_caption.values())
-    video_chunk = min(_chunk_rows(video_row_bytes), max(n_videos, 1))
+    video_chunk = min(video_chunk_rows or _chunk_rows(video_row_bytes), max(n_videos, 1))
     caption_chunk = min(_chunk_rows(caption_row_bytes), max(n_captions, 1))
     layout = {name: ArraySpec((n_videos, *shape), dtype, "video", video_chunk)
               for name, (shape, dtype) in per_video.items()}
@@ -269,7 +273,7 @@ def _compressor():
 
 def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
                  caption_video: list[int] | np.ndarray, caption_text: list[str],
-                 caption_tags: list[str] | None = None):
+                 caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None):
     """Pre-allocate every array of a new store (zarr forbids safe concurrent resizes, so the
     store is created at its final size and writers fill row ranges). Returns the zarr group."""
     import zarr
@@ -277,7 +281,8 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
     n_videos, n_captions = len(video_ids), len(caption_text)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     compressor = _compressor()
-    for name, arr in array_layout(spec, n_videos, n_captions).items():
+    layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
+    for name, arr in layout.items():
         chunks = (arr.chunk_rows, *arr.shape[1:])
         if arr.dtype is str:
             group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str)

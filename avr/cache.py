@@ -1,0 +1,91 @@
+"""Reading a store as a whole: its summary (`avr cache info`), an HDF5 export
+(`avr cache export --format h5`) and dask arrays for out-of-core work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avr import schema
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """Rows, arrays (shape, dtype, chunks, stored bytes), backbones, splits and failures."""
+    path = Path(path)
+    group, spec = schema.open_store(path)
+    video_done = group[schema.VIDEO_DONE][:]
+    caption_done = group[schema.CAPTION_DONE][:]
+    splits = group[schema.VIDEO_SPLIT][:]
+    split_names = list(group.attrs.get(schema.ATTR_SPLITS, schema.SPLITS))
+    arrays = {}
+    for name in sorted(schema.array_layout(spec, 0, 0)):
+        array = group[name]
+        arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                        "chunks": list(array.chunks), "stored_bytes": _stored_bytes(path / name)}
+    failures = list(group.attrs.get(schema.ATTR_FAILURES, []))
+    return {
+        "path": str(path),
+        "dataset": spec.dataset,
+        "schema_version": group.attrs.get(schema.ATTR_SCHEMA_VERSION),
+        "created": group.attrs.get(schema.ATTR_CREATED),
+        "fingerprint": spec.fingerprint(),
+        "videos": {"rows": int(video_done.size), "done": int(video_done.sum()),
+                   "failed": len(failures),
+                   "per_split": {s: int((splits == i).sum()) for i, s in enumerate(split_names)}},
+        "captions": {"rows": int(caption_done.size), "done": int(caption_done.sum())},
+        "arrays": arrays,
+        "bytes": sum(a["stored_bytes"] for a in arrays.values()),
+        "backbones": {role: vars(info) for role, info in spec.backbones.items()},
+        "preprocessing": {"num_frames": spec.num_frames, "image_size": spec.image_size,
+                          "frame_sampling": spec.frame_sampling, "audio": vars(spec.audio),
+                          "dtype": spec.dtype},
+        "failures": failures,
+    }
+
+
+def _stored_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export_h5(path: str | Path, out: str | Path, *, rows_per_block: int = 1024) -> Path:
+    """Write every array of the store to one HDF5 file under the same names, attrs as JSON."""
+    import json
+
+    import h5py
+
+    group, spec = schema.open_store(path)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as h5:
+        for name in schema.array_layout(spec, 0, 0):
+            array = group[name]
+            if array.dtype.kind in "OTU":  # variable-length strings
+                values = [str(v) for v in array[:]]
+                h5.create_dataset(name, data=np.asarray(values, dtype=object),
+                                  dtype=h5py.string_dtype())
+                continue
+            dataset = h5.create_dataset(name, shape=array.shape, dtype=array.dtype,
+                                        chunks=(max(1, min(array.chunks[0], array.shape[0])),
+                                                *array.shape[1:]) if array.shape[0] else None,
+                                        compression="gzip", compression_opts=1)
+            for start in range(0, array.shape[0], rows_per_block):
+                dataset[start:start + rows_per_block] = array[start:start + rows_per_block]
+        for key, value in group.attrs.asdict().items():
+            h5.attrs[key] = json.dumps(value)
+    tmp.replace(out)
+    return out
+
+
+def open_dask(path: str | Path) -> dict[str, Any]:
+    """Every array of a store as a lazy dask array (chunks = the store's chunks)."""
+    import dask.array as da
+    import zarr
+
+    group, spec = schema.open_store(path)
+    arrays = {}
+    for name in schema.array_layout(spec, 0, 0):
+        array = zarr.open_array(str(Path(path) / name), mode="r")
+        arrays[name] = da.from_zarr(array)
+    return arrays
