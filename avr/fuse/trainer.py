@@ -178,15 +178,12 @@ def similarity(head: RetrievalHead, data: SplitTensors, device: torch.device, *,
 
 
 def t2v_recall_at_1(sim: torch.Tensor, caption_video: torch.Tensor) -> float:
-    """Percent of captions whose video scores strictly highest (optimistic ties; failed videos
-    count as misses). The full metric set lives in :mod:`avr.evaluate.metrics`."""
-    caption_video = caption_video.cpu()
-    ok = caption_video >= 0
-    if not ok.any():
-        return 0.0
-    target = sim[ok.nonzero().squeeze(1), caption_video[ok]]
-    higher = (sim[ok] > target[:, None]).sum(1)
-    return float((higher == 0).sum()) * 100.0 / len(caption_video)
+    """Text-to-video R@1 in percent, by the same conventions as `avr eval`
+    (:mod:`avr.evaluate.metrics`: failed videos count as misses, ties are not wins)."""
+    from avr.evaluate import metrics
+
+    ranks = metrics.t2v_ranks(sim.float().cpu(), caption_video.cpu())
+    return metrics.metrics_from_ranks(ranks)["R1"]
 
 
 # ---- the loop ----------------------------------------------------------------------------------
