@@ -1,0 +1,425 @@
+"""`avr extract`: dataset -> decoded clips -> frozen backbones -> the Zarr store.
+
+The order of work, and what it guarantees:
+
+1. The store is created at its final size (``schema.create_store``) with every id, split and
+   caption; nothing is ever appended or resized (zarr loses data under concurrent resizes).
+2. Captions are encoded first, one caption chunk at a time; ``caption_done`` is written after
+   the chunk's arrays.
+3. Videos, one store chunk of rows at a time: worker processes decode the clips of the next
+   chunks while the backbones encode the current one; every array of the chunk is written as
+   whole chunks, and only then ``video_done``. A process killed anywhere leaves rows not marked
+   done, which the next run redoes; rows marked done are never recomputed.
+4. A clip that cannot be decoded (missing, zero-byte, unreadable, truncated, no video stream)
+   is recorded with its id, path and reason in the store's attrs and in ``failures.jsonl``
+   beside it, left not done, and retried on the next run.
+
+Writing into a store made with other backbones, parameters or dataset contents is refused
+with the differences unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avr import schema
+from avr.errors import AvrError, CacheMismatchError, DecodeError
+from avr.extract.backbones import BackboneNames, Backbones, load_backbones
+from avr.extract.datasets import DatasetIndex, load_dataset
+from avr.schema import AudioParams, CacheSpec
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str = "vatex"
+    root: Path | None = None  # default data/<dataset>
+    out: Path = Path("cache")
+    backbones: str = "real"  # "real" (pretrained weights) | "tiny" (small random configs)
+    names: BackboneNames = field(default_factory=BackboneNames)
+    num_frames: int | None = None  # default: the dataset's (12 MSR-VTT, 32 VATEX)
+    device: str = "auto"
+    workers: int | None = None  # decode processes; 0 decodes in this process
+    chunk_rows: int | None = None  # video rows per store chunk (and per write); default auto
+    text_batch: int = 256
+    frame_batch: int = 256
+    audio_batch: int = 16
+    overwrite: bool = False
+    seed: int = 0  # seeds tiny backbones and the demo generator
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    video_id: str
+    path: str
+    reason: str
+    message: str
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    videos: int
+    done: int
+    done_now: int
+    failures: list[Failure]
+    captions: int
+    bytes_on_disk: int
+    seconds: float
+    decode_seconds: float  # summed over workers
+    encode_seconds: float
+    device: str
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.done_now / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---- decoding, in worker processes --------------------------------------------------------------
+
+@dataclass
+class _Decoded:
+    row: int
+    clip: Any | None  # DecodedClip
+    failure: Failure | None
+    seconds: float
+
+
+def _decode_one(row: int, video_id: str, path: str, num_frames: int, image_size: int,
+                audio: AudioParams) -> _Decoded:
+    from avr.extract.decode import decode_clip
+
+    start = time.perf_counter()
+    try:
+        clip = decode_clip(Path(path), num_frames, image_size, audio)
+        return _Decoded(row, clip, None, time.perf_counter() - start)
+    except DecodeError as error:
+        reason = getattr(error, "reason", "unreadable")
+        return _Decoded(row, None, Failure(video_id, path, reason, str(error)),
+                        time.perf_counter() - start)
+
+
+class _InlineExecutor(Executor):
+    """Runs work at submit time: decoding in this process (``workers=0``)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def default_workers(device: torch.device) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    # On the CPU the backbones need cores too; on a GPU every core can decode.
+    return max(1, cores - 1) if device.type == "cpu" else cores
+
+
+def _executor(workers: int) -> Executor:
+    if workers <= 0:
+        return _InlineExecutor()
+    # spawn, not fork: the parent has live torch thread pools, which fork does not survive.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def prepare_store(out: Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
+                  chunk_rows: int | None):
+    """Open the store at ``out`` for resuming, or create it. Refuses a store that was made
+    with another spec or for other videos/captions unless ``overwrite``."""
+    caption_video, caption_text, caption_tags = _caption_columns(index)
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    if (out / "zarr.json").exists():
+        try:
+            group, _ = schema.open_store(out, mode="r+", expect=spec)
+            _check_contents(out, group, index, caption_text)
+        except CacheMismatchError as error:
+            raise CacheMismatchError(f"{error}\npass --overwrite to replace it") from None
+        return group
+    if out.exists() and any(out.iterdir()):
+        raise AvrError(f"{out} exists and is not an avr store; choose another --out")
+    return schema.create_store(out, spec, index.video_ids, index.video_splits, caption_video,
+                               caption_text, caption_tags, video_chunk_rows=chunk_rows)
+
+
+def _caption_columns(index: DatasetIndex) -> tuple[np.ndarray, list[str], list[str]]:
+    row_of = {video_id: i for i, video_id in enumerate(index.video_ids)}
+    caption_video = np.asarray([row_of[c.video_id] for c in index.captions], dtype=np.int32)
+    return caption_video, [c.text for c in index.captions], [c.tag for c in index.captions]
+
+
+def _check_contents(out: Path, group, index: DatasetIndex, caption_text: list[str]) -> None:
+    stored_ids = list(group[schema.VIDEO_ID][:])
+    if stored_ids != index.video_ids:
+        added = len(set(index.video_ids) - set(stored_ids))
+        removed = len(set(stored_ids) - set(index.video_ids))
+        raise CacheMismatchError(
+            f"{out} holds another list of videos ({len(stored_ids)} stored, "
+            f"{len(index.video_ids)} in the dataset; {added} new, {removed} gone)")
+    stored_captions = list(group[schema.CAPTION_TEXT][:])
+    if stored_captions != caption_text:
+        raise CacheMismatchError(f"{out} holds other captions ({len(stored_captions)} stored, "
+                                 f"{len(caption_text)} in the dataset)")
+
+
+def read_failures(group) -> dict[str, Failure]:
+    return {f["video_id"]: Failure(**f) for f in group.attrs.get(schema.ATTR_FAILURES, [])}
+
+
+def write_failures(out: Path, group, failures: dict[str, Failure]) -> None:
+    records = [vars(f) for f in sorted(failures.values(), key=lambda f: f.video_id)]
+    group.attrs[schema.ATTR_FAILURES] = records
+    tmp = out / (schema.FAILURES_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out / schema.FAILURES_FILE)
+
+
+def _row_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def _to_numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
+    if dtype == np.bool_:
+        return tensor.bool().cpu().numpy()
+    return tensor.float().cpu().numpy().astype(dtype)
+
+
+def _write_rows(group, layout: dict[str, schema.ArraySpec], start: int, stop: int,
+                rows: np.ndarray, values: dict[str, np.ndarray], region_is_fresh: bool) -> None:
+    """Write ``values[name]`` (one entry per row in ``rows``) into rows [start, stop) of each
+    array as one whole-chunk assignment, keeping whatever other rows of the region hold."""
+    for name, array_values in values.items():
+        array = group[name]
+        if region_is_fresh and len(rows) == stop - start:
+            region = array_values
+        else:
+            region = array[start:stop]
+            region[rows - start] = array_values
+        array[start:stop] = region.astype(layout[name].dtype, copy=False)
+
+
+# ---- encoding -------------------------------------------------------------------------------------
+
+def _batched(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], inputs: torch.Tensor,
+             batch: int) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, inputs.shape[0], batch):
+        for name, value in fn(inputs[start:start + batch]).items():
+            parts.setdefault(name, []).append(value.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def encode_captions(backbones: Backbones, texts: list[str], batch: int) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(texts), batch):
+        for name, value in backbones.encode_text(texts[start:start + batch]).items():
+            parts.setdefault(name, []).append(value.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def encode_clips(backbones: Backbones, clips: list, config: ExtractConfig,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """Every video array (but ids, splits and done) for decoded ``clips``, rows in order."""
+    frames = torch.from_numpy(np.stack([c.frames for c in clips]))  # [n, F, S, S, 3] uint8
+    n, num_frames = frames.shape[:2]
+    per_frame = _batched(lambda x: backbones.encode_frames(x.to(device)),
+                         frames.flatten(0, 1), config.frame_batch)
+    out = {name: value.unflatten(0, (n, num_frames)) for name, value in per_frame.items()}
+    fbank = torch.from_numpy(np.stack([c.fbank for c in clips]))  # [n, 1024, 128]
+    out.update(_batched(lambda x: backbones.encode_audio(x.to(device)), fbank,
+                        config.audio_batch))
+    out[schema.FRAME_MASK] = torch.from_numpy(np.stack([c.frame_mask for c in clips]))
+    out[schema.HAS_AUDIO] = torch.tensor([c.has_audio for c in clips])
+    return out
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def extract(config: ExtractConfig, *, console=None,
+            on_chunk: Callable[[int, int], None] | None = None) -> ExtractSummary:
+    """Run (or resume) one extract. ``on_chunk(start, stop)`` is called after each video chunk
+    is committed (tests use it to interrupt a run)."""
+    started = time.perf_counter()
+    index = load_dataset(config.dataset, config.root, seed=config.seed, **config.dataset_options)
+    device = resolve_device(config.device)
+    backbones = load_backbones(config.backbones, config.names, device=device, seed=config.seed)
+    spec = backbones.make_spec(config.dataset, config.num_frames or index.default_frames)
+    out = Path(config.out)
+    group = prepare_store(out, spec, index, overwrite=config.overwrite,
+                          chunk_rows=config.chunk_rows)
+    n_videos, n_captions = len(index.video_ids), len(index.captions)
+    video_chunk = group[schema.VIDEO_DONE].chunks[0]
+    layout = schema.array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk)
+
+    progress = _Progress(console)
+    with progress:
+        _extract_captions(group, layout, backbones, config, progress)
+        done_now, decode_s, encode_s, failures = _extract_videos(
+            out, group, layout, spec, index, backbones, config, device, progress, on_chunk)
+
+    done = int(np.count_nonzero(group[schema.VIDEO_DONE][:]))
+    return ExtractSummary(out, n_videos, done, done_now, sorted(failures.values(),
+                          key=lambda f: f.video_id), n_captions, store_bytes(out),
+                          time.perf_counter() - started, decode_s, encode_s, str(device))
+
+
+def _extract_captions(group, layout, backbones: Backbones, config: ExtractConfig,
+                      progress: _Progress) -> None:
+    done = group[schema.CAPTION_DONE][:]
+    todo = int(np.count_nonzero(~done))
+    if not todo:
+        return
+    texts = group[schema.CAPTION_TEXT][:]
+    chunk = group[schema.CAPTION_DONE].chunks[0]
+    task = progress.add("captions", todo, "captions")
+    for start, stop in _row_chunks(len(done), chunk):
+        if done[start:stop].all():
+            continue
+        encoded = encode_captions(backbones, list(texts[start:stop]), config.text_batch)
+        rows = np.arange(start, stop)
+        values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+        _write_rows(group, layout, start, stop, rows, values, region_is_fresh=True)
+        group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
+        progress.advance(task, stop - start)
+
+
+def _extract_videos(out: Path, group, layout, spec: CacheSpec, index: DatasetIndex,
+                    backbones: Backbones, config: ExtractConfig, device: torch.device,
+                    progress: _Progress, on_chunk) -> tuple[int, float, float, dict]:
+    done = group[schema.VIDEO_DONE][:]
+    failures = read_failures(group)
+    chunk = layout[schema.VIDEO_DONE].chunk_rows
+    pending = [(start, stop, np.flatnonzero(~done[start:stop]) + start)
+               for start, stop in _row_chunks(len(done), chunk) if not done[start:stop].all()]
+    todo = sum(len(rows) for _, _, rows in pending)
+    if not todo:
+        return 0, 0.0, 0.0, failures
+    workers = default_workers(device) if config.workers is None else config.workers
+    task = progress.add("videos", todo, "clips")
+    done_now, decode_s, encode_s = 0, 0.0, 0.0
+    with _executor(workers) as executor:
+        for (start, stop, rows), decoded in _decode_ahead(executor, pending, index, spec,
+                                                          lookahead=2):
+            decode_s += sum(d.seconds for d in decoded)
+            good = [d for d in decoded if d.clip is not None]
+            changed = False
+            for d in decoded:
+                video_id = index.video_ids[d.row]
+                if d.failure is not None:
+                    changed |= failures.get(video_id) != d.failure
+                    failures[video_id] = d.failure
+                elif video_id in failures:
+                    del failures[video_id]
+                    changed = True
+            if good:
+                tick = time.perf_counter()
+                encoded = encode_clips(backbones, [d.clip for d in good], config, device)
+                good_rows = np.asarray([d.row for d in good])
+                values = {name: _to_numpy(value, layout[name].dtype)
+                          for name, value in encoded.items()}
+                fresh = not done[start:stop].any()
+                _write_rows(group, layout, start, stop, good_rows, values, fresh)
+                region = done[start:stop].copy()
+                region[good_rows - start] = True
+                group[schema.VIDEO_DONE][start:stop] = region  # after every array of the rows
+                done[start:stop] = region
+                encode_s += time.perf_counter() - tick
+                done_now += len(good)
+            if changed:
+                write_failures(out, group, failures)
+            progress.advance(task, len(rows), failed=len(failures))
+            if on_chunk is not None:
+                on_chunk(start, stop)
+    if failures and not (out / schema.FAILURES_FILE).exists():
+        write_failures(out, group, failures)
+    return done_now, decode_s, encode_s, failures
+
+
+def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: CacheSpec, *,
+                  lookahead: int) -> Iterator[tuple[tuple, list[_Decoded]]]:
+    """Yield each pending chunk with its decoded clips while the next ``lookahead`` chunks are
+    already decoding in the workers."""
+    submitted: list[tuple[tuple, list[Future]]] = []
+
+    def submit(item):
+        start, stop, rows = item
+        futures = [executor.submit(_decode_one, int(row), index.video_ids[row],
+                                   str(index.video_paths[row]), spec.num_frames, spec.image_size,
+                                   spec.audio) for row in rows]
+        submitted.append((item, futures))
+
+    queue = iter(pending)
+    for item in queue:
+        submit(item)
+        if len(submitted) > lookahead:
+            break
+    while submitted:
+        item, futures = submitted.pop(0)
+        next_item = next(queue, None)
+        if next_item is not None:
+            submit(next_item)
+        yield item, [f.result() for f in futures]
+
+
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class _Progress:
+    """A rich progress bar when a console is given; silent otherwise."""
+
+    def __init__(self, console):
+        self.bar = None
+        if console is not None:
+            from avr.progress import progress_bar
+
+            self.bar = progress_bar(console, fields="{task.fields[extra]}")
+        self.started: dict[int, tuple[float, str]] = {}
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def add(self, description: str, total: int, unit: str) -> int | None:
+        if self.bar is None:
+            return None
+        task = self.bar.add_task(description, total=total, rate="", extra="")
+        self.started[task] = (time.perf_counter(), unit)
+        return task
+
+    def advance(self, task: int | None, count: int, failed: int | None = None) -> None:
+        if self.bar is None or task is None:
+            return
+        from avr.progress import rate_text
+
+        start, unit = self.started[task]
+        self.bar.advance(task, count)
+        completed = self.bar.tasks[[t.id for t in self.bar.tasks].index(task)].completed
+        extra = f"[red]{failed} failed[/]" if failed else ""
+        self.bar.update(task, rate=rate_text(completed, time.perf_counter() - start, unit),
+                        extra=extra)
