@@ -28,7 +28,7 @@ from avr.errors import AvrError, RunError
 from avr.fuse import checkpoint
 from avr.fuse.data import SplitTensors, load_split
 from avr.fuse.heads import build_head, head_class, make_config
-from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, chunked_scores
+from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, chunked_scores, encode_in_chunks
 
 DEFAULT_CACHE = Path("cache")
 
@@ -169,11 +169,11 @@ def batches(video_rows: torch.Tensor, caption_rows: torch.Tensor, batch_size: in
 @torch.no_grad()
 def similarity(head: RetrievalHead, data: SplitTensors, device: torch.device, *, amp: bool = True,
                video_chunk: int = 64, text_chunk: int = 2048) -> torch.Tensor:
-    """[captions, videos] similarities of a whole split, computed in chunks."""
+    """[captions, videos] similarities of a whole split, encoded and scored in chunks."""
     head.eval()
     with _autocast(device, amp):
-        videos = head.encode_videos(_to(data.videos, device))
-        texts = head.encode_texts(_to(data.captions, device))
+        videos = encode_in_chunks(head.encode_videos, data.videos, device, chunk=256)
+        texts = encode_in_chunks(head.encode_texts, data.captions, device, chunk=4096)
         return chunked_scores(head, texts, videos, video_chunk=video_chunk, text_chunk=text_chunk)
 
 

@@ -61,7 +61,8 @@ class RetrievalHead(nn.Module):
         super().__init__()
         self.spec = spec
         self.config = config
-        init = torch.tensor(math.log(1.0 / config.temperature))
+        # Start inside the clamp: a clamped value passes no gradient and would never move.
+        init = torch.tensor(min(math.log(1.0 / config.temperature), LOGIT_SCALE_MAX - 1e-4))
         if config.learn_temperature:
             self.logit_scale = nn.Parameter(init)
         else:
@@ -120,6 +121,19 @@ def slice_state(state: State, rows: slice | torch.Tensor) -> State:
 
 def state_rows(state: State) -> int:
     return next(iter(state.values())).shape[0]
+
+
+@torch.no_grad()
+def encode_in_chunks(encode, inputs: State, device: torch.device | str, chunk: int) -> State:
+    """``encode`` (a head's encode_videos or encode_texts) over row chunks of ``inputs``, each
+    moved to ``device`` on its own: memory holds one chunk's activations at a time."""
+    rows = state_rows(inputs)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, rows, chunk):
+        part = {k: v[start:start + chunk].to(device, non_blocking=True) for k, v in inputs.items()}
+        for name, value in encode(part).items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 @torch.no_grad()

@@ -1,0 +1,303 @@
+"""AVIGATE: audio-guided video representation with gated attention (METHODS.md A.1-A.5, A.8).
+
+Jeong, Park, Kim, Kwak, "Learning Audio-guided Video Representation with Gated Attention for
+Video-Text Retrieval", CVPR 2025 (arXiv 2504.02397); official code
+github.com/BoseungJeong/AVIGATE-CVPR2025. On cached features (A.8) CLIP and AST are frozen; what
+trains is the AST final LayerNorm and the audio projection, the audio resampler and the gated
+fusion transformer (the logit scale stays at CLIP's 100 by default, see below).
+
+Video side (``encode_videos``, no text involved, so retrieval stays O(A + V + T)):
+
+- Audio tokens (A.1): [mean(CLS, distillation)] + 1212 AST patch tokens = 1213 tokens of width
+  Da, then a trainable LayerNorm (AST's ``v.norm``) and a projection Da -> Dc (no bias, like
+  CLIP's projections).
+- Audio resampler (A.2): M = 12 learnable queries (orthogonal init) plus a learnable query
+  position embedding, then layers of pre-LN blocks
+  ``q += SelfAttn(LN1 q); q += CrossAttn(LN3 q, LN3 A); q += MLP(LN2 q)``; out a [M, Dc].
+- Gated fusion (A.3), per layer l with u = [masked mean_F f; mean_M a]:
+  ``g_mha, g_ffn = tanh(MLP_mha u), tanh(MLP_ffn u)``  (one scalar each per video and layer),
+  ``z = f + g_mha CrossAttn(LN3 f, a, a); zbar = z + g_ffn FFN_cross(LN4 z);
+  h = zbar + SelfAttn(LN1 zbar); f = h + MLP(LN2 h)``.
+  The input is the CLIP frames plus a learnable frame position embedding; the output is
+  ``0.05 f^(L) + 0.95 (frames + position)`` (the code's residual).
+
+Pair side (``score``), A.4: with normalised fused frames v_f and v_bar = normalise(mean of v_f
+over valid frames), S = (s <t, v_bar> + (1/lambda) log sum_f exp(lambda s <t, v_f>)) / 2, where
+s is the logit scale. ``score`` therefore returns scaled logits (``score_is_scaled``).
+
+Loss, A.5: symmetric cross-entropy on S + s m, where the margin m_ij = min(lambda_m (1 -
+(c^t_ij + c^v_ij) / 2), delta) (m_ii = 0) comes from the text-text and the pre-fusion
+frame-mean video-video cosine similarities, without gradient (``adaptive_margins``).
+
+Choices where the paper or code is silent or cannot apply to cached features:
+
+- Initialisation: the paper starts self-attention and MLP weights of both transformers from
+  CLIP text blocks 0-3; without CLIP weights in the cache every layer starts from PyTorch's
+  defaults. Query and frame position embeddings start from N(0, 0.02^2) (CLIP4Clip's
+  initializer range); the queries are orthogonal rows.
+- The query position embedding is added once, before the first resampler layer.
+- The AST LayerNorm starts as identity-affine. If the cache holds AST's post-norm tokens this
+  is a re-normalisation that training can still adjust (A.8).
+- The logit scale is CLIP's pretrained 100, which is also the clamp (A.4), and stays fixed by
+  default: at the clamp it gets no gradient, and A.5's margins (delta = 0.1, added times the
+  scale) are tuned for s = 100. ``learn_temperature=true`` with a larger ``temperature`` learns
+  it instead. The code has no dropout, so ``dropout`` defaults to 0 and applies to the
+  attention weights only.
+- Missing audio (HAS_AUDIO False): both gates are forced to zero, so the audio takes no part
+  (the code instead feeds AST the zero fbank). The video is then the audio-free path: every
+  layer reduces to its self-attention and MLP refinement.
+- Frame mask: masked frames are excluded as self-attention keys, from every mean over frames
+  and from the log-sum-exp. A video with no valid frame has no evidence at all (AVIGATE feeds
+  audio only through the frames): it scores 0 against every caption.
+- ``explain`` gate columns follow the code's ``(attn_gate_list, ff_gate_list)``: the L
+  cross-attention gates, then the L cross-FFN gates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avr import schema
+from avr.errors import AvrError
+from avr.fuse.heads import register_head
+from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
+                                 RetrievalHead, State, symmetric_infonce)
+
+FUSED_WEIGHT = 0.05  # A.3, code-only: output = 0.05 fused + 0.95 (CLIP frames + position)
+POSITION_INIT_STD = 0.02  # CLIP4Clip's initializer range
+
+
+@dataclass
+class AvigateConfig(HeadConfig):
+    temperature: float = 0.01  # CLIP's logit scale, 100
+    learn_temperature: bool = False  # 100 is the clamp; the margins are tuned for it (A.5)
+    dropout: float = 0.0  # attention dropout; the code has none
+    num_queries: int = 12  # M, audio resampler queries (A.2)
+    resampler_layers: int = 4  # --audio_query_layers
+    fusion_layers: int = 4  # L, --cross_num_hidden_layers
+    num_heads: int = 8  # must divide the CLIP width
+    lse_lambda: float = 1.0  # lambda of the log-sum-exp over frames (A.4, --temperature)
+    margin_scale: float = 0.2  # lambda of the adaptive margin (A.5, --beta)
+    margin_cap: float = 0.1  # delta of the adaptive margin (A.5, --margin_BD)
+
+
+# ---- pure functions ----------------------------------------------------------------------------
+
+def adaptive_margins(text_similarity: torch.Tensor, video_similarity: torch.Tensor, *,
+                     scale: float, cap: float) -> torch.Tensor:
+    """A.5: m_ij = min(scale * (1 - (c^t_ij + c^v_ij) / 2), cap), with m_ii = 0.
+
+    Both inputs are [B, B] cosine similarities within one modality (text-text, and video-video
+    on the pre-fusion frame means); the result [B, B] is added, times the logit scale, to the
+    negative logits: similar negatives get a small margin, dissimilar ones up to ``cap``.
+    """
+    margins = (scale * (1.0 - 0.5 * (text_similarity + video_similarity))).clamp(max=cap)
+    return margins.masked_fill(torch.eye(len(margins), dtype=torch.bool,
+                                         device=margins.device), 0.0)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1 of ``tokens`` [B, T, D] over rows where ``mask`` [B, T]; zeros if none."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def multi_grained_similarity(text: torch.Tensor, frames: torch.Tensor, video: torch.Tensor,
+                             frame_mask: torch.Tensor, scale: torch.Tensor,
+                             lse_lambda: float) -> torch.Tensor:
+    """A.4: S = (s <t, v_bar> + (1/lambda) log sum_f exp(lambda s <t, v_f>)) / 2, as [Q, V].
+
+    ``text`` [Q, D], ``frames`` [V, F, D] and ``video`` [V, D] are L2-normalised; masked frames
+    are left out of the sum, and a video without any valid frame scores 0.
+    """
+    has_frames = frame_mask.any(1)  # [V]
+    global_sim = scale * text @ video.t()  # [Q, V]
+    frame_logits = lse_lambda * scale * torch.einsum("qd,vfd->qvf", text, frames)  # [Q, V, F]
+    usable = frame_mask | ~has_frames[:, None]  # empty videos keep every frame, then score 0
+    local_sim = torch.logsumexp(frame_logits.masked_fill(~usable, float("-inf")), -1) / lse_lambda
+    both = 0.5 * (local_sim + global_sim)
+    return torch.where(has_frames, both, torch.zeros_like(both))
+
+
+# ---- building blocks ---------------------------------------------------------------------------
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation, used by every AVIGATE MLP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def mlp(dim_in: int, dim_hidden: int, dim_out: int, *, bias: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, dim_hidden, bias=bias), QuickGELU(),
+                         nn.Linear(dim_hidden, dim_out, bias=bias))
+
+
+def attention(width: int, heads: int, dropout: float) -> nn.MultiheadAttention:
+    return nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+
+
+class ResamplerLayer(nn.Module):
+    """A.2, one layer: self-attention of the queries, cross-attention to the audio, MLP."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln_1, self.ln_2, self.ln_3 = (nn.LayerNorm(width) for _ in range(3))
+        self.self_attn = attention(width, heads, dropout)
+        self.cross_attn = attention(width, heads, dropout)
+        self.mlp = mlp(width, 4 * width, width, bias=True)
+
+    def forward(self, queries: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        # queries [V, M, D], audio [V, 1213, D]
+        x = self.ln_1(queries)
+        queries = queries + self.self_attn(x, x, x, need_weights=False)[0]
+        audio_keys = self.ln_3(audio)  # the code normalises queries and audio with the same LN3
+        queries = queries + self.cross_attn(self.ln_3(queries), audio_keys, audio_keys,
+                                            need_weights=False)[0]
+        return queries + self.mlp(self.ln_2(queries))
+
+
+class GatedFusionLayer(nn.Module):
+    """A.3, one layer: gated cross-attention and cross-FFN on audio, then self-attention + MLP."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln_1, self.ln_2, self.ln_3, self.ln_4 = (nn.LayerNorm(width) for _ in range(4))
+        self.gate_mha = mlp(2 * width, width // 2, 1, bias=False)
+        self.gate_ffn = mlp(2 * width, width // 2, 1, bias=False)
+        self.cross_attn = attention(width, heads, dropout)
+        self.cross_ffn = mlp(width, 4 * width, width, bias=False)
+        self.self_attn = attention(width, heads, dropout)
+        self.mlp = mlp(width, 4 * width, width, bias=True)
+
+    def gates(self, frames: torch.Tensor, audio: torch.Tensor, frame_mask: torch.Tensor,
+              has_audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_mha, g_ffn), each [V, 1, 1]: tanh of an MLP of [mean frames; mean audio]."""
+        pooled = torch.cat([masked_mean(frames, frame_mask), audio.mean(1)], -1)  # [V, 2D]
+        present = has_audio.to(frames.dtype)[:, None, None]
+        return (torch.tanh(self.gate_mha(pooled))[:, :, None] * present,
+                torch.tanh(self.gate_ffn(pooled))[:, :, None] * present)
+
+    def refine(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """The audio-free half: h = f + SelfAttn(LN1 f); f' = h + MLP(LN2 h)."""
+        # A video without valid frames attends over all of them rather than over none (NaN).
+        ignore = ~frame_mask & frame_mask.any(1, keepdim=True)  # [V, F]
+        x = self.ln_1(frames)
+        h = frames + self.self_attn(x, x, x, key_padding_mask=ignore, need_weights=False)[0]
+        return h + self.mlp(self.ln_2(h))
+
+    def forward(self, frames: torch.Tensor, audio: torch.Tensor, frame_mask: torch.Tensor,
+                has_audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames [V, F, D] and audio queries [V, M, D] -> (frames [V, F, D], gates [V, 2])."""
+        gate_mha, gate_ffn = self.gates(frames, audio, frame_mask, has_audio)
+        z = frames + gate_mha * self.cross_attn(self.ln_3(frames), audio, audio,
+                                                need_weights=False)[0]  # no LN on audio (code)
+        z = z + gate_ffn * self.cross_ffn(self.ln_4(z))
+        return self.refine(z, frame_mask), torch.cat([gate_mha, gate_ffn], -1)[:, 0]
+
+
+# ---- the head ----------------------------------------------------------------------------------
+
+@register_head("avigate")
+class Avigate(RetrievalHead):
+    Config = AvigateConfig
+    video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_PATCH_TOKENS,
+                    schema.AUDIO_GLOBAL_TOKENS, schema.HAS_AUDIO)
+    caption_inputs = (schema.TEXT_EMBEDDINGS,)
+    score_is_scaled = True
+
+    def __init__(self, spec, config: AvigateConfig):
+        super().__init__(spec, config)
+        width, heads = spec.clip_dim, config.num_heads
+        if heads < 1 or width % heads:
+            raise AvrError(f"avigate: num_heads={heads} does not divide the CLIP width {width}; "
+                           f"pass a divisor of {width} with --option num_heads=N")
+        self.audio_norm = nn.LayerNorm(spec.ast_dim)  # AST's final v.norm (A.1)
+        self.audio_proj = nn.Linear(spec.ast_dim, width, bias=False)  # audio_projection
+        self.queries = nn.Parameter(nn.init.orthogonal_(torch.empty(config.num_queries, width)))
+        self.query_position = nn.Parameter(torch.randn(config.num_queries, width)
+                                           * POSITION_INIT_STD)
+        self.resampler = nn.ModuleList(ResamplerLayer(width, heads, config.dropout)
+                                       for _ in range(config.resampler_layers))
+        self.frame_position = nn.Parameter(torch.randn(spec.num_frames, width) * POSITION_INIT_STD)
+        self.fusion = nn.ModuleList(GatedFusionLayer(width, heads, config.dropout)
+                                    for _ in range(config.fusion_layers))
+
+    # ---- video side ----------------------------------------------------------------------------
+    def audio_tokens(self, videos: State) -> torch.Tensor:
+        """A.1: [mean(CLS, dist)] + 1212 patches -> LN -> Dc, as [V, 1213, Dc]."""
+        dtype = self.param_dtype()
+        patches = videos[schema.AUDIO_PATCH_TOKENS].to(dtype)  # [V, 1212, Da]
+        global_token = videos[schema.AUDIO_GLOBAL_TOKENS].to(dtype).mean(1, keepdim=True)
+        return self.audio_proj(self.audio_norm(torch.cat([global_token, patches], 1)))
+
+    def resample_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """A.2: audio tokens [V, N, D] -> M audio queries [V, M, D]."""
+        queries = (self.queries + self.query_position).expand(len(audio), -1, -1)
+        for layer in self.resampler:
+            queries = layer(queries, audio)
+        return queries
+
+    def fuse(self, frames: torch.Tensor, audio: torch.Tensor, frame_mask: torch.Tensor,
+             has_audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A.3: CLIP frames [V, F, D] + audio queries -> (fused frames [V, F, D], gates [V, 2L])."""
+        original = frames + self.frame_position  # visual_output_original in the code
+        fused, gates = original, []
+        for layer in self.fusion:
+            fused, layer_gates = layer(fused, audio, frame_mask, has_audio)
+            gates.append(layer_gates)
+        gates = torch.stack(gates, 1)  # [V, L, 2]
+        gates = torch.cat([gates[..., 0], gates[..., 1]], 1)  # mha gates, then ffn gates
+        return FUSED_WEIGHT * fused + (1.0 - FUSED_WEIGHT) * original, gates
+
+    def encode_videos(self, videos: State) -> State:
+        frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())  # [V, F, D]
+        frame_mask = videos[schema.FRAME_MASK].bool()  # [V, F]
+        has_audio = videos[schema.HAS_AUDIO].bool()  # [V]
+        audio = self.resample_audio(self.audio_tokens(videos))  # [V, M, D]
+        fused, gates = self.fuse(frames, audio, frame_mask, has_audio)
+        fused = F.normalize(fused, dim=-1)
+        return {
+            "frames": fused,  # [V, F, D]
+            "frame_mask": frame_mask,
+            "video": F.normalize(masked_mean(fused, frame_mask), dim=-1),  # [V, D]
+            "visual_mean": F.normalize(masked_mean(frames, frame_mask), dim=-1),  # pre-fusion
+            "audio_gates": gates,  # [V, 2L]
+        }
+
+    # ---- text side and pairs -------------------------------------------------------------------
+    def encode_texts(self, captions: State) -> State:
+        text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())
+        return {"text": F.normalize(text, dim=-1)}  # [Q, D]
+
+    def score(self, texts: State, videos: State) -> torch.Tensor:
+        """A.4 multi-grained similarity [Q, V], already multiplied by the logit scale."""
+        return multi_grained_similarity(texts["text"], videos["frames"], videos["video"],
+                                        videos["frame_mask"], self.scale(),
+                                        self.config.lse_lambda)
+
+    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
+        """A.5: symmetric cross-entropy with adaptive margins on the negative logits."""
+        with torch.no_grad():
+            text = texts["text"]
+            visual = videos["visual_mean"]
+            margins = adaptive_margins(text @ text.t(), visual @ visual.t(),
+                                       scale=self.config.margin_scale, cap=self.config.margin_cap)
+        scale = self.scale()
+        loss = symmetric_infonce(self.score(texts, videos) + scale * margins)
+        off_diagonal = ~torch.eye(len(margins), dtype=torch.bool, device=margins.device)
+        return loss, {"loss": float(loss.detach()),
+                      "margin_mean": float(margins[off_diagonal].mean())}
+
+    def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
+        """Per pair: the gates of its video [P, 2L] and the log-sum-exp frame weights [P, F]."""
+        text, frames, frame_mask = texts["text"], videos["frames"], videos["frame_mask"]
+        frame_logits = self.config.lse_lambda * self.scale() * torch.einsum("pd,pfd->pf", text,
+                                                                            frames)
+        weights = torch.softmax(frame_logits.masked_fill(~frame_mask, float("-inf")), -1)
+        return {EXPLAIN_AUDIO_GATE: videos["audio_gates"],
+                EXPLAIN_FRAME_ATTENTION: torch.nan_to_num(weights, nan=0.0)}
