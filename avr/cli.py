@@ -304,7 +304,126 @@ def sweep(
 
 # ---- stage three: eval and search ------------------------------------------------------------
 
+def _metrics_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"{result.head} on {result.split} of {result.cache} "
+                        f"({result.num_captions} captions x {result.num_videos} videos"
+                        f"{', modalities ' + result.modalities if result.modalities != 'va' else ''})")
+    for column in ("", "R@1", "R@5", "R@10", "MdR", "MnR"):
+        table.add_column(column, justify="right" if column else "left")
+
+    def row(name, m):
+        table.add_row(name, f"{m['R1']:.1f}", f"{m['R5']:.1f}", f"{m['R10']:.1f}",
+                      f"{m['MdR']:.1f}", f"{m['MnR']:.1f}")
+
+    row("t2v", result.metrics["t2v"])
+    row("v2t", result.metrics["v2t"])
+    for name, variant in result.variants.items():
+        for direction, m in variant.items():
+            row(f"{direction} {name}", m)
+    for tag, m in result.tags.items():
+        row(f"t2v {tag} ({m['captions']})", m["t2v"])
+    return table
+
+
+@app.command("eval")
+def eval_(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest "
+                                                           "under runs/)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache (default: the run's own)."),
+    split: str = typer.Option("test", help="test | val."),
+    dsl: bool = typer.Option(False, "--dsl", help="Also report dual softmax (transductive)."),
+    qbnorm: bool = typer.Option(False, "--qbnorm", help="Also report QB-Norm with the train "
+                                                        "captions as query bank."),
+    rerank_k: Optional[int] = typer.Option(None, "--rerank-k", help="Also report two-stage "
+                                           "retrieval: faiss over mean-pooled CLIP, head re-ranks "
+                                           "the top K."),
+    modalities: str = typer.Option("va", help="va | v (audio masked) | a (frames masked)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    save_similarity: Optional[Path] = typer.Option(None, "--save-similarity",
+                                                   help="Write sim [captions x videos] and "
+                                                        "caption_video to this .npz."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.md with plots "
+                                                                 "into this directory."),
+):
+    """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
+    import json
+
+    import numpy as np
+
+    from avr.evaluate.evaluator import EvalConfig, evaluate_run
+
+    config = EvalConfig(split=split, dsl=dsl, qbnorm=qbnorm, rerank_k=rerank_k,
+                        modalities=modalities, device=device, report=report)
+    result = evaluate_run(run, cache, config)
+    console.print(_metrics_table(result))
+    if result.missing_videos:
+        console.print(f"[yellow]{len(result.missing_videos)} {split} videos failed extraction; "
+                      f"their captions count as failed queries[/]")
+    payload = json.dumps(result.to_json(), indent=2)
+    suffix = "" if (split, modalities) == ("test", "va") else f"_{split}_{modalities}"
+    (result.run_dir / f"metrics{suffix}.json").write_text(payload)
+    if json_out is not None:
+        json_out.write_text(payload)
+    if save_similarity is not None:
+        np.savez(save_similarity, sim=result.sim, caption_video=result.caption_video)
+        console.print(f"similarity -> {save_similarity}")
+    if result.report is not None:
+        console.print(f"report -> {result.report}")
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help='e.g. "a dog barks while a red ball rolls"'),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    k: int = typer.Option(10, "--k", help="How many videos to show."),
+    split: str = typer.Option("test", help="test | val | train | all."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Encode a query with the run's text backbones and rank the cache's videos with its head."""
+    import json
+
+    from rich.table import Table
+
+    from avr.evaluate.search import search as run_search
+
+    hits = run_search(query, run, k=k, split=split, device=device)
+    if as_json:
+        print(json.dumps([vars(h) for h in hits], indent=2))
+        return
+    table = Table("rank", "video", "split", "score", "a caption of it", title=query)
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), hit.video_id, hit.split, f"{hit.score:.4f}",
+                      hit.captions[0] if hit.captions else "")
+    console.print(table)
+
+
 # ---- demo and bench --------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("avr-demo"), help="Where data, cache, runs and report go."),
+    seed: int = typer.Option(0, help="Seed of the clips, the tiny backbones and training."),
+    budget: float = typer.Option(150.0, help="Seconds: heads beyond xpool and tefal train only "
+                                             "while the demo fits this."),
+    workers: Optional[int] = typer.Option(None, help="Decode processes."),
+):
+    """Generate the demo clips, extract with tiny backbones, train, evaluate, compare heads."""
+    from avr.demo import DemoConfig, demo_table, run_demo
+
+    result = run_demo(DemoConfig(workdir=workdir, seed=seed, budget_s=budget, workers=workers),
+                      console=console)
+    console.print(demo_table(result))
+    if result.skipped:
+        console.print(f"not trained within the budget: {', '.join(result.skipped)} "
+                      f"(train them with `avr train --cache {workdir / 'cache'} --head NAME`)")
+    if result.report is not None:
+        console.print(f"report with plots: {result.report}")
+    console.print(f"demo finished in {result.seconds:.0f} s")
+
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -13,7 +13,7 @@ from avr.extract import demo_data
 from avr.extract.decode import decode_audio, decode_clip, decode_frames
 from avr.schema import SPLITS, AudioParams
 
-NUM_GROUPS = 9  # 3 twin groups of 3 clips and 6 single clips
+NUM_LOOKS = 2  # 12 clips: look 0 puts two twins in test, look 1 has a clip without audio
 
 
 def read_captions(root):
@@ -28,12 +28,12 @@ def video_path(root, video_id):
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     return demo_data.generate_demo(tmp_path_factory.mktemp("demo") / "demo", seed=0,
-                                   num_groups=NUM_GROUPS)
+                                   num_looks=NUM_LOOKS)
 
 
 @pytest.fixture(scope="module")
 def clips():
-    return demo_data.plan_clips(0, NUM_GROUPS)
+    return demo_data.plan_clips(0, NUM_LOOKS)
 
 
 def test_captions_file_has_the_documented_columns(demo_root):
@@ -45,17 +45,19 @@ def test_every_video_has_a_file_and_two_captions(demo_root):
     per_video = defaultdict(int)
     for row in read_captions(demo_root):
         per_video[row["video_id"]] += 1
-    assert len(per_video) == 15
+    assert len(per_video) == 12
     assert set(per_video.values()) == {2}
     assert all(video_path(demo_root, v).stat().st_size > 0 for v in per_video)
 
 
-def test_default_size_is_a_few_dozen_clips():
-    assert 60 <= len(demo_data.plan_clips(0, 40)) <= 90
+def test_default_size_is_about_a_hundred_clips():
+    clips = demo_data.plan_clips(0)
+    assert len(clips) == 96
+    assert [sum(c.split == s for c in clips) for s in SPLITS] == [56, 16, 24]
 
 
 def test_same_seed_gives_same_captions_and_decoded_media(demo_root, tmp_path):
-    again = demo_data.generate_demo(tmp_path / "again", seed=0, num_groups=NUM_GROUPS)
+    again = demo_data.generate_demo(tmp_path / "again", seed=0, num_looks=NUM_LOOKS)
     assert read_captions(again) == read_captions(demo_root)
     for video_id in ("demo0000", "demo0004"):
         first, _ = decode_frames(video_path(demo_root, video_id), 6, 32)
@@ -66,13 +68,14 @@ def test_same_seed_gives_same_captions_and_decoded_media(demo_root, tmp_path):
 
 
 def test_another_seed_gives_other_clips():
-    assert demo_data.plan_clips(0, NUM_GROUPS) != demo_data.plan_clips(1, NUM_GROUPS)
+    assert demo_data.plan_clips(0, NUM_LOOKS) != demo_data.plan_clips(1, NUM_LOOKS)
 
 
 def test_twins_share_their_pixels_and_differ_in_sound(demo_root, clips):
-    twins = [clip for clip in clips if clip.twin][:demo_data.TWIN_GROUP_SIZE]
+    twins = [c for c in clips if c.twin and c.split == "test"]
+    assert len(twins) == 2
     assert len({(c.shape, c.colour, c.motion) for c in twins}) == 1
-    assert len({c.sound for c in twins}) == demo_data.TWIN_GROUP_SIZE
+    assert len({c.sound for c in twins}) == len(twins)
     decoded = [decode_clip(video_path(demo_root, c.video_id), 6, 32, AudioParams()) for c in twins]
     for other in decoded[1:]:
         np.testing.assert_array_equal(decoded[0].frames, other.frames)
@@ -84,7 +87,7 @@ def test_twin_captions_are_tagged_audio_only_and_name_different_sounds(demo_root
     rows = read_captions(demo_root)
     assert {r["tag"] for r in rows if r["video_id"] in twin_ids} == {"audio_only"}
     assert {r["tag"] for r in rows if r["video_id"] not in twin_ids} == {"", "visual"}
-    group = sorted(twin_ids)[:demo_data.TWIN_GROUP_SIZE]
+    group = sorted(c.video_id for c in clips if c.twin and c.split == "test")
     first_captions = [next(r["caption"] for r in rows if r["video_id"] == v) for v in group]
     assert len(set(first_captions)) == len(group)
 
@@ -106,12 +109,15 @@ def test_some_clip_has_no_audio_track(demo_root, clips):
     assert clip.has_audio is False
 
 
-def test_every_split_is_present_and_groups_stay_in_one_split(demo_root, clips):
+def test_every_look_is_seen_in_training_and_twins_share_a_split(demo_root, clips):
     assert {r["split"] for r in read_captions(demo_root)} == set(SPLITS)
-    split_of_look = defaultdict(set)
+    splits_of_look = defaultdict(list)
     for clip in clips:
-        split_of_look[(clip.shape, clip.colour, clip.motion)].add(clip.split)
-    assert all(len(splits) == 1 for splits in split_of_look.values())
+        splits_of_look[(clip.shape, clip.colour, clip.motion)].append(clip.split)
+    assert all("train" in splits and "test" in splits for splits in splits_of_look.values())
+    for clip in clips:
+        assert clip.twin == (splits_of_look[(clip.shape, clip.colour, clip.motion)]
+                             .count(clip.split) > 1)
 
 
 def test_the_shape_shown_has_the_caption_colour(demo_root, clips):
@@ -166,6 +172,6 @@ def test_silence_is_zero_and_sounds_are_not():
 def test_demo_exists_only_when_complete(demo_root, tmp_path):
     assert demo_data.demo_exists(demo_root)
     assert not demo_data.demo_exists(tmp_path / "nothing")
-    copy = demo_data.generate_demo(tmp_path / "copy", num_groups=3)
+    copy = demo_data.generate_demo(tmp_path / "copy", num_looks=1)
     next((copy / demo_data.VIDEOS_DIR).iterdir()).unlink()
     assert not demo_data.demo_exists(copy)

@@ -27,7 +27,7 @@ CHUNK = 4
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    return generate_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, num_groups=6)
+    return generate_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, num_looks=2)
 
 
 def config_for(root: Path, out: Path, **overrides) -> ExtractConfig:

@@ -8,13 +8,14 @@ one sound (repeating high beep, low hum, rising whistle, noise bursts, drum beat
 the visual words and the sound words do not overlap, so that even a bag-of-words text encoder
 can tell them apart.
 
-Groups: every third group is a *twin* group of three clips with the same pixels (same shape,
-colour and motion, encoded identically) that differ only by their sound; their captions share
-the visual description and name a different sound, so only audio can decide between them:
-they are tagged "audio_only". Other groups are one clip with a caption naming sight and sound
-(tag "") and one naming only the sight (tag "visual"). Groups, not clips, are split
-train/val/test (about 70/15/15, twins and single clips split separately so that every split
-holds both), so twins never straddle splits.
+Looks: each look (shape, colour, motion) is rendered once and used by six clips with six
+different sounds, so the pixels of those clips are identical and only sound tells them apart.
+Every look has clips in train, val and test (``LOOK_SPLITS``): training sees each look with
+several sounds, and half the looks put two clips in test. Clips that share their look with
+another clip of their split are *twins*: both their captions name the look and the sound, and
+only audio can decide between them, so they are tagged "audio_only". A clip alone with its
+look in its split gets one caption naming sight and sound (tag "") and one naming only the
+sight (tag "visual"). Every fourth look has one clip without an audio track.
 
 Layout written under ``root``::
 
@@ -38,8 +39,6 @@ import numpy as np
 CAPTIONS_FILE = "captions.csv"
 VIDEOS_DIR = "videos"
 CAPTION_COLUMNS = ("video_id", "caption", "split", "tag")
-TWIN_GROUP_SIZE = 3
-TWIN_EVERY = 3  # groups 0, 3, 6, ... are twin groups
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
@@ -242,38 +241,34 @@ def write_video(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | No
 
 # ---- the dataset -------------------------------------------------------------------------------
 
-def _split_labels(count: int, rng: np.random.Generator) -> list[str]:
-    """About 70/15/15 train/val/test, at least one val and one test item once count >= 3."""
-    held_out = max(1, round(0.15 * count)) if count >= 3 else 0
-    labels = ["test"] * held_out + ["val"] * held_out + ["train"] * (count - 2 * held_out)
-    return [labels[i] for i in rng.permutation(count)]
+# Where the clips of one look go: even looks put two clips in test (twins that only sound can
+# tell apart), odd looks one; every look is also seen in training with other sounds.
+LOOK_SPLITS = (("train", "train", "train", "val", "test", "test"),
+               ("train", "train", "train", "train", "val", "test"))
+NO_TRACK_EVERY = 4  # looks 1, 5, 9, ... have one clip without an audio track
 
 
-def plan_clips(seed: int, num_groups: int) -> list[DemoClip]:
+def plan_clips(seed: int, num_looks: int = 16) -> list[DemoClip]:
     """Every clip of the dataset: its content, split and twin status (no media yet)."""
     rng = np.random.default_rng(seed)
     looks = [(shape, colour, motion) for shape in SHAPES for colour in COLOURS
              for motion in MOTIONS if not (shape == "circle" and motion == "spinning")]
-    if num_groups > len(looks):
-        raise ValueError(f"num_groups={num_groups}: the demo has only {len(looks)} distinct looks")
-    looks = [looks[i] for i in rng.permutation(len(looks))[:num_groups]]
-    twins = [g for g in range(num_groups) if g % TWIN_EVERY == 0]
-    singles = [g for g in range(num_groups) if g % TWIN_EVERY != 0]
-    split_of = dict(zip(twins, _split_labels(len(twins), rng)))
-    split_of.update(zip(singles, _split_labels(len(singles), rng)))
+    if num_looks > len(looks):
+        raise ValueError(f"num_looks={num_looks}: the demo has only {len(looks)} distinct looks")
+    looks = [looks[i] for i in rng.permutation(len(looks))[:num_looks]]
     audible = [s for s in SOUNDS if s != "none"]
-
     clips: list[DemoClip] = []
-    for group, (shape, colour, motion) in enumerate(looks):
-        twin = group % TWIN_EVERY == 0
-        if twin:
-            sounds = [str(s) for s in rng.choice(audible, TWIN_GROUP_SIZE, replace=False)]
-        else:  # single clips cycle through "none" (no audio track) and every audible sound
-            cycle = ["none", *audible]
-            sounds = [cycle[singles.index(group) % len(cycle)]]
-        for sound in sounds:
-            clips.append(DemoClip(f"demo{len(clips):04d}", shape, colour, motion, sound,
-                                  split_of[group], twin))
+    for index, (shape, colour, motion) in enumerate(looks):
+        splits = LOOK_SPLITS[index % 2]
+        sounds = [str(s) for s in rng.choice(audible, len(splits), replace=False)]
+        if index % NO_TRACK_EVERY == 1:  # "none" and "silence" read alike: never both in a look
+            sounds[sounds.index("silence") if "silence" in sounds else 0] = "none"
+        order = rng.permutation(len(splits))
+        for position in order:
+            split = splits[position]
+            twin = splits.count(split) > 1
+            clips.append(DemoClip(f"demo{len(clips):04d}", shape, colour, motion,
+                                  sounds[position], split, twin))
     return clips
 
 
@@ -288,16 +283,16 @@ def captions_of(clip: DemoClip) -> list[tuple[str, str]]:
     return [(f"{seen} {sound}", ""), (f"the {clip.colour} {clip.shape} {motion_alt}", "visual")]
 
 
-def generate_demo(root: Path, *, seed: int = 0, num_groups: int = 40, seconds: float = 3.0,
+def generate_demo(root: Path, *, seed: int = 0, num_looks: int = 16, seconds: float = 3.0,
                   fps: int = 10, size: int = 64, sample_rate: int = 16_000) -> Path:
     """Write the demo dataset under ``root`` (see the module docstring) and return ``root``.
-    The default 40 groups give 68 clips and 136 captions in a few seconds."""
+    The default 16 looks give 96 clips (56 train, 16 val, 24 test) and 192 captions."""
     root = Path(root)
     videos = root / VIDEOS_DIR
     videos.mkdir(parents=True, exist_ok=True)
     num_frames = int(round(seconds * fps))
     rows = []
-    for index, clip in enumerate(plan_clips(seed, num_groups)):
+    for index, clip in enumerate(plan_clips(seed, num_looks)):
         frames = render_frames(clip.shape, clip.colour, clip.motion, num_frames, size)
         audio = None
         if clip.sound != "none":

@@ -1,0 +1,113 @@
+"""`avr demo`: the whole pipeline offline, on the built-in demo dataset with tiny backbones.
+
+generate clips -> `avr extract --backbones tiny` -> `avr train` per head -> `avr eval`, then one
+side-by-side table that includes the captions only sound can decide ("audio_only"). Every
+step is the normal command, printed as it runs, so a user can rerun any of them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avr.evaluate.evaluator import EvalConfig, EvalResult, evaluate_run
+from avr.extract.pipeline import ExtractConfig, ExtractSummary, extract
+from avr.fuse import trainer
+from avr.fuse.trainer import TrainConfig
+
+REQUIRED_HEADS = ("xpool", "tefal")
+OPTIONAL_HEADS = ("meanp", "avigate", "gais", "htav")
+AUDIO_ONLY = "audio_only"
+
+# Training settings that fit the demo's few dozen training clips in seconds per head.
+DEMO_TRAINING = dict(epochs=30, batch_size=16, lr=1e-2, warmup=0.0, weight_decay=0.01,
+                     pairs="all", device="cpu")
+
+
+@dataclass
+class DemoConfig:
+    workdir: Path = Path("avr-demo")
+    seed: int = 0
+    budget_s: float = 150.0  # optional heads train only while the whole demo fits this
+    heads: tuple[str, ...] = (*REQUIRED_HEADS, *OPTIONAL_HEADS)
+    training: dict = field(default_factory=lambda: dict(DEMO_TRAINING))
+    workers: int | None = None
+
+
+@dataclass
+class DemoRow:
+    head: str
+    result: EvalResult
+    train_seconds: float
+    epoch_seconds: float
+
+
+@dataclass
+class DemoResult:
+    extract: ExtractSummary
+    rows: list[DemoRow]
+    skipped: list[str]
+    seconds: float
+    report: Path | None
+
+
+def run_demo(config: DemoConfig, console=None) -> DemoResult:
+    started = time.perf_counter()
+    say = console.print if console is not None else (lambda *a, **k: None)
+    data, cache, runs = (config.workdir / "data", config.workdir / "cache",
+                         config.workdir / "runs")
+
+    say(f"[bold]1. extract[/]  avr extract --dataset demo --root {data} --out {cache} "
+        f"--backbones tiny --seed {config.seed}")
+    summary = extract(ExtractConfig(dataset="demo", root=data, out=cache, backbones="tiny",
+                                    seed=config.seed, workers=config.workers, device="cpu"),
+                      console=console)
+    say(f"   {summary.done}/{summary.videos} clips, {summary.captions} captions, "
+        f"{len(summary.failures)} failed, {summary.seconds:.1f} s")
+
+    rows: list[DemoRow] = []
+    skipped: list[str] = []
+    report_dir = config.workdir / "report"
+    for head in config.heads:
+        elapsed = time.perf_counter() - started
+        expected = max((r.train_seconds for r in rows), default=0.0) * 1.5
+        if head not in REQUIRED_HEADS and elapsed + expected > config.budget_s:
+            skipped.append(head)
+            continue
+        run_dir = runs / head
+        if run_dir.exists():  # the demo owns these runs; a rerun starts them afresh
+            shutil.rmtree(run_dir)
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.training.items())
+        say(f"[bold]2. train[/]    avr train --cache {cache} --head {head} {options} "
+            f"--run-dir {run_dir}")
+        trained = trainer.train(cache, TrainConfig(head=head, seed=config.seed,
+                                                   **config.training), run_dir)
+        per_epoch = sum(h.seconds for h in trained.history) / max(1, len(trained.history))
+        is_tefal = head == "tefal"
+        say(f"[bold]3. eval[/]     avr eval --run {run_dir}"
+            + (f" --report {report_dir}" if is_tefal else ""))
+        result = evaluate_run(run_dir, config=EvalConfig(
+            device="cpu", report=report_dir if is_tefal else None))
+        rows.append(DemoRow(head, result, trained.seconds, per_epoch))
+    report = next((r.result.report for r in rows if r.result.report is not None), None)
+    return DemoResult(summary, rows, skipped, time.perf_counter() - started, report)
+
+
+def demo_table(demo: DemoResult):
+    from rich.table import Table
+
+    table = Table(title="avr demo: test split, text -> video (audio_only: captions only sound "
+                        "can decide)")
+    for column in ("head", "R@1", "R@5", "R@10", "MdR", "v2t R@1", "audio_only R@1",
+                   "audio_only R@5", "s/epoch"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for row in demo.rows:
+        t2v = row.result.metrics["t2v"]
+        audio = row.result.tags.get(AUDIO_ONLY, {}).get("t2v")
+        table.add_row(row.head, f"{t2v['R1']:.1f}", f"{t2v['R5']:.1f}", f"{t2v['R10']:.1f}",
+                      f"{t2v['MdR']:.1f}", f"{row.result.metrics['v2t']['R1']:.1f}",
+                      f"{audio['R1']:.1f}" if audio else "-",
+                      f"{audio['R5']:.1f}" if audio else "-", f"{row.epoch_seconds:.2f}")
+    return table

@@ -1,0 +1,230 @@
+"""`avr eval`: a trained run's head scored on every (caption, video) pair of a split.
+
+The similarity of each pair comes from the head's own ``score``, computed in chunks, so a
+whole VATEX test split (15,000 x 1,500) fits any GPU and a small split runs on the CPU. The
+plain numbers are what the run is; the transductive tricks (dual softmax, QB-Norm) and the
+two-stage re-ranking are reported beside them, never folded in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avr import schema
+from avr.errors import AvrError
+from avr.evaluate import metrics, report
+from avr.fuse import checkpoint
+from avr.fuse.data import SplitTensors, load_split
+from avr.fuse.heads.base import RetrievalHead, State, chunked_scores, encode_in_chunks
+from avr.fuse.trainer import _autocast, resolve_device
+
+MODALITIES = ("va", "v", "a")
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    dsl: bool = False
+    qbnorm: bool = False
+    rerank_k: int | None = None
+    modalities: str = "va"  # v: audio masked; a: frames masked
+    device: str = "auto"
+    amp: bool = True
+    video_chunk: int = 64
+    text_chunk: int = 2048
+    report: Path | None = None  # write report.md and plots here
+
+
+@dataclass
+class EvalResult:
+    run_dir: Path
+    cache: Path
+    head: str
+    split: str
+    modalities: str
+    num_captions: int
+    num_videos: int
+    missing_videos: list[str]
+    metrics: dict[str, dict[str, float]]  # {"t2v": {...}, "v2t": {...}}
+    variants: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    tags: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    sim: np.ndarray | None = None  # [captions, videos] float32, the plain scores
+    caption_video: np.ndarray | None = None
+    seconds: float = 0.0
+    report: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"t2v": self.metrics["t2v"], "v2t": self.metrics["v2t"],
+                "variants": self.variants, "tags": self.tags, "run": str(self.run_dir),
+                "cache": str(self.cache), "head": self.head, "split": self.split,
+                "modalities": self.modalities, "num_captions": self.num_captions,
+                "num_videos": self.num_videos, "missing_videos": self.missing_videos,
+                "ties": metrics.DEFAULT_TIES, "seconds": round(self.seconds, 3)}
+
+
+def resolve_run(run: str | Path | None) -> Path:
+    return Path(run) if run is not None else checkpoint.latest_run()
+
+
+def open_run(run_dir: Path, cache: str | Path | None, device: torch.device
+             ) -> tuple[RetrievalHead, dict, Path]:
+    """The run's best head and the cache it is checked against (its own unless ``cache``)."""
+    head, config = checkpoint.load_head(run_dir, "best", device)
+    cache_path = Path(cache) if cache is not None else Path(config["cache"]["path"])
+    _, spec = schema.open_store(cache_path)
+    checkpoint.check_cache(config, spec, cache_path)
+    return head, config, cache_path
+
+
+def mask_modalities(videos: dict[str, torch.Tensor], modalities: str, head: RetrievalHead
+                    ) -> dict[str, torch.Tensor]:
+    """Hide audio (``v``) or frames (``a``) through the masks every head honours."""
+    if modalities not in MODALITIES:
+        raise AvrError(f"--modalities {modalities!r}: expected one of {', '.join(MODALITIES)}")
+    videos = dict(videos)
+    if modalities == "v":
+        if schema.HAS_AUDIO not in head.video_inputs:
+            raise AvrError(f"head {head.name!r} reads no audio; --modalities v is the same as va")
+        videos[schema.HAS_AUDIO] = torch.zeros_like(videos[schema.HAS_AUDIO])
+    elif modalities == "a":
+        if schema.HAS_AUDIO not in head.video_inputs:
+            raise AvrError(f"head {head.name!r} reads no audio; it has nothing left with "
+                           f"--modalities a")
+        videos[schema.FRAME_MASK] = torch.zeros_like(videos[schema.FRAME_MASK])
+    return videos
+
+
+@torch.no_grad()
+def split_similarity(head: RetrievalHead, data: SplitTensors, device: torch.device,
+                     config: EvalConfig) -> tuple[np.ndarray, State, State]:
+    """Plain [captions, videos] scores (float32) and the encoded states."""
+    head.eval()
+    with _autocast(device, config.amp):
+        videos = encode_in_chunks(head.encode_videos,
+                                  mask_modalities(data.videos, config.modalities, head), device,
+                                  chunk=256)
+        texts = encode_in_chunks(head.encode_texts, data.captions, device, chunk=4096)
+        sim = chunked_scores(head, texts, videos, text_chunk=config.text_chunk,
+                             video_chunk=config.video_chunk)
+    return sim.numpy(), texts, videos
+
+
+def logits_of(head: RetrievalHead, sim: np.ndarray) -> np.ndarray:
+    return sim if head.score_is_scaled else sim * float(head.scale().detach())
+
+
+def cosines_of(head: RetrievalHead, sim: np.ndarray) -> np.ndarray:
+    """Scores on the cosine scale that QB-Norm's beta = 20 assumes."""
+    return sim / float(head.scale().detach()) if head.score_is_scaled else sim
+
+
+def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
+                 config: EvalConfig | None = None) -> EvalResult:
+    import time
+
+    config = config or EvalConfig()
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    run_dir = resolve_run(run)
+    head, run_config, cache_path = open_run(run_dir, cache, device)
+    video_names = tuple(dict.fromkeys((*head.video_inputs, schema.FRAME_MASK, schema.HAS_AUDIO)))
+    data = load_split(cache_path, config.split, video_names, head.caption_inputs)
+    if data.num_videos == 0:
+        raise AvrError(f"{cache_path}: the {config.split} split has no extracted videos")
+    sim, _, videos = split_similarity(head, data, device, config)
+    caption_video = data.caption_video.cpu().numpy()
+    n_videos = data.num_videos
+    # Videos that failed extraction still count: as failed v2t queries (METHODS F).
+    all_videos = n_videos + len(data.missing_videos)
+    result = EvalResult(run_dir, cache_path, head.name, config.split, config.modalities,
+                        data.num_captions, n_videos, data.missing_videos,
+                        metrics.retrieval_metrics(sim, caption_video, all_videos),
+                        sim=sim.astype(np.float32), caption_video=caption_video)
+
+    if config.dsl:
+        dsl = metrics.dual_softmax(logits_of(head, sim))
+        result.variants["dsl"] = metrics.retrieval_metrics(dsl, caption_video, all_videos)
+    if config.qbnorm:
+        bank = train_bank_similarity(head, cache_path, videos, device, config)
+        normed = metrics.qb_norm(cosines_of(head, sim), cosines_of(head, bank))
+        result.variants["qbnorm"] = {"t2v": metrics.metrics_from_ranks(
+            metrics.t2v_ranks(normed, caption_video))}
+    if config.rerank_k:
+        reranked = rerank(sim, cache_path, config.split, config.rerank_k)
+        result.variants[f"rerank@{config.rerank_k}"] = {"t2v": metrics.metrics_from_ranks(
+            metrics.t2v_ranks(reranked, caption_video))}
+    for tag in sorted({t for t in data.caption_tags if t}):
+        rows = np.asarray([t == tag for t in data.caption_tags])
+        result.tags[tag] = {"t2v": metrics.metrics_from_ranks(
+            metrics.t2v_ranks(sim[rows], caption_video[rows])), "captions": int(rows.sum())}
+    if config.report is not None:
+        rows = report.sample_captions(caption_video, data.caption_tags)
+        explanations = paired_explanations(head, data, rows, device)
+        result.report = report.write_report(result, explanations,
+                                            [data.caption_text[j] for j in rows], config.report)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def train_bank_similarity(head: RetrievalHead, cache_path: Path, videos: State,
+                          device: torch.device, config: EvalConfig) -> np.ndarray:
+    """QB-Norm's query bank: training captions scored against the evaluated videos."""
+    bank = load_split(cache_path, "train", (), head.caption_inputs)
+    if bank.num_captions == 0:
+        raise AvrError(f"{cache_path}: --qbnorm needs training captions as its query bank")
+    with _autocast(device, config.amp):
+        texts = encode_in_chunks(head.encode_texts, bank.captions, device, chunk=4096)
+        return chunked_scores(head, texts, videos, text_chunk=config.text_chunk,
+                              video_chunk=config.video_chunk).numpy()
+
+
+@torch.no_grad()
+def first_stage_embeddings(cache_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised CLIP sentence embeddings and mean-pooled CLIP frames (CLIP4Clip meanP,
+    zero-shot): the cheap first stage of two-stage retrieval."""
+    stage = load_split(cache_path, split, (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK),
+                       (schema.TEXT_EMBEDDINGS,))
+    frames = stage.videos[schema.FRAME_EMBEDDINGS].float()
+    mask = stage.videos[schema.FRAME_MASK].float().unsqueeze(-1)
+    video = F.normalize((frames * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+    text = F.normalize(stage.captions[schema.TEXT_EMBEDDINGS].float(), dim=-1)
+    return text.numpy().astype(np.float32), video.numpy().astype(np.float32)
+
+
+def rerank(sim: np.ndarray, cache_path: Path, split: str, k: int) -> np.ndarray:
+    """TEFAL Table 9's two-stage protocol: a faiss inner-product search over mean-pooled CLIP
+    embeddings picks each caption's top ``k`` videos; the head's scores order those k, and
+    every other video ranks below them in first-stage order."""
+    import faiss
+
+    text, video = first_stage_embeddings(cache_path, split)
+    index = faiss.IndexFlatIP(video.shape[1])
+    index.add(video)
+    _, top = index.search(text, min(k, video.shape[0]))
+    first_stage = text @ video.T
+    # Shift the first stage below every head score so the re-ranked block comes first.
+    out = first_stage - (np.abs(first_stage).max() + np.abs(sim).max() + 1.0) * 4
+    rows = np.arange(sim.shape[0])[:, None]
+    out[rows, top] = sim[rows, top]
+    return out
+
+
+def paired_explanations(head: RetrievalHead, data: SplitTensors, rows: list[int],
+                        device: torch.device) -> dict[str, np.ndarray]:
+    """``head.explain`` on captions ``rows`` paired with their ground-truth videos."""
+    captions = torch.as_tensor(rows)
+    video_rows = data.caption_video.cpu()[captions]
+    keep = video_rows >= 0
+    captions, video_rows = captions[keep], video_rows[keep]
+    with torch.no_grad():
+        texts = head.encode_texts({k: v[captions].to(device) for k, v in data.captions.items()})
+        videos = head.encode_videos({k: v[video_rows].to(device) for k, v in data.videos.items()})
+        explained = head.explain(texts, videos)
+    return {name: value.float().cpu().numpy() for name, value in explained.items()}

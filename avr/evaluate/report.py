@@ -1,0 +1,129 @@
+"""`avr eval --report DIR`: a markdown report with the plots people would rather see than read:
+recall at K, the attention of sample captions over frames and audio, gate and threshold values,
+and a soft-DTW alignment path. Each plot is drawn only when the head explains that quantity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from avr.evaluate import metrics
+from avr.fuse.heads import base
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sample_captions(caption_video: np.ndarray, caption_tags: list[str], count: int = 4
+                    ) -> list[int]:
+    """A few caption rows with a video: tagged ones first (the demo's audio-only captions)."""
+    usable = [j for j in range(len(caption_video)) if caption_video[j] >= 0]
+    tagged = [j for j in usable if caption_tags and caption_tags[j]]
+    untagged = [j for j in usable if not (caption_tags and caption_tags[j])]
+    picked = tagged[:count // 2] + untagged[:count - min(len(tagged), count // 2)]
+    return sorted(picked[:count])
+
+
+def plot_recall_curves(result, path: Path) -> Path:
+    plt = _pyplot()
+    max_k = min(50, result.num_videos)
+    ks = np.arange(1, max_k + 1)
+    t2v = metrics.recall_at_k_curve(metrics.t2v_ranks(result.sim, result.caption_video), max_k)
+    v2t = metrics.recall_at_k_curve(
+        metrics.v2t_ranks(result.sim, result.caption_video, result.num_videos), max_k)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, t2v, label="text -> video")
+    ax.plot(ks, v2t, label="video -> text")
+    ax.plot(ks, 100.0 * ks / result.num_videos, "--", color="grey", label="chance")
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_title(f"{result.head} on {result.split}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rows(values: np.ndarray, labels: list[str], path: Path, title: str, xlabel: str) -> Path:
+    """One heat-map row per sample caption (attention over frames, audio steps or gates)."""
+    plt = _pyplot()
+    values = values.reshape(values.shape[0], -1)
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.5))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels([label[:48] for label in labels], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_alignment(alignment: np.ndarray, label: str, path: Path) -> Path:
+    """A soft-DTW expected alignment [text tokens, audio steps] with its arg-max path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    image = ax.imshow(alignment, aspect="auto", cmap="magma", interpolation="nearest",
+                      origin="lower")
+    ax.plot(alignment.argmax(1), np.arange(alignment.shape[0]), "c.", markersize=4)
+    ax.set_xlabel("audio step")
+    ax.set_ylabel("caption token")
+    ax.set_title(f"soft-DTW alignment: {label[:60]}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result, explanations: dict[str, np.ndarray], captions: list[str],
+                 out_dir: str | Path) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out_dir``; returns the markdown path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {result.head} on {result.split} ({result.cache})", "",
+             f"run: `{result.run_dir}`; {result.num_captions} captions x {result.num_videos} "
+             f"videos; modalities `{result.modalities}`; ties: {metrics.DEFAULT_TIES}", ""]
+    if result.missing_videos:
+        lines += [f"{len(result.missing_videos)} videos failed extraction; their captions count "
+                  "as failed queries.", ""]
+    lines += ["| | R@1 | R@5 | R@10 | MdR | MnR |", "|---|---|---|---|---|---|"]
+    rows = [(direction, result.metrics[direction]) for direction in ("t2v", "v2t")]
+    rows += [(f"{name} {d}", m[d]) for name, m in result.variants.items() for d in m]
+    rows += [(f"t2v [{tag}]", m["t2v"]) for tag, m in result.tags.items()]
+    for name, m in rows:
+        lines.append(f"| {name} | {m['R1']:.1f} | {m['R5']:.1f} | {m['R10']:.1f} | "
+                     f"{m['MdR']:.1f} | {m['MnR']:.1f} |")
+    lines.append("")
+    lines += [f"![recall at K]({plot_recall_curves(result, out_dir / 'recall_at_k.png').name})",
+              ""]
+    plots = [
+        (base.EXPLAIN_FRAME_ATTENTION, "frame_attention.png", "attention over frames", "frame"),
+        (base.EXPLAIN_AUDIO_ATTENTION, "audio_attention.png", "attention over audio",
+         "audio token / step"),
+        (base.EXPLAIN_AUDIO_GATE, "audio_gate.png", "audio gate values", "gate"),
+        (base.EXPLAIN_THRESHOLD, "threshold.png", "thresholded audio attention", "audio step"),
+    ]
+    for key, file, title, xlabel in plots:
+        if key in explanations:
+            plot_rows(explanations[key], captions, out_dir / file, title, xlabel)
+            lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    if base.EXPLAIN_DTW_ALIGNMENT in explanations:
+        alignment = explanations[base.EXPLAIN_DTW_ALIGNMENT][0]
+        plot_alignment(alignment, captions[0], out_dir / "dtw_alignment.png")
+        lines += ["## soft-DTW alignment", "", "![soft-DTW alignment](dtw_alignment.png)", ""]
+    lines += ["## sample captions", ""] + [f"{i}. {text}" for i, text in enumerate(captions, 1)]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
