@@ -1,0 +1,363 @@
+"""HTAV: Hierarchical Temporal Audio-Video cross-attention fusion (Rashmi & Chethan, IJSSIS 2026,
+DOI 10.2478/ijssis-2026-0009; METHODS.md D, made concrete with (i)-(iv)).
+
+The paper names its blocks (Eq. 1-15) without most of their equations and has no public code.
+Every choice below is ours, taken from METHODS.md (i)-(iv) where it offers one.
+
+Video encoder, "Video Swin Feature Pyramid" (Eq. 1; METHODS (iii)), per video:
+    the cached Swin stages swin_stage(k) [V, F, g_k^2, C_k] (stage 0 finest) go through a learned
+    FPN: a lateral 1x1 map (Linear C_k -> width) per level, top-down nearest-neighbour
+    upsample-and-add from the coarsest grid to the finest, a 3x3 output conv per level, plus a
+    learned level embedding. Tokens of all levels form S = sum_k g_k^2 spatial tokens per frame.
+    The CLIP frame embedding, projected to the width, is each frame's base vector c_f.
+Text encoder, "Temporal RoBERTa Graph Network" (Eq. 2, 9-10; METHODS (iv)), per caption:
+    RoBERTa states -> LayerNorm + Linear -> TemporalGraph (GCN or GAT over sequential and
+    windowed edges) = graph tokens G [L, width]. Token importance pi = masked softmax of a
+    linear score of G. Summary h = LN(W_h t + sum_l pi_l G_l) with t the CLIP sentence
+    embedding; h gives the video-side queries.
+Audio encoder, "Audio Spectrogram LSTM" (Eq. 6-8), per video:
+    AST time tokens [V, 101, D_ast] -> LayerNorm -> bidirectional LSTM (width/2 per direction,
+    ``lstm_layers`` layers) = audio steps A [V, 101, width].
+
+Per (query, video) pair, only what depends on both:
+Video-text block, "hierarchical multiscale spatial-temporal attention" (Eq. 3-5):
+    within each frame, attention of q_s(h) over the S spatial tokens of all FPN levels
+    (softmax over s of q_s . k_fs / sqrt(width) + a learned bias per level), giving
+    u_f = c_f + sum_s alpha_fs v_fs. Across frames, frame logits q_t(h) . W_t u_f / sqrt(width)
+    are pooled over windows of each span in ``spans`` (non-overlapping, masked mean: the logit
+    of the window's mean vector); a masked softmax over windows spreads each window's weight
+    evenly over its valid frames; the spans are mixed by softmax(W_span h) (the text picks the
+    temporal granularity). E_VT = sum_f omega_f u_f. Linearity gives the frame logits and E_VT
+    without building any per-frame vector for a pair.
+Audio-text block, "threshold-based dynamic time cross-attention" (Eq. 11-13):
+    attention alpha_lt = softmax_t(q_a(G_l) . k_a(A_t) / sqrt(width)) (Eq. 11), then the learned
+    soft threshold of METHODS (i).1 (LTP-style): M = sigmoid((alpha - theta) / T),
+    alpha~ = alpha M / sum_t alpha M, theta = sigmoid(rho) / N_k with one learned rho, and
+    T = THRESHOLD_TEMPERATURE / N_k (1e-3 for the 101 AST steps). Soft-DTW (METHODS (ii);
+    avr.fuse.softdtw) between the caption's graph tokens and the audio steps with cost
+    1 - cos(q_a(G_l), k_a(A_t)) and ``dtw_gamma`` gives the expected alignment E [L, 101]
+    (a caption's length is the count of its RoBERTa mask, padding being at the end);
+    each text row of E, normalised to a distribution and mixed half and half with the uniform
+    one (so that disagreement down-weights a step but never zeroes a token), multiplies
+    alpha~ and the product is renormalised: w_lt. Audio weights a_t = sum_l pi_l w_lt and
+    E_AT = sum_t a_t W_v A_t; E_AT = 0 for a video without audio (HAS_AUDIO False).
+Fusion and readout (Eq. 14-15):
+    E_final = E_VT + E_AT; e_CLS = Linear(Dropout(E_final)) to the CLIP space (the CLS-style
+    readout is linear); score = cos(e_CLS, P t), P a Linear on the sentence embedding.
+
+Initialisation: the CLIP frame projection, the readout and the sentence projection start as
+the identity, so that the CLIP path c_f -> e_CLS -> cosine with t starts as zero-shot CLIP.
+
+Cost: per pair O(F S width + L 101 width) plus the soft-DTW wavefront over L x 101; ``score``
+runs the pairs of a call in blocks of at most PAIR_ELEMENTS elements per [pairs, ...] tensor.
+The soft-DTW alignment is differentiable (its wavefronts are recorded by autograd in training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avr import schema
+from avr.errors import AvrError
+from avr.fuse.blocks import identity_linear, masked_attention
+from avr.fuse.graph import TemporalGraph
+from avr.fuse.heads import base, register_head
+from avr.fuse.heads.base import HeadConfig, RetrievalHead, State, slice_state, state_rows
+from avr.fuse.softdtw import soft_dtw_alignment
+
+# A head declares its inputs per class; DESIGN.md guarantees >= 3 Swin stages in a cache (the
+# extract default stores exactly 3), so the FPN reads stages 0-2.
+SWIN_LEVELS = 3
+THRESHOLD_TEMPERATURE = 0.1  # T * N_k of the soft threshold (METHODS (i).1: T ~ 1e-3 at N_k ~ 100)
+PAIR_ELEMENTS = 1 << 27  # bound on (pairs x per-pair elements) of one block in ``score``
+EXPLAIN_BLOCK = 16  # pairs per block-diagonal evaluation in ``explain``
+
+
+@dataclass
+class HTAVConfig(HeadConfig):
+    width: int = 256  # common width of FPN levels, graph tokens and audio steps (even)
+    graph: str = "gcn"  # "gcn" | "gat" (METHODS (iv))
+    graph_layers: int = 2
+    graph_heads: int = 4  # GAT heads (graph="gat")
+    window: int = 2  # windowed text edges |i - j| <= window (1: sequential only)
+    spans: tuple[int, ...] = (1, 2, 4)  # temporal windows, in frames, of the frame attention
+    dtw_gamma: float = 0.1  # soft-DTW smoothing on 1 - cos costs (METHODS (ii))
+    lstm_layers: int = 1
+
+
+class PairEvidence(NamedTuple):
+    """What the per-pair part computes for Q queries x V videos."""
+
+    score: torch.Tensor  # [Q, V]
+    frame_weights: torch.Tensor  # [Q, V, F] omega_f
+    audio_weights: torch.Tensor  # [Q, V, T] a_t
+    alignment: torch.Tensor  # [Q, V, L, T] expected soft-DTW alignment
+    threshold: torch.Tensor  # [] theta of the audio attention
+
+
+# ---- pure functions ----------------------------------------------------------------------------
+
+def parse_spans(spans) -> tuple[int, ...]:
+    """Spans as a config gives them: (1, 2, 4), [1, 2, 4], 4, or a string "1,2,4" / "1+2+4"
+    (``--option spans=1+2+4``; a sweep grid already uses commas between values)."""
+    if isinstance(spans, str):
+        spans = spans.replace("+", ",").split(",")
+    elif isinstance(spans, int):
+        spans = (spans,)
+    try:
+        return tuple(int(span) for span in spans)
+    except (TypeError, ValueError):
+        raise AvrError(f"htav spans {spans!r}: give frame counts such as 1,2,4") from None
+
+
+def thresholded_attention(attention: torch.Tensor, threshold: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """METHODS (i).1: M = sigmoid((A - theta) / T), A~ = A M / sum_k A M over the last axis.
+    Some key always has A >= 1 / N_k > theta, so the sum never vanishes."""
+    kept = attention * torch.sigmoid((attention - threshold) / temperature)
+    return kept / kept.sum(-1, keepdim=True).clamp(min=torch.finfo(kept.dtype).tiny)
+
+
+def span_frame_weights(frame_logits: torch.Tensor, frame_mask: torch.Tensor, span: int
+                       ) -> torch.Tensor:
+    """Frame weights [Q, V, F] from windows of ``span`` frames: window logit = masked mean of its
+    frame logits [Q, V, F], masked softmax over windows, each window's weight split evenly over
+    its valid frames (``frame_mask`` [V, F]). A video with no valid frame gets all zeros."""
+    num_frames = frame_logits.shape[-1]
+    padded = -num_frames % span
+    logits = F.pad(frame_logits, (0, padded)).unflatten(-1, (-1, span))  # [Q, V, G, span]
+    mask = F.pad(frame_mask, (0, padded)).unflatten(-1, (-1, span)).to(logits.dtype)  # [V, G, s]
+    counts = mask.sum(-1).clamp(min=1.0)  # [V, G]
+    window_logits = (logits * mask).sum(-1) / counts
+    window_weights = masked_attention(window_logits, mask.sum(-1) > 0)  # [Q, V, G]
+    frame_share = mask / counts[..., None]  # [V, G, span]
+    weights = window_weights[..., None] * frame_share
+    return weights.flatten(-2)[..., :num_frames]
+
+
+def multi_span_frame_weights(frame_logits: torch.Tensor, frame_mask: torch.Tensor,
+                             spans: tuple[int, ...], span_mix: torch.Tensor) -> torch.Tensor:
+    """Mix of ``span_frame_weights`` over ``spans`` with text weights ``span_mix`` [Q, n]."""
+    return sum(span_mix[:, n, None, None] * span_frame_weights(frame_logits, frame_mask, span)
+               for n, span in enumerate(spans))
+
+
+def alignment_weighted_attention(attention: torch.Tensor, alignment: torch.Tensor
+                                 ) -> torch.Tensor:
+    """Re-weight attention [..., L, T] by the expected alignment [..., L, T]: each alignment row
+    normalised and mixed half and half with the uniform distribution, times the attention,
+    renormalised over T."""
+    steps = attention.shape[-1]
+    path = alignment / alignment.sum(-1, keepdim=True).clamp(min=torch.finfo(alignment.dtype).tiny)
+    weighted = attention * (path + 1.0 / steps)
+    return weighted / weighted.sum(-1, keepdim=True).clamp(min=torch.finfo(weighted.dtype).tiny)
+
+
+# ---- the FPN over cached Swin stages -----------------------------------------------------------
+
+class SwinFPN(nn.Module):
+    """Feature Pyramid Network (Lin et al. 2017; METHODS (iii)) over per-frame Swin stages:
+    lateral Linear to ``width``, top-down nearest upsample-and-add, 3x3 output conv per level.
+    [V, F, g_k^2, C_k] per level -> [V, F, sum_k g_k^2, width]."""
+
+    def __init__(self, channels: tuple[int, ...], grids: tuple[int, ...], width: int):
+        super().__init__()
+        self.grids = grids
+        self.width = width
+        self.lateral = nn.ModuleList(nn.Linear(c, width) for c in channels)
+        self.output = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in channels)
+
+    def forward(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        videos, frames = stages[0].shape[:2]
+        maps = [lateral(stage).reshape(videos * frames, grid, grid, self.width).permute(0, 3, 1, 2)
+                for lateral, stage, grid in zip(self.lateral, stages, self.grids)]  # [VF, W, g, g]
+        for k in range(len(maps) - 2, -1, -1):  # coarse to fine
+            maps[k] = maps[k] + F.interpolate(maps[k + 1], size=maps[k].shape[-2:], mode="nearest")
+        tokens = [out(level).flatten(2).transpose(1, 2) for out, level in zip(self.output, maps)]
+        return torch.cat(tokens, dim=1).reshape(videos, frames, -1, self.width)
+
+
+# ---- the head -----------------------------------------------------------------------------------
+
+@register_head("htav")
+class HTAV(RetrievalHead):
+    """HTAV on cached tokens; the module docstring gives every equation and choice."""
+
+    Config = HTAVConfig
+    video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_TIME_TOKENS,
+                    schema.HAS_AUDIO, *(schema.swin_stage(k) for k in range(SWIN_LEVELS)))
+    caption_inputs = (schema.TEXT_EMBEDDINGS, schema.ROBERTA_STATES, schema.ROBERTA_MASK)
+
+    def __init__(self, spec: schema.CacheSpec, config: HTAVConfig):
+        super().__init__(spec, config)
+        width, spans = config.width, parse_spans(config.spans)
+        if width % 2:
+            raise AvrError(f"htav width {width} must be even (two LSTM directions of width/2)")
+        if not spans or min(spans) < 1:
+            raise AvrError(f"htav spans {config.spans} must be frame counts >= 1")
+        if spec.num_swin_stages < SWIN_LEVELS:
+            raise AvrError(f"htav needs {SWIN_LEVELS} Swin stages; the cache has "
+                           f"{spec.num_swin_stages}: re-extract with more --swin stages")
+        self.width, self.spans, self.gamma = width, spans, float(config.dtw_gamma)
+        grids = tuple(spec.swin_grids[:SWIN_LEVELS])
+        # video
+        self.fpn = SwinFPN(tuple(spec.swin_channels[:SWIN_LEVELS]), grids, width)
+        self.level_embedding = nn.Parameter(torch.randn(SWIN_LEVELS, width) * 0.02)
+        self.level_bias = nn.Parameter(torch.zeros(SWIN_LEVELS))
+        self.register_buffer("token_level", torch.repeat_interleave(
+            torch.arange(SWIN_LEVELS), torch.tensor([g * g for g in grids])), persistent=False)
+        self.frame_proj = identity_linear(spec.clip_dim, width)
+        self.spatial_key = nn.Linear(width, width)
+        self.spatial_value = nn.Linear(width, width)
+        self.temporal_key = nn.Linear(width, width)
+        # audio
+        self.audio_norm = nn.LayerNorm(spec.ast_dim)
+        self.audio_lstm = nn.LSTM(spec.ast_dim, width // 2, num_layers=config.lstm_layers,
+                                  batch_first=True, bidirectional=True)
+        self.audio_key = nn.Linear(width, width)
+        self.audio_value = nn.Linear(width, width)
+        self.threshold_logit = nn.Parameter(torch.zeros(()))  # theta = sigmoid(rho) / N_k
+        # text
+        self.token_proj = nn.Sequential(nn.LayerNorm(spec.roberta_dim),
+                                        nn.Linear(spec.roberta_dim, width))
+        self.graph = TemporalGraph(width, config.graph_layers, config.graph, config.window,
+                                   config.graph_heads)
+        self.token_query = nn.Linear(width, width)
+        self.token_importance = nn.Linear(width, 1)
+        self.sentence_to_width = nn.Linear(spec.clip_dim, width)
+        self.summary_norm = nn.LayerNorm(width)
+        self.spatial_query = nn.Linear(width, width)
+        self.temporal_query = nn.Linear(width, width)
+        self.span_logits = nn.Linear(width, len(spans))
+        self.sentence_proj = identity_linear(spec.clip_dim)
+        # fusion
+        self.dropout = nn.Dropout(config.dropout)
+        self.readout = identity_linear(width, spec.clip_dim)
+
+    # ---- per video -------------------------------------------------------------------------------
+    def encode_videos(self, videos: State) -> State:
+        dtype = self.param_dtype()
+        stages = [videos[schema.swin_stage(k)].to(dtype) for k in range(SWIN_LEVELS)]
+        tokens = self.fpn(stages) + self.level_embedding[self.token_level]  # [V, F, S, W]
+        frame_values = self.frame_proj(videos[schema.FRAME_EMBEDDINGS].to(dtype))  # c_f [V, F, W]
+        audio, _ = self.audio_lstm(self.audio_norm(videos[schema.AUDIO_TIME_TOKENS].to(dtype)))
+        has_audio = videos[schema.HAS_AUDIO].bool()
+        return {
+            "spatial_keys": self.spatial_key(tokens) / math.sqrt(self.width),  # [V, F, S, W]
+            "token_values": self.spatial_value(tokens),  # v_fs [V, F, S, W]
+            "frame_values": frame_values,
+            "frame_keys": self.temporal_key(frame_values),  # W_t c_f + b [V, F, W]
+            "frame_mask": videos[schema.FRAME_MASK].bool(),  # [V, F]
+            "audio_keys": self.audio_key(audio),  # [V, T, W]
+            "audio_values": self.audio_value(audio) * has_audio[:, None, None].to(dtype),
+            "has_audio": has_audio,  # [V]
+        }
+
+    # ---- per caption -----------------------------------------------------------------------------
+    def encode_texts(self, captions: State) -> State:
+        dtype = self.param_dtype()
+        mask = captions[schema.ROBERTA_MASK].bool()  # [Q, L]
+        tokens = self.graph(self.token_proj(captions[schema.ROBERTA_STATES].to(dtype)), mask)
+        importance = masked_attention(self.token_importance(tokens).squeeze(-1), mask)  # pi [Q, L]
+        sentence = captions[schema.TEXT_EMBEDDINGS].to(dtype)  # [Q, Dc]
+        summary = self.summary_norm(self.sentence_to_width(sentence)
+                                    + torch.einsum("ql,qlw->qw", importance, tokens))  # h
+        temporal_query = self.temporal_query(summary) / math.sqrt(self.width)
+        return {
+            "token_queries": self.token_query(tokens),  # q_a(G_l) [Q, L, W]
+            "token_mask": mask,
+            "token_weights": importance,
+            "spatial_query": self.spatial_query(summary),  # [Q, W]
+            "temporal_query": temporal_query,  # [Q, W]
+            # q . W_t v = (q W_t) . v: the frame logit's share of the spatial tokens
+            "temporal_query_values": temporal_query @ self.temporal_key.weight,  # [Q, W]
+            "span_mix": self.span_logits(summary).softmax(-1),  # [Q, n_spans]
+            "sentence": F.normalize(self.sentence_proj(sentence), dim=-1),  # [Q, Dc]
+        }
+
+    # ---- per pair --------------------------------------------------------------------------------
+    def score(self, texts: State, videos: State) -> torch.Tensor:
+        block = self._query_block(texts, videos)
+        return torch.cat([self.pair_evidence(slice_state(texts, slice(q0, q0 + block)),
+                                             videos).score
+                          for q0 in range(0, state_rows(texts), block)])
+
+    def pair_evidence(self, texts: State, videos: State) -> PairEvidence:
+        """Every query of ``texts`` [Q] with every video of ``videos`` [V]."""
+        video_evidence, frame_weights = self._video_text(texts, videos)
+        audio_evidence, audio_weights, alignment, threshold = self._audio_text(texts, videos)
+        fused = self.dropout(video_evidence + audio_evidence.to(video_evidence.dtype))
+        embedding = F.normalize(self.readout(fused), dim=-1)  # e_CLS [Q, V, Dc]
+        score = torch.einsum("qvd,qd->qv", embedding, texts["sentence"].to(embedding.dtype))
+        return PairEvidence(score, frame_weights, audio_weights, alignment, threshold)
+
+    def _video_text(self, texts: State, videos: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """E_VT [Q, V, W] and frame weights omega [Q, V, F]."""
+        spatial_logits = (torch.einsum("qw,vfsw->qvfs", texts["spatial_query"],
+                                       videos["spatial_keys"])
+                          + self.level_bias[self.token_level])
+        spatial = spatial_logits.softmax(-1)  # alpha_fs [Q, V, F, S]
+        token_logits = torch.einsum("qw,vfsw->qvfs", texts["temporal_query_values"],
+                                    videos["token_values"])
+        frame_logits = (torch.einsum("qw,vfw->qvf", texts["temporal_query"], videos["frame_keys"])
+                        + (spatial * token_logits).sum(-1))  # q_t . W_t u_f [Q, V, F]
+        frame_weights = multi_span_frame_weights(frame_logits, videos["frame_mask"], self.spans,
+                                                 texts["span_mix"])
+        evidence = (torch.einsum("qvf,vfw->qvw", frame_weights, videos["frame_values"])
+                    + torch.einsum("qvfs,vfsw->qvw", frame_weights[..., None] * spatial,
+                                   videos["token_values"]))
+        return evidence, frame_weights
+
+    def _audio_text(self, texts: State, videos: State
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E_AT [Q, V, W], audio weights a [Q, V, T], alignment [Q, V, L, T], theta []."""
+        queries, keys = texts["token_queries"], videos["audio_keys"]
+        Q, L, _ = queries.shape
+        V, T, _ = keys.shape
+        logits = torch.einsum("qlw,vtw->qvlt", queries, keys).float() / math.sqrt(self.width)
+        threshold = torch.sigmoid(self.threshold_logit).float() / T
+        attention = thresholded_attention(logits.softmax(-1), threshold, THRESHOLD_TEMPERATURE / T)
+        cost = 1.0 - torch.einsum("qlw,vtw->qvlt", F.normalize(queries, dim=-1),
+                                  F.normalize(keys, dim=-1)).float()
+        lengths = texts["token_mask"].sum(-1).clamp(min=1).repeat_interleave(V)  # [Q*V]
+        alignment = soft_dtw_alignment(cost.reshape(Q * V, L, T), self.gamma, lengths
+                                       ).reshape(Q, V, L, T)
+        weights = alignment_weighted_attention(attention, alignment)  # w_lt
+        audio_weights = (torch.einsum("ql,qvlt->qvt", texts["token_weights"].float(), weights)
+                         * videos["has_audio"][None, :, None])
+        evidence = torch.einsum("qvt,vtw->qvw", audio_weights.to(videos["audio_values"].dtype),
+                                videos["audio_values"])
+        return evidence, audio_weights, alignment, threshold
+
+    def _query_block(self, texts: State, videos: State) -> int:
+        """Queries per block so that one block's [Q, V, ...] tensors hold <= PAIR_ELEMENTS."""
+        frames, tokens = videos["spatial_keys"].shape[1:3]
+        length, steps = texts["token_queries"].shape[1], videos["audio_keys"].shape[1]
+        per_pair = (frames * tokens + length * steps + (length + steps + 1) * (length + 1)
+                    + self.width)
+        return max(1, PAIR_ELEMENTS // (per_pair * max(1, state_rows(videos))))
+
+    # ---- introspection ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
+        """Pair i = (texts[i], videos[i]): frame weights [P, F], audio weights [P, 101], soft-DTW
+        alignment [P, L, 101] and the learned audio threshold theta [P, 1]."""
+        parts = []
+        for p0 in range(0, state_rows(texts), EXPLAIN_BLOCK):
+            rows = slice(p0, p0 + EXPLAIN_BLOCK)
+            evidence = self.pair_evidence(slice_state(texts, rows), slice_state(videos, rows))
+            diagonal = torch.arange(evidence.score.shape[0], device=evidence.score.device)
+            parts.append((evidence.frame_weights[diagonal, diagonal],
+                          evidence.audio_weights[diagonal, diagonal],
+                          evidence.alignment[diagonal, diagonal],
+                          evidence.threshold.expand(len(diagonal), 1)))
+        frames, audio, alignment, threshold = (torch.cat(column).float() for column in zip(*parts))
+        return {base.EXPLAIN_FRAME_ATTENTION: frames, base.EXPLAIN_AUDIO_ATTENTION: audio,
+                base.EXPLAIN_DTW_ALIGNMENT: alignment, base.EXPLAIN_THRESHOLD: threshold}
+

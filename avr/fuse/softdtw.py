@@ -1,0 +1,199 @@
+"""Soft-DTW (Cuturi & Blondel, "Soft-DTW: a Differentiable Loss Function for Time-Series",
+ICML 2017, arXiv 1703.01541) over a batch of cost matrices, in plain PyTorch (METHODS.md (ii)).
+
+For one pair with cost matrix Delta [n, m] (e.g. ``1 - cos(text_i, audio_j)``):
+
+    min^g(a_1..a_k) = -g log sum_k exp(-a_k / g)                      # soft minimum, g = gamma
+    R_00 = 0,  R_i0 = R_0j = +inf
+    R_ij = Delta_ij + min^g(R_{i-1,j-1}, R_{i-1,j}, R_{i,j-1})         # Alg. 1
+    sdtw_g = R_nm                                                      # g -> 0: hard DTW
+
+Its gradient E = d R_nm / d Delta is the expected alignment matrix (Alg. 2): each cell's share
+of the Gibbs distribution over monotone alignment paths. With E_nm = 1 and, for every other
+cell, the sum over its successors s in {(i+1,j), (i,j+1), (i+1,j+1)} inside the [n, m] grid:
+
+    E_ij = sum_s E_s exp((R_s - Delta_s - R_ij) / g)
+
+(``R_s - Delta_s`` is the soft minimum taken at s, so each factor is the weight that cell (i, j)
+gets in that soft minimum, in (0, 1]; no exponent overflows.)
+
+Implementation:
+
+- Batching: ``cost`` is [P, N, M] with per-pair lengths ``n_p <= N`` (rows) and ``m_p <= M``
+  (columns); the valid cells of pair p are the top-left ``n_p x m_p`` block (padding at the end,
+  as padding masks put it).
+- Wavefront: cells with ``i + j = d`` depend only on diagonals d-1 and d-2, so one step per
+  anti-diagonal updates every pair and every cell of that diagonal at once; the Python loop runs
+  N + M - 1 times. Diagonal d is stored indexed by the row i (0..N) ("skewed" layout
+  [P, N+M+1, N+1]), so the predecessors of a diagonal are the two previous diagonals shifted by
+  zero or one row, and the successors the two next ones.
+- The forward recursion runs on S = -R / gamma (a log-sum-exp recursion, two ``logaddexp`` per
+  step). The backward recursion's successor weights depend only on R and Delta, so all of them
+  are computed at once before it; each step is then three multiply-adds.
+- ``+inf`` is a large finite number (_FAR) so that masked branches never produce NaN gradients.
+- 16-bit costs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_FAR = 1e9  # -S of an unreachable cell (+inf in R): exp(-_FAR) is 0 in float32 and float64
+
+
+def soft_dtw(cost: torch.Tensor, gamma: float, row_lengths: torch.Tensor | None = None,
+             col_lengths: torch.Tensor | None = None, *, normalize: bool = False) -> torch.Tensor:
+    """Soft-DTW value of each pair: ``R[n_p, m_p]`` of ``cost`` [P, N, M] -> [P].
+
+    ``row_lengths`` / ``col_lengths`` [P] (integers in 1..N and 1..M; default: full) give each
+    pair's valid block. ``normalize`` divides by the path-length bound ``n_p + m_p`` (METHODS.md
+    (ii): soft-DTW is not bounded below; a length-normalised value compares across lengths).
+    The gradient is the expected alignment (custom backward, Alg. 2), so training keeps only
+    R, not the autograd graph of the wavefront.
+    """
+    cost = _working_precision(cost)
+    rows, cols = _lengths(cost, row_lengths, col_lengths)
+    value = _SoftDTW.apply(cost, rows, cols, float(gamma))
+    if normalize:
+        value = value / (rows + cols).to(value.dtype)
+    return value
+
+
+def soft_dtw_alignment(cost: torch.Tensor, gamma: float, row_lengths: torch.Tensor | None = None,
+                       col_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected alignment ``E = d soft_dtw / d cost`` [P, N, M]; zero outside each pair's block.
+
+    Built from differentiable tensor operations (autograd records both wavefronts when ``cost``
+    requires grad), so a model may use E as weights and learn through it.
+    """
+    cost = _working_precision(cost)
+    rows, cols = _lengths(cost, row_lengths, col_lengths)
+    scaled_cost, valid = _skew(cost, rows, cols, float(gamma))
+    S = _forward_wavefront(scaled_cost)
+    E = _backward_wavefront(S, scaled_cost, valid, rows, cols)
+    return _unskew(E, cost.shape[1], cost.shape[2])
+
+
+# ---- layout -------------------------------------------------------------------------------------
+
+def _working_precision(cost: torch.Tensor) -> torch.Tensor:
+    """16-bit costs run in float32: R accumulates N + M terms."""
+    return cost.float() if cost.dtype in (torch.float16, torch.bfloat16) else cost
+
+
+def _lengths(cost: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cost.ndim != 3:
+        raise ValueError(f"soft-DTW expects cost matrices [P, N, M], got {tuple(cost.shape)}")
+    P, N, M = cost.shape
+    full = torch.ones(P, dtype=torch.long, device=cost.device)
+    rows = full * N if rows is None else rows.to(device=cost.device, dtype=torch.long)
+    cols = full * M if cols is None else cols.to(device=cost.device, dtype=torch.long)
+    return rows, cols
+
+
+def _skew(cost: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gamma: float
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cost [P, N, M] -> (-Delta_ij / gamma at [d = i + j, i] (1-based i, j), -_FAR at slots
+    outside the N x M grid: [P, N+M+1, N+1]; valid [P, N+M+1, N+1]: the slot is a cell
+    1 <= i <= n_p, 1 <= j <= m_p of its pair)."""
+    P, N, M = cost.shape
+    i = torch.arange(N + 1, device=cost.device)[None, :]
+    j = torch.arange(N + M + 1, device=cost.device)[:, None] - i  # [N+M+1, N+1]
+    inside = (i >= 1) & (j >= 1) & (j <= M)
+    padded = F.pad(cost, (1, 0, 1, 0))  # [P, N+1, M+1], row and column 0 unused
+    skewed = padded[:, i.expand_as(j), j.clamp(0, M)]  # [P, N+M+1, N+1]
+    scaled_cost = torch.where(inside, -skewed / gamma, -_FAR)
+    valid = inside & (i <= rows[:, None, None]) & (j <= cols[:, None, None])
+    return scaled_cost, valid
+
+
+def _unskew(skewed: torch.Tensor, N: int, M: int) -> torch.Tensor:
+    """[P, N+M+1, N+1] -> [P, N, M]: cell (i, j) (1-based) read at [i + j, i]."""
+    i = torch.arange(1, N + 1, device=skewed.device)[:, None]
+    j = torch.arange(1, M + 1, device=skewed.device)[None, :]
+    return skewed[:, i + j, i.expand(N, M)]
+
+
+# ---- the two wavefronts -------------------------------------------------------------------------
+
+def _forward_wavefront(scaled_cost: torch.Tensor) -> torch.Tensor:
+    """S = -R / gamma in the skewed layout [P, N+M+1, N+1] (Alg. 1):
+    S_ij = -Delta_ij / gamma + logsumexp(S_{i-1,j-1}, S_{i-1,j}, S_{i,j-1}).
+
+    Each stored diagonal carries a leading unreachable sentinel (row -1), so the shifted
+    predecessors are views. Cells beyond a pair's own lengths are computed but never feed its
+    cells inside; slots outside the grid stay unreachable (-_FAR plus at most their predecessors).
+    """
+    P, D, width = scaled_cost.shape
+    origin = torch.full((P, width + 1), -_FAR, dtype=scaled_cost.dtype, device=scaled_cost.device)
+    origin[:, 1] = 0.0  # R_00 = 0
+    diagonals = [origin, torch.full_like(origin, -_FAR)]
+    costs = scaled_cost.unbind(1)  # one autograd node for all diagonals (not one select each)
+    for d in range(2, D):
+        two_back, one_back = diagonals[d - 2], diagonals[d - 1]
+        reach = torch.logaddexp(torch.logaddexp(two_back[:, :-1],  # (i-1, j-1)
+                                                one_back[:, :-1]),  # (i-1, j)
+                                one_back[:, 1:])  # (i, j-1)
+        diagonals.append(F.pad(costs[d] + reach, (1, 0), value=-_FAR))
+    return torch.stack(diagonals, dim=1)[:, :, 1:]
+
+
+def _successor_weights(S: torch.Tensor, scaled_cost: torch.Tensor, valid: torch.Tensor
+                       ) -> list[torch.Tensor]:
+    """exp((R_s - Delta_s - R_ij) / gamma) = exp(S_ij - Delta_s / gamma - S_s) for the
+    successors s = (i+1, j), (i, j+1), (i+1, j+1) of every cell, zero unless both are valid."""
+    weights = []
+    for diagonals, rows in ((1, 1), (1, 0), (2, 1)):  # how far ahead each successor lies
+        ok = valid & _ahead(valid, diagonals, rows, False)
+        exponent = S + _ahead(scaled_cost, diagonals, rows, 0.0) - _ahead(S, diagonals, rows, 0.0)
+        weights.append(torch.where(ok, exponent, -torch.inf).exp())
+    return weights
+
+
+def _ahead(skewed: torch.Tensor, diagonals: int, rows: int, fill) -> torch.Tensor:
+    """Value at [d + diagonals, i + rows] for every slot [d, i] of [P, D, N+1]; ``fill`` past
+    the end."""
+    return F.pad(skewed[:, diagonals:, rows:], (0, rows, 0, diagonals), value=fill)
+
+
+def _backward_wavefront(S: torch.Tensor, scaled_cost: torch.Tensor, valid: torch.Tensor,
+                        rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """E = d R[n_p, m_p] / d Delta in the skewed layout [P, N+M+1, N+1] (Alg. 2), zero outside
+    each pair's valid cells. Stored diagonals carry a trailing zero (row N+1)."""
+    P, D, width = S.shape
+    down, right, diagonal = (w.unbind(1) for w in _successor_weights(S, scaled_cost, valid))
+    seed = torch.zeros_like(S)
+    seed[torch.arange(P, device=S.device), rows + cols, rows] = 1.0  # E_nm = 1
+    seed = seed.unbind(1)
+    zero = torch.zeros((P, width + 1), dtype=S.dtype, device=S.device)
+    E = [zero] * (D + 2)
+    for d in range(D - 1, 1, -1):
+        one_ahead, two_ahead = E[d + 1], E[d + 2]
+        here = torch.addcmul(seed[d], one_ahead[:, 1:], down[d])
+        here = torch.addcmul(here, one_ahead[:, :-1], right[d])
+        here = torch.addcmul(here, two_ahead[:, 1:], diagonal[d])
+        E[d] = F.pad(here, (0, 1))
+    return torch.stack(E[:D], dim=1)[:, :, :-1]
+
+
+class _SoftDTW(torch.autograd.Function):
+    """Value R[n_p, m_p] forward, ``grad * E`` backward; neither wavefront is recorded."""
+
+    @staticmethod
+    def forward(ctx, cost, rows, cols, gamma):
+        with torch.no_grad():
+            scaled_cost, valid = _skew(cost, rows, cols, gamma)
+            S = _forward_wavefront(scaled_cost)
+        ctx.save_for_backward(S, scaled_cost, valid, rows, cols)
+        ctx.shape = cost.shape
+        return -gamma * S[torch.arange(len(rows), device=S.device), rows + cols, rows]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        S, scaled_cost, valid, rows, cols = ctx.saved_tensors
+        _, N, M = ctx.shape
+        E = _unskew(_backward_wavefront(S, scaled_cost, valid, rows, cols), N, M)
+        return grad[:, None, None] * E, None, None, None

@@ -1,0 +1,273 @@
+"""HTAV: the temporal graph text encoder, the pure attention pieces, and the head end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avr import schema
+from avr.fuse import trainer
+from avr.fuse.data import random_split
+from avr.fuse.graph import GATLayer, GCNLayer, TemporalGraph, temporal_adjacency
+from avr.fuse.heads import base, build_head
+from avr.fuse.heads import htav
+from avr.fuse.heads.base import chunked_scores
+from avr.fuse.trainer import TrainConfig
+from stores import make_learnable_store
+
+SMALL = dict(width=16, graph_layers=1, spans=(1, 2, 4), dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: handing them between threads costs more than it saves, and the soft-DTW
+    # wavefront runs hundreds of them per call (it stalls badly on a shared CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- temporal graph ---------------------------------------------------------------------------
+
+def test_adjacency_joins_tokens_within_the_window_and_never_padding():
+    mask = torch.tensor([[True, True, True, True, False]])
+    adjacency = temporal_adjacency(mask, window=2)[0]
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    for i in range(4):
+        for j in range(4):
+            expected[i, j] = abs(i - j) <= 2
+    expected[4, 4] = True  # a padded token keeps only its self-loop
+    assert torch.equal(adjacency, expected)
+
+
+def test_gcn_layer_matches_the_dense_normalized_adjacency_formula():
+    torch.manual_seed(0)
+    layer = GCNLayer(8)
+    tokens = torch.randn(1, 5, 8)
+    mask = torch.tensor([[True, True, True, True, False]])
+    A_hat = torch.zeros(5, 5)
+    for i in range(5):
+        for j in range(5):
+            A_hat[i, j] = float(i == j or (abs(i - j) <= 1 and i < 4 and j < 4))
+    D_inv_sqrt = torch.diag(A_hat.sum(1).rsqrt())
+    propagated = D_inv_sqrt @ A_hat @ D_inv_sqrt @ layer.linear(tokens[0])
+    expected = layer.norm(tokens[0] + torch.relu(propagated))
+    got = layer(tokens, temporal_adjacency(mask, window=1))[0]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gat"])
+def test_padded_tokens_do_not_change_valid_outputs(kind):
+    torch.manual_seed(0)
+    graph = TemporalGraph(8, layers=2, kind=kind, window=2, heads=2)
+    tokens = torch.randn(2, 6, 8)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    changed = tokens.clone()
+    changed[0, 4:] = 100.0 * torch.randn(2, 8)
+    first, second = graph(tokens, mask), graph(changed, mask)
+    assert torch.allclose(first[0, :4], second[0, :4], atol=1e-6)
+    assert first[0, 4:].abs().max() == 0
+    assert torch.equal(first[1], second[1])
+
+
+def test_gat_attention_covers_only_graph_neighbours():
+    torch.manual_seed(0)
+    layer = GATLayer(8, heads=2)
+    tokens = torch.randn(1, 6, 8)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    changed = tokens.clone()
+    changed[0, 5] += 10.0  # token 5 is 5 steps from token 0, outside window 1
+    adjacency = temporal_adjacency(mask, window=1)
+    assert torch.allclose(layer(tokens, adjacency)[0, 0], layer(changed, adjacency)[0, 0])
+
+
+def test_all_padding_sequence_gives_zeros_not_nan():
+    graph = TemporalGraph(8, layers=2, kind="gat", window=2, heads=2)
+    out = graph(torch.randn(1, 4, 8), torch.zeros(1, 4, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+# ---- pure attention pieces --------------------------------------------------------------------
+
+def test_span_weights_split_each_window_evenly_over_its_valid_frames():
+    logits = torch.tensor([[[0.0, 0.0, 5.0, 1.0, 7.0]]])  # [Q=1, V=1, F=5]
+    mask = torch.tensor([[True, True, True, False, True]])
+    weights = htav.span_frame_weights(logits, mask, span=2)[0, 0]
+    # windows {0, 1}, {2, 3 masked}, {4}: logits 0, 5, 7
+    window = torch.softmax(torch.tensor([0.0, 5.0, 7.0]), 0)
+    expected = torch.stack([window[0] / 2, window[0] / 2, window[1], torch.tensor(0.0), window[2]])
+    assert torch.allclose(weights, expected)
+
+
+def test_a_video_without_frames_gets_no_frame_weight():
+    weights = htav.span_frame_weights(torch.randn(2, 1, 6), torch.zeros(1, 6, dtype=torch.bool), 4)
+    assert torch.equal(weights, torch.zeros(2, 1, 6))
+
+
+def test_threshold_suppresses_keys_below_theta_and_renormalises():
+    attention = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = htav.thresholded_attention(attention, torch.tensor(0.1), temperature=1e-3)
+    assert torch.allclose(kept.sum(-1), torch.ones(1))
+    assert kept[0, 3] < 1e-6
+    assert torch.allclose(kept[0, :3], attention[0, :3] / 0.95, atol=1e-4)
+
+
+def test_alignment_reweighting_prefers_steps_on_the_path():
+    attention = torch.full((1, 4), 0.25)
+    alignment = torch.tensor([[0.0, 2.0, 0.0, 0.0]])
+    weights = htav.alignment_weighted_attention(attention, alignment)
+    assert torch.allclose(weights.sum(-1), torch.ones(1))
+    assert weights[0, 1] > 0.5 and (weights[0, [0, 2, 3]] > 0).all()
+
+
+# ---- the head ---------------------------------------------------------------------------------
+
+def make_head(spec, **options):
+    torch.manual_seed(0)
+    return build_head("htav", spec, {**SMALL, **options})
+
+
+def split_for(head, spec, num_videos=5, captions_per_video=1, seed=0):
+    return random_split(spec, num_videos, captions_per_video, video_names=head.video_inputs,
+                        caption_names=head.caption_inputs, seed=seed)
+
+
+def encoded(head, data):
+    return head.encode_texts(data.captions), head.encode_videos(data.videos)
+
+
+def test_scores_have_a_row_per_caption_and_a_column_per_video(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec, num_videos=5, captions_per_video=3)
+    texts, videos = encoded(head, data)
+    scores = head.score(texts, videos)
+    assert scores.shape == (15, 5) and torch.isfinite(scores).all()
+    assert scores.abs().max() <= 1 + 1e-5  # cosine
+
+
+def test_chunked_scores_with_tiny_chunks_equal_one_call(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec, num_videos=5, captions_per_video=2)
+    texts, videos = encoded(head, data)
+    with torch.no_grad():
+        whole = head.score(texts, videos)
+    chunked = chunked_scores(head, texts, videos, text_chunk=4, video_chunk=2)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_query_blocks_inside_score_equal_one_block(tiny_spec, monkeypatch):
+    head = make_head(tiny_spec).eval()
+    texts, videos = encoded(head, split_for(head, tiny_spec, num_videos=4, captions_per_video=3))
+    with torch.no_grad():
+        whole = head.score(texts, videos)
+        monkeypatch.setattr(htav, "PAIR_ELEMENTS", 1)  # one query per block
+        blocked = head.score(texts, videos)
+    assert torch.allclose(blocked, whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("graph", ["gcn", "gat"])
+def test_backward_reaches_every_parameter(tiny_spec, graph):
+    head = make_head(tiny_spec, graph=graph, graph_heads=2).train()
+    loss, _ = head.loss(*encoded(head, split_for(head, tiny_spec, num_videos=4)))
+    loss.backward()
+    missing = [name for name, p in head.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_without_audio_the_score_is_the_video_only_path(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec)
+    data.videos[schema.HAS_AUDIO][:] = False
+    texts, videos = encoded(head, data)
+    with torch.no_grad():
+        scores = head.score(texts, videos)
+        video_evidence, _ = head._video_text(texts, videos)
+        video_only = torch.einsum("qvd,qd->qv", torch.nn.functional.normalize(
+            head.readout(video_evidence), dim=-1), texts["sentence"])
+        data.videos[schema.AUDIO_TIME_TOKENS].normal_()
+        other_audio = head.score(texts, head.encode_videos(data.videos))
+    assert torch.allclose(scores, video_only, atol=1e-6)
+    assert torch.equal(scores, other_audio)
+
+
+def test_audio_changes_the_score_when_present(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec)
+    texts, videos = encoded(head, data)
+    with torch.no_grad():
+        scores = head.score(texts, videos)
+        data.videos[schema.AUDIO_TIME_TOKENS].normal_()
+        other_audio = head.score(texts, head.encode_videos(data.videos))
+    assert not torch.allclose(scores, other_audio)
+
+
+def test_masked_frames_do_not_change_the_score(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec)
+    data.videos[schema.FRAME_MASK][:, 4:] = False
+    texts, videos = encoded(head, data)
+    with torch.no_grad():
+        scores = head.score(texts, videos)
+        for name in (schema.FRAME_EMBEDDINGS, schema.swin_stage(0), schema.swin_stage(2)):
+            data.videos[name][:, 4:] = 50.0
+        changed = head.score(texts, head.encode_videos(data.videos))
+    assert torch.allclose(scores, changed, atol=1e-6)
+
+
+def test_empty_masks_give_finite_scores(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec)
+    data.videos[schema.FRAME_MASK][:] = False
+    data.videos[schema.HAS_AUDIO][:] = False
+    data.captions[schema.ROBERTA_MASK][0] = False
+    with torch.no_grad():
+        scores = head.score(*encoded(head, data))
+    assert torch.isfinite(scores).all()
+
+
+def test_explain_reports_each_pairs_weights(tiny_spec):
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec, num_videos=20)
+    data.videos[schema.HAS_AUDIO][3] = False
+    data.videos[schema.FRAME_MASK][5, 2:] = False
+    texts, videos = encoded(head, data)
+    report = head.explain(texts, videos)
+    frames = report[base.EXPLAIN_FRAME_ATTENTION]
+    audio = report[base.EXPLAIN_AUDIO_ATTENTION]
+    alignment = report[base.EXPLAIN_DTW_ALIGNMENT]
+    assert frames.shape == (20, tiny_spec.num_frames)
+    assert audio.shape == (20, tiny_spec.ast_time_patches)
+    assert alignment.shape == (20, tiny_spec.roberta_len, tiny_spec.ast_time_patches)
+    assert report[base.EXPLAIN_THRESHOLD].shape == (20, 1)
+    assert torch.allclose(frames.sum(-1), torch.ones(20), atol=1e-5)
+    assert frames[5, 2:].abs().max() == 0
+    with_audio = torch.arange(20) != 3
+    assert torch.allclose(audio[with_audio].sum(-1), torch.ones(19), atol=1e-5)
+    assert audio[3].abs().max() == 0
+    # pair 7 is the diagonal entry of the all-pairs evaluation
+    with torch.no_grad():
+        evidence = head.pair_evidence(texts, videos)
+    assert torch.allclose(frames[7], evidence.frame_weights[7, 7], atol=1e-6)
+    assert torch.allclose(alignment[7], evidence.alignment[7, 7], atol=1e-6)
+
+
+@pytest.mark.parametrize("given", [(1, 2, 4), [1, 2, 4], "1,2,4", "1+2+4"])
+def test_spans_are_read_from_every_config_form(given):
+    assert htav.parse_spans(given) == (1, 2, 4)
+    assert htav.parse_spans(3) == (3,)
+
+
+def test_odd_width_is_refused_with_the_reason(tiny_spec):
+    with pytest.raises(Exception, match="even"):
+        build_head("htav", tiny_spec, {"width": 15})
+
+
+def test_training_beats_chance_by_a_wide_margin(tmp_path, tiny_spec):
+    store = make_learnable_store(tmp_path / "cache", tiny_spec, failed=(3,))
+    config = TrainConfig(head="htav", head_options={"width": 32}, epochs=6, batch_size=16,
+                         lr=3e-3, warmup=0.0)
+    result = trainer.train(store, config, tmp_path / "run")
+    chance = 100.0 / 12
+    assert result.best_val_r1 > 4 * chance

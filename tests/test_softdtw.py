@@ -1,0 +1,130 @@
+"""Soft-DTW: values against the textbook recursion, gradients, alignments, lengths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from avr.fuse.softdtw import soft_dtw, soft_dtw_alignment
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The wavefront runs hundreds of ops on tiny tensors: one thread is faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recursive_soft_dtw(cost: list[list[float]], gamma: float) -> float:
+    """Cuturi & Blondel Alg. 1 with Python loops; gamma = 0 is hard DTW."""
+    n, m = len(cost), len(cost[0])
+    R = [[math.inf] * (m + 1) for _ in range(n + 1)]
+    R[0][0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            previous = (R[i - 1][j - 1], R[i - 1][j], R[i][j - 1])
+            low = min(previous)
+            if gamma == 0:
+                R[i][j] = cost[i - 1][j - 1] + low
+            else:
+                total = sum(math.exp(-(r - low) / gamma) for r in previous)
+                R[i][j] = cost[i - 1][j - 1] + low - gamma * math.log(total)
+    return R[n][m]
+
+
+def random_batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    cost = torch.rand(6, 4, 7, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([4, 1, 3, 2, 4, 1])
+    cols = torch.tensor([7, 5, 1, 6, 3, 1])
+    return cost, rows, cols
+
+
+def test_value_matches_the_recursion_for_every_pair_length():
+    cost, rows, cols = random_batch()
+    values = soft_dtw(cost, 0.3, rows, cols)
+    expected = [recursive_soft_dtw(cost[p, :rows[p], :cols[p]].tolist(), 0.3)
+                for p in range(len(cost))]
+    assert values.tolist() == pytest.approx(expected, abs=1e-10)
+
+
+def test_padding_beyond_the_lengths_does_not_change_the_value():
+    cost, rows, cols = random_batch()
+    noisy = cost + 100.0 * (torch.arange(4)[None, :, None] >= rows[:, None, None])
+    assert torch.allclose(soft_dtw(noisy, 0.3, rows, cols), soft_dtw(cost, 0.3, rows, cols))
+
+
+def test_full_lengths_are_the_default():
+    cost, _, _ = random_batch()
+    assert torch.equal(soft_dtw(cost, 0.5), soft_dtw(cost, 0.5, torch.full((6,), 4),
+                                                   torch.full((6,), 7)))
+
+
+def test_small_gamma_approaches_hard_dtw():
+    cost, rows, cols = random_batch(1)
+    hard = torch.tensor([recursive_soft_dtw(cost[p, :rows[p], :cols[p]].tolist(), 0.0)
+                         for p in range(len(cost))], dtype=torch.float64)
+    gaps = [(soft_dtw(cost, gamma, rows, cols) - hard).abs().max().item()
+            for gamma in (0.1, 0.01, 0.001)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
+
+
+def test_normalized_value_divides_by_the_path_length_bound():
+    cost, rows, cols = random_batch()
+    normalized = soft_dtw(cost, 0.3, rows, cols, normalize=True)
+    assert torch.allclose(normalized, soft_dtw(cost, 0.3, rows, cols) / (rows + cols))
+
+
+def test_gradient_matches_finite_differences():
+    cost, rows, cols = random_batch()
+    cost.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: soft_dtw(c, 0.3, rows, cols), (cost,))
+
+
+def test_alignment_is_the_gradient_of_the_value():
+    cost, rows, cols = random_batch()
+    cost.requires_grad_(True)
+    (gradient,) = torch.autograd.grad(soft_dtw(cost, 0.3, rows, cols).sum(), cost)
+    assert torch.allclose(soft_dtw_alignment(cost, 0.3, rows, cols), gradient, atol=1e-12)
+
+
+def test_alignment_is_differentiable_against_finite_differences():
+    cost, rows, cols = random_batch(2)
+    cost = cost[:, :3, :4].clone().requires_grad_(True)
+    rows, cols = rows.clamp(max=3), cols.clamp(max=4)
+    assert torch.autograd.gradcheck(lambda c: soft_dtw_alignment(c, 0.5, rows, cols), (cost,))
+
+
+def test_alignment_is_zero_outside_each_pairs_block():
+    cost, rows, cols = random_batch()
+    alignment = soft_dtw_alignment(cost, 0.3, rows, cols)
+    outside = ((torch.arange(4)[None, :, None] >= rows[:, None, None])
+               | (torch.arange(7)[None, None, :] >= cols[:, None, None]))
+    assert alignment[outside].abs().max() == 0
+    assert (alignment[~outside] > 0).all()
+
+
+def test_alignment_is_a_soft_monotone_path_on_an_easy_cost():
+    # Cheap cells run along a staircase from (0, 0) to (3, 7): two audio steps per text token.
+    cost = torch.ones(1, 4, 8, dtype=torch.float64)
+    for step in range(8):
+        cost[0, step // 2, step] = 0.0
+    alignment = soft_dtw_alignment(cost, 0.05)[0]
+    assert (alignment >= 0).all()
+    assert alignment.max() <= 1 + 1e-9
+    assert torch.allclose(alignment, 1.0 - cost[0], atol=0.02)  # mass sits on the path
+    peaks = alignment.argmax(0)
+    assert (peaks[1:] >= peaks[:-1]).all()  # monotone in time
+    assert alignment.sum(0).min() >= 1 - 1e-6  # every step is visited
+
+
+def test_half_precision_cost_is_computed_in_float32():
+    cost, rows, cols = random_batch()
+    value = soft_dtw(cost.half(), 0.3, rows, cols)
+    assert value.dtype == torch.float32
+    assert torch.allclose(value.double(), soft_dtw(cost.half().double(), 0.3, rows, cols),
+                          atol=1e-5)
