@@ -56,16 +56,17 @@ MOTIONS = {
     "orbiting": ("orbits the centre", "travels around in a loop"),
     "still": ("stays still", "does not move"),
 }
-# sound -> (caption clause, alternative clause); "none" is a clip without an audio track
+# sound -> caption clause (one per sound: the words that decide between twins stay the same);
+# "none" is a clip without an audio track
 SOUNDS = {
-    "high_beep": ("while a high beep repeats", "as high pitched beeps sound"),
-    "low_hum": ("while a low hum drones", "with a deep steady hum"),
-    "rising_whistle": ("while a whistle climbs in pitch", "as a rising whistle plays"),
-    "noise_bursts": ("while bursts of static crackle", "as short noise bursts hiss"),
-    "drum_beat": ("while a drum beats steadily", "with steady drum thumps"),
-    "voice": ("while a voice murmurs", "as someone is talking"),
-    "silence": ("in complete silence", "with no sound at all"),
-    "none": ("in complete silence", "with no sound at all"),
+    "high_beep": "while a high beep repeats",
+    "low_hum": "while a low hum drones",
+    "rising_whistle": "while a whistle climbs in pitch",
+    "noise_bursts": "while bursts of static crackle",
+    "drum_beat": "while a drum beats steadily",
+    "voice": "while a voice murmurs",
+    "silence": "in complete silence",
+    "none": "in complete silence",
 }
 BACKGROUND = (24, 24, 24)
 
@@ -273,13 +274,14 @@ def plan_clips(seed: int, num_looks: int = 16) -> list[DemoClip]:
 
 
 def captions_of(clip: DemoClip) -> list[tuple[str, str]]:
-    """Two (caption, tag) pairs for one clip."""
+    """Two (caption, tag) pairs for one clip. The look is paraphrased; a sound is always named
+    by the same clause, so the words that decide between twins are consistent."""
     motion, motion_alt = MOTIONS[clip.motion]
-    sound, sound_alt = SOUNDS[clip.sound]
+    sound = SOUNDS[clip.sound]
     seen = f"a {clip.colour} {clip.shape} {motion}"
     if clip.twin:
         return [(f"{seen} {sound}", "audio_only"),
-                (f"the {clip.colour} {clip.shape} {motion_alt} {sound_alt}", "audio_only")]
+                (f"the {clip.colour} {clip.shape} {motion_alt} {sound}", "audio_only")]
     return [(f"{seen} {sound}", ""), (f"the {clip.colour} {clip.shape} {motion_alt}", "visual")]
 
 
