@@ -426,6 +426,44 @@ def demo(
 
 
 
+@app.command()
+def bench(
+    what: str = typer.Argument(..., help="train | eval | cache | extract"),
+    head: str = typer.Option("tefal", help="Head for train/eval."),
+    scale: float = typer.Option(1.0, help="Fraction of VATEX's rows (per-row shapes stay)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    gigabytes: float = typer.Option(4.0, help="cache: store size to read."),
+    clips: int = typer.Option(8, help="extract: generated 10 s 360p clips."),
+    workers: int = typer.Option(2, help="extract: decode processes."),
+    steps: Optional[int] = typer.Option(None, help="train: time this many steps and "
+                                                   "extrapolate the epoch."),
+):
+    """Measure a stage on VATEX-shaped work beside the straightforward way (BENCHMARKS.md)."""
+    import platform
+
+    import torch
+
+    from avr import bench as benches
+    from avr.fuse.trainer import resolve_device
+
+    torch_device = resolve_device(device)
+    name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
+    if what == "train":
+        figures = benches.bench_train(head, scale=scale, device=torch_device, steps=steps)
+    elif what == "eval":
+        figures = benches.bench_eval(head, scale=scale, device=torch_device)
+    elif what == "cache":
+        figures = benches.bench_cache(gigabytes=gigabytes, device=torch_device)
+    elif what == "extract":
+        figures = benches.bench_extract(clips=clips, device=torch_device, workers=workers)
+    else:
+        raise AvrError(f"unknown benchmark {what!r}; choose train, eval, cache or extract")
+    console.print(f"[bold]avr bench {what}[/] on {name}, scale {scale}")
+    for figure in figures:
+        console.print(figure.line(), markup=False, highlight=False, soft_wrap=True)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
