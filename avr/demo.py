@@ -120,7 +120,7 @@ def command_options(training: dict) -> str:
 
 def _train(cache: Path, head: str, training: dict, seed: int, run_dir: Path,
            deadline: float | None, console):
-    """Train one head with a progress bar; after its first epoch, give up on an optional head
+    """Train one head with a progress bar; after its second epoch, give up on an optional head
     whose remaining epochs would run past ``deadline``."""
     from avr.progress import progress_bar
 
@@ -134,7 +134,7 @@ def _train(cache: Path, head: str, training: dict, seed: int, run_dir: Path,
                             loss=log.loss, r1=log.val_r1)
             remaining = log.seconds * (epochs - log.epoch)
             late = deadline is not None and time.perf_counter() + remaining > deadline
-            if late and log.epoch == 1:
+            if late and log.epoch == 2:  # the first epoch pays one-off costs
                 raise _OverBudget(log.seconds * epochs)
 
         return trainer.train(cache, TrainConfig(head=head, seed=seed, **training), run_dir,

@@ -166,8 +166,9 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     if config.report is not None:
         rows = report.sample_captions(caption_video, data.caption_tags)
         explanations = paired_explanations(head, data, rows, device)
-        result.report = report.write_report(result, explanations,
-                                            [data.caption_text[j] for j in rows], config.report)
+        result.report = report.write_report(
+            result, explanations, [data.caption_text[j] for j in rows], config.report,
+            audio_grid=(data.spec.ast_freq_patches, data.spec.ast_time_patches))
     result.seconds = time.perf_counter() - started
     return result
 

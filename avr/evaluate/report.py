@@ -57,13 +57,34 @@ def plot_rows(values: np.ndarray, labels: list[str], path: Path, title: str, xla
     """One heat-map row per sample caption (attention over frames, audio steps or gates)."""
     plt = _pyplot()
     values = values.reshape(values.shape[0], -1)
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(labels) + 1.5))
     image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels([label[:48] for label in labels], fontsize=7)
+    ax.set_yticklabels([label if len(label) <= 60 else label[:57] + "..." for label in labels],
+                       fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_audio_grid(values: np.ndarray, labels: list[str], grid: tuple[int, int], path: Path
+                    ) -> Path:
+    """Attention over AST patch tokens drawn on their frequency x time grid, one panel per
+    caption: a caption about a low hum should light the low-frequency rows."""
+    plt = _pyplot()
+    freq, steps = grid
+    fig, axes = plt.subplots(len(labels), 1, figsize=(7, 1.3 * len(labels) + 0.6), squeeze=False)
+    for ax, row, label in zip(axes[:, 0], values, labels):
+        ax.imshow(row.reshape(freq, steps), aspect="auto", origin="lower", cmap="viridis",
+                  interpolation="nearest")
+        ax.set_title(label[:80], fontsize=8)
+        ax.set_ylabel("freq", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[-1, 0].set_xlabel("audio time step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -88,8 +109,9 @@ def plot_alignment(alignment: np.ndarray, label: str, path: Path) -> Path:
 
 
 def write_report(result, explanations: dict[str, np.ndarray], captions: list[str],
-                 out_dir: str | Path) -> Path:
-    """Write ``report.md`` and its PNG plots into ``out_dir``; returns the markdown path."""
+                 out_dir: str | Path, audio_grid: tuple[int, int] = (12, 101)) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out_dir``; returns the markdown path.
+    ``audio_grid`` is the (frequency, time) layout of AST's patch tokens."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {result.head} on {result.split} ({result.cache})", "",
@@ -111,13 +133,18 @@ def write_report(result, explanations: dict[str, np.ndarray], captions: list[str
     plots = [
         (base.EXPLAIN_FRAME_ATTENTION, "frame_attention.png", "attention over frames", "frame"),
         (base.EXPLAIN_AUDIO_ATTENTION, "audio_attention.png", "attention over audio",
-         "audio token / step"),
+         "audio step"),
         (base.EXPLAIN_AUDIO_GATE, "audio_gate.png", "audio gate values", "gate"),
         (base.EXPLAIN_THRESHOLD, "threshold.png", "thresholded audio attention", "audio step"),
     ]
     for key, file, title, xlabel in plots:
-        if key in explanations:
-            plot_rows(explanations[key], captions, out_dir / file, title, xlabel)
+        if key not in explanations:
+            continue
+        values = explanations[key]
+        if key == base.EXPLAIN_AUDIO_ATTENTION and values.shape[-1] == np.prod(audio_grid):
+            plot_audio_grid(values, captions, audio_grid, out_dir / file)
+        else:
+            plot_rows(values, captions, out_dir / file, title, xlabel)
             lines += [f"## {title}", "", f"![{title}]({file})", ""]
     if base.EXPLAIN_DTW_ALIGNMENT in explanations:
         alignment = explanations[base.EXPLAIN_DTW_ALIGNMENT][0]
