@@ -145,7 +145,7 @@ def write_report(result, explanations: dict[str, np.ndarray], captions: list[str
             plot_audio_grid(values, captions, audio_grid, out_dir / file)
         else:
             plot_rows(values, captions, out_dir / file, title, xlabel)
-            lines += [f"## {title}", "", f"![{title}]({file})", ""]
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
     if base.EXPLAIN_DTW_ALIGNMENT in explanations:
         alignment = explanations[base.EXPLAIN_DTW_ALIGNMENT][0]
         plot_alignment(alignment, captions[0], out_dir / "dtw_alignment.png")
