@@ -349,11 +349,10 @@ def eval_(
                                                                  "into this directory."),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
-    import json
 
     import numpy as np
 
-    from avr.evaluate.evaluator import EvalConfig, evaluate_run
+    from avr.evaluate.evaluator import EvalConfig, evaluate_run, write_metrics
 
     config = EvalConfig(split=split, dsl=dsl, qbnorm=qbnorm, rerank_k=rerank_k,
                         modalities=modalities, device=device, report=report)
@@ -362,11 +361,7 @@ def eval_(
     if result.missing_videos:
         console.print(f"[yellow]{len(result.missing_videos)} {split} videos failed extraction; "
                       f"their captions count as failed queries[/]")
-    payload = json.dumps(result.to_json(), indent=2)
-    suffix = "" if (split, modalities) == ("test", "va") else f"_{split}_{modalities}"
-    (result.run_dir / f"metrics{suffix}.json").write_text(payload)
-    if json_out is not None:
-        json_out.write_text(payload)
+    write_metrics(result, json_out)
     if save_similarity is not None:
         np.savez(save_similarity, sim=result.sim, caption_video=result.caption_video)
         console.print(f"similarity -> {save_similarity}")

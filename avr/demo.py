@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avr.evaluate.evaluator import EvalConfig, EvalResult, evaluate_run
+from avr.evaluate.evaluator import EvalConfig, EvalResult, evaluate_run, write_metrics
 from avr.extract.pipeline import ExtractConfig, ExtractSummary, extract
 from avr.fuse import trainer
 from avr.fuse.trainer import TrainConfig
@@ -97,6 +97,7 @@ def run_demo(config: DemoConfig, console=None) -> DemoResult:
             + (f" --report {report_dir}" if is_tefal else ""))
         result = evaluate_run(run_dir, config=EvalConfig(
             device="cpu", report=report_dir if is_tefal else None))
+        write_metrics(result)
         rows.append(DemoRow(head, result, trained.seconds, per_epoch))
     report = next((r.result.report for r in rows if r.result.report is not None), None)
     return DemoResult(summary, rows, skipped, time.perf_counter() - started, report)

@@ -68,6 +68,21 @@ class EvalResult:
                 "ties": metrics.DEFAULT_TIES, "seconds": round(self.seconds, 3)}
 
 
+def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
+    """``metrics.json`` in the run directory (``metrics_<split>_<modalities>.json`` for other
+    splits or ablations), and a copy at ``extra`` when given."""
+    import json
+
+    payload = json.dumps(result.to_json(), indent=2)
+    default = (result.split, result.modalities) == ("test", "va")
+    path = result.run_dir / ("metrics.json" if default else
+                             f"metrics_{result.split}_{result.modalities}.json")
+    path.write_text(payload)
+    if extra is not None:
+        extra.write_text(payload)
+    return path
+
+
 def resolve_run(run: str | Path | None) -> Path:
     return Path(run) if run is not None else checkpoint.latest_run()
 
