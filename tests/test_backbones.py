@@ -3,6 +3,7 @@ architectures (random weights, nothing downloaded) and loading from local copies
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 
@@ -378,3 +379,18 @@ def test_real_loading_records_where_the_weights_came_from(tiny, tmp_path):
     assert {infos[role].weights for role in ("swin", "ast", "roberta")} == {"local"}
     assert {infos[role].library for role in ("swin", "ast", "roberta")} == {"transformers"}
     assert asdict(infos["swin"])["name"] == names.swin
+
+
+def test_token_states_cut_to_32_keep_the_full_context_sentence_embedding(vit_b32):
+    tokenizer = functools.partial(open_clip.get_tokenizer("ViT-B-32"), context_length=32)
+    short = Backbones(**tiny_parts(clip=vit_b32.clip, clip_tokenizer=tokenizer))
+    assert short.spec_fields["clip_text_len"] == 32
+    captions = ["a cat", "a very long caption " + "that goes on and on " * 10]
+    full, cut = vit_b32.encode_text(captions), short.encode_text(captions)
+    assert cut[schema.TEXT_TOKEN_STATES].shape == (2, 32, 512)
+    # The text transformer is causal: the first caption's tokens are the same either way.
+    torch.testing.assert_close(cut[schema.TEXT_TOKEN_STATES][0],
+                               full[schema.TEXT_TOKEN_STATES][0, :32], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cut[schema.TEXT_EMBEDDINGS][0], full[schema.TEXT_EMBEDDINGS][0],
+                               atol=1e-4, rtol=1e-4)
+    assert cut[schema.TEXT_TOKEN_MASK][1].all()  # the long one fills its 32 tokens, EOT last

@@ -25,6 +25,7 @@ seeded, for tests and ``avr demo``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -70,6 +71,9 @@ class BackboneNames:
     roberta: str = "roberta-base"
     swin_grids: tuple[int, ...] = (4, 2, 1)
     swin_stages: tuple[int, ...] = (1, 2, 3)
+    # CLIP text tokens kept per caption (CLIP4Clip's and X-Pool's max_words): longer captions
+    # are cut with their end-of-text token kept. 77 x 512 token states would be 79 kB a caption.
+    clip_text_tokens: int = 32
 
 
 # ---- small pure pieces ------------------------------------------------------------------------
@@ -190,7 +194,11 @@ class Backbones:
         self.clip_pool_type = getattr(text_tower, "text_pool_type",
                                       getattr(text_tower, "pool_type", "argmax"))
         self.clip_eos_id = getattr(text_tower, "text_eos_id", getattr(text_tower, "eos_id", None))
-        clip_text_len = int(text_tower.context_length)
+        self.clip_context = int(text_tower.context_length)
+        clip_text_len = int(clip_tokenizer(["a"]).shape[1])  # the tokenizer's length decides
+        if clip_text_len > self.clip_context:
+            raise AvrError(f"CLIP {infos['clip'].name!r} reads at most {self.clip_context} text "
+                           f"tokens; the tokenizer gives {clip_text_len}")
 
         ast_freq, ast_time = self.ast.embeddings.get_shape(self.ast.config)
         self.spec_fields = dict(
@@ -269,14 +277,17 @@ class Backbones:
         """Captions -> CLIP sentence embeddings [M, D_clip], CLIP token states [M, Lc, D_clip]
         with their mask [M, Lc], RoBERTa states [M, Lr, D_rob] with their mask [M, Lr]."""
         clip_tokens = self.clip_tokenizer(texts).to(self.device)  # [M, Lc]
+        length = clip_tokens.shape[1]
+        # The text transformer is causal: padding to its context changes no kept position.
+        model_tokens = F.pad(clip_tokens, (0, self.clip_context - length))
         roberta_ids, roberta_mask = (t.to(self.device) for t in self.roberta_tokenizer(texts))
         tower = self.clip_text_tower
         captured: list[torch.Tensor] = []
         hook = tower.ln_final.register_forward_hook(lambda _m, _i, output: captured.append(output))
         try:
             with self.autocast():
-                sentence = self.clip.encode_text(clip_tokens)  # [M, D_clip]
-                token_states = project_text_tokens(captured[0], tower.text_projection)
+                sentence = self.clip.encode_text(model_tokens)  # [M, D_clip]
+                token_states = project_text_tokens(captured[0][:, :length], tower.text_projection)
                 roberta_states = self.roberta(input_ids=roberta_ids,
                                               attention_mask=roberta_mask.long()).last_hidden_state
         finally:
@@ -398,7 +409,9 @@ def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) ->
     try:
         clip, _, _ = open_clip.create_model_and_transforms(names.clip_model,
                                                            pretrained=names.clip_pretrained)
-        clip_tokenizer = open_clip.get_tokenizer(names.clip_model)
+        context = int(getattr(getattr(clip, "text", clip), "context_length"))
+        clip_tokenizer = functools.partial(open_clip.get_tokenizer(names.clip_model),
+                                           context_length=min(context, names.clip_text_tokens))
     except Exception as err:  # missing, unreachable or unreadable weights: say what to do
         fetch = (f"python -c \"import open_clip; open_clip.create_model_and_transforms("
                  f"'{names.clip_model}', pretrained='{names.clip_pretrained}')\"")
