@@ -40,7 +40,8 @@ def extract(
     root: Optional[Path] = typer.Option(None, help="Dataset files (default data/<dataset>/)."),
     show_layout: bool = typer.Option(False, "--show-layout",
                                      help="Print the files the dataset expects under --root."),
-    out: Path = typer.Option(Path("cache"), help="The Zarr store to write or resume."),
+    out: str = typer.Option("cache", help="The Zarr store to write or resume: a path or a "
+                                          "file:// URL."),
     backbones: str = typer.Option("real", help="real (pretrained weights) | tiny (small random "
                                                "configs of the same classes, for tests/demo)."),
     clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name."),
@@ -54,7 +55,8 @@ def extract(
     frames: Optional[int] = typer.Option(None, "--frames",
                                          help="Frames per video (default 32 vatex, 12 others)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    workers: Optional[int] = typer.Option(None, help="Decode processes (0: in this process)."),
+    workers: Optional[int] = typer.Option(None, help="Decode processes (0: in this process); "
+                                                     "a dask worker decodes its own chunks."),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows",
                                              help="Video rows per chunk and per write."),
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -62,6 +64,13 @@ def extract(
     seed: int = typer.Option(0, help="Seed of tiny backbones and of the demo clips."),
     option: list[str] = typer.Option([], "--option", help="Dataset option key=value "
                                                           "(msrvtt: train=7k, val_size=500)."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Run the chunks on this dask scheduler's workers "
+                                  "(tcp://HOST:PORT); --out and --root must be reachable from "
+                                  "every worker at the same paths."),
+    dask_workers: Optional[int] = typer.Option(
+        None, "--dask-workers", help="Run the chunks on a local dask cluster of N worker "
+                                     "processes (one thread each)."),
 ):
     """Decode a dataset, run the frozen backbones once, write every token to a Zarr store."""
     from avr.extract.datasets import layout_of
@@ -79,7 +88,13 @@ def extract(
                             ast=ast, roberta=roberta),
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
         overwrite=overwrite, seed=seed, dataset_options=parse_options(option))
-    summary = run_extract(config, console=console)
+    if scheduler is None and dask_workers is None:
+        summary = run_extract(config, console=console)
+    else:
+        from avr.extract.distributed import dask_client, extract_on_dask
+
+        with dask_client(scheduler, dask_workers) as client:
+            summary = extract_on_dask(config, client, console=console)
     _print_extract_summary(summary)
 
 

@@ -16,6 +16,9 @@ The order of work, and what it guarantees:
 
 Writing into a store made with other backbones, parameters or dataset contents is refused
 with the differences unless ``overwrite`` is set.
+
+The work on one chunk (``commit_caption_chunk``, ``commit_video_chunk``) is the same whether
+this process runs it or a dask worker does (``avr.extract.distributed``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -140,6 +145,20 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def store_path(out: str | Path) -> Path:
+    """The local path of a store given as a path or a ``file://`` URL. Stores live on a
+    filesystem (shared by every dask worker when there are several machines)."""
+    text = str(out)
+    if "://" not in text:
+        return Path(text)
+    parsed = urlparse(text)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        raise AvrError(f"--out {text}: a store is written to a filesystem path or a file:// URL "
+                       f"(a directory every worker can reach: local, NFS, Lustre, a mounted "
+                       f"bucket); {parsed.scheme}:// URLs are not supported")
+    return Path(url2pathname(parsed.path))
 
 
 def prepare_store(out: Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
@@ -263,54 +282,147 @@ def extract(config: ExtractConfig, *, console=None,
     index = load_dataset(config.dataset, config.root, seed=config.seed, **config.dataset_options)
     device = resolve_device(config.device)
     backbones = load_backbones(config.backbones, config.names, device=device, seed=config.seed)
-    spec = backbones.make_spec(config.dataset, config.num_frames or index.default_frames)
-    out = Path(config.out)
-    group = prepare_store(out, spec, index, overwrite=config.overwrite,
-                          chunk_rows=config.chunk_rows)
-    n_videos, n_captions = len(index.video_ids), len(index.captions)
-    video_chunk = group[schema.VIDEO_DONE].chunks[0]
-    layout = schema.array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk)
+    out, group, spec, layout = open_extract_store(config, index, backbones)
 
-    progress = _Progress(console)
+    progress = ExtractProgress(console)
     with progress:
         _extract_captions(group, layout, backbones, config, progress)
         done_now, decode_s, encode_s, failures = _extract_videos(
             out, group, layout, spec, index, backbones, config, device, progress, on_chunk)
+    return summarize(out, group, len(index.captions), done_now, failures,
+                     time.perf_counter() - started, decode_s, encode_s, str(device))
 
-    done = int(np.count_nonzero(group[schema.VIDEO_DONE][:]))
-    return ExtractSummary(out, n_videos, done, done_now, sorted(failures.values(),
-                          key=lambda f: f.video_id), n_captions, store_bytes(out),
-                          time.perf_counter() - started, decode_s, encode_s, str(device))
+
+def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Backbones):
+    """Create, or open and check, the store of ``config.out`` for these backbones and this
+    dataset. Returns ``(out, group, spec, layout)``."""
+    spec = backbones.make_spec(config.dataset, config.num_frames or index.default_frames)
+    out = store_path(config.out)
+    group = prepare_store(out, spec, index, overwrite=config.overwrite,
+                          chunk_rows=config.chunk_rows)
+    video_chunk = group[schema.VIDEO_DONE].chunks[0]
+    layout = schema.array_layout(spec, len(index.video_ids), len(index.captions),
+                                 video_chunk_rows=video_chunk)
+    return out, group, spec, layout
+
+
+def summarize(out: Path, group, n_captions: int, done_now: int, failures: dict[str, Failure],
+              seconds: float, decode_s: float, encode_s: float, device: str) -> ExtractSummary:
+    done = group[schema.VIDEO_DONE][:]
+    return ExtractSummary(out, len(done), int(np.count_nonzero(done)), done_now,
+                          sorted(failures.values(), key=lambda f: f.video_id), n_captions,
+                          store_bytes(out), seconds, decode_s, encode_s, device)
 
 
 def _extract_captions(group, layout, backbones: Backbones, config: ExtractConfig,
-                      progress: _Progress) -> None:
+                      progress: ExtractProgress) -> None:
     done = group[schema.CAPTION_DONE][:]
     todo = int(np.count_nonzero(~done))
     if not todo:
         return
-    texts = group[schema.CAPTION_TEXT][:]
-    chunk = group[schema.CAPTION_DONE].chunks[0]
     task = progress.add("captions", todo, "captions")
-    for start, stop in _row_chunks(len(done), chunk):
-        if done[start:stop].all():
-            continue
-        encoded = encode_captions(backbones, list(texts[start:stop]), config.text_batch)
-        rows = np.arange(start, stop)
-        values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
-        _write_rows(group, layout, start, stop, rows, values, region_is_fresh=True)
-        group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
+    for start, stop in pending_caption_chunks(group):
+        commit_caption_chunk(group, layout, backbones, config, start, stop)
         progress.advance(task, stop - start)
+
+
+def pending_caption_chunks(group) -> list[tuple[int, int]]:
+    """The caption chunks [start, stop) with a row not marked done."""
+    done = group[schema.CAPTION_DONE][:]
+    chunk = group[schema.CAPTION_DONE].chunks[0]
+    return [(start, stop) for start, stop in _row_chunks(len(done), chunk)
+            if not done[start:stop].all()]
+
+
+def pending_video_chunks(done: np.ndarray, chunk: int) -> list[tuple[int, int, np.ndarray]]:
+    """Each video chunk [start, stop) with a row not marked done, and those rows."""
+    return [(start, stop, np.flatnonzero(~done[start:stop]) + start)
+            for start, stop in _row_chunks(len(done), chunk) if not done[start:stop].all()]
+
+
+def commit_caption_chunk(group, layout, backbones: Backbones, config: ExtractConfig,
+                         start: int, stop: int) -> None:
+    """Encode captions [start, stop) (a whole caption chunk) and write them, then their done
+    mask. One process or one dask task per chunk: both call this."""
+    texts = group[schema.CAPTION_TEXT][start:stop]
+    encoded = encode_captions(backbones, list(texts), config.text_batch)
+    rows = np.arange(start, stop)
+    values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+    _write_rows(group, layout, start, stop, rows, values, region_is_fresh=True)
+    group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
+
+
+@dataclass
+class ChunkResult:
+    """What the work on one video chunk reports: the rows it attempted, those it marked done,
+    the failures among the attempted rows, and its decode and backbone seconds."""
+    start: int
+    stop: int
+    attempted: list[int]
+    done_rows: list[int]
+    failures: list[Failure]
+    decode_seconds: float
+    encode_seconds: float
+    device: str
+
+
+def commit_video_chunk(group, layout, backbones: Backbones, config: ExtractConfig,
+                       start: int, stop: int, done_region: np.ndarray,
+                       decoded: list[_Decoded]) -> ChunkResult:
+    """Encode the decoded clips of video chunk [start, stop) and write every array of the chunk
+    as whole chunks, then its ``video_done`` region (``done_region``: the chunk's mask before).
+
+    The one place a video chunk is committed: the single-process loop and each dask task call
+    it. Rows whose clip failed to decode stay not done."""
+    good = [d for d in decoded if d.clip is not None]
+    done_rows: list[int] = []
+    encode_s = 0.0
+    if good:
+        tick = time.perf_counter()
+        encoded = encode_clips(backbones, [d.clip for d in good], config, backbones.device)
+        good_rows = np.asarray([d.row for d in good])
+        values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+        _write_rows(group, layout, start, stop, good_rows, values, not done_region.any())
+        region = done_region.copy()
+        region[good_rows - start] = True
+        group[schema.VIDEO_DONE][start:stop] = region  # after every array of the rows
+        encode_s = time.perf_counter() - tick
+        done_rows = [int(row) for row in good_rows]
+    return ChunkResult(start, stop, [d.row for d in decoded], done_rows,
+                       [d.failure for d in decoded if d.failure is not None],
+                       sum(d.seconds for d in decoded), encode_s, str(backbones.device))
+
+
+def merge_failures(failures: dict[str, Failure], video_ids: list[str],
+                   result: ChunkResult) -> bool:
+    """Record the chunk's failures and forget those of its rows that now decoded; True when
+    the record changed."""
+    failed = {f.video_id: f for f in result.failures}
+    changed = False
+    for row in result.attempted:
+        video_id = video_ids[row]
+        if video_id in failed:
+            changed |= failures.get(video_id) != failed[video_id]
+            failures[video_id] = failed[video_id]
+        elif video_id in failures:
+            del failures[video_id]
+            changed = True
+    return changed
+
+
+def decode_rows(rows, video_ids, video_paths, spec: CacheSpec) -> list[_Decoded]:
+    """Decode ``rows`` in this process, one after the other (``video_ids`` and ``video_paths``
+    are indexed by row: lists of the whole dataset or dicts of a chunk's rows)."""
+    return [_decode_one(int(row), video_ids[row], str(video_paths[row]), spec.num_frames,
+                        spec.image_size, spec.audio) for row in rows]
 
 
 def _extract_videos(out: Path, group, layout, spec: CacheSpec, index: DatasetIndex,
                     backbones: Backbones, config: ExtractConfig, device: torch.device,
-                    progress: _Progress, on_chunk) -> tuple[int, float, float, dict]:
+                    progress: ExtractProgress, on_chunk) -> tuple[int, float, float, dict]:
     done = group[schema.VIDEO_DONE][:]
     failures = read_failures(group)
-    chunk = layout[schema.VIDEO_DONE].chunk_rows
-    pending = [(start, stop, np.flatnonzero(~done[start:stop]) + start)
-               for start, stop in _row_chunks(len(done), chunk) if not done[start:stop].all()]
+    pending = pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
     todo = sum(len(rows) for _, _, rows in pending)
     if not todo:
         return 0, 0.0, 0.0, failures
@@ -320,39 +432,26 @@ def _extract_videos(out: Path, group, layout, spec: CacheSpec, index: DatasetInd
     with _executor(workers) as executor:
         for (start, stop, rows), decoded in _decode_ahead(executor, pending, index, spec,
                                                           lookahead=2):
-            decode_s += sum(d.seconds for d in decoded)
-            good = [d for d in decoded if d.clip is not None]
-            changed = False
-            for d in decoded:
-                video_id = index.video_ids[d.row]
-                if d.failure is not None:
-                    changed |= failures.get(video_id) != d.failure
-                    failures[video_id] = d.failure
-                elif video_id in failures:
-                    del failures[video_id]
-                    changed = True
-            if good:
-                tick = time.perf_counter()
-                encoded = encode_clips(backbones, [d.clip for d in good], config, device)
-                good_rows = np.asarray([d.row for d in good])
-                values = {name: _to_numpy(value, layout[name].dtype)
-                          for name, value in encoded.items()}
-                fresh = not done[start:stop].any()
-                _write_rows(group, layout, start, stop, good_rows, values, fresh)
-                region = done[start:stop].copy()
-                region[good_rows - start] = True
-                group[schema.VIDEO_DONE][start:stop] = region  # after every array of the rows
-                done[start:stop] = region
-                encode_s += time.perf_counter() - tick
-                done_now += len(good)
-            if changed:
+            result = commit_video_chunk(group, layout, backbones, config, start, stop,
+                                        done[start:stop], decoded)
+            done[result.done_rows] = True
+            decode_s += result.decode_seconds
+            encode_s += result.encode_seconds
+            done_now += len(result.done_rows)
+            if merge_failures(failures, index.video_ids, result):
                 write_failures(out, group, failures)
             progress.advance(task, len(rows), failed=len(failures))
             if on_chunk is not None:
                 on_chunk(start, stop)
+    write_failures_file_once(out, group, failures)
+    return done_now, decode_s, encode_s, failures
+
+
+def write_failures_file_once(out: Path, group, failures: dict[str, Failure]) -> None:
+    """Write ``failures.jsonl`` for failures carried over from an earlier run that no chunk of
+    this run changed (a resumed store whose file was removed)."""
     if failures and not (out / schema.FAILURES_FILE).exists():
         write_failures(out, group, failures)
-    return done_now, decode_s, encode_s, failures
 
 
 def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: CacheSpec, *,
@@ -385,7 +484,7 @@ def store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-class _Progress:
+class ExtractProgress:
     """A rich progress bar when a console is given; silent otherwise."""
 
     def __init__(self, console):

@@ -1,0 +1,161 @@
+"""`avr extract` on dask.distributed: two worker processes on loopback write the same store
+as one process, survive a killed worker, and record failures the same way."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from avr import schema  # noqa: E402
+from avr.extract.demo_data import generate_demo  # noqa: E402
+from avr.extract.distributed import extract_on_dask  # noqa: E402
+from avr.extract.pipeline import ExtractConfig, extract  # noqa: E402
+import media  # noqa: E402
+
+CHUNK = 2
+
+
+def config_for(root: Path, out: Path | str, **overrides) -> ExtractConfig:
+    values = dict(dataset="demo", root=root, out=out, backbones="tiny", workers=0,
+                  chunk_rows=CHUNK, device="cpu")
+    values.update(overrides)
+    return ExtractConfig(**values)
+
+
+def read_store(path: Path) -> dict[str, np.ndarray]:
+    group, spec = schema.open_store(path)
+    return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    left, right = read_store(a), read_store(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+def local_cluster():
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1", dashboard_address=None)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_cluster() as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return generate_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, num_looks=2)
+
+
+@pytest.fixture(scope="module")
+def straight(demo_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "cache"
+    extract(config_for(demo_root, out))
+    return out
+
+
+def loaded_backbones() -> int:
+    from avr.extract import distributed as dask_extract
+
+    return len(dask_extract._BACKBONES)
+
+
+def test_two_workers_write_the_same_store_as_one_process(client, demo_root, straight, tmp_path):
+    out = tmp_path / "cache"
+    summary = extract_on_dask(config_for(demo_root, out), client)
+    assert summary.done == summary.videos == 12 and summary.done_now == 12
+    assert_same_store(straight, out)
+
+
+def test_each_worker_loads_its_backbones_once(client, demo_root, tmp_path):
+    extract_on_dask(config_for(demo_root, tmp_path / "cache"), client)
+    assert set(client.run(loaded_backbones).values()) == {1}
+
+
+def test_a_file_url_names_the_same_store(client, demo_root, straight, tmp_path):
+    out = tmp_path / "cache"
+    extract_on_dask(config_for(demo_root, out.as_uri()), client)
+    assert_same_store(straight, out)
+
+
+def test_a_finished_store_submits_no_work(client, demo_root, straight):
+    summary = extract_on_dask(config_for(demo_root, straight), client)
+    assert summary.done_now == 0 and summary.done == summary.videos
+
+
+def test_a_killed_worker_loses_only_its_chunk(demo_root, straight, tmp_path):
+    out = tmp_path / "cache"
+    killed: list[int] = []
+    with local_cluster() as cluster, distributed.Client(cluster) as client:
+
+        def kill_a_busy_worker(start, stop):
+            if killed:
+                return
+            busy = [address for address, keys in client.processing().items() if keys]
+            if busy:
+                pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        extract_on_dask(config_for(demo_root, out), client, on_chunk=kill_a_busy_worker)
+        assert killed, "no worker was busy after the first chunk"
+        assert killed[0] not in client.run(os.getpid).values()
+        extract_on_dask(config_for(demo_root, out), client)  # the rerun redoes what is left
+    assert read_store(out)[schema.VIDEO_DONE].all()
+    assert_same_store(straight, out)
+
+
+@pytest.fixture()
+def broken_root(tmp_path) -> Path:
+    root = tmp_path / "generic"
+    videos = root / "videos"
+    videos.mkdir(parents=True)
+    media.write_clip(videos / "good1.mp4", seconds=1.0)
+    media.write_clip(videos / "good2.mp4", seconds=1.0, audio="none")
+    media.write_zero_byte(videos / "empty.mp4")
+    media.write_garbage(videos / "garbage.mp4")
+    ids = ["good1", "empty", "good2", "garbage", "absent"]
+    with (root / "captions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video_id", "caption", "split"])
+        for i, video_id in enumerate(ids):
+            writer.writerow([video_id, f"a caption of {video_id}", ["train", "val", "test"][i % 3]])
+    return root
+
+
+def test_failures_are_recorded_as_by_one_process(client, broken_root, tmp_path):
+    one, many = tmp_path / "one", tmp_path / "many"
+    single = extract(config_for(broken_root, one, dataset="generic"))
+    summary = extract_on_dask(config_for(broken_root, many, dataset="generic"), client)
+    assert {f.video_id for f in summary.failures} == {"empty", "garbage", "absent"}
+    assert summary.failures == single.failures
+    assert ((many / schema.FAILURES_FILE).read_text()
+            == (one / schema.FAILURES_FILE).read_text())
+    assert (schema.open_store(many)[0].attrs[schema.ATTR_FAILURES]
+            == schema.open_store(one)[0].attrs[schema.ATTR_FAILURES])
+    assert_same_store(one, many)
+
+
+def test_the_cli_runs_on_a_scheduler(client, demo_root, straight, tmp_path):
+    from typer.testing import CliRunner
+
+    from avr.cli import app
+
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(app, [
+        "extract", "--dataset", "demo", "--root", str(demo_root), "--out", out.as_uri(),
+        "--backbones", "tiny", "--chunk-rows", str(CHUNK), "--device", "cpu",
+        "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert "12/12 videos done" in " ".join(result.output.split())
+    assert_same_store(straight, out)
