@@ -52,6 +52,8 @@ def extract(
     ast: str = typer.Option("MIT/ast-finetuned-audioset-10-10-0.4593",
                             help="AST: HF model id or local directory."),
     roberta: str = typer.Option("roberta-base", help="RoBERTa: HF model id or local directory."),
+    clip_text_tokens: int = typer.Option(32, "--clip-text-tokens",
+                                         help="CLIP text tokens kept per caption."),
     frames: Optional[int] = typer.Option(None, "--frames",
                                          help="Frames per video (default 32 vatex, 12 others)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -85,7 +87,7 @@ def extract(
     config = ExtractConfig(
         dataset=dataset, root=root, out=out, backbones=backbones,
         names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
-                            ast=ast, roberta=roberta),
+                            ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens),
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
         overwrite=overwrite, seed=seed, dataset_options=parse_options(option))
     if scheduler is None and dask_workers is None:
