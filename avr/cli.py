@@ -241,9 +241,12 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume",
                                           help="Continue this run from its last checkpoint."),
 ):
-    """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1."""
-    from avr.fuse import trainer
+    """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
+    Under torchrun every process trains its share of each batch; rank 0 reports."""
+    from avr.fuse import distributed, trainer
     from avr.progress import progress_bar
+
+    console.quiet = not distributed.is_main_process()
 
     extra = [f"{k}={v}" for k, v in (("temperature", temperature), ("dropout", dropout),
                                       ("fusion", fusion)) if v is not None]

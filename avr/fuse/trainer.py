@@ -6,6 +6,11 @@ caption with ``pairs="all"``), steps through batches, evaluates on val, and keep
 checkpoint by val text-to-video R@1 (never the test split).
 
 Everything a run needs to be rebuilt goes in ``config.json``; weights in safetensors.
+
+Under ``torchrun --nproc-per-node N -m avr train ...`` (WORLD_SIZE > 1 in the environment)
+``train`` and ``resume`` join the process group and every rank trains its slice of each global
+batch, with the loss over the whole global batch; rank 0 validates and writes the run. The
+mechanics and why the result equals one process are in :mod:`avr.fuse.distributed`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import torch
 
 from avr import schema
 from avr.errors import AvrError, RunError
-from avr.fuse import checkpoint
+from avr.fuse import checkpoint, distributed
 from avr.fuse.data import SplitTensors, load_split
+from avr.fuse.distributed import World
 from avr.fuse.heads import build_head, head_class, make_config
 from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, chunked_scores, encode_in_chunks
 
@@ -245,21 +251,40 @@ def steps_per_epoch(data: SplitTensors, config: TrainConfig) -> int:
     return max(1, math.ceil(n / config.batch_size))
 
 
+def batch_loss(head: RetrievalHead, data: SplitTensors, video_rows: torch.Tensor,
+               caption_rows: torch.Tensor, device: torch.device, world: World) -> torch.Tensor:
+    """The loss of one global batch of pairs. Alone: encode and score the batch. On several ranks:
+    encode this rank's slice, gather the states of the whole batch, score all of it."""
+    rows_device = data.caption_video.device
+    counts = distributed.shard_counts(len(video_rows), world)
+    video_rows = distributed.shard(video_rows, world)
+    caption_rows = distributed.shard(caption_rows, world)
+    videos = _to(data.video_rows(video_rows.to(rows_device)), device)
+    captions = _to(data.caption_rows(caption_rows.to(rows_device)), device)
+    texts, video_state = head.encode_texts(captions), head.encode_videos(videos)
+    if world.is_distributed:
+        texts = distributed.gather_state(texts, counts, world)
+        video_state = distributed.gather_state(video_state, counts, world)
+    loss, _ = head.loss(texts, video_state)
+    return loss
+
+
 def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, optimizer, scheduler,
-                device: torch.device, epoch: int) -> tuple[float, int]:
-    """One pass over the epoch's pairs; returns (mean loss, pairs seen)."""
+                device: torch.device, epoch: int, world: World = distributed.SINGLE
+                ) -> tuple[float, int]:
+    """One pass over the epoch's pairs; returns (mean loss, pairs seen by all ranks)."""
     head.train()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     video_rows, caption_rows = epoch_pairs(data, config.pairs, generator)
-    rows_device = data.caption_video.device
     losses, seen = [], 0
     for v, c in batches(video_rows, caption_rows, config.batch_size):
-        videos = _to(data.video_rows(v.to(rows_device)), device)
-        captions = _to(data.caption_rows(c.to(rows_device)), device)
+        if len(v) < world.size:  # a rank would hold no rows
+            continue
         with _autocast(device, config.amp):
-            loss, _ = head.loss(head.encode_texts(captions), head.encode_videos(videos))
+            loss = batch_loss(head, data, v, c, device, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(head.parameters(), world)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
         optimizer.step()
@@ -276,22 +301,30 @@ def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, op
 def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torch.device, *,
         run_dir: Path | None = None, start_epoch: int = 0, optimizer=None, scheduler=None,
         best: tuple[int, float] = (-1, -1.0), history: list[EpochLog] | None = None,
-        on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
-    """Train ``head`` from ``start_epoch`` to ``config.epochs``; checkpoints go to ``run_dir``."""
+        on_epoch: Callable[[EpochLog], None] | None = None,
+        world: World = distributed.SINGLE) -> TrainResult:
+    """Train ``head`` from ``start_epoch`` to ``config.epochs``; checkpoints go to ``run_dir``.
+    On several ranks only rank 0 validates, writes ``run_dir`` and calls ``on_epoch``."""
     total_steps = steps_per_epoch(cache.train, config) * config.epochs
     if optimizer is None:
         optimizer, scheduler = make_optimizer(head, config, total_steps)
     history = list(history or [])
     best_epoch, best_r1 = best
-    writer = _tensorboard(run_dir)
+    writes = run_dir is not None and world.is_main
+    writer = _tensorboard(run_dir if writes else None)
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
-        loss, seen = train_epoch(head, cache.train, config, optimizer, scheduler, device, epoch)
+        loss, seen = train_epoch(head, cache.train, config, optimizer, scheduler, device, epoch,
+                                 world)
         train_seconds = time.perf_counter() - epoch_start
-        sim = similarity(head, cache.val, device, amp=config.amp,
-                         video_chunk=config.val_video_chunk, text_chunk=config.val_text_chunk)
-        val_r1 = t2v_recall_at_1(sim, cache.val.caption_video)
+        val_r1 = None
+        if world.is_main:
+            sim = similarity(head, cache.val, device, amp=config.amp,
+                             video_chunk=config.val_video_chunk,
+                             text_chunk=config.val_text_chunk)
+            val_r1 = t2v_recall_at_1(sim, cache.val.caption_video)
+        val_r1 = distributed.broadcast_object(val_r1, world)  # the others wait here
         log = EpochLog(epoch + 1, loss, val_r1, scheduler.get_last_lr()[0],
                        time.perf_counter() - epoch_start, seen / max(train_seconds, 1e-9),
                        float(1.0 / head.scale().detach()))
@@ -299,7 +332,7 @@ def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torc
         improved = val_r1 > best_r1
         if improved:
             best_epoch, best_r1 = epoch + 1, val_r1
-        if run_dir is not None:
+        if writes:
             if improved:
                 checkpoint.save_weights(head, run_dir / checkpoint.BEST_FILE,
                                         metadata={"epoch": str(epoch + 1), "val_R1": str(val_r1)})
@@ -309,12 +342,13 @@ def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torc
                 for key in ("loss", "val_r1", "lr", "temperature", "pairs_per_s"):
                     writer.add_scalar(key, getattr(log, key), epoch + 1)
                 writer.flush()
-        if on_epoch is not None:
+        if on_epoch is not None and world.is_main:
             on_epoch(log)
         if config.early_stop and epoch + 1 - best_epoch >= config.early_stop:
             break
     if writer is not None:
         writer.close()
+    distributed.barrier(world)  # the run directory is complete when any rank returns
     return TrainResult(run_dir, best_epoch, best_r1, history, time.perf_counter() - started)
 
 
@@ -400,17 +434,34 @@ def default_run_dir(head: str, runs_dir: Path = checkpoint.DEFAULT_RUNS_DIR) -> 
 def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = None, *,
           cache: CacheData | None = None,
           on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
-    """Train a new run of ``config.head`` on the store at ``cache_path``."""
+    """Train a new run of ``config.head`` on the store at ``cache_path`` (on every rank when
+    started by torchrun)."""
     config.validate()
-    device = resolve_device(config.device)
+    with distributed.session(resolve_device(config.device)) as (world, device):
+        return _train(cache_path, config, run_dir, cache, on_epoch, world, device)
+
+
+def _train(cache_path, config: TrainConfig, run_dir: Path | None, cache: CacheData | None,
+           on_epoch, world: World, device: torch.device) -> TrainResult:
     seed_everything(config.seed)
     cache = cache or load_cache(cache_path, config.head, device)
     head = build_head(config.head, cache.spec, config.head_options).to(device)
+    distributed.broadcast_module(head, world)
+    # Rank 0 names the run and decides whether it is taken; every rank acts on its answer.
     run_dir = run_dir or default_run_dir(config.head)
-    if (run_dir / checkpoint.CONFIG_FILE).exists():
+    run_dir, taken = distributed.broadcast_object(
+        (run_dir, (run_dir / checkpoint.CONFIG_FILE).exists()), world)
+    if taken:
         raise RunError(f"{run_dir} already holds a run; continue it with `avr train --resume "
                        f"{run_dir}` or choose another --run-dir")
-    checkpoint.write_config(run_dir, {
+    if world.is_main:
+        checkpoint.write_config(run_dir, _run_config(cache_path, config, cache, head, world))
+    return fit(head, cache, config, device, run_dir=run_dir, on_epoch=on_epoch, world=world)
+
+
+def _run_config(cache_path, config: TrainConfig, cache: CacheData, head: RetrievalHead,
+                world: World) -> dict[str, Any]:
+    return {
         "head": config.head,
         "head_options": head.config_dict(),
         "train": dataclasses.asdict(config),
@@ -418,21 +469,26 @@ def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = No
                   "identity": schema.cache_identity(cache.spec)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
-    })
-    return fit(head, cache, config, device, run_dir=run_dir, on_epoch=on_epoch)
+        "world_size": world.size,  # the global batch is batch_size whatever the world size
+    }
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | Path | None = None,
            on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
-    """Continue a run from its last checkpoint (to ``epochs`` if given, else its own total)."""
+    """Continue a run from its last checkpoint (to ``epochs`` if given, else its own total), on
+    any number of ranks: the global batch, hence the run, does not depend on it."""
     run_dir = Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in TRAIN_FIELDS})
     if epochs is not None:
         config.epochs = epochs
         saved["train"]["epochs"] = epochs
-        checkpoint.write_config(run_dir, saved)
-    device = resolve_device(config.device)
+    with distributed.session(resolve_device(config.device)) as (world, device):
+        return _resume(run_dir, saved, config, cache_path, on_epoch, world, device)
+
+
+def _resume(run_dir: Path, saved: dict[str, Any], config: TrainConfig, cache_path, on_epoch,
+            world: World, device: torch.device) -> TrainResult:
     cache_path = Path(cache_path or saved["cache"]["path"])
     cache = load_cache(cache_path, config.head, device)
     checkpoint.check_cache(saved, cache.spec, cache_path)
@@ -443,6 +499,10 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | 
     if start >= config.epochs:
         raise RunError(f"{run_dir} already trained {start} of {config.epochs} epochs; "
                        f"pass --epochs N with N > {start} to train longer")
+    history = read_log(run_dir)
+    distributed.barrier(world)  # every rank has read the run before rank 0 writes to it
+    if world.is_main:
+        checkpoint.write_config(run_dir, saved)
     return fit(head, cache, config, device, run_dir=run_dir, start_epoch=start,
                optimizer=optimizer, scheduler=scheduler, best=(best_epoch, best_r1),
-               history=read_log(run_dir), on_epoch=on_epoch)
+               history=history, on_epoch=on_epoch, world=world)
