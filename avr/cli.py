@@ -367,6 +367,8 @@ def eval_(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md with plots "
                                                                  "into this directory."),
+    index: Optional[Path] = typer.Option(None, "--index", help="First-stage index for "
+                                         "--rerank-k (default: CACHE/index/ when built)."),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
 
@@ -375,7 +377,7 @@ def eval_(
     from avr.evaluate.evaluator import EvalConfig, evaluate_run, write_metrics
 
     config = EvalConfig(split=split, dsl=dsl, qbnorm=qbnorm, rerank_k=rerank_k,
-                        modalities=modalities, device=device, report=report)
+                        modalities=modalities, device=device, report=report, index=index)
     result = evaluate_run(run, cache, config)
     console.print(_metrics_table(result))
     if result.missing_videos:
@@ -396,6 +398,11 @@ def search(
     k: int = typer.Option(10, "--k", help="How many videos to show."),
     split: str = typer.Option("test", help="test | val | train | all."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    index: Optional[Path] = typer.Option(None, "--index", help="First-stage index (default: "
+                                         "CACHE/index/ when `avr index build` made one)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Videos per split the "
+                                             "index hands to the head (default: 10 x k, and "
+                                             "only for splits over 10,000 videos)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Encode a query with the run's text backbones and rank the cache's videos with its head."""
@@ -405,7 +412,8 @@ def search(
 
     from avr.evaluate.search import search as run_search
 
-    hits = run_search(query, run, k=k, split=split, device=device)
+    hits = run_search(query, run, k=k, split=split, device=device, index=index,
+                      candidates=candidates)
     if as_json:
         print(json.dumps([vars(h) for h in hits], indent=2))
         return
@@ -414,6 +422,37 @@ def search(
         table.add_row(str(rank), hit.video_id, hit.split, f"{hit.score:.4f}",
                       hit.captions[0] if hit.captions else "")
     console.print(table)
+
+
+index_app = typer.Typer(no_args_is_help=True,
+                        help="Build the first-stage faiss index of a cache.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    cache: Path = typer.Argument(Path("cache"), help="The store."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="Index folder (default: CACHE/index/)."),
+    kind: str = typer.Option("auto", "--kind", help="auto | flat | ivf | hnsw (auto: flat up to "
+                                                    "50,000 videos per split, IVF above)."),
+    nlist: Optional[int] = typer.Option(None, "--nlist",
+                                        help="IVF lists (default ~4 sqrt(videos))."),
+    m: int = typer.Option(32, "--m", help="HNSW links per node."),
+):
+    """Index every extracted video's mean-pooled CLIP frames, one faiss index per split, for
+    `avr eval --rerank-k` and `avr search`."""
+    import json
+
+    from avr.evaluate.index import META_FILE, build_index
+
+    path = build_index(cache, out, kind, nlist=nlist, m=m)
+    meta = json.loads((path / META_FILE).read_text())
+    for split, entry in meta["splits"].items():
+        settings = "".join(f" {k}={v}" for k, v in entry["params"].items())
+        console.print(f"{split}: {entry['videos']:,} videos, {entry['kind']}{settings} "
+                      f"({entry['build_seconds']:.1f} s)")
+    console.print(f"index -> {path}")
 
 
 # ---- demo and bench --------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from avr import schema
 from avr.errors import AvrError
@@ -39,6 +38,7 @@ class EvalConfig:
     video_chunk: int = 64
     text_chunk: int = 2048
     report: Path | None = None  # write report.md and plots here
+    index: Path | None = None  # first-stage index for rerank_k (default <cache>/index/)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
         result.variants["qbnorm"] = {"t2v": metrics.metrics_from_ranks(
             metrics.t2v_ranks(normed, caption_video))}
     if config.rerank_k:
-        reranked = rerank(sim, cache_path, config.split, config.rerank_k)
+        reranked = rerank(sim, cache_path, config.split, config.rerank_k, config.index)
         result.variants[f"rerank@{config.rerank_k}"] = {"t2v": metrics.metrics_from_ranks(
             metrics.t2v_ranks(reranked, caption_video))}
     for tag in sorted({t for t in data.caption_tags if t}):
@@ -204,31 +204,48 @@ def train_bank_similarity(head: RetrievalHead, cache_path: Path, videos: State,
 @torch.no_grad()
 def first_stage_embeddings(cache_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Normalised CLIP sentence embeddings and mean-pooled CLIP frames (CLIP4Clip meanP,
-    zero-shot): the cheap first stage of two-stage retrieval."""
+    zero-shot): the cheap first stage of two-stage retrieval, the vectors `avr index build`
+    indexes."""
+    from avr.evaluate.index import normalised_queries, pooled_frames
+
     stage = load_split(cache_path, split, (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK),
                        (schema.TEXT_EMBEDDINGS,))
-    frames = stage.videos[schema.FRAME_EMBEDDINGS].float()
-    mask = stage.videos[schema.FRAME_MASK].float().unsqueeze(-1)
-    video = F.normalize((frames * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-    text = F.normalize(stage.captions[schema.TEXT_EMBEDDINGS].float(), dim=-1)
-    return text.numpy().astype(np.float32), video.numpy().astype(np.float32)
+    video = pooled_frames(stage.videos[schema.FRAME_EMBEDDINGS], stage.videos[schema.FRAME_MASK])
+    return normalised_queries(stage.captions[schema.TEXT_EMBEDDINGS]), video.numpy()
 
 
-def rerank(sim: np.ndarray, cache_path: Path, split: str, k: int) -> np.ndarray:
+def rerank(sim: np.ndarray, cache_path: Path, split: str, k: int,
+           index: Path | None = None) -> np.ndarray:
     """TEFAL Table 9's two-stage protocol: a faiss inner-product search over mean-pooled CLIP
     embeddings picks each caption's top ``k`` videos; the head's scores order those k, and
-    every other video ranks below them in first-stage order."""
+    every other video ranks below them in first-stage order.
+
+    The search goes through the index `avr index build` wrote (``index``, else
+    ``<cache>/index/`` when it exists), else through an exact in-memory IndexFlatIP."""
     import faiss
 
+    from avr.evaluate import index as first_stage
+
     text, video = first_stage_embeddings(cache_path, split)
-    index = faiss.IndexFlatIP(video.shape[1])
-    index.add(video)
-    _, top = index.search(text, min(k, video.shape[0]))
-    first_stage = text @ video.T
+    k = min(k, video.shape[0])
+    saved = first_stage.find_index(cache_path, index)
+    split_index = saved.split(split) if saved is not None else None
+    if split_index is None:
+        flat = faiss.IndexFlatIP(video.shape[1])
+        flat.add(video)
+        _, top = flat.search(text, k)
+    else:
+        # The split's store rows in load_split's order (done rows, ascending) -> local rows.
+        group, _ = schema.open_store(cache_path)
+        in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == schema.split_code(split)
+        split_rows = np.flatnonzero(in_split & np.asarray(group[schema.VIDEO_DONE][:]))
+        _, store_rows = first_stage.search(split_index, text, k)
+        top = np.where(store_rows >= 0, np.searchsorted(split_rows, store_rows), -1)
+    first_stage_scores = text @ video.T
     # Shift the first stage below every head score so the re-ranked block comes first.
-    out = first_stage - (np.abs(first_stage).max() + np.abs(sim).max() + 1.0) * 4
-    rows = np.arange(sim.shape[0])[:, None]
-    out[rows, top] = sim[rows, top]
+    out = first_stage_scores - (np.abs(first_stage_scores).max() + np.abs(sim).max() + 1.0) * 4
+    queries, ranks = np.nonzero(top >= 0)  # IVF may find fewer than k in its probed lists
+    out[queries, top[queries, ranks]] = sim[queries, top[queries, ranks]]
     return out
 
 

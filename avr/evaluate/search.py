@@ -3,6 +3,11 @@
 The query goes through the same text backbones that wrote the run's cache, loaded the way
 extract loaded them (the store's attrs name every model and weights tag), then through the
 head's ``encode_texts`` and ``score`` against the cached videos.
+
+A split of up to EXHAUSTIVE_MAX_VIDEOS videos is scored whole. A larger one, when
+`avr index build` has indexed the store, is searched in two stages: the index's top
+``candidates`` videos for the query's CLIP sentence embedding (default CANDIDATES_PER_HIT * k),
+then the head scores only those rows, read from the store alone.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import torch
 
 from avr import schema
 from avr.errors import AvrError
+from avr.evaluate import index as first_stage
 from avr.evaluate.evaluator import open_run, resolve_run
-from avr.fuse.data import load_split
+from avr.fuse.data import _read_rows
 from avr.fuse.heads.base import chunked_scores, encode_in_chunks
 from avr.fuse.trainer import _autocast, resolve_device
 from avr.schema import CacheSpec
@@ -58,41 +64,74 @@ def encode_query(backbones, query: str, caption_inputs: tuple[str, ...], dtype: 
     return rows
 
 
+EXHAUSTIVE_MAX_VIDEOS = 10_000  # up to here the head scores every video of a split
+CANDIDATES_PER_HIT = 10
+
+
 @torch.no_grad()
 def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str = "test",
-           device: str = "auto") -> list[Hit]:
+           device: str = "auto", index: str | Path | None = None,
+           candidates: int | None = None) -> list[Hit]:
+    """The ``k`` best videos of ``split`` ("all": every split) for ``query``. ``index``: the
+    first-stage index (default ``<cache>/index/`` when built); ``candidates``: how many of its
+    videos per split the head re-scores (given, it forces the two-stage path)."""
     if not query.strip():
         raise AvrError("the query is empty")
     torch_device = resolve_device(device)
-    head, config, cache_path = open_run(resolve_run(run), None, torch_device)
+    head, _, cache_path = open_run(resolve_run(run), None, torch_device)
     group, spec = schema.open_store(cache_path)
+    saved = first_stage.find_index(cache_path, index)
+    if candidates is not None and saved is None:
+        raise AvrError(f"--candidates needs a first-stage index; build one with "
+                       f"`avr index build {cache_path}`")
     splits = schema.SPLITS if split == "all" else (split,)
     backbones = backbones_for_spec(spec, torch_device)
-    caption = encode_query(backbones, query, head.caption_inputs, torch.float16)
+    caption = encode_query(backbones, query, tuple(dict.fromkeys(
+        (*head.caption_inputs, schema.TEXT_EMBEDDINGS))), torch.float16)
+    sentence = first_stage.normalised_queries(caption[schema.TEXT_EMBEDDINGS])
     hits: list[Hit] = []
     with _autocast(torch_device, True):
-        texts = head.encode_texts({n: v.to(torch_device) for n, v in caption.items()})
+        texts = head.encode_texts({n: caption[n].to(torch_device) for n in head.caption_inputs})
         for name in splits:
-            data = load_split(cache_path, name, head.video_inputs, ())
-            if data.num_videos == 0:
+            rows = split_rows(group, name)
+            split_index = saved.split(name) if saved is not None else None
+            if split_index is not None and (candidates is not None
+                                            or rows.size > EXHAUSTIVE_MAX_VIDEOS):
+                _, found = first_stage.search(split_index, sentence,
+                                              candidates or CANDIDATES_PER_HIT * k)
+                rows = np.sort(found[0][found[0] >= 0])
+            if rows.size == 0:
                 continue
-            videos = encode_in_chunks(head.encode_videos, data.videos, torch_device, chunk=256)
-            scores = chunked_scores(head, texts, videos)[0].numpy()
-            captions_of = _captions_by_video(group, data.video_ids)
-            for row in np.argsort(-scores)[:k]:
-                video_id = data.video_ids[row]
-                hits.append(Hit(video_id, name, float(scores[row]), captions_of.get(video_id, [])))
+            scores = score_rows(head, texts, group, rows, torch_device)
+            order = np.argsort(-scores)[:k]
+            best = np.sort(rows[order])
+            id_of = dict(zip(best.tolist(), map(str, _read_rows(group[schema.VIDEO_ID], best))))
+            captions_of = _captions_by_row(group, best)
+            hits += [Hit(id_of[row], name, float(score), captions_of.get(row, []))
+                     for row, score in zip(rows[order].tolist(), scores[order])]
     return sorted(hits, key=lambda h: -h.score)[:k]
 
 
-def _captions_by_video(group, video_ids: list[str]) -> dict[str, list[str]]:
-    all_ids = np.asarray(group[schema.VIDEO_ID][:])
+def split_rows(group, split: str) -> np.ndarray:
+    """Store rows of the done videos of ``split``, ascending (load_split's order)."""
+    in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == schema.split_code(split)
+    return np.flatnonzero(in_split & np.asarray(group[schema.VIDEO_DONE][:]).astype(bool))
+
+
+def score_rows(head, texts, group, rows: np.ndarray, device: torch.device) -> np.ndarray:
+    """The head's scores of one encoded query against store video ``rows`` (ascending): only
+    those rows of the arrays the head reads are loaded."""
+    inputs = {name: torch.from_numpy(_read_rows(group[name], rows)) for name in head.video_inputs}
+    videos = encode_in_chunks(head.encode_videos, inputs, device, chunk=256)
+    return chunked_scores(head, texts, videos)[0].numpy()
+
+
+def _captions_by_row(group, rows: np.ndarray) -> dict[int, list[str]]:
+    """Caption texts of the given store video rows, read for those captions only."""
     caption_video = np.asarray(group[schema.CAPTION_VIDEO][:])
-    texts = np.asarray(group[schema.CAPTION_TEXT][:])
-    wanted = set(video_ids)
-    out: dict[str, list[str]] = {}
-    for text, row in zip(texts, caption_video):
-        video_id = str(all_ids[row])
-        if video_id in wanted:
-            out.setdefault(video_id, []).append(str(text))
+    caption_rows = np.flatnonzero(np.isin(caption_video, rows))
+    texts = _read_rows(group[schema.CAPTION_TEXT], caption_rows)
+    out: dict[int, list[str]] = {}
+    for text, row in zip(texts, caption_video[caption_rows].tolist()):
+        out.setdefault(row, []).append(str(text))
     return out
