@@ -145,10 +145,11 @@ def _train(cache: Path, head: str, training: dict, seed: int, run_dir: Path,
 def demo_table(demo: DemoResult):
     from rich.table import Table
 
-    table = Table(title="avr demo: test split, text -> video (audio_only: captions only sound "
-                        "can decide)")
-    for column in ("head", "R@1", "R@5", "R@10", "MdR", "v2t R@1", "audio_only R@1",
-                   "audio_only R@5", "s/epoch"):
+    table = Table(title="avr demo: test split, text -> video",
+                  caption="AO: the audio_only captions, which only sound can decide (twins "
+                          "share their pixels)")
+    for column in ("head", "R@1", "R@5", "R@10", "MdR", "v2t R@1", "AO R@1", "AO R@5",
+                   "s/epoch"):
         table.add_column(column, justify="left" if column == "head" else "right")
     for row in demo.rows:
         t2v = row.result.metrics["t2v"]
