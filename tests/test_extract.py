@@ -21,6 +21,7 @@ from avr.extract import pipeline
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import ExtractConfig, extract
 import media
+from store_checks import assert_same_store, demo_extract_config, read_store
 
 CHUNK = 4
 
@@ -31,22 +32,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def config_for(root: Path, out: Path, **overrides) -> ExtractConfig:
-    values = dict(dataset="demo", root=root, out=out, backbones="tiny", workers=0,
-                  chunk_rows=CHUNK, device="cpu")
-    values.update(overrides)
-    return ExtractConfig(**values)
-
-
-def read_store(path: Path) -> dict[str, np.ndarray]:
-    group, spec = schema.open_store(path)
-    return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    left, right = read_store(a), read_store(b)
-    assert left.keys() == right.keys()
-    for name in left:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+    return demo_extract_config(root, out, overrides.pop("chunk_rows", CHUNK), **overrides)
 
 
 @pytest.fixture(scope="module")

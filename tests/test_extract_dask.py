@@ -8,7 +8,6 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 distributed = pytest.importorskip("distributed")
@@ -18,27 +17,13 @@ from avr.extract.demo_data import generate_demo  # noqa: E402
 from avr.extract.distributed import extract_on_dask  # noqa: E402
 from avr.extract.pipeline import ExtractConfig, extract  # noqa: E402
 import media  # noqa: E402
+from store_checks import assert_same_store, demo_extract_config, read_store  # noqa: E402
 
 CHUNK = 2
 
 
 def config_for(root: Path, out: Path | str, **overrides) -> ExtractConfig:
-    values = dict(dataset="demo", root=root, out=out, backbones="tiny", workers=0,
-                  chunk_rows=CHUNK, device="cpu")
-    values.update(overrides)
-    return ExtractConfig(**values)
-
-
-def read_store(path: Path) -> dict[str, np.ndarray]:
-    group, spec = schema.open_store(path)
-    return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    left, right = read_store(a), read_store(b)
-    assert left.keys() == right.keys()
-    for name in left:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+    return demo_extract_config(root, out, overrides.pop("chunk_rows", CHUNK), **overrides)
 
 
 def local_cluster():

@@ -1,0 +1,31 @@
+"""Extract settings for tests and array-by-array comparison of two stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from avr import schema
+from avr.extract.pipeline import ExtractConfig
+
+
+def demo_extract_config(root: Path, out: Path | str, chunk_rows: int, **overrides
+                        ) -> ExtractConfig:
+    """The demo set with tiny backbones on the CPU, decoded in this process."""
+    values = dict(dataset="demo", root=root, out=out, backbones="tiny", workers=0,
+                  chunk_rows=chunk_rows, device="cpu")
+    values.update(overrides)
+    return ExtractConfig(**values)
+
+
+def read_store(path: Path) -> dict[str, np.ndarray]:
+    group, spec = schema.open_store(path)
+    return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    left, right = read_store(a), read_store(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
