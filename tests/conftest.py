@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from avr.schema import AudioParams, BackboneInfo, CacheSpec
 
@@ -34,3 +35,13 @@ def make_tiny_spec(**overrides) -> CacheSpec:
 @pytest.fixture
 def tiny_spec() -> CacheSpec:
     return make_tiny_spec()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (for many ops on tiny tensors, where handing work
+    between threads costs more than it saves)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

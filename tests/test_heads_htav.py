@@ -18,14 +18,8 @@ from stores import make_learnable_store
 SMALL = dict(width=16, graph_layers=1, spans=(1, 2, 4), dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: handing them between threads costs more than it saves, and the soft-DTW
-    # wavefront runs hundreds of them per call (it stalls badly on a shared CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The soft-DTW wavefront runs hundreds of ops on tiny tensors: one thread is faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- temporal graph ---------------------------------------------------------------------------

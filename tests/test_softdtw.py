@@ -10,13 +10,8 @@ import torch
 from avr.fuse.softdtw import soft_dtw, soft_dtw_alignment
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The wavefront runs hundreds of ops on tiny tensors: one thread is faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The soft-DTW wavefront runs hundreds of ops on tiny tensors: one thread is faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recursive_soft_dtw(cost: list[list[float]], gamma: float) -> float:
