@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from avr import schema
+from avr.device import autocast
 from avr.fuse.data import random_split
 from avr.fuse.heads import build_head, head_class
 from avr.fuse.heads.base import chunked_scores, encode_in_chunks
@@ -67,10 +68,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> fl
     return best
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 # ---- training -----------------------------------------------------------------------------------
 
 def bench_train(head_name: str, *, scale: float, device: torch.device, batch_size: int = 128,
@@ -91,7 +88,7 @@ def bench_train(head_name: str, *, scale: float, device: torch.device, batch_siz
         order = torch.randperm(videos, device=device)
         for step in range(timed_steps):
             rows = order[step * batch_size:(step + 1) * batch_size]
-            with _autocast(device):
+            with autocast(device):
                 loss, _ = head.loss(head.encode_texts(data.caption_rows(rows)),
                                     head.encode_videos(data.video_rows(rows)))
             optimizer.zero_grad(set_to_none=True)
@@ -118,7 +115,7 @@ def bench_eval(head_name: str, *, scale: float, device: torch.device,
                         caption_names=cls.caption_inputs, device=device)
     head = build_head(head_name, spec).to(device).eval()
     captions = data.num_captions
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         texts = encode_in_chunks(head.encode_texts, data.captions, device, chunk=4096)
         states = encode_in_chunks(head.encode_videos, data.videos, device, chunk=256)
 

@@ -498,7 +498,7 @@ def bench(
     import torch
 
     from avr import bench as benches
-    from avr.fuse.trainer import resolve_device
+    from avr.device import resolve_device
 
     torch_device = resolve_device(device)
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else \

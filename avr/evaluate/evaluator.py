@@ -21,7 +21,7 @@ from avr.evaluate import metrics, report
 from avr.fuse import checkpoint
 from avr.fuse.data import SplitTensors, load_split
 from avr.fuse.heads.base import RetrievalHead, State, chunked_scores, encode_in_chunks
-from avr.fuse.trainer import _autocast, resolve_device
+from avr.device import autocast, resolve_device
 
 MODALITIES = ("va", "v", "a")
 
@@ -120,7 +120,7 @@ def split_similarity(head: RetrievalHead, data: SplitTensors, device: torch.devi
                      config: EvalConfig) -> tuple[np.ndarray, State, State]:
     """Plain [captions, videos] scores (float32) and the encoded states."""
     head.eval()
-    with _autocast(device, config.amp):
+    with autocast(device, config.amp):
         videos = encode_in_chunks(head.encode_videos,
                                   mask_modalities(data.videos, config.modalities, head), device,
                                   chunk=256)
@@ -195,7 +195,7 @@ def train_bank_similarity(head: RetrievalHead, cache_path: Path, videos: State,
     bank = load_split(cache_path, "train", (), head.caption_inputs)
     if bank.num_captions == 0:
         raise AvrError(f"{cache_path}: --qbnorm needs training captions as its query bank")
-    with _autocast(device, config.amp):
+    with autocast(device, config.amp):
         texts = encode_in_chunks(head.encode_texts, bank.captions, device, chunk=4096)
         return chunked_scores(head, texts, videos, text_chunk=config.text_chunk,
                               video_chunk=config.video_chunk).numpy()

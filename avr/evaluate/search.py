@@ -24,7 +24,7 @@ from avr.evaluate import index as first_stage
 from avr.evaluate.evaluator import open_run, resolve_run
 from avr.fuse.data import _read_rows
 from avr.fuse.heads.base import chunked_scores, encode_in_chunks
-from avr.fuse.trainer import _autocast, resolve_device
+from avr.device import autocast, resolve_device
 from avr.schema import CacheSpec
 
 RANDOM_WEIGHTS = "random:"
@@ -90,7 +90,7 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
         (*head.caption_inputs, schema.TEXT_EMBEDDINGS))), torch.float16)
     sentence = first_stage.normalised_queries(caption[schema.TEXT_EMBEDDINGS])
     hits: list[Hit] = []
-    with _autocast(torch_device, True):
+    with autocast(torch_device, True):
         texts = head.encode_texts({n: caption[n].to(torch_device) for n in head.caption_inputs})
         for name in splits:
             rows = split_rows(group, name)

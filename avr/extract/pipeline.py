@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from avr import schema
+from avr.device import resolve_device
 from avr.errors import AvrError, CacheMismatchError, DecodeError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
 from avr.extract.datasets import DatasetIndex, load_dataset
@@ -140,12 +141,6 @@ def _executor(workers: int) -> Executor:
 
 
 # ---- the store ----------------------------------------------------------------------------------
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def store_path(out: str | Path) -> Path:
     """The local path of a store given as a path or a ``file://`` URL. Stores live on a

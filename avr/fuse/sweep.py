@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from avr.device import resolve_device
 from avr.errors import AvrError
-from avr.fuse.trainer import (CacheData, TrainConfig, TrainResult, load_cache, resolve_device,
-                              split_options, train)
+from avr.fuse.trainer import CacheData, TrainConfig, TrainResult, load_cache, split_options, train
 
 
 def parse_value(text: str) -> Any:

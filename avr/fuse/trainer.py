@@ -30,6 +30,7 @@ import torch
 
 from avr import schema
 from avr.errors import AvrError, RunError
+from avr.device import autocast, resolve_device
 from avr.fuse import checkpoint, distributed
 from avr.fuse.data import SplitTensors, load_split
 from avr.fuse.distributed import World
@@ -84,14 +85,6 @@ def split_options(options: dict[str, Any], head: str) -> tuple[dict[str, Any], d
                            f"({', '.join(sorted(TRAIN_FIELDS - {'head', 'head_options'}))}) "
                            f"nor an option of head {head!r} ({', '.join(sorted(head_fields))})")
     return train, head_opts
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AvrError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -177,7 +170,7 @@ def similarity(head: RetrievalHead, data: SplitTensors, device: torch.device, *,
                video_chunk: int = 64, text_chunk: int = 2048) -> torch.Tensor:
     """[captions, videos] similarities of a whole split, encoded and scored in chunks."""
     head.eval()
-    with _autocast(device, amp):
+    with autocast(device, amp):
         videos = encode_in_chunks(head.encode_videos, data.videos, device, chunk=256)
         texts = encode_in_chunks(head.encode_texts, data.captions, device, chunk=4096)
         return chunked_scores(head, texts, videos, video_chunk=video_chunk, text_chunk=text_chunk)
@@ -216,12 +209,6 @@ class TrainResult:
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-
-
-def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def make_optimizer(head: RetrievalHead, config: TrainConfig, total_steps: int):
@@ -280,7 +267,7 @@ def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, op
     for v, c in batches(video_rows, caption_rows, config.batch_size):
         if len(v) < world.size:  # a rank would hold no rows
             continue
-        with _autocast(device, config.amp):
+        with autocast(device, config.amp):
             loss = batch_loss(head, data, v, c, device, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,23 @@
+"""Where the work runs: the ``--device`` flag of every command, and mixed precision on CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from avr.errors import AvrError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU; asking for CUDA without it fails."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AvrError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, amp: bool = True):
+    """bf16 autocast on CUDA when ``amp``; full precision on the CPU (deterministic there)."""
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
