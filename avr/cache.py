@@ -1,5 +1,6 @@
 """Reading a store as a whole: its summary (`avr cache info`), an HDF5 export
-(`avr cache export --format h5`) and dask arrays for out-of-core work."""
+(`avr cache export --format h5`) and dask arrays for out-of-core work. A store is a local
+path or a URL (``s3://``, ``gs://``, ``file://``); the HDF5 file is written locally."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from avr import schema
 
 def cache_info(path: str | Path) -> dict[str, Any]:
     """Rows, arrays (shape, dtype, chunks, stored bytes), backbones, splits and failures."""
-    path = Path(path)
+    path = schema.store_location(path)
     group, spec = schema.open_store(path)
     video_done = group[schema.VIDEO_DONE][:]
     caption_done = group[schema.CAPTION_DONE][:]
@@ -23,7 +24,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     for name in sorted(schema.array_layout(spec, 0, 0)):
         array = group[name]
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
-                        "chunks": list(array.chunks), "stored_bytes": _stored_bytes(path / name)}
+                        "chunks": list(array.chunks), "stored_bytes": _stored_bytes(schema.store_member(path, name))}
     failures = list(group.attrs.get(schema.ATTR_FAILURES, []))
     return {
         "path": str(path),
@@ -45,8 +46,10 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _stored_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _stored_bytes(location: str | Path) -> int:
+    """Bytes of every file under ``location`` (a local path or a URL)."""
+    fs, root = schema.store_filesystem(location)
+    return int(fs.du(root, total=True))
 
 
 def export_h5(path: str | Path, out: str | Path, *, rows_per_block: int = 1024) -> Path:
@@ -86,6 +89,6 @@ def open_dask(path: str | Path) -> dict[str, Any]:
     group, spec = schema.open_store(path)
     arrays = {}
     for name in schema.array_layout(spec, 0, 0):
-        array = zarr.open_array(str(Path(path) / name), mode="r")
+        array = zarr.open_array(str(schema.store_member(path, name)), mode="r")
         arrays[name] = da.from_zarr(array)
     return arrays

@@ -43,10 +43,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
-from avr.errors import CacheMismatchError
+from avr.errors import AvrError, CacheMismatchError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -271,15 +273,54 @@ def _compressor():
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
+def store_location(location: str | Path) -> str | Path:
+    """Where a store lives: a local path, or a URL that fsspec and zarr open (``memory://``,
+    ``s3://``, ``gs://`` ...). A ``file://`` URL is taken as its local path, so a local store
+    behaves the same however it is named; any other URL is kept as given."""
+    text = str(location)
+    if "://" not in text:
+        return Path(text)
+    parsed = urlparse(text)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise AvrError(f"{text}: a file:// URL names a path on this machine (file:///path); "
+                           f"mount the remote disk, or use its object store URL")
+        return Path(url2pathname(parsed.path))
+    return text.rstrip("/")
+
+
+def store_filesystem(location: str | Path):
+    """The fsspec filesystem holding ``location`` and the store's path within it. Raises
+    AvrError naming the package to install when the URL's protocol is not available."""
+    import fsspec
+
+    location = store_location(location)
+    try:
+        return fsspec.core.url_to_fs(str(location))
+    except ImportError as error:  # a known protocol whose package is missing (s3fs, gcsfs, ...)
+        raise AvrError(f"{location}: {error} (pip install it, e.g. s3fs for s3://, gcsfs for "
+                       f"gs://)") from None
+    except ValueError as error:
+        raise AvrError(f"{location}: {error}; give a local path or an fsspec URL such as "
+                       f"s3://bucket/cache") from None
+
+
+def store_member(location: str | Path, name: str) -> str | Path:
+    """The location of ``name`` (an array, ``failures.jsonl``) inside the store."""
+    location = store_location(location)
+    return location / name if isinstance(location, Path) else f"{location}/{name}"
+
+
 def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
                  caption_video: list[int] | np.ndarray, caption_text: list[str],
                  caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None):
-    """Pre-allocate every array of a new store (zarr forbids safe concurrent resizes, so the
-    store is created at its final size and writers fill row ranges). Returns the zarr group."""
+    """Pre-allocate every array of a new store at ``path`` (a local path or a URL, see
+    ``store_location``); zarr forbids safe concurrent resizes, so the store is created at its
+    final size and writers fill row ranges. Returns the zarr group."""
     import zarr
 
     n_videos, n_captions = len(video_ids), len(caption_text)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = zarr.open_group(str(store_location(path)), mode="w", zarr_format=3)
     compressor = _compressor()
     layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
     for name, arr in layout.items():
@@ -307,14 +348,16 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
 
 def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = None,
                ignore_versions: bool = False):
-    """Open an existing store, checking its schema version (and spec, when ``expect`` is given).
+    """Open an existing store (a local path or a URL, see ``store_location``), checking its
+    schema version (and spec, when ``expect`` is given).
 
     Returns ``(group, spec)``. Raises CacheMismatchError naming the store and each difference.
     """
     import zarr
 
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = store_location(path)
+    fs, root = store_filesystem(path)
+    if not fs.exists(f"{root}/zarr.json"):
         raise CacheMismatchError(f"{path}: no avr cache here (zarr.json not found); "
                                  f"run `avr extract ... --out {path}` first")
     group = zarr.open_group(str(path), mode=mode, zarr_format=3)

@@ -22,8 +22,10 @@ scheduler reschedules the task on another worker (up to dask's ``allowed-failure
 that raises is retried twice, and whatever still failed is redone by the next run (the done
 mask), which then ends with the same store as an uninterrupted run.
 
-The store is a filesystem path (or ``file://`` URL) that the parent and every worker reach
-at the same path: local disk for a local cluster, a shared filesystem across machines. The
+The store is a location that the parent and every worker reach under the same name: a
+local path for a local cluster, a shared filesystem or an object store URL (``s3://``,
+``gs://``; each worker needs s3fs or gcsfs and the credentials) across machines. A
+``memory://`` store lives in one process and so cannot be shared with worker processes. The
 dataset's video files must be reachable at the same paths too.
 """
 
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -65,7 +68,7 @@ def worker_backbones(config: ExtractConfig) -> Backbones:
 
 @dataclass(frozen=True)
 class CaptionChunkTask:
-    store: str  # the store's path, the same on every worker
+    store: str  # the store's path or URL, the same on every worker
     start: int
     stop: int
     layout: dict[str, schema.ArraySpec]
@@ -156,7 +159,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
                                     seed=config.seed)
     out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)
     del spec_backbones
-    store = str(out.resolve())
+    store = str(out.resolve()) if isinstance(out, Path) else out
 
     caption_tasks = [CaptionChunkTask(store, start, stop, layout, config)
                      for start, stop in pipeline.pending_caption_chunks(group)]

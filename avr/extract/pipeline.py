@@ -14,6 +14,10 @@ The order of work, and what it guarantees:
    is recorded with its id, path and reason in the store's attrs and in ``failures.jsonl``
    beside it, left not done, and retried on the next run.
 
+The store is a local directory or an fsspec URL (``s3://``, ``gs://``, ``file://``): zarr
+reads and writes the arrays, fsspec checks, deletes and measures the store and writes
+``failures.jsonl``, so both kinds behave alike.
+
 Writing into a store made with other backbones, parameters or dataset contents is refused
 with the differences unless ``overwrite`` is set.
 
@@ -26,15 +30,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from avr.schema import AudioParams, CacheSpec
 class ExtractConfig:
     dataset: str = "vatex"
     root: Path | None = None  # default data/<dataset>
-    out: Path = Path("cache")
+    out: str | Path = Path("cache")  # a local path or an fsspec URL (s3://, gs://, file://)
     backbones: str = "real"  # "real" (pretrained weights) | "tiny" (small random configs)
     names: BackboneNames = field(default_factory=BackboneNames)
     num_frames: int | None = None  # default: the dataset's (12 MSR-VTT, 32 VATEX)
@@ -76,7 +77,7 @@ class Failure:
 
 @dataclass
 class ExtractSummary:
-    out: Path
+    out: str | Path  # a local path or a URL
     videos: int
     done: int
     done_now: int
@@ -142,35 +143,30 @@ def _executor(workers: int) -> Executor:
 
 # ---- the store ----------------------------------------------------------------------------------
 
-def store_path(out: str | Path) -> Path:
-    """The local path of a store given as a path or a ``file://`` URL. Stores live on a
-    filesystem (shared by every dask worker when there are several machines)."""
-    text = str(out)
-    if "://" not in text:
-        return Path(text)
-    parsed = urlparse(text)
-    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
-        raise AvrError(f"--out {text}: a store is written to a filesystem path or a file:// URL "
-                       f"(a directory every worker can reach: local, NFS, Lustre, a mounted "
-                       f"bucket); {parsed.scheme}:// URLs are not supported")
-    return Path(url2pathname(parsed.path))
+def store_path(out: str | Path) -> str | Path:
+    """Where the store of ``--out`` lives: a local path (also given as a ``file://`` URL) or an
+    fsspec URL (``s3://``, ``gs://``, ``memory://`` ...) that every dask worker can reach.
+    Fails early, naming the package, when the URL's protocol is not installed."""
+    schema.store_filesystem(out)
+    return schema.store_location(out)
 
 
-def prepare_store(out: Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
+def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
                   chunk_rows: int | None):
     """Open the store at ``out`` for resuming, or create it. Refuses a store that was made
-    with another spec or for other videos/captions unless ``overwrite``."""
+    with another spec or for other videos/captions unless ``overwrite``, which deletes it."""
     caption_video, caption_text, caption_tags = _caption_columns(index)
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    if (out / "zarr.json").exists():
+    fs, root = schema.store_filesystem(out)
+    if overwrite and fs.exists(root):
+        fs.rm(root, recursive=True)
+    if fs.exists(f"{root}/zarr.json"):
         try:
             group, _ = schema.open_store(out, mode="r+", expect=spec)
             _check_contents(out, group, index, caption_text)
         except CacheMismatchError as error:
             raise CacheMismatchError(f"{error}\npass --overwrite to replace it") from None
         return group
-    if out.exists() and any(out.iterdir()):
+    if fs.exists(root) and fs.ls(root, detail=False):
         raise AvrError(f"{out} exists and is not an avr store; choose another --out")
     return schema.create_store(out, spec, index.video_ids, index.video_splits, caption_video,
                                caption_text, caption_tags, video_chunk_rows=chunk_rows)
@@ -182,7 +178,7 @@ def _caption_columns(index: DatasetIndex) -> tuple[np.ndarray, list[str], list[s
     return caption_video, [c.text for c in index.captions], [c.tag for c in index.captions]
 
 
-def _check_contents(out: Path, group, index: DatasetIndex, caption_text: list[str]) -> None:
+def _check_contents(out: str | Path, group, index: DatasetIndex, caption_text: list[str]) -> None:
     stored_ids = list(group[schema.VIDEO_ID][:])
     if stored_ids != index.video_ids:
         added = len(set(index.video_ids) - set(stored_ids))
@@ -200,12 +196,15 @@ def read_failures(group) -> dict[str, Failure]:
     return {f["video_id"]: Failure(**f) for f in group.attrs.get(schema.ATTR_FAILURES, [])}
 
 
-def write_failures(out: Path, group, failures: dict[str, Failure]) -> None:
+def write_failures(out: str | Path, group, failures: dict[str, Failure]) -> None:
+    """Record ``failures`` in the store's attrs and in ``failures.jsonl`` beside the arrays
+    (written whole to a temporary name, then moved over the old file)."""
     records = [vars(f) for f in sorted(failures.values(), key=lambda f: f.video_id)]
     group.attrs[schema.ATTR_FAILURES] = records
-    tmp = out / (schema.FAILURES_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out / schema.FAILURES_FILE)
+    fs, root = schema.store_filesystem(out)
+    target = f"{root}/{schema.FAILURES_FILE}"
+    fs.pipe_file(target + ".tmp", "".join(json.dumps(r) + "\n" for r in records).encode())
+    fs.mv(target + ".tmp", target)
 
 
 def _row_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -301,7 +300,7 @@ def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Ba
     return out, group, spec, layout
 
 
-def summarize(out: Path, group, n_captions: int, done_now: int, failures: dict[str, Failure],
+def summarize(out: str | Path, group, n_captions: int, done_now: int, failures: dict[str, Failure],
               seconds: float, decode_s: float, encode_s: float, device: str) -> ExtractSummary:
     done = group[schema.VIDEO_DONE][:]
     return ExtractSummary(out, len(done), int(np.count_nonzero(done)), done_now,
@@ -412,7 +411,7 @@ def decode_rows(rows, video_ids, video_paths, spec: CacheSpec) -> list[_Decoded]
                         spec.image_size, spec.audio) for row in rows]
 
 
-def _extract_videos(out: Path, group, layout, spec: CacheSpec, index: DatasetIndex,
+def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: DatasetIndex,
                     backbones: Backbones, config: ExtractConfig, device: torch.device,
                     progress: ExtractProgress, on_chunk) -> tuple[int, float, float, dict]:
     done = group[schema.VIDEO_DONE][:]
@@ -442,10 +441,11 @@ def _extract_videos(out: Path, group, layout, spec: CacheSpec, index: DatasetInd
     return done_now, decode_s, encode_s, failures
 
 
-def write_failures_file_once(out: Path, group, failures: dict[str, Failure]) -> None:
+def write_failures_file_once(out: str | Path, group, failures: dict[str, Failure]) -> None:
     """Write ``failures.jsonl`` for failures carried over from an earlier run that no chunk of
     this run changed (a resumed store whose file was removed)."""
-    if failures and not (out / schema.FAILURES_FILE).exists():
+    fs, root = schema.store_filesystem(out)
+    if failures and not fs.exists(f"{root}/{schema.FAILURES_FILE}"):
         write_failures(out, group, failures)
 
 
@@ -475,8 +475,10 @@ def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: 
         yield item, [f.result() for f in futures]
 
 
-def store_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def store_bytes(location: str | Path) -> int:
+    """Bytes of every file of the store, wherever it lives."""
+    fs, root = schema.store_filesystem(location)
+    return int(fs.du(root, total=True))
 
 
 class ExtractProgress:
