@@ -1,4 +1,5 @@
-"""Training on several processes (gloo on the CPU) equals one process with the same global batch."""
+"""Training on several processes (gloo on the CPU), each holding its shard of the train split,
+equals one process with the same global batches (``shards`` = the number of processes)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from avr.errors import AvrError
-from avr.fuse import distributed, trainer
-from avr.fuse.data import random_split
+from avr.fuse import checkpoint, distributed, trainer
+from avr.fuse.data import load_split, random_split
 from avr.fuse.distributed import World
 from avr.fuse.heads import build_head
 from avr.fuse.trainer import TrainConfig
@@ -26,9 +27,9 @@ from stores import make_learnable_store
 # dropout 0: each rank draws dropout masks for its own rows, so only without dropout are the
 # two runs equal number for number (with dropout they are equal in distribution).
 RUN = {"head": "xpool", "epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup": 0.0, "device": "cpu",
-       "amp": False, "head_options": {"dropout": 0.0}}
+       "amp": False, "shards": 2, "head_options": {"dropout": 0.0}}
 RUN_FLAGS = ["--head", "xpool", "--batch-size", "16", "--lr", "0.003", "--warmup", "0",
-             "--device", "cpu", "--dropout", "0", "--opt", "amp=false"]
+             "--device", "cpu", "--dropout", "0", "--opt", "amp=false"]  # shards: one per rank
 
 
 def free_port() -> int:
@@ -49,7 +50,7 @@ def losses(run: Path) -> list[float]:
     return [h.loss for h in trainer.read_log(run)]
 
 
-def assert_same_weights(run_a: Path, run_b: Path, name: str, atol: float = 1e-4) -> None:
+def assert_same_weights(run_a: Path, run_b: Path, name: str, atol: float = 1e-5) -> None:
     a, b = load_file(str(run_a / name)), load_file(str(run_b / name))
     weights = [k for k in a if k.startswith("head.")]
     assert weights and set(weights) <= set(b)
@@ -60,7 +61,7 @@ def assert_same_weights(run_a: Path, run_b: Path, name: str, atol: float = 1e-4)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_learnable_store(tmp_path_factory.mktemp("cache") / "cache", make_tiny_spec(),
-                                failed=(3,))  # 47 train videos: the last batch of 15 splits 8 + 7
+                                failed=(3,))  # 47 train videos: shards of 24 and 23
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,7 @@ def test_two_gloo_processes_train_the_same_run_as_one_process(store, one_process
     run = tmp_path / "run"
     torchrun("train", "--cache", str(store), "--epochs", "3", "--run-dir", str(run), *RUN_FLAGS,
              cwd=tmp_path)
+    assert checkpoint.read_config(run)["train"]["shards"] == 2  # taken from WORLD_SIZE
     assert losses(run) == pytest.approx(losses(one_process_run), abs=1e-5)
     assert ([h.val_r1 for h in trainer.read_log(run)]
             == [h.val_r1 for h in trainer.read_log(one_process_run)])
@@ -98,6 +100,25 @@ def test_an_interrupted_one_process_run_resumes_on_two_processes(store, one_proc
     assert_same_weights(run, one_process_run, "last.safetensors")
 
 
+def _rank_trains(rank: int, port: int, store: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = trainer.train(store, TrainConfig(**{**RUN, "epochs": 1}), Path(out) / "run")
+    torch.save({"train_videos": result.train_videos,
+                "losses": [h.loss for h in result.history]}, Path(out) / f"rank{rank}.pt")
+
+
+def test_each_rank_loads_only_its_shard_and_trains_the_one_process_epoch(store, tmp_path):
+    alone = trainer.train(store, TrainConfig(**{**RUN, "epochs": 1}), tmp_path / "alone")
+    mp.spawn(_rank_trains, args=(free_port(), str(store), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert alone.train_videos == 47
+    assert [r["train_videos"] for r in ranks] == [24, 23]
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx([h.loss for h in alone.history], abs=1e-5)
+
+
 # ---- one step's gradients, two gloo processes started by torch.multiprocessing -----------------
 
 GRAD_HEADS = ("xpool", "tefal")  # xpool: parameters in score; tefal: audio too, wide states
@@ -111,7 +132,9 @@ def step_gradients(head_name: str, world: World) -> dict[str, torch.Tensor]:
     data = random_split(spec, 12, video_names=head.video_inputs,
                         caption_names=head.caption_inputs, dtype=torch.float32)
     rows = torch.randperm(12, generator=torch.Generator().manual_seed(1))[:10]
-    loss = trainer.batch_loss(head, data, rows, rows, torch.device("cpu"), world)
+    counts = [6, 4] if world.is_distributed else [10]  # uneven parts: gathers pad and trim
+    mine = rows[sum(counts[:world.rank]):sum(counts[:world.rank + 1])]
+    loss = trainer.batch_loss(head, data, mine, mine, counts, torch.device("cpu"), world)
     loss.backward()
     distributed.average_gradients(head.parameters(), world)
     return {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}
@@ -148,11 +171,53 @@ def test_averaged_gradients_equal_the_one_process_gradients(head_name, rank_grad
 
 # ---- pure parts --------------------------------------------------------------------------------
 
-def test_each_rank_takes_a_contiguous_slice_and_the_slices_cover_the_batch():
-    rows = torch.arange(15)
-    slices = [distributed.shard(rows, World(rank, 4)) for rank in range(4)]
-    assert [len(s) for s in slices] == distributed.shard_counts(15, World(0, 4)) == [4, 4, 4, 3]
-    assert torch.equal(torch.cat(slices), rows)
+@pytest.mark.parametrize("pairs", ["one", "all"])
+def test_a_rank_draws_from_its_loaded_shard_the_pairs_one_process_draws_for_it(store, pairs):
+    full = load_split(store, "train", (), ())
+    config = TrainConfig(pairs=pairs, shards=2)
+    for rank in range(2):
+        mine = load_split(store, "train", (), (), shard=(rank, 2))
+        videos, captions = trainer.held_shards(mine, config, 3, World(rank, 2))[0]
+        owned = torch.nonzero((full.caption_video >= 0)
+                              & (full.caption_video % 2 == rank)).squeeze(1)
+        assert mine.video_ids == full.video_ids[rank::2]
+        assert mine.caption_text == [full.caption_text[i] for i in owned]
+        expected = trainer.shard_pairs(full.caption_video, rank, 2, pairs,
+                                       trainer.shard_generator(config, 3, rank))
+        assert torch.equal(rank + 2 * videos, expected[0])
+        assert torch.equal(owned[captions], expected[1])
+
+
+def test_a_global_batch_takes_an_equal_part_from_every_shard(store):
+    full = load_split(store, "train", (), ())
+    batches = list(trainer.epoch_batches(full, TrainConfig(batch_size=16, shards=2), 0))
+    assert [counts for _, _, counts in batches] == [[8, 8], [8, 8], [8, 7]]
+    for videos, captions, _ in batches:
+        assert torch.equal(videos % 2, torch.tensor([0] * 8 + [1] * (len(videos) - 8)))
+        assert torch.equal(full.caption_video[captions], videos)
+    seen = torch.cat([videos for videos, _, _ in batches])
+    assert sorted(seen.tolist()) == list(range(full.num_videos))
+
+
+def test_one_shard_draws_the_batches_of_one_shuffled_pair_list(store):
+    full = load_split(store, "train", (), ())
+    config = TrainConfig(batch_size=16)
+    videos, captions = trainer.epoch_pairs(full, "one", trainer.shard_generator(config, 2, 0))
+    batches = list(trainer.epoch_batches(full, config, 2))
+    assert torch.equal(torch.cat([v for v, _, _ in batches]), videos)
+    assert torch.equal(torch.cat([c for _, c, _ in batches]), captions)
+    assert [len(v) for v, _, _ in batches] == [16, 16, 15]
+
+
+def test_the_batch_size_must_split_evenly_over_the_shards():
+    with pytest.raises(AvrError, match="multiple of shards=2"):
+        TrainConfig(head="xpool", batch_size=15, shards=2).validate()
+
+
+def test_torchrun_needs_as_many_shards_as_processes():
+    with pytest.raises(AvrError, match="shards=1 but torchrun started WORLD_SIZE=2"):
+        trainer.check_world(TrainConfig(), World(0, 2))
+    trainer.check_world(TrainConfig(shards=2), World(1, 2))
 
 
 def test_the_world_comes_from_the_torchrun_environment(monkeypatch):

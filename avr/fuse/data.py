@@ -3,6 +3,10 @@
 The trainer loads a split once (16-bit floats stay 16-bit), on the GPU when it fits, and then
 only indexes rows. Rows that failed extraction are left out of the video gallery; their
 captions stay, with ``caption_video = -1``, so evaluation can count them as failed queries.
+
+A training process of several can load one shard of a split (``shard=(index, count)``): the
+usable videos whose position in the split is ``index`` modulo ``count``, and their captions, in
+store order. A shard leaves out the captions of failed videos (they never train).
 """
 
 from __future__ import annotations
@@ -68,8 +72,10 @@ def _read_rows(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
 
 def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
                caption_names: tuple[str, ...], *, device: str | torch.device = "cpu",
-               expect: CacheSpec | None = None) -> SplitTensors:
-    """Read ``split`` of the store at ``path``: only the arrays a head asks for."""
+               expect: CacheSpec | None = None, shard: tuple[int, int] | None = None
+               ) -> SplitTensors:
+    """Read ``split`` of the store at ``path``: only the arrays a head asks for; with
+    ``shard=(index, count)`` only that shard's videos and their captions (module docstring)."""
     group, spec = schema.open_store(path, expect=expect)
     code = schema.split_code(split)
     in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == code
@@ -77,6 +83,11 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     all_ids = np.asarray(group[schema.VIDEO_ID][:])
     video_rows = np.flatnonzero(in_split & done)
     missing = [str(v) for v in all_ids[in_split & ~done]]
+    if shard is not None:
+        index, count = shard
+        video_rows = video_rows[index::count]
+        in_split = np.zeros_like(in_split)
+        in_split[video_rows] = True
 
     caption_video_all = np.asarray(group[schema.CAPTION_VIDEO][:])
     caption_rows = np.flatnonzero(in_split[caption_video_all])

@@ -2,8 +2,12 @@
 
 What one step does on N ranks, and why it equals one process with the same global batch:
 
-- Every rank draws the same shuffled pair list (same seed) and cuts the same global batches of
-  ``batch_size`` pairs; rank r encodes only its contiguous slice of each batch (``shard``).
+- Rank r holds only its shard of the train split: the videos whose position in the split is r
+  modulo N, and their captions. Global batch b is the concatenation, in rank order, of the b-th
+  ``batch_size / N`` pairs of every shard's own shuffled pair order
+  (:func:`avr.fuse.trainer.epoch_batches`); one process run with ``shards=N`` composes exactly
+  the same batches, which is what makes the two runs equal. Rank r encodes its own part of
+  each batch; ``gather_counts`` tells every rank how many rows each part has.
 - ``gather_state`` all-gathers every tensor of the text and video states, so every rank holds
   the states of the whole global batch in the original row order, and puts its own slice back in
   as the local tensor that carries gradients (open_clip's ``gather_features``). Every rank then
@@ -22,11 +26,10 @@ What one step does on N ranks, and why it equals one process with the same globa
   all-reduce of the flattened gradients per step. Parameters start equal (broadcast from rank 0)
   and stay equal: every rank applies the same averaged gradient with the same optimizer.
 
-Each rank keeps the whole train split loaded (any row can fall in its slice of a later batch)
-and moves only its slice of each batch to its device. Dropout draws differ from the one-process
-run (each rank draws masks for its own rows), so equality with one process is exact only with
-``dropout=0``; with dropout the runs are equal in distribution. A final batch with fewer pairs
-than ranks is skipped (one process would train on it).
+Dropout draws differ from the one-process run (each rank draws masks for its own rows), so
+equality with one process is exact only with ``dropout=0``; with dropout the runs are equal in
+distribution. A batch to which some shard gives no pairs (the end of an epoch whose shards
+differ in size) is skipped, by one process with ``shards=N`` too.
 
 Rank 0 validates, writes checkpoints and logs and reports progress; the others wait for its
 validation R@1 (``broadcast_object``) so that early stopping and the best epoch agree everywhere.
@@ -128,18 +131,14 @@ def session(device: torch.device) -> Iterator[tuple[World, torch.device]]:
 
 # ---- rows of a global batch --------------------------------------------------------------------
 
-def shard_counts(rows: int, world: World) -> list[int]:
-    """Rows of a global batch of ``rows`` that each rank takes: contiguous, sizes differ by <= 1
-    (the first ``rows % size`` ranks take one more), as ``torch.tensor_split`` cuts."""
-    base, extra = divmod(rows, world.size)
-    return [base + (1 if r < extra else 0) for r in range(world.size)]
-
-
-def shard(rows: torch.Tensor, world: World) -> torch.Tensor:
-    """This rank's contiguous slice of the global batch ``rows``."""
-    counts = shard_counts(len(rows), world)
-    start = sum(counts[:world.rank])
-    return rows[start:start + counts[world.rank]]
+def gather_counts(count: int, world: World, device: torch.device) -> list[int]:
+    """Every rank's ``count`` in rank order (the rows each rank holds of one global batch)."""
+    if not world.is_distributed:
+        return [count]
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(parts, mine)
+    return [int(part) for part in parts]
 
 
 # ---- the global batch's states -------------------------------------------------------------------

@@ -8,9 +8,11 @@ checkpoint by val text-to-video R@1 (never the test split).
 Everything a run needs to be rebuilt goes in ``config.json``; weights in safetensors.
 
 Under ``torchrun --nproc-per-node N -m avr train ...`` (WORLD_SIZE > 1 in the environment)
-``train`` and ``resume`` join the process group and every rank trains its slice of each global
-batch, with the loss over the whole global batch; rank 0 validates and writes the run. The
-mechanics and why the result equals one process are in :mod:`avr.fuse.distributed`.
+``train`` and ``resume`` join the process group; rank r loads only shard r of the train split
+(``shards`` must equal N), encodes that shard's part of each global batch, and takes the loss over
+the whole global batch; rank 0 alone loads val, validates and writes the run. One process with
+``shards=N`` composes the same global batches (``epoch_batches``) and so trains the same run.
+The mechanics are in :mod:`avr.fuse.distributed`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from avr.fuse.heads import build_head, head_class, make_config
 from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, chunked_scores, encode_in_chunks
 
 DEFAULT_CACHE = Path("cache")
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -55,6 +58,7 @@ class TrainConfig:
     seed: int = 42
     pairs: str = "one"  # "one": one random caption per video per epoch; "all": every caption
     early_stop: int = 0  # stop after this many epochs without a better val R@1 (0: never)
+    shards: int = 1  # train video shards, each giving batch_size / shards pairs to every batch
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     val_video_chunk: int = 64
@@ -65,6 +69,10 @@ class TrainConfig:
             raise AvrError(f"pairs must be 'one' or 'all', not {self.pairs!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise AvrError("epochs must be >= 1 and batch size >= 2 (InfoNCE needs negatives)")
+        if self.shards < 1 or self.batch_size % self.shards:
+            raise AvrError(f"batch size {self.batch_size} must be a multiple of shards="
+                           f"{self.shards} (>= 1): every shard gives each batch the same number "
+                           f"of pairs")
         make_config(self.head, self.head_options)  # unknown head options fail now, not later
 
 
@@ -87,6 +95,15 @@ def split_options(options: dict[str, Any], head: str) -> tuple[dict[str, Any], d
     return train, head_opts
 
 
+def check_world(config: TrainConfig, world: World) -> None:
+    """Under torchrun every rank holds one shard of the train split: shards must be WORLD_SIZE."""
+    if world.is_distributed and config.shards != world.size:
+        raise AvrError(f"shards={config.shards} but torchrun started WORLD_SIZE={world.size} "
+                       f"processes: pass --opt shards={world.size}, or start "
+                       f"--nproc-per-node {config.shards} (a run with shards=N trains the same "
+                       f"on one process or on N)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -97,24 +114,30 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class CacheData:
-    """The train and val splits of a store, loaded once (shared by every trial of a sweep)."""
+    """The train and val splits of a store, loaded once (shared by every trial of a sweep).
+    On a rank of several: its shard of train, and val on rank 0 only (it alone validates)."""
 
     path: Path
     spec: schema.CacheSpec
     train: SplitTensors
-    val: SplitTensors
+    val: SplitTensors | None
 
 
-def load_cache(path: str | Path, head: str, device: torch.device) -> CacheData:
-    """Load train and val with the arrays ``head`` needs: on ``device`` when they fit."""
+def load_cache(path: str | Path, head: str, device: torch.device,
+               world: World = distributed.SINGLE) -> CacheData:
+    """Load train (this rank's shard of it) and val with the arrays ``head`` needs: on
+    ``device`` when they fit."""
     cls = head_class(head)
     path = Path(path)
-    splits = {}
-    for split in ("train", "val"):
-        data = load_split(path, split, cls.video_inputs, cls.caption_inputs)
+    shard = (world.rank, world.size) if world.is_distributed else None
+    splits = {"train": load_split(path, "train", cls.video_inputs, cls.caption_inputs,
+                                  shard=shard)}
+    if world.is_main:
+        splits["val"] = load_split(path, "val", cls.video_inputs, cls.caption_inputs)
+    for split, data in splits.items():
         if data.num_videos == 0:
-            raise AvrError(f"{path}: the {split} split has no extracted videos")
-        splits[split] = data
+            where = f"shard {world.rank} of {world.size} of " if split == "train" and shard else ""
+            raise AvrError(f"{path}: {where}the {split} split has no extracted videos")
     needed = sum(s.nbytes() for s in splits.values())
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -122,7 +145,7 @@ def load_cache(path: str | Path, head: str, device: torch.device) -> CacheData:
             splits = {k: v.to(device) for k, v in splits.items()}
         else:  # keep on the host, pinned, and move each batch
             splits = {k: _pin(v) for k, v in splits.items()}
-    return CacheData(path, splits["train"].spec, splits["train"], splits["val"])
+    return CacheData(path, splits["train"].spec, splits["train"], splits.get("val"))
 
 
 def _pin(data: SplitTensors) -> SplitTensors:
@@ -134,7 +157,12 @@ def _pin(data: SplitTensors) -> SplitTensors:
 def epoch_pairs(data: SplitTensors, pairs: str, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(video rows, caption rows) of one epoch, shuffled. ``one``: one random caption per video."""
-    caption_video = data.caption_video.cpu()
+    return draw_pairs(data.caption_video.cpu(), pairs, generator)
+
+
+def draw_pairs(caption_video: torch.Tensor, pairs: str, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``epoch_pairs`` for the captions' video rows ``caption_video`` (-1: failed video)."""
     valid = torch.nonzero(caption_video >= 0).squeeze(1)
     if pairs == "all":
         order = valid[torch.randperm(len(valid), generator=generator)]
@@ -150,17 +178,67 @@ def epoch_pairs(data: SplitTensors, pairs: str, generator: torch.Generator
     return caption_video[captions], captions
 
 
-def batches(video_rows: torch.Tensor, caption_rows: torch.Tensor, batch_size: int):
-    """Batches of paired rows; a batch holds each video at most once (distinct negatives)."""
-    for start in range(0, len(video_rows), batch_size):
-        v, c = video_rows[start:start + batch_size], caption_rows[start:start + batch_size]
-        if len(v) < 2:
+def shard_generator(config: TrainConfig, epoch: int, shard: int) -> torch.Generator:
+    """The generator of one shard's pairs in one epoch; shard 0 keeps the one-process seed, so a
+    run with ``shards=1`` draws what it always drew."""
+    return torch.Generator().manual_seed(config.seed * 100_003 + epoch + shard * 1_000_003)
+
+
+def shard_pairs(caption_video: torch.Tensor, shard: int, shards: int, pairs: str,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shuffled pairs of the videos in position ``shard`` modulo ``shards`` of the split, as
+    rows of the split. Drawn on the shard's own rows, so a rank holding only that shard (loaded
+    with ``load_split(shard=...)``, whose rows keep this order) draws the same pairs."""
+    owned = torch.nonzero((caption_video >= 0) & (caption_video % shards == shard)).squeeze(1)
+    local_videos = (caption_video[owned] - shard) // shards
+    _, captions = draw_pairs(local_videos, pairs, generator)
+    return caption_video[owned[captions]], owned[captions]
+
+
+def _distinct_videos(video_rows: torch.Tensor, caption_rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each video's first pair: a batch holds each video at most once (distinct negatives);
+    with pairs="all" two captions of one video can meet."""
+    if len(torch.unique(video_rows)) == len(video_rows):
+        return video_rows, caption_rows
+    _, keep = np.unique(video_rows.numpy(), return_index=True)
+    keep = torch.from_numpy(np.sort(keep))
+    return video_rows[keep], caption_rows[keep]
+
+
+def held_shards(data: SplitTensors, config: TrainConfig, epoch: int, world: World
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each shard's pair order that this process holds: every shard alone, its own on a rank."""
+    caption_video = data.caption_video.cpu()
+    if world.is_distributed:  # ``data`` is shard ``world.rank`` itself
+        return [shard_pairs(caption_video, 0, 1, config.pairs,
+                            shard_generator(config, epoch, world.rank))]
+    return [shard_pairs(caption_video, shard, config.shards, config.pairs,
+                        shard_generator(config, epoch, shard)) for shard in range(config.shards)]
+
+
+def epoch_batches(data: SplitTensors, config: TrainConfig, epoch: int,
+                  world: World = distributed.SINGLE, device: torch.device = CPU):
+    """The epoch's global batches, the same for one process with ``shards=N`` and for N ranks:
+    batch b concatenates, in shard order, the b-th ``batch_size / shards`` pairs of every shard's
+    own pair order. Yields (video rows, caption rows, counts): the rows of ``data`` this process
+    holds of the batch and how many rows each shard gives it. A batch to which some shard gives
+    nothing (shards of unequal size, at the end of an epoch) or with fewer than 2 pairs is
+    skipped."""
+    per_shard = config.batch_size // config.shards
+    orders = held_shards(data, config, epoch, world)
+    lengths = [len(videos) for videos, _ in orders]
+    if world.is_distributed:
+        lengths = distributed.gather_counts(lengths[0], world, device)
+    for start in range(0, max(lengths), per_shard):
+        parts = [_distinct_videos(v[start:start + per_shard], c[start:start + per_shard])
+                 for v, c in orders]
+        counts = [len(v) for v, _ in parts]
+        if world.is_distributed:
+            counts = distributed.gather_counts(counts[0], world, device)
+        if min(counts) == 0 or sum(counts) < 2:
             continue
-        if len(torch.unique(v)) < len(v):  # with pairs="all" two captions of one video can meet
-            _, keep = np.unique(v.numpy(), return_index=True)
-            keep = torch.from_numpy(np.sort(keep))
-            v, c = v[keep], c[keep]
-        yield v, c
+        yield torch.cat([v for v, _ in parts]), torch.cat([c for _, c in parts]), counts
 
 
 # ---- evaluation used for model selection -------------------------------------------------------
@@ -205,6 +283,7 @@ class TrainResult:
     best_val_r1: float
     history: list[EpochLog]
     seconds: float
+    train_videos: int  # train videos this process loaded: its shard's alone on a rank of several
 
 
 def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -233,19 +312,26 @@ def make_optimizer(head: RetrievalHead, config: TrainConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def steps_per_epoch(data: SplitTensors, config: TrainConfig) -> int:
-    n = data.num_videos if config.pairs == "one" else int((data.caption_video >= 0).sum())
-    return max(1, math.ceil(n / config.batch_size))
+def steps_per_epoch(data: SplitTensors, config: TrainConfig, world: World = distributed.SINGLE,
+                    device: torch.device = CPU) -> int:
+    """Batches of an epoch as the schedule counts them: those of the largest shard."""
+    held = 1 if world.is_distributed else config.shards  # a rank holds its own shard alone
+    caption_video = data.caption_video.cpu()
+    sizes = [len(range(shard, data.num_videos, held)) if config.pairs == "one"
+             else int(((caption_video >= 0) & (caption_video % held == shard)).sum())
+             for shard in range(held)]
+    if world.is_distributed:
+        sizes = distributed.gather_counts(sizes[0], world, device)
+    return max(1, math.ceil(max(sizes) / (config.batch_size // config.shards)))
 
 
 def batch_loss(head: RetrievalHead, data: SplitTensors, video_rows: torch.Tensor,
-               caption_rows: torch.Tensor, device: torch.device, world: World) -> torch.Tensor:
+               caption_rows: torch.Tensor, counts: list[int], device: torch.device,
+               world: World) -> torch.Tensor:
     """The loss of one global batch of pairs. Alone: encode and score the batch. On several ranks:
-    encode this rank's slice, gather the states of the whole batch, score all of it."""
+    encode this rank's rows (``counts[r]`` on rank r), gather the states of the whole batch,
+    score all of it."""
     rows_device = data.caption_video.device
-    counts = distributed.shard_counts(len(video_rows), world)
-    video_rows = distributed.shard(video_rows, world)
-    caption_rows = distributed.shard(caption_rows, world)
     videos = _to(data.video_rows(video_rows.to(rows_device)), device)
     captions = _to(data.caption_rows(caption_rows.to(rows_device)), device)
     texts, video_state = head.encode_texts(captions), head.encode_videos(videos)
@@ -261,14 +347,10 @@ def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, op
                 ) -> tuple[float, int]:
     """One pass over the epoch's pairs; returns (mean loss, pairs seen by all ranks)."""
     head.train()
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    video_rows, caption_rows = epoch_pairs(data, config.pairs, generator)
     losses, seen = [], 0
-    for v, c in batches(video_rows, caption_rows, config.batch_size):
-        if len(v) < world.size:  # a rank would hold no rows
-            continue
+    for v, c, counts in epoch_batches(data, config, epoch, world, device):
         with autocast(device, config.amp):
-            loss = batch_loss(head, data, v, c, device, world)
+            loss = batch_loss(head, data, v, c, counts, device, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(head.parameters(), world)
@@ -280,7 +362,7 @@ def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, op
             if isinstance(head.logit_scale, torch.nn.Parameter):
                 head.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
         losses.append(loss.detach())
-        seen += len(v)
+        seen += sum(counts)
     mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")
     return mean_loss, seen
 
@@ -292,7 +374,7 @@ def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torc
         world: World = distributed.SINGLE) -> TrainResult:
     """Train ``head`` from ``start_epoch`` to ``config.epochs``; checkpoints go to ``run_dir``.
     On several ranks only rank 0 validates, writes ``run_dir`` and calls ``on_epoch``."""
-    total_steps = steps_per_epoch(cache.train, config) * config.epochs
+    total_steps = steps_per_epoch(cache.train, config, world, device) * config.epochs
     if optimizer is None:
         optimizer, scheduler = make_optimizer(head, config, total_steps)
     history = list(history or [])
@@ -336,7 +418,8 @@ def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torc
     if writer is not None:
         writer.close()
     distributed.barrier(world)  # the run directory is complete when any rank returns
-    return TrainResult(run_dir, best_epoch, best_r1, history, time.perf_counter() - started)
+    return TrainResult(run_dir, best_epoch, best_r1, history, time.perf_counter() - started,
+                       cache.train.num_videos)
 
 
 def _tensorboard(run_dir: Path | None):
@@ -422,16 +505,20 @@ def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = No
           cache: CacheData | None = None,
           on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
     """Train a new run of ``config.head`` on the store at ``cache_path`` (on every rank when
-    started by torchrun)."""
+    started by torchrun; a new run left at ``shards=1`` takes one shard per rank)."""
     config.validate()
     with distributed.session(resolve_device(config.device)) as (world, device):
+        if world.is_distributed and config.shards == 1:
+            config = dataclasses.replace(config, shards=world.size)
+            config.validate()
+        check_world(config, world)
         return _train(cache_path, config, run_dir, cache, on_epoch, world, device)
 
 
 def _train(cache_path, config: TrainConfig, run_dir: Path | None, cache: CacheData | None,
            on_epoch, world: World, device: torch.device) -> TrainResult:
     seed_everything(config.seed)
-    cache = cache or load_cache(cache_path, config.head, device)
+    cache = cache or load_cache(cache_path, config.head, device, world)
     head = build_head(config.head, cache.spec, config.head_options).to(device)
     distributed.broadcast_module(head, world)
     # Rank 0 names the run and decides whether it is taken; every rank acts on its answer.
@@ -462,8 +549,8 @@ def _run_config(cache_path, config: TrainConfig, cache: CacheData, head: Retriev
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | Path | None = None,
            on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
-    """Continue a run from its last checkpoint (to ``epochs`` if given, else its own total), on
-    any number of ranks: the global batch, hence the run, does not depend on it."""
+    """Continue a run from its last checkpoint (to ``epochs`` if given, else its own total), in
+    one process or on as many ranks as the run has shards: either composes the same batches."""
     run_dir = Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     config = TrainConfig(**{k: v for k, v in saved["train"].items() if k in TRAIN_FIELDS})
@@ -471,16 +558,17 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | 
         config.epochs = epochs
         saved["train"]["epochs"] = epochs
     with distributed.session(resolve_device(config.device)) as (world, device):
+        check_world(config, world)
         return _resume(run_dir, saved, config, cache_path, on_epoch, world, device)
 
 
 def _resume(run_dir: Path, saved: dict[str, Any], config: TrainConfig, cache_path, on_epoch,
             world: World, device: torch.device) -> TrainResult:
     cache_path = Path(cache_path or saved["cache"]["path"])
-    cache = load_cache(cache_path, config.head, device)
+    cache = load_cache(cache_path, config.head, device, world)
     checkpoint.check_cache(saved, cache.spec, cache_path)
     head = build_head(config.head, cache.spec, saved.get("head_options", {})).to(device)
-    total_steps = steps_per_epoch(cache.train, config) * config.epochs
+    total_steps = steps_per_epoch(cache.train, config, world, device) * config.epochs
     optimizer, scheduler = make_optimizer(head, config, total_steps)
     start, best_epoch, best_r1 = load_last(head, optimizer, scheduler, run_dir)
     if start >= config.epochs:
