@@ -117,3 +117,23 @@ def test_an_unknown_protocol_is_refused():
 
 def test_a_file_url_is_the_local_path(tmp_path):
     assert pipeline.store_path((tmp_path / "cache").as_uri()) == tmp_path / "cache"
+
+
+def test_a_head_trains_and_evaluates_on_a_store_at_a_url(tmp_path):
+    from avr.evaluate.evaluator import EvalConfig, evaluate_run
+    from avr.fuse import trainer
+    from avr.fuse.trainer import TrainConfig
+    from conftest import make_tiny_spec
+    from stores import make_learnable_store
+
+    url = "memory://avr-test/learnable"
+    try:
+        make_learnable_store(url, make_tiny_spec())
+        config = TrainConfig(head="meanp", epochs=6, batch_size=16, lr=1e-2, warmup=0.0,
+                             device="cpu")
+        result = trainer.train(url, config, tmp_path / "run")
+        assert result.best_val_r1 > 4 * 100.0 / 12
+        evaluated = evaluate_run(tmp_path / "run", config=EvalConfig(device="cpu"))
+        assert evaluated.cache == url and evaluated.num_videos == 12
+    finally:
+        fsspec.filesystem("memory").rm("/avr-test/learnable", recursive=True)

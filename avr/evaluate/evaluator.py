@@ -91,7 +91,7 @@ def open_run(run_dir: Path, cache: str | Path | None, device: torch.device
              ) -> tuple[RetrievalHead, dict, Path]:
     """The run's best head and the cache it is checked against (its own unless ``cache``)."""
     head, config = checkpoint.load_head(run_dir, "best", device)
-    cache_path = Path(cache) if cache is not None else Path(config["cache"]["path"])
+    cache_path = schema.store_location(cache if cache is not None else config["cache"]["path"])
     _, spec = schema.open_store(cache_path)
     checkpoint.check_cache(config, spec, cache_path)
     return head, config, cache_path

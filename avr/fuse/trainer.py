@@ -128,7 +128,7 @@ def load_cache(path: str | Path, head: str, device: torch.device,
     """Load train (this rank's shard of it) and val with the arrays ``head`` needs: on
     ``device`` when they fit."""
     cls = head_class(head)
-    path = Path(path)
+    path = schema.store_location(path)
     shard = (world.rank, world.size) if world.is_distributed else None
     splits = {"train": load_split(path, "train", cls.video_inputs, cls.caption_inputs,
                                   shard=shard)}
@@ -539,7 +539,7 @@ def _run_config(cache_path, config: TrainConfig, cache: CacheData, head: Retriev
         "head": config.head,
         "head_options": head.config_dict(),
         "train": dataclasses.asdict(config),
-        "cache": {"path": str(Path(cache_path).resolve()),
+        "cache": {"path": _location_text(cache_path),
                   "identity": schema.cache_identity(cache.spec)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
@@ -562,9 +562,15 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | 
         return _resume(run_dir, saved, config, cache_path, on_epoch, world, device)
 
 
+def _location_text(cache_path: str | Path) -> str:
+    """The store as the run records it: an absolute local path, or its URL."""
+    location = schema.store_location(cache_path)
+    return str(location.resolve()) if isinstance(location, Path) else location
+
+
 def _resume(run_dir: Path, saved: dict[str, Any], config: TrainConfig, cache_path, on_epoch,
             world: World, device: torch.device) -> TrainResult:
-    cache_path = Path(cache_path or saved["cache"]["path"])
+    cache_path = schema.store_location(cache_path or saved["cache"]["path"])
     cache = load_cache(cache_path, config.head, device, world)
     checkpoint.check_cache(saved, cache.spec, cache_path)
     head = build_head(config.head, cache.spec, saved.get("head_options", {})).to(device)
