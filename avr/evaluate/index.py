@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from avr import schema
 from avr.errors import AvrError, CacheMismatchError
+from avr.fuse.blocks import masked_mean
 
 INDEX_DIR = "index"
 META_FILE = "index.json"
@@ -55,9 +56,7 @@ BLOCK_BYTES = 64 << 20  # frame embeddings read per block
 
 def pooled_frames(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked mean over frames, L2-normalised: [V, F, D] and [V, F] -> [V, D] float32."""
-    mask = mask.float().unsqueeze(-1)
-    pooled = (frames.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return F.normalize(pooled, dim=-1)
+    return F.normalize(masked_mean(frames.float(), mask), dim=-1)
 
 
 def normalised_queries(text_embeddings: torch.Tensor) -> np.ndarray:

@@ -121,3 +121,12 @@ class TextConditionedPool(nn.Module):
         pooled = self.norm_out(attended + self.dropout(self.linear(attended)))
         has_any = (weights.sum(-1, keepdim=True) > 0).to(pooled.dtype)
         return pooled * has_any
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of ``tokens`` [B, T, D] counting only rows where ``mask`` [B, T] is set
+    (zeros where none is); a plain mean when ``mask`` is None."""
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)

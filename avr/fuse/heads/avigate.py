@@ -63,6 +63,7 @@ from torch import nn
 
 from avr import schema
 from avr.errors import AvrError
+from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
                                  RetrievalHead, State, symmetric_infonce)
@@ -98,12 +99,6 @@ def adaptive_margins(text_similarity: torch.Tensor, video_similarity: torch.Tens
     margins = (scale * (1.0 - 0.5 * (text_similarity + video_similarity))).clamp(max=cap)
     return margins.masked_fill(torch.eye(len(margins), dtype=torch.bool,
                                          device=margins.device), 0.0)
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 1 of ``tokens`` [B, T, D] over rows where ``mask`` [B, T]; zeros if none."""
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def multi_grained_similarity(text: torch.Tensor, frames: torch.Tensor, video: torch.Tensor,

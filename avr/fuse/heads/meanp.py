@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avr import schema
+from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import HeadConfig, RetrievalHead, State
 
@@ -32,14 +33,6 @@ def identity_linear(dim: int) -> nn.Linear:
     nn.init.eye_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over dim 1 of ``tokens`` [B, T, D] counting only rows where ``mask`` [B, T] is set."""
-    if mask is None:
-        return tokens.mean(1)
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 @register_head("meanp")
