@@ -143,18 +143,22 @@ def bench_eval(head_name: str, *, scale: float, device: torch.device,
 
 # ---- cache reads --------------------------------------------------------------------------------
 
-def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None = None
-                ) -> list[Figure]:
+def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None = None,
+                store: str | Path | None = None) -> list[Figure]:
     """Read the audio tokens of a store into ``device`` memory, against reading the same bytes
-    from one raw file."""
-    from avr.fuse.data import load_split
-
+    from one raw file. With ``store`` (a path or a URL), read that store's train split instead:
+    the speed of the disk or object store it lives on."""
+    if store is not None:
+        seconds, nbytes, videos = _read_train_audio(store, device)
+        return [Figure(f"cache read {nbytes / 1e9:.2f} GB {store} -> {device.type}",
+                       nbytes / seconds / 1e9, "GB/s", f"{videos} train videos")]
     spec = vatex_spec()
     row_bytes = spec.ast_patches * spec.ast_dim * 2
     rows = max(8, int(gigabytes * 1e9 / row_bytes))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        store = Path(tmp) / "cache"
-        group = schema.create_store(store, spec, [f"v{i}" for i in range(rows)], ["train"] * rows,
+        generated = Path(tmp) / "cache"
+        group = schema.create_store(generated, spec, [f"v{i}" for i in range(rows)],
+                                    ["train"] * rows,
                                     np.arange(rows), [f"c{i}" for i in range(rows)])
         chunk = group[schema.AUDIO_PATCH_TOKENS].chunks[0]
         rng = np.random.default_rng(0)
@@ -167,13 +171,9 @@ def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None 
                 handle.write(block[:stop - start].tobytes())
         group[schema.VIDEO_DONE][:] = True
         nbytes = rows * row_bytes
-        _drop_page_cache(raw, store)
-        start = time.perf_counter()
-        data = load_split(store, "train", (schema.AUDIO_PATCH_TOKENS,), ())
-        data.videos[schema.AUDIO_PATCH_TOKENS].to(device)
-        _sync(device)
-        zarr_s = time.perf_counter() - start
-        _drop_page_cache(raw, store)
+        _drop_page_cache(raw, generated)
+        zarr_s, _, _ = _read_train_audio(generated, device)
+        _drop_page_cache(raw, generated)
         start = time.perf_counter()
         array = np.fromfile(raw, dtype=np.float16)
         torch.from_numpy(array).to(device)
@@ -183,6 +183,18 @@ def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None 
                    "GB/s"),
             Figure(f"cache read {nbytes / 1e9:.2f} GB raw file -> {device.type}",
                    nbytes / raw_s / 1e9, "GB/s", f"zarr reaches {100 * raw_s / zarr_s:.0f}%")]
+
+
+def _read_train_audio(store: str | Path, device: torch.device) -> tuple[float, int, int]:
+    """Seconds to read the train split's audio tokens of ``store`` into ``device`` memory,
+    their bytes and the number of videos."""
+    from avr.fuse.data import load_split
+
+    start = time.perf_counter()
+    data = load_split(store, "train", (schema.AUDIO_PATCH_TOKENS,), ())
+    tokens = data.videos[schema.AUDIO_PATCH_TOKENS].to(device)
+    _sync(device)
+    return time.perf_counter() - start, tokens.numel() * tokens.element_size(), tokens.shape[0]
 
 
 def _drop_page_cache(*paths: Path) -> None:

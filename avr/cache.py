@@ -1,9 +1,10 @@
 """Reading a store as a whole: its summary (`avr cache info`), an HDF5 export
-(`avr cache export --format h5`) and dask arrays for out-of-core work. A store is a local
-path or a URL (``s3://``, ``gs://``, ``file://``); the HDF5 file is written locally."""
+(`avr cache export --format h5`) and dask arrays for out-of-core work. A store, and the HDF5
+file, is a local path or a URL (``s3://``, ``gs://``, ``file://``)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     for name in sorted(schema.array_layout(spec, 0, 0)):
         array = group[name]
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
-                        "chunks": list(array.chunks), "stored_bytes": _stored_bytes(schema.store_member(path, name))}
+                        "chunks": list(array.chunks), "stored_bytes": stored_bytes(schema.store_member(path, name))}
     failures = list(group.attrs.get(schema.ATTR_FAILURES, []))
     return {
         "path": str(path),
@@ -46,22 +47,37 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _stored_bytes(location: str | Path) -> int:
+def stored_bytes(location: str | Path) -> int:
     """Bytes of every file under ``location`` (a local path or a URL)."""
     fs, root = schema.store_filesystem(location)
     return int(fs.du(root, total=True))
 
 
-def export_h5(path: str | Path, out: str | Path, *, rows_per_block: int = 1024) -> Path:
-    """Write every array of the store to one HDF5 file under the same names, attrs as JSON."""
+def export_h5(path: str | Path, out: str | Path, *, rows_per_block: int = 1024) -> str | Path:
+    """Write every array of the store to one HDF5 file under the same names, attrs as JSON.
+    ``out`` is a local path or a URL; HDF5 needs a seekable file, so a URL's file is written
+    to a local temporary file first (under TMPDIR) and then uploaded. Returns where it went."""
+    group, spec = schema.open_store(path)
+    destination = schema.store_location(out)
+    if isinstance(destination, Path):
+        tmp = destination.with_name(destination.name + ".tmp")
+        _write_h5(group, spec, tmp, rows_per_block)
+        tmp.replace(destination)
+        return destination
+    fs, remote = schema.store_filesystem(destination)
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / "export.h5"
+        _write_h5(group, spec, local, rows_per_block)
+        fs.put_file(str(local), remote)
+    return destination
+
+
+def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> None:
     import json
 
     import h5py
 
-    group, spec = schema.open_store(path)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
+    with h5py.File(out, "w") as h5:
         for name in schema.array_layout(spec, 0, 0):
             array = group[name]
             if array.dtype.kind in "OTU":  # variable-length strings
@@ -77,8 +93,6 @@ def export_h5(path: str | Path, out: str | Path, *, rows_per_block: int = 1024) 
                 dataset[start:start + rows_per_block] = array[start:start + rows_per_block]
         for key, value in group.attrs.asdict().items():
             h5.attrs[key] = json.dumps(value)
-    tmp.replace(out)
-    return out
 
 
 def open_dask(path: str | Path) -> dict[str, Any]:

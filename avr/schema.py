@@ -298,11 +298,29 @@ def store_filesystem(location: str | Path):
     try:
         return fsspec.core.url_to_fs(str(location))
     except ImportError as error:  # a known protocol whose package is missing (s3fs, gcsfs, ...)
-        raise AvrError(f"{location}: {error} (pip install it, e.g. s3fs for s3://, gcsfs for "
-                       f"gs://)") from None
+        package = _protocol_package(str(location))
+        raise AvrError(f"{location}: {error}" + (f"; pip install {package}" if package else "")
+                       ) from None
     except ValueError as error:
         raise AvrError(f"{location}: {error}; give a local path or an fsspec URL such as "
                        f"s3://bucket/cache") from None
+
+
+def _protocol_package(url: str) -> str:
+    """The package fsspec imports for the protocol of ``url`` (s3fs for s3://, gcsfs for gs://;
+    "" when the protocol is built into fsspec and only its dependencies are missing)."""
+    from fsspec.registry import known_implementations
+
+    protocol = url.split("://", 1)[0]
+    module = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+    return "" if module == "fsspec" else module
+
+
+def location_text(location: str | Path) -> str:
+    """A store or index location as runs and indexes record it: an absolute local path, or the
+    URL as given."""
+    location = store_location(location)
+    return str(location.resolve()) if isinstance(location, Path) else location
 
 
 def store_member(location: str | Path, name: str) -> str | Path:

@@ -38,13 +38,14 @@ class EvalConfig:
     video_chunk: int = 64
     text_chunk: int = 2048
     report: Path | None = None  # write report.md and plots here
-    index: Path | None = None  # first-stage index for rerank_k (default <cache>/index/)
+    index: str | Path | None = None  # first-stage index for rerank_k (a path or a URL;
+    # default <cache>/index/)
 
 
 @dataclass
 class EvalResult:
     run_dir: Path
-    cache: Path
+    cache: str | Path  # a local path or a URL
     head: str
     split: str
     modalities: str
@@ -88,7 +89,7 @@ def resolve_run(run: str | Path | None) -> Path:
 
 
 def open_run(run_dir: Path, cache: str | Path | None, device: torch.device
-             ) -> tuple[RetrievalHead, dict, Path]:
+             ) -> tuple[RetrievalHead, dict, str | Path]:
     """The run's best head and the cache it is checked against (its own unless ``cache``)."""
     head, config = checkpoint.load_head(run_dir, "best", device)
     cache_path = schema.store_location(cache if cache is not None else config["cache"]["path"])
@@ -189,7 +190,7 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
 
 
 @torch.no_grad()
-def train_bank_similarity(head: RetrievalHead, cache_path: Path, videos: State,
+def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State,
                           device: torch.device, config: EvalConfig) -> np.ndarray:
     """QB-Norm's query bank: training captions scored against the evaluated videos."""
     bank = load_split(cache_path, "train", (), head.caption_inputs)
@@ -202,7 +203,7 @@ def train_bank_similarity(head: RetrievalHead, cache_path: Path, videos: State,
 
 
 @torch.no_grad()
-def first_stage_embeddings(cache_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def first_stage_embeddings(cache_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Normalised CLIP sentence embeddings and mean-pooled CLIP frames (CLIP4Clip meanP,
     zero-shot): the cheap first stage of two-stage retrieval, the vectors `avr index build`
     indexes."""
@@ -214,8 +215,8 @@ def first_stage_embeddings(cache_path: Path, split: str) -> tuple[np.ndarray, np
     return normalised_queries(stage.captions[schema.TEXT_EMBEDDINGS]), video.numpy()
 
 
-def rerank(sim: np.ndarray, cache_path: Path, split: str, k: int,
-           index: Path | None = None) -> np.ndarray:
+def rerank(sim: np.ndarray, cache_path: str | Path, split: str, k: int,
+           index: str | Path | None = None) -> np.ndarray:
     """TEFAL Table 9's two-stage protocol: a faiss inner-product search over mean-pooled CLIP
     embeddings picks each caption's top ``k`` videos; the head's scores order those k, and
     every other video ranks below them in first-stage order.

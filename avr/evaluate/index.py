@@ -19,15 +19,18 @@ On disk (default ``<cache>/index/``, a folder zarr does not read): ``index.json`
 path and spec fingerprint, its row count and done-mask digest, and per split the kind, params
 and file names), ``<split>.faiss`` and ``<split>.rows.npy`` (the store row of each index id).
 An index refuses a store with another fingerprint, and a store whose done rows changed since
-the build (a resumed extract), so a stale index is never searched silently.
+the build (a resumed extract), so a stale index is never searched silently. The index folder,
+like the store, is a local path or a URL: its files are written and read through fsspec
+(faiss serialises an index to bytes), so a store at ``s3://bucket/cache`` keeps its index at
+``s3://bucket/cache/index``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +67,8 @@ def normalised_queries(text_embeddings: torch.Tensor) -> np.ndarray:
     return F.normalize(text_embeddings.float(), dim=-1).numpy().astype(np.float32)
 
 
-def default_index_path(cache_path: str | Path) -> Path:
-    return Path(cache_path) / INDEX_DIR
+def default_index_path(cache_path: str | Path) -> str | Path:
+    return schema.store_member(cache_path, INDEX_DIR)
 
 
 def default_nlist(n: int) -> int:
@@ -141,37 +144,58 @@ def make_index(vectors: np.ndarray, kind: str = "auto", *, nlist: int | None = N
 
 
 def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str = "auto", *,
-                nlist: int | None = None, m: int = DEFAULT_M, seed: int = 0) -> Path:
+                nlist: int | None = None, m: int = DEFAULT_M, seed: int = 0) -> str | Path:
     """Build the first-stage index of every split of the store at ``cache_path`` into ``out``
-    (default ``<cache>/index/``), replacing an index already there. Returns ``out``."""
+    (default ``<cache>/index/``; paths or URLs), replacing an index already there. The files
+    go to ``<out>.tmp`` first, ``index.json`` last, and the folder is then moved into place.
+    Returns ``out``."""
     import faiss
 
-    cache_path = Path(cache_path)
     group, spec = schema.open_store(cache_path)
-    out = Path(out) if out is not None else default_index_path(cache_path)
+    out = schema.store_location(out) if out is not None else default_index_path(cache_path)
     by_split = read_pooled_by_split(group)
     if not by_split:
         raise AvrError(f"{cache_path}: no extracted videos to index; run `avr extract` first")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    fs, folder = schema.store_filesystem(out)
+    tmp = f"{folder}.tmp"
+    if fs.exists(tmp):
+        fs.rm(tmp, recursive=True)
+    fs.makedirs(tmp, exist_ok=True)
     splits: dict[str, Any] = {}
     for split, (rows, vectors) in by_split.items():
         started = time.perf_counter()
         index, chosen, params = make_index(vectors, kind, nlist=nlist, m=m, seed=seed)
-        faiss.write_index(index, str(tmp / f"{split}.faiss"))
-        np.save(tmp / f"{split}.rows.npy", rows)
+        fs.pipe_file(f"{tmp}/{split}.faiss", faiss.serialize_index(index).tobytes())
+        fs.pipe_file(f"{tmp}/{split}.rows.npy", _npy_bytes(rows))
         splits[split] = {"kind": chosen, "params": params, "videos": int(rows.size),
                          "index_file": f"{split}.faiss", "rows_file": f"{split}.rows.npy",
                          "build_seconds": round(time.perf_counter() - started, 3)}
-    meta = {"store": str(cache_path.resolve()), "fingerprint": spec.fingerprint(),
+    meta = {"store": schema.location_text(cache_path), "fingerprint": spec.fingerprint(),
             **store_state(group), "dim": spec.clip_dim, "metric": "inner_product",
             "vectors": "masked mean of CLIP frame embeddings, L2-normalised",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": splits}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))  # written last: marks it complete
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # written last: an index.json marks a complete index
+    fs.pipe_file(f"{tmp}/{META_FILE}", json.dumps(meta, indent=2).encode())
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+    fs.mv(tmp, folder, recursive=True)
     return out
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``index.json`` of the index folder at ``path`` (a path or a URL)."""
+    fs, folder = schema.store_filesystem(path)
+    meta_file = f"{folder}/{META_FILE}"
+    if not fs.exists(meta_file):
+        raise AvrError(f"{path}: no avr index here ({META_FILE} not found); build one with "
+                       f"`avr index build CACHE --out {path}`")
+    return json.loads(fs.cat_file(meta_file))
 
 
 # ---- loading and searching --------------------------------------------------------------------
@@ -189,7 +213,7 @@ class SplitIndex:
 
 @dataclass
 class VideoIndex:
-    path: Path
+    path: str | Path
     meta: dict[str, Any]
     _loaded: dict[str, SplitIndex] = field(default_factory=dict)
 
@@ -205,21 +229,18 @@ class VideoIndex:
         if entry is None:
             return None
         if name not in self._loaded:
-            self._loaded[name] = SplitIndex(
-                name, entry["kind"], entry["params"],
-                faiss.read_index(str(self.path / entry["index_file"])),
-                np.load(self.path / entry["rows_file"]))
+            fs, folder = schema.store_filesystem(self.path)
+            index_bytes = np.frombuffer(fs.cat_file(f"{folder}/{entry['index_file']}"), np.uint8)
+            rows = np.load(io.BytesIO(fs.cat_file(f"{folder}/{entry['rows_file']}")))
+            self._loaded[name] = SplitIndex(name, entry["kind"], entry["params"],
+                                            faiss.deserialize_index(index_bytes), rows)
         return self._loaded[name]
 
 
 def load_index(path: str | Path, expect_fingerprint: str) -> VideoIndex:
     """Open the index at ``path``, refusing one built from a store with another spec."""
-    path = Path(path)
-    meta_file = path / META_FILE
-    if not meta_file.exists():
-        raise AvrError(f"{path}: no avr index here ({META_FILE} not found); build one with "
-                       f"`avr index build CACHE --out {path}`")
-    meta = json.loads(meta_file.read_text())
+    path = schema.store_location(path)
+    meta = read_meta(path)
     if meta["fingerprint"] != expect_fingerprint:
         raise CacheMismatchError(
             f"{path} was built from the store {meta['store']} (fingerprint "
@@ -232,10 +253,12 @@ def find_index(cache_path: str | Path, path: str | Path | None = None) -> VideoI
     """The index of the store at ``cache_path``: ``path`` when given (it must exist), else
     ``<cache>/index/`` when one was built (None otherwise). Refuses an index whose store has
     another fingerprint or other done rows than when it was built."""
-    cache_path = Path(cache_path)
-    index_path = Path(path) if path is not None else default_index_path(cache_path)
-    if path is None and not (index_path / META_FILE).exists():
-        return None
+    index_path = schema.store_location(path) if path is not None else \
+        default_index_path(cache_path)
+    if path is None:
+        fs, folder = schema.store_filesystem(index_path)
+        if not fs.exists(f"{folder}/{META_FILE}"):
+            return None
     group, spec = schema.open_store(cache_path)
     index = load_index(index_path, spec.fingerprint())
     state = store_state(group)
