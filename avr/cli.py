@@ -1,7 +1,10 @@
 """The `avr` command line: a thin typer layer that parses and calls into the stages.
 
-Errors derived from AvrError are printed as one message without a traceback; ``--debug``
-shows the traceback.
+Usage errors (an unknown option, a value of the wrong type or out of range, a missing argument)
+are typer's own: its short usage message and exit status 2, before any work starts. Errors
+derived from AvrError are printed as one message without a traceback (exit status 2);
+``--debug`` shows the traceback. Every option that names a store takes a path or a URL
+(``s3://bucket/cache``, ``file:///data/cache``), resolved by ``avr.schema.store_location``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,65 @@ console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": False}
 
+DEVICE_HELP = "auto | cpu | cuda | cuda:N."
+
+
+def _checked(check):
+    """An option callback that runs ``check(value)`` on a given value; its AvrError becomes a
+    usage error, shown by typer before any work starts."""
+    def callback(value):
+        if value is not None:
+            try:
+                check(value)
+            except AvrError as error:
+                raise typer.BadParameter(str(error)) from None
+        return value
+
+    return callback
+
+
+def _choose(value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise AvrError(f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _one_of(*choices: str):
+    return _checked(lambda value: _choose(value, choices))
+
+
+def _positive(value: float) -> None:
+    if not value > 0:
+        raise AvrError(f"{value} must be > 0")
+
+
+def _device(name: str) -> None:
+    from avr.device import resolve_device
+
+    resolve_device(name)
+
+
+def _head(name: str) -> None:
+    from avr.fuse.heads import head_class
+
+    head_class(name)
+
+
+def _fusion(name: str) -> None:
+    from avr.fuse.heads.tefal import FUSIONS
+
+    _choose(name, FUSIONS)
+
+
+def _dataset(name: str) -> None:
+    from avr.extract.datasets import layout_of
+
+    layout_of(name)
+
+
+device_option = _checked(_device)
+head_option = _checked(_head)
+positive_option = _checked(_positive)
+
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
@@ -36,14 +98,16 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 @app.command()
 def extract(
-    dataset: str = typer.Option("vatex", help="vatex | msrvtt | generic | demo."),
+    dataset: str = typer.Option("vatex", help="vatex | msrvtt | generic | demo.",
+                                callback=_checked(_dataset)),
     root: Optional[Path] = typer.Option(None, help="Dataset files (default data/<dataset>/)."),
     show_layout: bool = typer.Option(False, "--show-layout",
                                      help="Print the files the dataset expects under --root."),
     out: str = typer.Option("cache", help="The Zarr store to write or resume: a path or a "
-                                          "file:// URL."),
+                                          "URL (s3://bucket/cache, file:///data/cache)."),
     backbones: str = typer.Option("real", help="real (pretrained weights) | tiny (small random "
-                                               "configs of the same classes, for tests/demo)."),
+                                               "configs of the same classes, for tests/demo).",
+                                  callback=_one_of("real", "tiny")),
     clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name."),
     clip_pretrained: str = typer.Option("openai", "--clip-pretrained",
                                         help="open_clip pretrained tag or a local checkpoint."),
@@ -52,14 +116,15 @@ def extract(
     ast: str = typer.Option("MIT/ast-finetuned-audioset-10-10-0.4593",
                             help="AST: HF model id or local directory."),
     roberta: str = typer.Option("roberta-base", help="RoBERTa: HF model id or local directory."),
-    clip_text_tokens: int = typer.Option(32, "--clip-text-tokens",
+    clip_text_tokens: int = typer.Option(32, "--clip-text-tokens", min=1,
                                          help="CLIP text tokens kept per caption."),
-    frames: Optional[int] = typer.Option(None, "--frames",
+    frames: Optional[int] = typer.Option(None, "--frames", min=1,
                                          help="Frames per video (default 32 vatex, 12 others)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    workers: Optional[int] = typer.Option(None, help="Decode processes (0: in this process); "
-                                                     "a dask worker decodes its own chunks."),
-    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows",
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+    workers: Optional[int] = typer.Option(None, min=0,
+                                          help="Decode processes (0: in this process); "
+                                               "a dask worker decodes its own chunks."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1,
                                              help="Video rows per chunk and per write."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a store made with other settings."),
@@ -71,7 +136,7 @@ def extract(
                                   "(tcp://HOST:PORT); --out and --root must be reachable from "
                                   "every worker at the same paths."),
     dask_workers: Optional[int] = typer.Option(
-        None, "--dask-workers", help="Run the chunks on a local dask cluster of N worker "
+        None, "--dask-workers", min=1, help="Run the chunks on a local dask cluster of N worker "
                                      "processes (one thread each)."),
 ):
     """Decode a dataset, run the frozen backbones once, write every token to a Zarr store."""
@@ -82,7 +147,7 @@ def extract(
         return
     from avr.extract.backbones import BackboneNames
     from avr.extract.pipeline import ExtractConfig, extract as run_extract
-    from avr.fuse.sweep import parse_options
+    from avr.fuse.options import parse_options
 
     config = ExtractConfig(
         dataset=dataset, root=root, out=out, backbones=backbones,
@@ -116,7 +181,7 @@ def _print_extract_summary(summary) -> None:
 
 @cache_app.command("info")
 def cache_info(
-    path: Path = typer.Argument(Path("cache"), help="The store."),
+    path: str = typer.Argument("cache", help="The store: a path or a URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Rows, arrays, shapes, bytes, backbones and failures of a store."""
@@ -155,57 +220,19 @@ def cache_info(
 
 @cache_app.command("export")
 def cache_export(
-    path: Path = typer.Argument(..., help="The store."),
-    out: Path = typer.Argument(..., help="Output file."),
-    format: str = typer.Option("h5", "--format", help="h5 (HDF5, same array names)."),
+    path: str = typer.Argument(..., help="The store: a path or a URL."),
+    out: str = typer.Argument(..., help="Output file: a path or a URL."),
+    format: str = typer.Option("h5", "--format", help="h5 (HDF5, same array names).",
+                               callback=_one_of("h5")),
 ):
     """Write a store to another format under the same array names."""
-    from avr.cache import export_h5
+    from avr.cache import export_h5, stored_bytes
 
-    if format != "h5":
-        raise AvrError(f"unknown export format {format!r}; available: h5")
-    export_h5(path, out)
-    console.print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB)")
+    written = export_h5(path, out)
+    console.print(f"wrote {written} ({stored_bytes(written) / 1e6:,.1f} MB)")
 
 
 # ---- stage two: train and sweep --------------------------------------------------------------
-
-def _load_toml(path: Optional[Path]) -> dict:
-    if path is None:
-        return {}
-    import tomllib
-
-    if not path.exists():
-        raise AvrError(f"{path}: config file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise AvrError(f"{path}: not valid TOML: {error}") from None
-    head_options = {**data.pop("head_options", {}), **data.pop("head_opts", {})}
-    if isinstance(data.get("head"), dict):  # [head] table: name plus options
-        table = data.pop("head")
-        data["head"] = table.pop("name", "tefal")
-        head_options.update(table)
-    data["head_options"] = head_options
-    return data
-
-
-def _train_config(config_file: Optional[Path], flags: dict, opts: list[str]):
-    from avr.fuse.sweep import parse_options
-    from avr.fuse.trainer import TrainConfig, split_options
-
-    values = _load_toml(config_file)
-    cache = values.pop("cache", None)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    head = values.get("head", TrainConfig.head)
-    train_opts, head_opts = split_options(parse_options(opts), head)
-    values.update(train_opts)
-    values["head_options"] = {**values.get("head_options", {}), **head_opts}
-    unknown = set(values) - {f for f in TrainConfig.__dataclass_fields__}
-    if unknown:
-        raise AvrError(f"unknown training option(s) {', '.join(sorted(unknown))}")
-    return TrainConfig(**values), cache
-
 
 def _epoch_printer(progress, task):
     def on_epoch(log):
@@ -217,23 +244,30 @@ def _epoch_printer(progress, task):
 
 @app.command()
 def train(
-    cache: Optional[Path] = typer.Option(None, help="Feature cache (default: cache/)."),
+    cache: Optional[str] = typer.Option(None, help="Feature cache, a path or a URL (default: "
+                                                   "cache/)."),
     head: Optional[str] = typer.Option(None, help="meanp | xpool | tefal | avigate | gais | htav "
-                                                  "(default: tefal)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default 5)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch (default 128)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    warmup: Optional[float] = typer.Option(None, help="Warmup fraction of all steps."),
-    temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature."),
-    dropout: Optional[float] = typer.Option(None, help="Head dropout."),
-    fusion: Optional[str] = typer.Option(None, help="tefal: add | late | concat | xattn | stack."),
+                                                  "(default: tefal).", callback=head_option),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default 5)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
+                                             help="Batch (default 128)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4).",
+                                       callback=positive_option),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0),
+    warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                           help="Warmup fraction of all steps."),
+    temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature.",
+                                                callback=positive_option),
+    dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
+    fusion: Optional[str] = typer.Option(None, help="tefal: add | late | concat | xattn | stack.",
+                                         callback=_checked(_fusion)),
     pairs: Optional[str] = typer.Option(None, help="one (a random caption per video per epoch) "
-                                                   "| all (every caption)."),
-    early_stop: Optional[int] = typer.Option(None, "--early-stop",
+                                                   "| all (every caption).",
+                                        callback=_one_of("one", "all")),
+    early_stop: Optional[int] = typer.Option(None, "--early-stop", min=0,
                                              help="Stop after N epochs without a better val R@1."),
     seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP, callback=device_option),
     opt: list[str] = typer.Option([], "--opt", help="Any training or head option as key=value."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml with the same keys."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir",
@@ -244,6 +278,7 @@ def train(
     """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
     Under torchrun every process trains its share of each batch; rank 0 reports."""
     from avr.fuse import distributed, trainer
+    from avr.fuse.options import train_config as train_config_of
     from avr.progress import progress_bar
 
     console.quiet = not distributed.is_main_process()
@@ -261,8 +296,8 @@ def train(
         return
     flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                  warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device)
-    train_config, toml_cache = _train_config(config, flags, [*extra, *opt])
-    cache_path = cache or (Path(toml_cache) if toml_cache else trainer.DEFAULT_CACHE)
+    train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
+    cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
     run_dir = run_dir or trainer.default_run_dir(train_config.head)
     console.print(f"training [bold]{train_config.head}[/] on {cache_path} -> {run_dir}")
     with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
@@ -283,24 +318,26 @@ def _print_train_result(result) -> None:
 @app.command()
 def sweep(
     grid: str = typer.Option(..., help='e.g. "lr=1e-4,3e-4 temperature=0.05,0.1 dropout=0.1,0.3"'),
-    cache: Path = typer.Option(Path("cache"), help="Feature cache."),
-    head: str = typer.Option("tefal", help="Head to sweep."),
-    epochs: int = typer.Option(5),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    cache: str = typer.Option("cache", help="Feature cache: a path or a URL."),
+    head: str = typer.Option("tefal", help="Head to sweep.", callback=head_option),
+    epochs: int = typer.Option(5, min=1),
+    batch_size: int = typer.Option(128, "--batch-size", min=2),
     seed: int = typer.Option(42),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
     opt: list[str] = typer.Option([], "--opt", help="Fixed options as key=value."),
     save_runs: bool = typer.Option(False, "--save-runs", help="Keep each trial's run dir."),
 ):
     """Train every configuration of a grid on one loaded cache; print a ranked table."""
     from rich.table import Table
 
-    from avr.fuse.sweep import parse_grid, sweep as run_sweep
+    from avr.fuse.options import parse_grid, train_config
+    from avr.fuse.sweep import sweep as run_sweep, trial_configs
     from avr.progress import progress_bar
 
     trials_grid = parse_grid(grid)
-    base, _ = _train_config(None, dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed,
-                                       device=device), opt)
+    base, _ = train_config(None, dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed,
+                                      device=device), opt)
+    trial_configs(base, trials_grid)  # every trial's options are checked before any training
     with progress_bar(console, fields="best val R@1 {task.fields[best]:.1f}") as progress:
         task = progress.add_task(f"sweep {head}", total=len(trials_grid), rate="", best=0.0)
         best = [0.0]
@@ -351,24 +388,27 @@ def _metrics_table(result):
 def eval_(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest "
                                                            "under runs/)."),
-    cache: Optional[Path] = typer.Option(None, help="Cache (default: the run's own)."),
-    split: str = typer.Option("test", help="test | val."),
+    cache: Optional[str] = typer.Option(None, help="Cache, a path or a URL (default: the run's "
+                                                   "own)."),
+    split: str = typer.Option("test", help="test | val.", callback=_one_of("test", "val")),
     dsl: bool = typer.Option(False, "--dsl", help="Also report dual softmax (transductive)."),
     qbnorm: bool = typer.Option(False, "--qbnorm", help="Also report QB-Norm with the train "
                                                         "captions as query bank."),
-    rerank_k: Optional[int] = typer.Option(None, "--rerank-k", help="Also report two-stage "
+    rerank_k: Optional[int] = typer.Option(None, "--rerank-k", min=1, help="Also report two-stage "
                                            "retrieval: faiss over mean-pooled CLIP, head re-ranks "
                                            "the top K."),
-    modalities: str = typer.Option("va", help="va | v (audio masked) | a (frames masked)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    modalities: str = typer.Option("va", help="va | v (audio masked) | a (frames masked).",
+                                   callback=_one_of("va", "v", "a")),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
     save_similarity: Optional[Path] = typer.Option(None, "--save-similarity",
                                                    help="Write sim [captions x videos] and "
                                                         "caption_video to this .npz."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md with plots "
                                                                  "into this directory."),
-    index: Optional[Path] = typer.Option(None, "--index", help="First-stage index for "
-                                         "--rerank-k (default: CACHE/index/ when built)."),
+    index: Optional[str] = typer.Option(None, "--index", help="First-stage index for "
+                                        "--rerank-k, a path or a URL (default: CACHE/index/ "
+                                        "when built)."),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
 
@@ -395,12 +435,14 @@ def eval_(
 def search(
     query: str = typer.Argument(..., help='e.g. "a dog barks while a red ball rolls"'),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
-    k: int = typer.Option(10, "--k", help="How many videos to show."),
-    split: str = typer.Option("test", help="test | val | train | all."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    index: Optional[Path] = typer.Option(None, "--index", help="First-stage index (default: "
-                                         "CACHE/index/ when `avr index build` made one)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", help="Videos per split the "
+    k: int = typer.Option(10, "--k", min=1, help="How many videos to show."),
+    split: str = typer.Option("test", help="test | val | train | all.",
+                              callback=_one_of("test", "val", "train", "all")),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+    index: Optional[str] = typer.Option(None, "--index", help="First-stage index, a path or a "
+                                        "URL (default: CACHE/index/ when `avr index build` made "
+                                        "one)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="Videos per split the "
                                              "index hands to the head (default: 10 x k, and "
                                              "only for splits over 10,000 videos)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -431,23 +473,22 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
-    cache: Path = typer.Argument(Path("cache"), help="The store."),
-    out: Optional[Path] = typer.Option(None, "--out",
-                                       help="Index folder (default: CACHE/index/)."),
+    cache: str = typer.Argument("cache", help="The store: a path or a URL."),
+    out: Optional[str] = typer.Option(None, "--out", help="Index folder, a path or a URL "
+                                                          "(default: CACHE/index/)."),
     kind: str = typer.Option("auto", "--kind", help="auto | flat | ivf | hnsw (auto: flat up to "
-                                                    "50,000 videos per split, IVF above)."),
-    nlist: Optional[int] = typer.Option(None, "--nlist",
+                                                    "50,000 videos per split, IVF above).",
+                             callback=_one_of("auto", "flat", "ivf", "hnsw")),
+    nlist: Optional[int] = typer.Option(None, "--nlist", min=1,
                                         help="IVF lists (default ~4 sqrt(videos))."),
-    m: int = typer.Option(32, "--m", help="HNSW links per node."),
+    m: int = typer.Option(32, "--m", min=2, help="HNSW links per node."),
 ):
     """Index every extracted video's mean-pooled CLIP frames, one faiss index per split, for
     `avr eval --rerank-k` and `avr search`."""
-    import json
-
-    from avr.evaluate.index import META_FILE, build_index
+    from avr.evaluate.index import build_index, read_meta
 
     path = build_index(cache, out, kind, nlist=nlist, m=m)
-    meta = json.loads((path / META_FILE).read_text())
+    meta = read_meta(path)
     for split, entry in meta["splits"].items():
         settings = "".join(f" {k}={v}" for k, v in entry["params"].items())
         console.print(f"{split}: {entry['videos']:,} videos, {entry['kind']}{settings} "
@@ -461,9 +502,9 @@ def index_build(
 def demo(
     workdir: Path = typer.Option(Path("avr-demo"), help="Where data, cache, runs and report go."),
     seed: int = typer.Option(0, help="Seed of the clips, the tiny backbones and training."),
-    budget: float = typer.Option(150.0, help="Seconds: heads beyond xpool and tefal train only "
-                                             "while the demo fits this."),
-    workers: Optional[int] = typer.Option(None, help="Decode processes."),
+    budget: float = typer.Option(150.0, min=0.0, help="Seconds: heads beyond xpool and tefal "
+                                                      "train only while the demo fits this."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decode processes."),
 ):
     """Generate the demo clips, extract with tiny backbones, train, evaluate, compare heads."""
     from avr.demo import DemoConfig, demo_table, run_demo
@@ -482,15 +523,21 @@ def demo(
 
 @app.command()
 def bench(
-    what: str = typer.Argument(..., help="train | eval | cache | extract"),
-    head: str = typer.Option("tefal", help="Head for train/eval."),
-    scale: float = typer.Option(1.0, help="Fraction of VATEX's rows (per-row shapes stay)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    gigabytes: float = typer.Option(4.0, help="cache: store size to read."),
-    clips: int = typer.Option(8, help="extract: generated 10 s 360p clips."),
-    workers: int = typer.Option(2, help="extract: decode processes."),
-    steps: Optional[int] = typer.Option(None, help="train: time this many steps and "
-                                                   "extrapolate the epoch."),
+    what: str = typer.Argument(..., help="train | eval | cache | extract",
+                               callback=_one_of("train", "eval", "cache", "extract")),
+    head: str = typer.Option("tefal", help="Head for train/eval.", callback=head_option),
+    scale: float = typer.Option(1.0, help="Fraction of VATEX's rows (per-row shapes stay).",
+                                callback=positive_option),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+    gigabytes: float = typer.Option(4.0, help="cache: store size to read.",
+                                    callback=positive_option),
+    cache: Optional[str] = typer.Option(None, help="cache: read this store's train audio "
+                                                   "tokens (a path or a URL) instead of "
+                                                   "writing a store of --gigabytes."),
+    clips: int = typer.Option(8, min=1, help="extract: generated 10 s 360p clips."),
+    workers: int = typer.Option(2, min=0, help="extract: decode processes."),
+    steps: Optional[int] = typer.Option(None, min=1, help="train: time this many steps and "
+                                                          "extrapolate the epoch."),
 ):
     """Measure a stage on VATEX-shaped work beside the straightforward way (BENCHMARKS.md)."""
     import platform
@@ -508,34 +555,27 @@ def bench(
     elif what == "eval":
         figures = benches.bench_eval(head, scale=scale, device=torch_device)
     elif what == "cache":
-        figures = benches.bench_cache(gigabytes=gigabytes, device=torch_device)
-    elif what == "extract":
-        figures = benches.bench_extract(clips=clips, device=torch_device, workers=workers)
+        figures = benches.bench_cache(gigabytes=gigabytes, device=torch_device, store=cache)
     else:
-        raise AvrError(f"unknown benchmark {what!r}; choose train, eval, cache or extract")
+        figures = benches.bench_extract(clips=clips, device=torch_device, workers=workers)
     console.print(f"[bold]avr bench {what}[/] on {name}, scale {scale}")
     for figure in figures:
         console.print(figure.line(), markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """The `avr` console script. typer runs the command in its standalone mode, so a usage error
+    is shown its usual way (short usage, the problem, exit status 2) whichever click typer is
+    built on (its vendored copy or the click package); an AvrError prints one line and exits 2.
+    Returns normally when the command succeeds, so tests and scripts can call it."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)
     except AvrError as error:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True,
+                          highlight=False)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except Exception as error:  # click usage errors and the like
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
-
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise

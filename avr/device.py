@@ -11,9 +11,13 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` is the GPU when there is one, else the CPU; asking for CUDA without it fails."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AvrError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise AvrError(f"device {device!r} is not known; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise AvrError(f"device {device}: CUDA is not available on this machine")
+    return resolved
 
 
 def autocast(device: torch.device, amp: bool = True):

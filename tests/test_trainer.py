@@ -13,7 +13,8 @@ import torch
 from avr.errors import AvrError, CacheMismatchError, RunError
 from avr.fuse import checkpoint, trainer
 from avr.fuse.data import load_split
-from avr.fuse.sweep import parse_grid, parse_options, sweep
+from avr.fuse.options import parse_grid, parse_options
+from avr.fuse.sweep import sweep
 from avr.fuse.trainer import TrainConfig, epoch_pairs
 from stores import make_learnable_store
 

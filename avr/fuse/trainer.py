@@ -69,11 +69,19 @@ class TrainConfig:
             raise AvrError(f"pairs must be 'one' or 'all', not {self.pairs!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise AvrError("epochs must be >= 1 and batch size >= 2 (InfoNCE needs negatives)")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise AvrError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0, "
+                           f"weight_decay ({self.weight_decay}) >= 0")
+        if not 0 <= self.warmup <= 1:
+            raise AvrError(f"warmup is a fraction of all steps, in [0, 1], not {self.warmup}")
+        if self.early_stop < 0 or self.val_video_chunk < 1 or self.val_text_chunk < 1:
+            raise AvrError("early_stop must be >= 0, val_video_chunk and val_text_chunk >= 1")
         if self.shards < 1 or self.batch_size % self.shards:
             raise AvrError(f"batch size {self.batch_size} must be a multiple of shards="
                            f"{self.shards} (>= 1): every shard gives each batch the same number "
                            f"of pairs")
         make_config(self.head, self.head_options)  # unknown head options fail now, not later
+        resolve_device(self.device)  # an unknown or absent device fails now, not later
 
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -539,7 +547,7 @@ def _run_config(cache_path, config: TrainConfig, cache: CacheData, head: Retriev
         "head": config.head,
         "head_options": head.config_dict(),
         "train": dataclasses.asdict(config),
-        "cache": {"path": _location_text(cache_path),
+        "cache": {"path": schema.location_text(cache_path),
                   "identity": schema.cache_identity(cache.spec)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
@@ -560,12 +568,6 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | 
     with distributed.session(resolve_device(config.device)) as (world, device):
         check_world(config, world)
         return _resume(run_dir, saved, config, cache_path, on_epoch, world, device)
-
-
-def _location_text(cache_path: str | Path) -> str:
-    """The store as the run records it: an absolute local path, or its URL."""
-    location = schema.store_location(cache_path)
-    return str(location.resolve()) if isinstance(location, Path) else location
 
 
 def _resume(run_dir: Path, saved: dict[str, Any], config: TrainConfig, cache_path, on_epoch,
