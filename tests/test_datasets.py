@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import subprocess
 import sys
 import types
 from collections import Counter
@@ -12,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avr.errors import DatasetError
+from avr.errors import AvrError, DatasetError
+from avr.extract import datasets
 from avr.extract.datasets import (DATASETS, Caption, default_root, layout_of, load_dataset)
 
 
 def touch_videos(root: Path, names: list[str]) -> None:
+    """An empty file per name (which may hold folders) under ``root/videos``."""
     (root / "videos").mkdir(parents=True, exist_ok=True)
     for name in names:
+        (root / "videos" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "videos" / name).write_bytes(b"")
 
 
@@ -27,6 +33,14 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def run_avr(*args) -> subprocess.CompletedProcess:
+    """The installed `avr` console script, as a user runs it."""
+    script = Path(sys.executable).with_name("avr")
+    return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(Path.cwd()),
+                                            "COLUMNS": "200"})
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -46,7 +60,9 @@ def vatex_entry(video_id: str) -> dict:
             "chCap": [f"{video_id} 中文 {k}" for k in range(10)]}
 
 
-def make_vatex(root: Path, split_form: str = "splits") -> Path:
+def make_vatex(root: Path, split_form: str = "splits", videos: bool = True) -> Path:
+    """The official annotations, the split lists in ``split_form`` and, with ``videos``, an
+    (empty) file per listed video."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "vatex_training_v1.0.json").write_text(
         json.dumps([vatex_entry(v) for v in VATEX_TRAIN]))
@@ -62,6 +78,8 @@ def make_vatex(root: Path, split_form: str = "splits") -> Path:
             hgr = {"train": "trn", "val": "val", "test": "tst"}[split]
             (root / "public_split").mkdir(exist_ok=True)
             np.save(root / "public_split" / f"{hgr}_names.npy", np.array(ids))
+    if videos:
+        touch_videos(root, [f"{v}.mp4" for v in VATEX_TRAIN + VATEX_VAL + VATEX_TEST])
     return root
 
 
@@ -92,21 +110,23 @@ def test_vatex_missing_annotation_names_exact_path(tmp_path):
     assert str(root / "vatex_training_v1.0.json") not in str(error.value)
 
 
-def test_vatex_without_split_lists_names_the_expected_split_paths(tmp_path):
+def test_vatex_empty_root_names_the_split_lists_and_every_caption_source(tmp_path):
     root = tmp_path / "vatex"
     root.mkdir()
     with pytest.raises(DatasetError) as error:
         load_dataset("vatex", root)
     message = str(error.value)
-    for name in ("vatex_training_v1.0.json", "splits/train.txt", "splits/val.txt",
-                 "splits/test.txt"):
+    for name in ("splits/train.txt", "splits/test.txt", "vatex_training_v1.0.json",
+                 "vatex_data.json", "vatex_data/vatex_data.json", "ref_captions.json",
+                 "annotation/RET/ref_captions.json"):
         assert str(root / name) in message
+    assert "one of" in message
 
 
 def test_vatex_incomplete_split_form_names_the_missing_list(tmp_path):
     root = make_vatex(tmp_path / "vatex", "list")
-    (root / "val_list.txt").unlink()
-    with pytest.raises(DatasetError, match="val_list.txt") as error:
+    (root / "test_list.txt").unlink()
+    with pytest.raises(DatasetError, match="test_list.txt") as error:
         load_dataset("vatex", root)
     assert str(root / "train_list.txt") not in str(error.value)
 
@@ -128,7 +148,7 @@ def test_vatex_video_in_two_splits_is_an_error(tmp_path):
 # ---- video lookup ----------------------------------------------------------------------
 
 def test_video_lookup_finds_any_supported_extension_and_defaults_to_mp4(tmp_path):
-    root = make_vatex(tmp_path / "vatex")
+    root = make_vatex(tmp_path / "vatex", videos=False)
     touch_videos(root, [f"{VATEX_TRAIN[0]}.webm", f"{VATEX_TRAIN[1]}.MKV",
                         f"{VATEX_VAL[0]}.mov", f"{VATEX_TEST[0]}.txt"])
     index = load_dataset("vatex", root)
@@ -142,16 +162,18 @@ def test_video_lookup_finds_any_supported_extension_and_defaults_to_mp4(tmp_path
 
 
 def test_video_lookup_prefers_mp4_when_several_extensions_exist(tmp_path):
-    root = make_vatex(tmp_path / "vatex")
+    root = make_vatex(tmp_path / "vatex", videos=False)
     touch_videos(root, [f"{VATEX_TRAIN[0]}.avi", f"{VATEX_TRAIN[0]}.mp4"])
     index = load_dataset("vatex", root)
     assert index.video_paths[0] == root / "videos" / f"{VATEX_TRAIN[0]}.mp4"
 
 
-def test_missing_video_directory_is_not_an_error(tmp_path):
-    root = make_vatex(tmp_path / "vatex")
-    index = load_dataset("vatex", root)
-    assert index.video_paths == [root / "videos" / f"{v}.mp4" for v in index.video_ids]
+def test_no_video_file_at_all_fails_with_the_expected_paths(tmp_path):
+    root = make_vatex(tmp_path / "vatex", videos=False)
+    with pytest.raises(DatasetError, match="none of the 6 listed videos has a file") as error:
+        load_dataset("vatex", root)
+    assert str(root / "videos" / f"{VATEX_TRAIN[0]}.mp4") in str(error.value)
+    assert "Expected layout" in str(error.value)
 
 
 # ---- msrvtt ----------------------------------------------------------------------------
@@ -161,7 +183,12 @@ MSRVTT_TRAIN_9K = MSRVTT_TRAIN_7K + ["video12", "video1"]
 MSRVTT_TEST = ["video9000", "video8000", "video9999"]
 
 
-def make_msrvtt(root: Path) -> Path:
+def make_msrvtt(dataset_root: Path, folder: str = "", video_folder: str = "") -> Path:
+    """CLIP4Clip's msrvtt_data files in ``dataset_root/folder`` and an empty file per listed
+    video in ``dataset_root/videos/video_folder``; returns ``dataset_root``."""
+    touch_videos(dataset_root, [str(Path(video_folder) / f"{v}.mp4")
+                                for v in MSRVTT_TRAIN_9K + MSRVTT_TEST])
+    root = dataset_root / folder
     root.mkdir(parents=True, exist_ok=True)
     all_ids = MSRVTT_TRAIN_9K + MSRVTT_TEST
     sentences = []
@@ -177,7 +204,7 @@ def make_msrvtt(root: Path) -> Path:
     write_csv(root / "MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"],
               [[f"ret{i}", f"msr{v[5:]}", v, f"{v} jsfusion sentence"]
                for i, v in enumerate(MSRVTT_TEST)])
-    return root
+    return dataset_root
 
 
 def test_msrvtt_carves_val_from_the_end_of_the_naturally_sorted_train_list(tmp_path):
@@ -279,21 +306,25 @@ def generic_rows() -> list[dict]:
     ]
 
 
-def write_generic_csv(root: Path, rows: list[dict], columns: list[str]) -> Path:
+def write_generic_csv(root: Path, rows: list[dict], columns: list[str], videos: bool = True
+                      ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     write_csv(root / "captions.csv", columns, [[row[c] for c in columns] for row in rows])
+    if videos:
+        touch_videos(root, [f"{row['video_id']}.mp4" for row in rows])
     return root
 
 
 def write_generic_jsonl(root: Path, rows: list[dict]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    touch_videos(root, [f"{row['video_id']}.mp4" for row in rows])
     return root
 
 
 def test_generic_csv_groups_captions_by_video_in_split_order(tmp_path):
     root = write_generic_csv(tmp_path / "g", generic_rows(),
-                             ["video_id", "caption", "split", "tag"])
+                             ["video_id", "caption", "split", "tag"], videos=False)
     touch_videos(root, ["clip_b.mp4", "clip_a.webm"])
     index = load_dataset("generic", root)
     assert index.video_ids == ["clip_b", "clip_a", "clip_v", "clip_t"]
@@ -462,3 +493,257 @@ def test_missing_file_error_shows_layout(tmp_path):
     with pytest.raises(DatasetError, match="Expected layout") as error:
         load_dataset("msrvtt", tmp_path / "nothing")
     assert "MSRVTT_JSFUSION_test.csv" in str(error.value)
+
+
+# ---- the layouts the CLIP4Clip family ships --------------------------------------------
+
+def split_of(index, split: str) -> list[str]:
+    return [v for v, s in zip(index.video_ids, index.video_splits) if s == split]
+
+
+def test_vatex_reads_clip2video_lists_and_vatex_data_json_under_vatex_data(tmp_path):
+    root = tmp_path / "vatex"
+    for split, ids in {"train": VATEX_TRAIN, "val": VATEX_VAL, "test": VATEX_TEST}.items():
+        write_lines(root / "vatex_data" / f"{split}_list.txt", ids)
+    (root / "vatex_data" / "vatex_data.json").write_text(json.dumps(
+        {v: {"enCap": [f"{v} english {k}" for k in range(10)], "chCap": ["中文"] * 10}
+         for v in VATEX_TRAIN + VATEX_VAL + VATEX_TEST}))
+    touch_videos(root, [f"{v}.mp4" for v in VATEX_TRAIN + VATEX_VAL + VATEX_TEST])
+    index = load_dataset("vatex", root)
+    assert index.video_ids == VATEX_TRAIN + VATEX_VAL + VATEX_TEST
+    assert index.captions[0] == Caption(VATEX_TRAIN[0], f"{VATEX_TRAIN[0]} english 0")
+    assert len(index.captions) == 60 and all("中文" not in c.text for c in index.captions)
+    assert "captions from vatex_data/vatex_data.json" in index.listing_report()
+
+
+@pytest.mark.parametrize("captions_at", ["ref_captions.json", "annotation/RET/ref_captions.json"])
+def test_vatex_with_only_train_and_test_lists_carves_val_from_the_end_of_train(tmp_path,
+                                                                               captions_at):
+    root = tmp_path / "vatex"
+    write_lines(root / "train_list.txt", VATEX_TRAIN)
+    write_lines(root / "test_list.txt", VATEX_TEST)
+    (root / captions_at).parent.mkdir(parents=True, exist_ok=True)
+    (root / captions_at).write_text(json.dumps(
+        {v: [f"{v} caption {k}" for k in range(2)] for v in VATEX_TRAIN + VATEX_TEST}))
+    touch_videos(root, [f"{v}.mp4" for v in VATEX_TRAIN + VATEX_TEST])
+    index = load_dataset("vatex", root, val_size="1")
+    assert split_of(index, "val") == ["ytC_000001_000011"]  # last of the sorted train list
+    assert split_of(index, "train") == ["ytA_000000_000010", "ytB_000005_000015"]
+    assert split_of(index, "test") == VATEX_TEST  # never touched
+    assert [c.text for c in index.captions[:2]] == [f"{VATEX_TRAIN[0]} caption {k}"
+                                                   for k in range(2)]
+    assert "val: the last 1 of the sorted train list" in index.listing_report()
+
+
+def test_vatex_val_size_with_a_val_list_is_an_error(tmp_path):
+    with pytest.raises(DatasetError, match="val_size applies only"):
+        load_dataset("vatex", make_vatex(tmp_path / "vatex"), val_size=1)
+
+
+def test_vatex_without_a_val_list_defaults_to_the_hgr_val_size(tmp_path):
+    root = make_vatex(tmp_path / "vatex", "list")
+    (root / "val_list.txt").unlink()
+    with pytest.raises(DatasetError, match=r"val_size must be in \[0, 3\).*not 1500"):
+        load_dataset("vatex", root)
+
+
+@pytest.mark.parametrize("video_id, youtube", [
+    ("Ptf_2VRj-V0_000122_000132", "Ptf_2VRj-V0"),
+    ("OMK0OJ4f_TI_000000_000010", "OMK0OJ4f_TI"),
+    ("_-_-_-_-_-__000001_000011", "_-_-_-_-_-_"),
+    ("--abcdefghi_000010_000020", "--abcdefghi"),
+    ("video0", None),
+    ("short_000000_000010", None),
+    ("Ptf_2VRj-V0_122_132", None),
+])
+def test_youtube_id_of_a_vatex_video_id_is_its_first_eleven_characters(video_id, youtube):
+    assert datasets.youtube_id(video_id) == youtube
+
+
+def test_vatex_videos_are_found_nested_by_full_id_or_by_bare_youtube_id(tmp_path):
+    ids = ["Ptf_2VRj-V0_000122_000132", "OMK0OJ4f_TI_000000_000010",
+           "sf2PPeXQrUA_000000_000010", "sf2PPeXQrUA_000020_000030", "nM_ySHgMPW0_000000_000010"]
+    root = tmp_path / "vatex"
+    write_lines(root / "splits" / "train.txt", ids[:3])
+    write_lines(root / "splits" / "val.txt", ids[3:4])
+    write_lines(root / "splits" / "test.txt", ids[4:])
+    (root / "ref_captions.json").write_text(json.dumps({v: [f"{v} caption"] for v in ids}))
+    touch_videos(root, ["part1/Ptf_2VRj-V0.mp4",  # bare YouTube id
+                        "part2/deeper/OMK0OJ4f_TI_000000_000010.webm",  # full id, nested
+                        "sf2PPeXQrUA.mp4",  # shared by two listed clips: cannot tell which
+                        "nM_ySHgMPW0_000000_000010.mkv"])
+    index = load_dataset("vatex", root)
+    paths = dict(zip(index.video_ids, index.video_paths))
+    assert paths[ids[0]] == root / "videos" / "part1" / "Ptf_2VRj-V0.mp4"
+    assert paths[ids[1]] == root / "videos" / "part2" / "deeper" / f"{ids[1]}.webm"
+    assert paths[ids[4]] == root / "videos" / f"{ids[4]}.mkv"
+    assert index.missing_videos == [ids[2], ids[3]]
+    assert paths[ids[2]] == root / "videos" / f"{ids[2]}.mp4"  # the expected path
+
+
+def test_msrvtt_reads_msrvtt_data_folder_and_videos_all(tmp_path):
+    root = make_msrvtt(tmp_path / "MSRVTT", folder="msrvtt_data", video_folder="all")
+    index = load_dataset("msrvtt", root, val_size=2)
+    assert index.missing_videos == []
+    assert index.video_paths[0] == root / "videos" / "all" / "video0.mp4"
+    assert split_of(index, "test") == MSRVTT_TEST
+    assert "annotations in msrvtt_data/" in index.listing_report()
+
+
+def test_listing_reports_how_many_videos_have_a_file_and_warns_above_ten_percent(tmp_path):
+    root = make_msrvtt(tmp_path / "msrvtt")
+    (root / "videos" / "video12.mp4").unlink()
+    index = load_dataset("msrvtt", root, val_size=2)
+    report = index.listing_report()
+    assert "11 videos listed (train 6, val 2, test 3), 10 with a file" in report
+    assert "1 without (e.g. video12)" in report
+    assert index.missing_warning() is None  # 1 of 11 is under 10%
+    (root / "videos" / "video1.mp4").unlink()
+    warning = load_dataset("msrvtt", root, val_size=2).missing_warning()
+    assert warning is not None and "18% of the listed msrvtt videos have no file" in warning
+    assert str(root / "videos" / "video1.mp4") in warning
+
+
+def test_extract_of_a_missing_dataset_prints_the_expected_paths_without_a_traceback(tmp_path):
+    done = run_avr("extract", "--dataset", "msrvtt", "--root", tmp_path / "empty")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(tmp_path / "empty" / "MSRVTT_data.json") in done.stderr
+
+
+def test_show_layout_documents_every_accepted_layout():
+    done = run_avr("extract", "--dataset", "vatex", "--show-layout")
+    assert done.returncode == 0
+    for text in ("vatex_training_v1.0.json", "vatex_data/vatex_data.json", "ref_captions.json",
+                 "annotation/RET/", "vatex_data/train_list.txt", "trn_names.npy", "val_size",
+                 "YouTube id", "any folder under videos/"):
+        assert text in done.stdout, text
+    done = run_avr("extract", "--dataset", "msrvtt", "--show-layout")
+    assert "msrvtt_data/" in done.stdout and "videos/all/" in done.stdout
+
+
+# ---- files that are not what they claim ------------------------------------------------
+
+LATIN1_CAFE = "un café au bord de l'eau".encode("latin-1")
+
+
+def test_a_latin1_captions_csv_names_the_file_the_line_and_the_fix(tmp_path):
+    root = tmp_path / "g"
+    touch_videos(root, ["a.mp4", "b.mp4"])
+    (root / "captions.csv").write_bytes(b"video_id,caption\na,a dog barks\nb," + LATIN1_CAFE
+                                        + b"\n")
+    done = run_avr("extract", "--dataset", "generic", "--root", root, "--out", tmp_path / "c")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert f"{root / 'captions.csv'}:3: not UTF-8 (byte 0xe9 at column 9" in lines[0]
+    assert "iconv -f latin1 -t utf-8" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["captions.jsonl", "vatex_training_v1.0.json",
+                                  "splits/train.txt", "ref_captions.json"])
+def test_every_text_reader_names_a_non_utf8_file_and_its_line(tmp_path, name):
+    if name == "captions.jsonl":
+        root = write_generic_jsonl(tmp_path / "g", generic_rows())
+        dataset = "generic"
+    else:
+        root = make_vatex(tmp_path / "vatex")
+        dataset = "vatex"
+        if name == "ref_captions.json":
+            for official in datasets.VATEX_ANNOTATIONS:
+                (root / official).unlink()
+    path = root / name
+    first_line = path.read_bytes().splitlines()[0] if path.exists() else b"{}"
+    path.write_bytes(first_line + b"\n" + LATIN1_CAFE + b"\n")
+    with pytest.raises(AvrError, match=f"{re.escape(str(path))}:2: not UTF-8") as error:
+        load_dataset(dataset, root)
+    assert "iconv" in str(error.value)
+
+
+def test_malformed_official_json_names_the_line(tmp_path):
+    root = make_vatex(tmp_path / "vatex")
+    (root / "vatex_training_v1.0.json").write_text('[\n{"videoID": "ytA_000000_000010",\n}]')
+    with pytest.raises(DatasetError, match=r"vatex_training_v1.0.json:3: not valid JSON"):
+        load_dataset("vatex", root)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"videoID": "ytA_000000_000010", "enCap": "one caption, not a list"},
+     r"entry 0 \(ytA_000000_000010\) \"enCap\": expected a non-empty list of caption strings"),
+    ({"videoID": "ytA_000000_000010", "enCap": ["fine", 7]}, "list of caption strings"),
+    ({"videoID": 12, "enCap": ["x"]}, "entry 0 lacks a \"videoID\" string"),
+])
+def test_official_json_entry_of_the_wrong_type_is_named(tmp_path, entry, message):
+    root = make_vatex(tmp_path / "vatex")
+    (root / "vatex_training_v1.0.json").write_text(json.dumps([entry]))
+    with pytest.raises(DatasetError, match=message):
+        load_dataset("vatex", root)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("vatex_data.json", {"ytA_000000_000010": ["a caption"]}, r'expected \{"enCap": \[...\]\}'),
+    ("vatex_data.json", ["not", "an", "object"], "expected a JSON object"),
+    ("ref_captions.json", {"ytA_000000_000010": "a caption"}, "list of caption strings"),
+])
+def test_keyed_caption_files_of_the_wrong_shape_are_named(tmp_path, name, content, message):
+    root = make_vatex(tmp_path / "vatex", "list")
+    for official in datasets.VATEX_ANNOTATIONS:
+        (root / official).unlink()
+    (root / name).write_text(json.dumps(content))
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("vatex", root)
+    assert str(root / name) in str(error.value)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.arange(3), "holds int64 values, not videoID strings"),
+    (np.array(["ytA_000000_000010", None], dtype=object), "saved without pickle"),
+])
+def test_npy_split_list_of_the_wrong_kind_is_named(tmp_path, array, message):
+    root = make_vatex(tmp_path / "vatex", "npy")
+    np.save(root / "public_split" / "trn_names.npy", array, allow_pickle=True)
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("vatex", root)
+    assert "trn_names.npy" in str(error.value)
+
+
+def test_npy_split_list_of_bytes_is_read_as_text(tmp_path):
+    root = make_vatex(tmp_path / "vatex", "npy")
+    np.save(root / "public_split" / "trn_names.npy", np.array(VATEX_TRAIN, dtype="S"))
+    assert split_of(load_dataset("vatex", root), "train") == VATEX_TRAIN
+
+
+def test_csv_row_with_an_unquoted_comma_names_the_line(tmp_path):
+    root = tmp_path / "g"
+    touch_videos(root, ["a.mp4"])
+    (root / "captions.csv").write_text("video_id,caption\na,a dog, barking\n")
+    with pytest.raises(DatasetError, match=r"captions.csv:2: 3 fields for a header of 2; "
+                                           r"quote a field that holds a comma"):
+        load_dataset("generic", root)
+
+
+@pytest.mark.parametrize("row, message", [
+    ('b,"a dog barks', "unexpected end of data"),
+    ('b,"a dog" barks', "',' expected after '\"'"),
+])
+def test_csv_row_with_a_broken_quote_names_its_line(tmp_path, row, message):
+    root = tmp_path / "g"
+    touch_videos(root, ["a.mp4", "b.mp4"])
+    (root / "captions.csv").write_text(f"video_id,caption\na,fine\n{row}\nc,more\n")
+    with pytest.raises(DatasetError, match=rf"captions.csv:3: not valid CSV \({message}\)"):
+        load_dataset("generic", root)
+
+
+def test_jsonl_value_of_the_wrong_type_names_the_line(tmp_path):
+    root = write_generic_jsonl(tmp_path / "g", [
+        {"video_id": "a", "caption": "fine"}, {"video_id": "b", "caption": ["a", "list"]}])
+    with pytest.raises(DatasetError, match=r"captions.jsonl:2: caption must be text"):
+        load_dataset("generic", root)
+
+
+def test_msrvtt_sentence_of_the_wrong_type_is_named(tmp_path):
+    root = make_msrvtt(tmp_path / "msrvtt")
+    data = json.loads((root / "MSRVTT_data.json").read_text())
+    data["sentences"][4]["caption"] = None
+    (root / "MSRVTT_data.json").write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"sentences\[4\] lacks a \"video_id\" or \"caption\""):
+        load_dataset("msrvtt", root, val_size=1)

@@ -188,6 +188,21 @@ def test_bad_files_are_recorded_and_skipped(broken_root, tmp_path):
     assert cache_info(out)["videos"]["failed"] == len(reasons)
 
 
+def test_extract_reports_the_listed_videos_with_a_file_and_warns_when_many_have_none(
+        broken_root, tmp_path):
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("avr")), "extract", "--dataset", "generic", "--root",
+         str(broken_root), "--out", str(tmp_path / "cache"), "--backbones", "tiny", "--device",
+         "cpu", "--workers", "0"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd()), "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert "generic: 7 videos listed (train 3, val 2, test 2), 6 with a file" in out
+    assert "1 without (e.g. absent)" in out
+    assert "warning: 14% of the listed generic videos have no file" in out
+    assert out.index("videos listed") < out.index("videos done")
+
+
 def test_a_fixed_file_is_picked_up_by_the_next_run(broken_root, tmp_path):
     out = tmp_path / "cache"
     extract(config_for(broken_root, out, dataset="generic", chunk_rows=2))

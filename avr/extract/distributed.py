@@ -43,7 +43,6 @@ from avr import schema
 from avr.errors import AvrError
 from avr.extract import pipeline
 from avr.extract.backbones import Backbones, load_backbones
-from avr.extract.datasets import load_dataset
 from avr.extract.pipeline import ChunkResult, ExtractConfig, ExtractSummary
 from avr.schema import CacheSpec
 
@@ -154,7 +153,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
     store, resume, failure record and refusal as ``pipeline.extract``. ``on_chunk(start,
     stop)`` is called in this process as each video chunk's result arrives."""
     started = time.perf_counter()
-    index = load_dataset(config.dataset, config.root, seed=config.seed, **config.dataset_options)
+    index = pipeline.list_dataset(config, console)
     spec_backbones = load_backbones(config.backbones, config.names, device="cpu",
                                     seed=config.seed)
     out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)

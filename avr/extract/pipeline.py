@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from avr import schema
 from avr.device import resolve_device
@@ -273,7 +274,7 @@ def extract(config: ExtractConfig, *, console=None,
     """Run (or resume) one extract. ``on_chunk(start, stop)`` is called after each video chunk
     is committed (tests use it to interrupt a run)."""
     started = time.perf_counter()
-    index = load_dataset(config.dataset, config.root, seed=config.seed, **config.dataset_options)
+    index = list_dataset(config, console)
     device = resolve_device(config.device)
     backbones = load_backbones(config.backbones, config.names, device=device, seed=config.seed)
     out, group, spec, layout = open_extract_store(config, index, backbones)
@@ -285,6 +286,19 @@ def extract(config: ExtractConfig, *, console=None,
             out, group, layout, spec, index, backbones, config, device, progress, on_chunk)
     return summarize(out, group, len(index.captions), done_now, failures,
                      time.perf_counter() - started, decode_s, encode_s, str(device))
+
+
+def list_dataset(config: ExtractConfig, console=None) -> DatasetIndex:
+    """The dataset's index; says how many listed videos have a file, and warns when many
+    have none (they are recorded as missing_file)."""
+    index = load_dataset(config.dataset, config.root, seed=config.seed, **config.dataset_options)
+    if console is not None:
+        console.print(index.listing_report(), markup=False, highlight=False, soft_wrap=True)
+        warning = index.missing_warning()
+        if warning is not None:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False,
+                          soft_wrap=True)
+    return index
 
 
 def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Backbones):
