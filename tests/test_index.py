@@ -142,7 +142,34 @@ def test_rebuilding_replaces_the_index(store, tmp_path):
     first_stage.build_index(store, tmp_path / "index", kind="ivf")
     meta = json.loads((tmp_path / "index" / first_stage.META_FILE).read_text())
     assert {s["kind"] for s in meta["splits"].values()} == {"ivf"}
-    assert not (tmp_path / "index.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
+        [first_stage.META_FILE] + [f"{s}{suffix}" for s in meta["splits"]
+                                   for suffix in (".faiss", ".rows.npy")])
+
+
+def test_building_into_a_folder_of_other_files_is_refused(store, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("months of work")
+    with pytest.raises(AvrError, match="not an avr index.*thesis.tex"):
+        first_stage.build_index(store, tmp_path / "notes")
+    assert (tmp_path / "notes" / "thesis.tex").exists()
+
+
+def test_an_index_at_a_url_is_built_and_searched_like_a_local_one(run, store, tmp_path):
+    import fsspec
+
+    url = "memory://avr-index-test/index"
+    try:
+        first_stage.build_index(store, url)
+        assert json.loads(fsspec.filesystem("memory").cat_file(
+            f"/avr-index-test/index/{first_stage.META_FILE}"))["store"] == str(store.resolve())
+        first_stage.build_index(store, tmp_path / "index")
+        at_url = evaluate_run(run, store, EvalConfig(device="cpu", rerank_k=4, index=url))
+        local = evaluate_run(run, store, EvalConfig(device="cpu", rerank_k=4,
+                                                    index=tmp_path / "index"))
+        assert at_url.variants == local.variants and "rerank@4" in at_url.variants
+    finally:
+        fsspec.filesystem("memory").rm("/avr-index-test", recursive=True)
 
 
 def test_eval_rerank_through_the_saved_index_equals_the_in_memory_flat_index(run, store,

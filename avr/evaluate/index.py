@@ -146,9 +146,8 @@ def make_index(vectors: np.ndarray, kind: str = "auto", *, nlist: int | None = N
 def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str = "auto", *,
                 nlist: int | None = None, m: int = DEFAULT_M, seed: int = 0) -> str | Path:
     """Build the first-stage index of every split of the store at ``cache_path`` into ``out``
-    (default ``<cache>/index/``; paths or URLs), replacing an index already there. The files
-    go to ``<out>.tmp`` first, ``index.json`` last, and the folder is then moved into place.
-    Returns ``out``."""
+    (default ``<cache>/index/``; paths or URLs), replacing an index already there.
+    ``index.json`` is written last: a folder without it is no index. Returns ``out``."""
     import faiss
 
     group, spec = schema.open_store(cache_path)
@@ -157,16 +156,14 @@ def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str
     if not by_split:
         raise AvrError(f"{cache_path}: no extracted videos to index; run `avr extract` first")
     fs, folder = schema.store_filesystem(out)
-    tmp = f"{folder}.tmp"
-    if fs.exists(tmp):
-        fs.rm(tmp, recursive=True)
-    fs.makedirs(tmp, exist_ok=True)
+    clear_index_folder(fs, folder, out)
+    fs.makedirs(folder, exist_ok=True)
     splits: dict[str, Any] = {}
     for split, (rows, vectors) in by_split.items():
         started = time.perf_counter()
         index, chosen, params = make_index(vectors, kind, nlist=nlist, m=m, seed=seed)
-        fs.pipe_file(f"{tmp}/{split}.faiss", faiss.serialize_index(index).tobytes())
-        fs.pipe_file(f"{tmp}/{split}.rows.npy", _npy_bytes(rows))
+        fs.pipe_file(f"{folder}/{split}.faiss", faiss.serialize_index(index).tobytes())
+        fs.pipe_file(f"{folder}/{split}.rows.npy", _npy_bytes(rows))
         splits[split] = {"kind": chosen, "params": params, "videos": int(rows.size),
                          "index_file": f"{split}.faiss", "rows_file": f"{split}.rows.npy",
                          "build_seconds": round(time.perf_counter() - started, 3)}
@@ -174,12 +171,25 @@ def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str
             **store_state(group), "dim": spec.clip_dim, "metric": "inner_product",
             "vectors": "masked mean of CLIP frame embeddings, L2-normalised",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": splits}
-    # written last: an index.json marks a complete index
-    fs.pipe_file(f"{tmp}/{META_FILE}", json.dumps(meta, indent=2).encode())
-    if fs.exists(folder):
-        fs.rm(folder, recursive=True)
-    fs.mv(tmp, folder, recursive=True)
+    fs.pipe_file(f"{folder}/{META_FILE}", json.dumps(meta, indent=2).encode())
     return out
+
+
+def clear_index_folder(fs, folder: str, location: str | Path) -> None:
+    """Remove the index at ``folder``, its index.json first, so that a replacement cut short
+    never looks complete. Refuses a folder holding anything but index files (a mistaken
+    ``--out`` must not delete a store)."""
+    if not fs.exists(folder):
+        return
+    names = [path.rsplit("/", 1)[-1] for path in fs.find(folder)]
+    others = [name for name in names if name != META_FILE
+              and not name.endswith((".faiss", ".rows.npy"))]
+    if others:
+        raise AvrError(f"{location} holds files that are not an avr index ({others[0]} ...); "
+                       f"give --out a folder of its own")
+    if META_FILE in names:
+        fs.rm_file(f"{folder}/{META_FILE}")
+    fs.rm(folder, recursive=True)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
