@@ -277,6 +277,7 @@ def train(
 ):
     """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
     Under torchrun every process trains its share of each batch; rank 0 reports."""
+    from avr import schema
     from avr.fuse import distributed, trainer
     from avr.fuse.options import train_config as train_config_of
     from avr.progress import progress_bar
@@ -298,6 +299,7 @@ def train(
                  warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device)
     train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
     cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
+    schema.open_store(cache_path)  # a missing store is reported before anything is drawn
     run_dir = run_dir or trainer.default_run_dir(train_config.head)
     console.print(f"training [bold]{train_config.head}[/] on {cache_path} -> {run_dir}")
     with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
@@ -330,6 +332,7 @@ def sweep(
     """Train every configuration of a grid on one loaded cache; print a ranked table."""
     from rich.table import Table
 
+    from avr import schema
     from avr.fuse.options import parse_grid, train_config
     from avr.fuse.sweep import sweep as run_sweep, trial_configs
     from avr.progress import progress_bar
@@ -338,6 +341,7 @@ def sweep(
     base, _ = train_config(None, dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed,
                                       device=device), opt)
     trial_configs(base, trials_grid)  # every trial's options are checked before any training
+    schema.open_store(cache)
     with progress_bar(console, fields="best val R@1 {task.fields[best]:.1f}") as progress:
         task = progress.add_task(f"sweep {head}", total=len(trials_grid), rate="", best=0.0)
         best = [0.0]

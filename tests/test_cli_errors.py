@@ -151,3 +151,11 @@ def test_debug_raises_the_error_itself(tmp_path):
 
     with pytest.raises(CacheMismatchError):
         main(["--debug", "cache", "info", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("command", [["train", "--head", "meanp"],
+                                     ["sweep", "--head", "meanp", "--grid", "lr=1e-3"]])
+def test_a_missing_store_is_reported_before_anything_is_drawn(tmp_path, capsys, command):
+    code, out, err = run_main(capsys, *command, "--cache", tmp_path / "nowhere")
+    assert code == 2 and out == ""
+    assert f"{tmp_path / 'nowhere'}: no avr cache here" in " ".join(err.split())

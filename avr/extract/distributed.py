@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -158,7 +157,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
                                     seed=config.seed)
     out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)
     del spec_backbones
-    store = str(out.resolve()) if isinstance(out, Path) else out
+    store = schema.location_text(out)
 
     caption_tasks = [CaptionChunkTask(store, start, stop, layout, config)
                      for start, stop in pipeline.pending_caption_chunks(group)]
