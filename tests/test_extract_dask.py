@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ distributed = pytest.importorskip("distributed")
 
 from avr import schema  # noqa: E402
 from avr.extract.demo_data import generate_demo  # noqa: E402
-from avr.extract.distributed import extract_on_dask  # noqa: E402
+from avr.extract.distributed import extract_on_dask, local_cluster  # noqa: E402
 from avr.extract.pipeline import ExtractConfig, extract  # noqa: E402
 import media  # noqa: E402
 from store_checks import assert_same_store, demo_extract_config, read_store  # noqa: E402
@@ -26,15 +28,27 @@ def config_for(root: Path, out: Path | str, **overrides) -> ExtractConfig:
     return demo_extract_config(root, out, overrides.pop("chunk_rows", CHUNK), **overrides)
 
 
-def local_cluster():
-    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                    host="127.0.0.1", dashboard_address=None)
-
-
 @pytest.fixture(scope="module")
 def client():
-    with local_cluster() as cluster, distributed.Client(cluster) as client:
+    with local_cluster(2) as cluster, distributed.Client(cluster) as client:
         yield client
+
+
+def test_the_local_cluster_leaves_the_dashboard_port_alone():
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))  # as another cluster's dashboard would
+    except OSError:
+        pass  # something already holds it: the same situation
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with local_cluster(1) as cluster:
+                port = cluster.scheduler.http_server.port
+        assert port != 8787
+        assert not [w for w in caught if "8787" in str(w.message)]
+    finally:
+        holder.close()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +95,7 @@ def test_a_finished_store_submits_no_work(client, demo_root, straight):
 def test_a_killed_worker_loses_only_its_chunk(demo_root, straight, tmp_path):
     out = tmp_path / "cache"
     killed: list[int] = []
-    with local_cluster() as cluster, distributed.Client(cluster) as client:
+    with local_cluster(2) as cluster, distributed.Client(cluster) as client:
 
         def kill_a_busy_worker(start, stop):
             if killed:

@@ -137,3 +137,25 @@ def test_a_head_trains_and_evaluates_on_a_store_at_a_url(tmp_path):
         assert evaluated.cache == url and evaluated.num_videos == 12
     finally:
         fsspec.filesystem("memory").rm("/avr-test/learnable", recursive=True)
+
+
+def test_file_urls_name_local_stores_in_every_command(tmp_path, capsys):
+    import json as json_module
+
+    from avr.cli import main
+    from conftest import make_tiny_spec
+    from stores import make_learnable_store
+
+    store = make_learnable_store(tmp_path / "cache", make_tiny_spec())
+    url = store.as_uri()  # file:///...: a pathlib.Path would make it file:/...
+    main(["cache", "info", url, "--json"])
+    assert json_module.loads(capsys.readouterr().out)["path"] == str(store)
+    main(["train", "--cache", url, "--head", "meanp", "--epochs", "1", "--batch-size", "16",
+          "--device", "cpu", "--run-dir", str(tmp_path / "run")])
+    saved = json_module.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["cache"]["path"] == str(store.resolve())
+    main(["index", "build", url])
+    assert (store / "index" / "index.json").is_file()
+    main(["eval", "--run", str(tmp_path / "run"), "--cache", url, "--device", "cpu",
+          "--rerank-k", "2", "--index", (store / "index").as_uri()])
+    assert "rerank@2" in capsys.readouterr().out

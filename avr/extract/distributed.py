@@ -122,7 +122,7 @@ def dask_client(scheduler: str | None = None, local_workers: int | None = None
     """A client of the scheduler at ``scheduler`` (``tcp://HOST:PORT``), or of a local cluster
     of ``local_workers`` worker processes with one thread each, on loopback."""
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError:
         raise AvrError("dask extraction needs the distributed package: "
                        "pip install distributed") from None
@@ -140,10 +140,19 @@ def dask_client(scheduler: str | None = None, local_workers: int | None = None
         return
     if local_workers < 1:
         raise AvrError(f"--dask-workers {local_workers}: need at least one worker")
-    with LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with local_cluster(local_workers) as cluster, Client(cluster) as client:
         yield client
+
+
+def local_cluster(workers: int):
+    """A dask cluster of ``workers`` processes with one thread each, on the loopback, with no
+    dashboard. The scheduler still serves its health and metrics endpoints over HTTP; they get
+    a free port rather than the dashboard's 8787, which another cluster may hold."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                        host="127.0.0.1", dashboard_address=None,
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
 
 
 def extract_on_dask(config: ExtractConfig, client, *, console=None,
