@@ -232,6 +232,21 @@ def cache_export(
     console.print(f"wrote {written} ({stored_bytes(written) / 1e6:,.1f} MB)")
 
 
+@cache_app.command("break-lock")
+def cache_break_lock(
+    path: str = typer.Argument(..., help="The store: a path or a URL."),
+):
+    """Remove a store's writer lock left by a process that is gone (its machine died and its
+    lease has not run out yet). A lock of a process still running here is refused."""
+    from avr.lock import break_lock
+
+    holder = break_lock(path)
+    if holder is None:
+        console.print(f"{path}: no lock to remove")
+    else:
+        console.print(f"removed the lock of {path} held by {holder.describe()}")
+
+
 # ---- stage two: train and sweep --------------------------------------------------------------
 
 def _epoch_printer(progress, task):

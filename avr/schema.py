@@ -33,12 +33,21 @@ Caption arrays (M rows)
 
 Attributes: ``schema_version``, ``spec`` (CacheSpec: dataset, every backbone with weights tag and
 library version, every preprocessing parameter), ``splits``, ``created``, ``failures``.
+
+Integrity: every array is written with the Zarr v3 ``crc32c`` codec (a checksum of each stored
+chunk, checked on read) and every chunk a writer writes is stored, even one equal to the fill
+value, so an absent chunk under done rows is damage, never "all zeros" (``avr.integrity``).
+Stores written before checksums stay readable. A store is complete once its root ``zarr.json``
+carries ``schema_version``: creation writes that last, so a kill during creation leaves an
+unfinished store that the next extract recognises and creates again. ``avr.lock`` at the root
+is the writer's lock (``avr.lock``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -83,6 +92,7 @@ ATTR_CREATED = "created"
 ATTR_FAILURES = "failures"
 
 FAILURES_FILE = "failures.jsonl"
+LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries share the prefix
 
 
 def swin_stage(k: int) -> str:
@@ -95,6 +105,16 @@ VIDEO_FEATURES = (FRAME_EMBEDDINGS, FRAME_MASK, AUDIO_PATCH_TOKENS, AUDIO_GLOBAL
                   AUDIO_TIME_TOKENS, HAS_AUDIO)
 CAPTION_FEATURES = (TEXT_EMBEDDINGS, TEXT_TOKEN_STATES, TEXT_TOKEN_MASK, ROBERTA_STATES,
                     ROBERTA_MASK)
+# Written whole when the store is created: every chunk of them holds data.
+INDEX_ARRAYS = (VIDEO_ID, VIDEO_SPLIT, CAPTION_VIDEO, CAPTION_TEXT, CAPTION_TAG)
+# The done mask of each kind of row: a row's features count only where it is True.
+DONE_MASKS = {"video": VIDEO_DONE, "caption": CAPTION_DONE}
+CAPTION_ARRAYS = (CAPTION_VIDEO, CAPTION_TEXT, CAPTION_TAG, CAPTION_DONE, *CAPTION_FEATURES)
+
+
+def rows_of(name: str) -> str:
+    """"video" or "caption": what the rows of array ``name`` are."""
+    return "caption" if name in CAPTION_ARRAYS else "video"
 
 
 @dataclass(frozen=True)
@@ -267,10 +287,21 @@ def cache_identity(spec: CacheSpec) -> dict[str, Any]:
 
 # ---- store creation and opening --------------------------------------------------------------
 
-def _compressor():
-    from zarr.codecs import BloscCodec
+def _zarr():
+    """zarr, set up the way avr writes: every chunk stored, even one equal to the fill value
+    (zarr skips those by default), so that an absent chunk always means damage."""
+    import zarr
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    if not zarr.config.get("array.write_empty_chunks"):
+        zarr.config.set({"array.write_empty_chunks": True})
+    return zarr
+
+
+def _compressors() -> tuple:
+    """Compression, then a crc32c checksum of the stored bytes (checked on every read)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()
 
 
 def store_location(location: str | Path) -> str | Path:
@@ -329,39 +360,94 @@ def store_member(location: str | Path, name: str) -> str | Path:
     return location / name if isinstance(location, Path) else f"{location}/{name}"
 
 
+def _is_lock_file(name: str) -> bool:
+    return name.startswith(LOCK_FILE)
+
+
+def _written_by_avr(name: str) -> bool:
+    """Whether a root entry is one an extract writes: arrays, metadata, the failure record,
+    the lock, and the temporaries of atomic writes (zarr's ``*.partial``, avr's ``*.tmp``)."""
+    is_array = (name in (VIDEO_ID, VIDEO_SPLIT, VIDEO_DONE, *VIDEO_FEATURES, *CAPTION_ARRAYS)
+                or re.fullmatch(r"swin_stage\d+", name) is not None)
+    return (is_array or name in ("zarr.json", FAILURES_FILE) or _is_lock_file(name)
+            or name.endswith((".partial", ".tmp")))
+
+
+def store_condition(location: str | Path) -> str:
+    """What is at ``location``: "complete" (an avr store: root ``zarr.json`` with a schema
+    version), "empty" (nothing but a lock), "unfinished" (what an interrupted creation or
+    overwrite leaves: only entries avr writes, no complete root) or "foreign" (anything else)."""
+    fs, root = store_filesystem(location)
+    if _root_attrs(fs, root).get(ATTR_SCHEMA_VERSION) is not None:
+        return "complete"
+    try:
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return "empty"
+    names = [name for name in names if not _is_lock_file(name)]
+    if not names:
+        return "empty"
+    return "unfinished" if all(_written_by_avr(name) for name in names) else "foreign"
+
+
+def _root_attrs(fs, root: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(fs.cat_file(f"{root}/zarr.json"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return metadata.get("attributes") or {}
+
+
+def clear_store(location: str | Path) -> None:
+    """Delete everything at ``location`` but the lock: the root ``zarr.json`` first, so that a
+    kill midway leaves an unfinished store, never a complete-looking one with arrays gone."""
+    fs, root = store_filesystem(location)
+    if not fs.exists(root):
+        return
+    if fs.exists(f"{root}/zarr.json"):
+        fs.rm_file(f"{root}/zarr.json")
+    for entry in fs.ls(root, detail=False):
+        if not _is_lock_file(entry.rstrip("/").rsplit("/", 1)[-1]):
+            fs.rm(entry, recursive=True)
+
+
 def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
                  caption_video: list[int] | np.ndarray, caption_text: list[str],
                  caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None):
-    """Pre-allocate every array of a new store at ``path`` (a local path or a URL, see
-    ``store_location``); zarr forbids safe concurrent resizes, so the store is created at its
-    final size and writers fill row ranges. Returns the zarr group."""
-    import zarr
-
+    """Create a new store at ``path`` (a local path or a URL, see ``store_location``) in place
+    of whatever is there but its lock. Every array is pre-allocated at its final size (zarr
+    forbids safe concurrent resizes; writers fill row ranges) and the ids, splits and captions
+    are written. The root's attributes, the schema version among them, are written last: until
+    then the store is unfinished and a kill leaves nothing a reader takes for a store.
+    Returns the zarr group."""
+    zarr = _zarr()
+    clear_store(path)
     n_videos, n_captions = len(video_ids), len(caption_text)
-    group = zarr.open_group(str(store_location(path)), mode="w", zarr_format=3)
-    compressor = _compressor()
+    group = zarr.create_group(str(store_location(path)), zarr_format=3)
+    compressors = _compressors()
     layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
     for name, arr in layout.items():
         chunks = (arr.chunk_rows, *arr.shape[1:])
         if arr.dtype is str:
-            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str)
+            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str,
+                               compressors=compressors)
         else:
             group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
-                               compressors=compressor, fill_value=0)
+                               compressors=compressors, fill_value=0)
     split_index = {s: i for i, s in enumerate(SPLITS)}
     group[VIDEO_ID][:] = np.asarray(video_ids, dtype=object)
     group[VIDEO_SPLIT][:] = np.asarray([split_index[s] for s in video_splits], dtype=np.int8)
     group[CAPTION_VIDEO][:] = np.asarray(caption_video, dtype=np.int32)
     group[CAPTION_TEXT][:] = np.asarray(caption_text, dtype=object)
     group[CAPTION_TAG][:] = np.asarray(caption_tags or [""] * n_captions, dtype=object)
-    group.attrs.update({
+    # One write of the root metadata, all attributes at once: the commit.
+    return group.update_attributes({
         ATTR_SCHEMA_VERSION: SCHEMA_VERSION,
         ATTR_SPEC: spec.to_attrs(),
         ATTR_SPLITS: list(SPLITS),
         ATTR_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ATTR_FAILURES: [],
     })
-    return group
 
 
 def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = None,
@@ -371,10 +457,14 @@ def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = 
 
     Returns ``(group, spec)``. Raises CacheMismatchError naming the store and each difference.
     """
-    import zarr
-
+    zarr = _zarr()
     path = store_location(path)
     fs, root = store_filesystem(path)
+    condition = store_condition(path)
+    if condition == "unfinished":
+        raise CacheMismatchError(f"{path}: the store's creation did not finish (an `avr extract` "
+                                 f"was stopped while creating it, or is creating it now); run "
+                                 f"the same `avr extract` again to create it")
     if not fs.exists(f"{root}/zarr.json"):
         raise CacheMismatchError(f"{path}: no avr cache here (zarr.json not found); "
                                  f"run `avr extract ... --out {path}` first")

@@ -1,7 +1,9 @@
-"""Extract settings for tests and array-by-array comparison of two stores."""
+"""Extract settings for tests, array-by-array comparison of two stores, and the environment
+of `avr` subprocesses (this checkout's code)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +31,8 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert left.keys() == right.keys()
     for name in left:
         np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+def avr_env() -> dict[str, str]:
+    """The environment for `python -m avr` subprocesses: this checkout on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": str(Path.cwd())}

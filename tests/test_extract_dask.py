@@ -7,7 +7,11 @@ import csv
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 from avr import schema  # noqa: E402
+from avr.errors import AvrError  # noqa: E402
+from avr.lock import LockRecord, StoreLock, StoreLockedError  # noqa: E402
 from avr.extract.demo_data import generate_demo  # noqa: E402
 from avr.extract.distributed import extract_on_dask, local_cluster  # noqa: E402
 from avr.extract.pipeline import ExtractConfig, extract  # noqa: E402
@@ -157,4 +163,69 @@ def test_the_cli_runs_on_a_scheduler(client, demo_root, straight, tmp_path):
         "--scheduler", client.scheduler.address])
     assert result.exit_code == 0, result.output
     assert "12/12 videos done" in " ".join(result.output.split())
+    assert_same_store(straight, out)
+
+
+def test_the_parent_holds_the_store_lock_while_workers_write(client, demo_root, straight,
+                                                             tmp_path):
+    out = tmp_path / "cache"
+    refusals = []
+
+    def try_a_second_writer(start, stop):
+        try:
+            StoreLock(out).acquire()
+        except StoreLockedError as refused:
+            refusals.append(str(refused))
+
+    extract_on_dask(config_for(demo_root, out), client, on_chunk=try_a_second_writer)
+    assert len(refusals) == 6 and f"pid {os.getpid()}" in refusals[0]
+    assert not (out / schema.LOCK_FILE).exists()
+    assert_same_store(straight, out)
+
+
+def test_tasks_of_an_extract_that_lost_its_lock_write_nothing(client, demo_root, straight,
+                                                              tmp_path):
+    """Another run took the lock (the parent's record was replaced): the tasks still to
+    commit fail without writing, and the next run finishes the store."""
+    out = tmp_path / "cache"
+    lock_file = out / schema.LOCK_FILE
+
+    def take_the_lock_away(start, stop):
+        record = LockRecord.decode(lock_file.read_bytes())
+        if record.pid == os.getpid():
+            gone = subprocess.Popen([sys.executable, "-c", "pass"])
+            gone.wait()
+            lock_file.write_bytes(replace(record, token="other", pid=gone.pid).encode())
+
+    with pytest.raises(AvrError, match="chunk task"):
+        extract_on_dask(config_for(demo_root, out), client, on_chunk=take_the_lock_away)
+    done = read_store(out)[schema.VIDEO_DONE]
+    assert 0 < done.sum() < len(done)
+    summary = extract(config_for(demo_root, out))  # takes over the stale lock
+    assert summary.done == summary.videos
+    assert_same_store(straight, out)
+
+
+@pytest.mark.slow
+def test_a_killed_dask_extract_resumes_to_the_same_store(demo_root, straight, tmp_path):
+    out = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    command = [sys.executable, "-m", "avr", "extract", "--dataset", "demo", "--root",
+               str(demo_root), "--out", str(out), "--backbones", "tiny", "--chunk-rows",
+               str(CHUNK), "--device", "cpu"]
+    parent = subprocess.Popen([*command, "--dask-workers", "2"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    done_rows = 0
+    while time.time() < deadline and parent.poll() is None and done_rows < 2:
+        try:
+            done_rows = int(schema.open_store(out)[0][schema.VIDEO_DONE][:].sum())
+        except Exception:  # not created yet, or being created
+            pass
+        time.sleep(0.05)
+    os.killpg(parent.pid, signal.SIGKILL)  # the parent and its local cluster
+    parent.wait()
+    assert done_rows >= 2
+    rerun = subprocess.run([*command, "--workers", "0"], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
     assert_same_store(straight, out)

@@ -1,8 +1,9 @@
 """`avr extract` on dask.distributed: one task per store chunk, run by the workers.
 
 The parent process (where ``avr extract --scheduler ...`` runs) does what a single-process
-extract does before and after the chunks: it loads the dataset index, builds the backbones on
-the CPU only to know the store's spec, creates or opens and checks the store
+extract does before and after the chunks: it takes the store's lock first and holds it to the
+end (one writer per store, as in ``pipeline.extract``), loads the dataset index, builds the
+backbones on the CPU only to know the store's spec, creates or opens and checks the store
 (``pipeline.open_extract_store``: schema check, refusal, ``--overwrite``), and at the end it
 alone writes the failure record (store attrs and ``failures.jsonl``) and the summary.
 
@@ -12,6 +13,9 @@ in the worker process, encodes them with the worker's backbones and commits the 
 (``pipeline.commit_video_chunk``: every array as whole chunks, then ``video_done``). It
 returns the chunk's failures; it never touches the attrs, so the store has a single writer of
 its metadata. Chunks are disjoint row ranges, so no two tasks write the same zarr chunk.
+Workers write under the parent's lock: a task carries the lock's token and, just before it
+writes, checks that the lock still carries it (``lock.WriterToken``), so a task left running
+by a killed parent whose lock another run has since taken writes nothing.
 
 Backbones are built once per worker process and kept in ``_BACKBONES`` (keyed by kind,
 names, seed and device); ``device="auto"`` is resolved on the worker, so a worker uses its GPU
@@ -43,6 +47,7 @@ from avr.errors import AvrError
 from avr.extract import pipeline
 from avr.extract.backbones import Backbones, load_backbones
 from avr.extract.pipeline import ChunkResult, ExtractConfig, ExtractSummary
+from avr.lock import WriterToken
 from avr.schema import CacheSpec
 
 TASK_RETRIES = 2  # a task that raises is run again this many times before it counts as failed
@@ -67,6 +72,7 @@ def worker_backbones(config: ExtractConfig) -> Backbones:
 @dataclass(frozen=True)
 class CaptionChunkTask:
     store: str  # the store's path or URL, the same on every worker
+    lock_token: str  # the parent's lock: the task writes only while the lock carries it
     start: int
     stop: int
     layout: dict[str, schema.ArraySpec]
@@ -76,6 +82,7 @@ class CaptionChunkTask:
 @dataclass(frozen=True)
 class VideoChunkTask:
     store: str
+    lock_token: str
     start: int
     stop: int
     video_ids: list[str]  # rows [start, stop)
@@ -86,16 +93,16 @@ class VideoChunkTask:
 
 
 def _open_group(store: str):
-    import zarr
-
-    return zarr.open_group(store, mode="r+", zarr_format=3)
+    return schema.open_store(store, mode="r+")[0]
 
 
 def run_caption_chunk(task: CaptionChunkTask) -> tuple[int, int]:
     """Encode and commit one caption chunk on a worker."""
+    writer = WriterToken(task.store, task.lock_token)
+    writer.check()  # before the work, and again before the writes
     group = _open_group(task.store)
     pipeline.commit_caption_chunk(group, task.layout, worker_backbones(task.config), task.config,
-                                  task.start, task.stop)
+                                  task.start, task.stop, writer)
     return task.start, task.stop
 
 
@@ -104,6 +111,8 @@ def run_video_chunk(task: VideoChunkTask) -> ChunkResult:
 
     The done mask is read here, not in the parent, so a rescheduled or retried task skips
     rows that an earlier attempt already committed."""
+    writer = WriterToken(task.store, task.lock_token)
+    writer.check()  # before the work, and again before the writes
     group = _open_group(task.store)
     done_region = group[schema.VIDEO_DONE][task.start:task.stop]
     rows = np.flatnonzero(~done_region) + task.start
@@ -111,7 +120,8 @@ def run_video_chunk(task: VideoChunkTask) -> ChunkResult:
     paths = dict(zip(range(task.start, task.stop), task.video_paths))
     decoded = pipeline.decode_rows(rows, ids, paths, task.spec)
     return pipeline.commit_video_chunk(group, task.layout, worker_backbones(task.config),
-                                       task.config, task.start, task.stop, done_region, decoded)
+                                       task.config, task.start, task.stop, done_region, decoded,
+                                       writer)
 
 
 # ---- in the parent -----------------------------------------------------------------------------
@@ -161,27 +171,30 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
     store, resume, failure record and refusal as ``pipeline.extract``. ``on_chunk(start,
     stop)`` is called in this process as each video chunk's result arrives."""
     started = time.perf_counter()
-    index = pipeline.list_dataset(config, console)
-    spec_backbones = load_backbones(config.backbones, config.names, device="cpu",
-                                    seed=config.seed)
-    out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)
-    del spec_backbones
-    store = schema.location_text(out)
+    with pipeline.hold_store_lock(config, console) as lock:
+        index = pipeline.list_dataset(config, console)
+        spec_backbones = load_backbones(config.backbones, config.names, device="cpu",
+                                        seed=config.seed)
+        out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)
+        del spec_backbones
+        store = schema.location_text(out)
 
-    caption_tasks = [CaptionChunkTask(store, start, stop, layout, config)
-                     for start, stop in pipeline.pending_caption_chunks(group)]
-    done = group[schema.VIDEO_DONE][:]
-    pending = pipeline.pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
-    video_tasks = [VideoChunkTask(store, start, stop, index.video_ids[start:stop],
-                                  [str(p) for p in index.video_paths[start:stop]], spec, layout,
-                                  config) for start, stop, _ in pending]
+        caption_tasks = [CaptionChunkTask(store, lock.token, start, stop, layout, config)
+                         for start, stop in pipeline.pending_caption_chunks(group)]
+        done = group[schema.VIDEO_DONE][:]
+        pending = pipeline.pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
+        video_tasks = [VideoChunkTask(store, lock.token, start, stop,
+                                      index.video_ids[start:stop],
+                                      [str(p) for p in index.video_paths[start:stop]], spec,
+                                      layout, config) for start, stop, _ in pending]
 
-    failures = pipeline.read_failures(group)
-    progress = pipeline.ExtractProgress(console)
-    with progress:
-        totals, errors = _run_tasks(client, caption_tasks, video_tasks, pending, index.video_ids,
-                                    out, group, failures, progress, on_chunk)
-    pipeline.write_failures_file_once(out, group, failures)
+        failures = pipeline.read_failures(group)
+        progress = pipeline.ExtractProgress(console)
+        with progress:
+            totals, errors = _run_tasks(client, caption_tasks, video_tasks, pending,
+                                        index.video_ids, out, group, failures, progress,
+                                        on_chunk, lock)
+        pipeline.write_failures_file_once(out, group, failures)
     if errors:
         raise AvrError(f"{len(errors)} chunk task(s) failed on the workers (first: "
                        f"{errors[0]!r}); the other chunks are written; run the same command "
@@ -193,9 +206,10 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
 
 
 def _run_tasks(client, caption_tasks, video_tasks, pending, video_ids, out, group, failures,
-               progress, on_chunk) -> tuple[dict, list[BaseException]]:
+               progress, on_chunk, lock) -> tuple[dict, list[BaseException]]:
     """Submit every task, then take results as they complete: progress, failure record, the
-    callback. Returns the summed numbers and the errors of tasks that failed for good."""
+    callback. Returns the summed numbers and the errors of tasks that failed for good. Stops
+    (cancelling what is left) as soon as the parent's lock is lost."""
     from distributed import as_completed
 
     totals = {"done_now": 0, "decode_s": 0.0, "encode_s": 0.0, "devices": set()}
@@ -208,6 +222,7 @@ def _run_tasks(client, caption_tasks, video_tasks, pending, video_ids, out, grou
                + client.map(run_video_chunk, video_tasks, retries=TASK_RETRIES, pure=False))
     try:
         for future in as_completed(futures):
+            lock.check()
             try:
                 result = future.result()
             except Exception as error:  # the task failed on every attempt, or its workers died

@@ -21,6 +21,11 @@ reads and writes the arrays, fsspec checks, deletes and measures the store and w
 Writing into a store made with other backbones, parameters or dataset contents is refused
 with the differences unless ``overwrite`` is set.
 
+One writer: the run takes the store's lock (``avr.lock``) before anything else and holds it to
+the end; a second run on the same store refuses at once, naming the holder, and a lock left by
+a killed run is taken over. Creation is safe to kill: the store counts as created only once its
+root attributes are written (last), and an unfinished store is created again by the next run.
+
 The work on one chunk (``commit_caption_chunk``, ``commit_video_chunk``) is the same whether
 this process runs it or a dask worker does (``avr.extract.distributed``).
 """
@@ -46,6 +51,7 @@ from avr.device import resolve_device
 from avr.errors import AvrError, CacheMismatchError, DecodeError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
 from avr.extract.datasets import DatasetIndex, load_dataset
+from avr.lock import StoreLock, WriterToken
 from avr.schema import AudioParams, CacheSpec
 
 
@@ -154,20 +160,22 @@ def store_path(out: str | Path) -> str | Path:
 
 def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
                   chunk_rows: int | None):
-    """Open the store at ``out`` for resuming, or create it. Refuses a store that was made
-    with another spec or for other videos/captions unless ``overwrite``, which deletes it."""
+    """Open the store at ``out`` for resuming, or create it, the caller holding its lock. An
+    unfinished store (creation or overwrite killed midway) is created again. Refuses a store
+    that was made with another spec or for other videos/captions unless ``overwrite``, which
+    replaces it."""
     caption_video, caption_text, caption_tags = _caption_columns(index)
-    fs, root = schema.store_filesystem(out)
-    if overwrite and fs.exists(root):
-        fs.rm(root, recursive=True)
-    if fs.exists(f"{root}/zarr.json"):
+    if overwrite:
+        schema.clear_store(out)
+    condition = schema.store_condition(out)
+    if condition == "complete":
         try:
             group, _ = schema.open_store(out, mode="r+", expect=spec)
             _check_contents(out, group, index, caption_text)
         except CacheMismatchError as error:
             raise CacheMismatchError(f"{error}\npass --overwrite to replace it") from None
         return group
-    if fs.exists(root) and fs.ls(root, detail=False):
+    if condition == "foreign":
         raise AvrError(f"{out} exists and is not an avr store; choose another --out")
     return schema.create_store(out, spec, index.video_ids, index.video_splits, caption_video,
                                caption_text, caption_tags, video_chunk_rows=chunk_rows)
@@ -274,16 +282,19 @@ def extract(config: ExtractConfig, *, console=None,
     """Run (or resume) one extract. ``on_chunk(start, stop)`` is called after each video chunk
     is committed (tests use it to interrupt a run)."""
     started = time.perf_counter()
-    index = list_dataset(config, console)
-    device = resolve_device(config.device)
-    backbones = load_backbones(config.backbones, config.names, device=device, seed=config.seed)
-    out, group, spec, layout = open_extract_store(config, index, backbones)
+    with hold_store_lock(config, console) as lock:
+        index = list_dataset(config, console)
+        device = resolve_device(config.device)
+        backbones = load_backbones(config.backbones, config.names, device=device,
+                                   seed=config.seed)
+        out, group, spec, layout = open_extract_store(config, index, backbones)
 
-    progress = ExtractProgress(console)
-    with progress:
-        _extract_captions(group, layout, backbones, config, progress)
-        done_now, decode_s, encode_s, failures = _extract_videos(
-            out, group, layout, spec, index, backbones, config, device, progress, on_chunk)
+        progress = ExtractProgress(console)
+        with progress:
+            _extract_captions(group, layout, backbones, config, progress, lock)
+            done_now, decode_s, encode_s, failures = _extract_videos(
+                out, group, layout, spec, index, backbones, config, device, progress, on_chunk,
+                lock)
     return summarize(out, group, len(index.captions), done_now, failures,
                      time.perf_counter() - started, decode_s, encode_s, str(device))
 
@@ -299,6 +310,16 @@ def list_dataset(config: ExtractConfig, console=None) -> DatasetIndex:
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False,
                           soft_wrap=True)
     return index
+
+
+def hold_store_lock(config: ExtractConfig, console=None) -> StoreLock:
+    """The lock of ``config.out``, taken first of all so that a second run refuses at once
+    (``with`` it to hold it); says so when it replaced a lock left by a killed run."""
+    lock = StoreLock(store_path(config.out)).acquire()
+    if lock.took_over is not None and console is not None:
+        console.print(f"[yellow]took over the lock of {lock.location}[/] left by "
+                      f"{lock.took_over.describe()}, which is no longer running")
+    return lock
 
 
 def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Backbones):
@@ -323,14 +344,14 @@ def summarize(out: str | Path, group, n_captions: int, done_now: int, failures: 
 
 
 def _extract_captions(group, layout, backbones: Backbones, config: ExtractConfig,
-                      progress: ExtractProgress) -> None:
+                      progress: ExtractProgress, lock: StoreLock) -> None:
     done = group[schema.CAPTION_DONE][:]
     todo = int(np.count_nonzero(~done))
     if not todo:
         return
     task = progress.add("captions", todo, "captions")
     for start, stop in pending_caption_chunks(group):
-        commit_caption_chunk(group, layout, backbones, config, start, stop)
+        commit_caption_chunk(group, layout, backbones, config, start, stop, lock)
         progress.advance(task, stop - start)
 
 
@@ -349,13 +370,15 @@ def pending_video_chunks(done: np.ndarray, chunk: int) -> list[tuple[int, int, n
 
 
 def commit_caption_chunk(group, layout, backbones: Backbones, config: ExtractConfig,
-                         start: int, stop: int) -> None:
+                         start: int, stop: int, lock: StoreLock | WriterToken) -> None:
     """Encode captions [start, stop) (a whole caption chunk) and write them, then their done
-    mask. One process or one dask task per chunk: both call this."""
+    mask, once ``lock.check()`` confirms the store's lock is still this run's. One process or
+    one dask task per chunk: both call this."""
     texts = group[schema.CAPTION_TEXT][start:stop]
     encoded = encode_captions(backbones, list(texts), config.text_batch)
     rows = np.arange(start, stop)
     values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+    lock.check()
     _write_rows(group, layout, start, stop, rows, values, region_is_fresh=True)
     group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
 
@@ -376,9 +399,10 @@ class ChunkResult:
 
 def commit_video_chunk(group, layout, backbones: Backbones, config: ExtractConfig,
                        start: int, stop: int, done_region: np.ndarray,
-                       decoded: list[_Decoded]) -> ChunkResult:
+                       decoded: list[_Decoded], lock: StoreLock | WriterToken) -> ChunkResult:
     """Encode the decoded clips of video chunk [start, stop) and write every array of the chunk
-    as whole chunks, then its ``video_done`` region (``done_region``: the chunk's mask before).
+    as whole chunks, then its ``video_done`` region (``done_region``: the chunk's mask before),
+    once ``lock.check()`` confirms the store's lock is still this run's.
 
     The one place a video chunk is committed: the single-process loop and each dask task call
     it. Rows whose clip failed to decode stay not done."""
@@ -390,6 +414,7 @@ def commit_video_chunk(group, layout, backbones: Backbones, config: ExtractConfi
         encoded = encode_clips(backbones, [d.clip for d in good], config, backbones.device)
         good_rows = np.asarray([d.row for d in good])
         values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+        lock.check()
         _write_rows(group, layout, start, stop, good_rows, values, not done_region.any())
         region = done_region.copy()
         region[good_rows - start] = True
@@ -427,7 +452,8 @@ def decode_rows(rows, video_ids, video_paths, spec: CacheSpec) -> list[_Decoded]
 
 def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: DatasetIndex,
                     backbones: Backbones, config: ExtractConfig, device: torch.device,
-                    progress: ExtractProgress, on_chunk) -> tuple[int, float, float, dict]:
+                    progress: ExtractProgress, on_chunk, lock: StoreLock
+                    ) -> tuple[int, float, float, dict]:
     done = group[schema.VIDEO_DONE][:]
     failures = read_failures(group)
     pending = pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
@@ -441,7 +467,7 @@ def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: Data
         for (start, stop, rows), decoded in _decode_ahead(executor, pending, index, spec,
                                                           lookahead=2):
             result = commit_video_chunk(group, layout, backbones, config, start, stop,
-                                        done[start:stop], decoded)
+                                        done[start:stop], decoded, lock)
             done[result.done_rows] = True
             decode_s += result.decode_seconds
             encode_s += result.encode_seconds
