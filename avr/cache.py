@@ -1,6 +1,11 @@
 """Reading a store as a whole: its summary (`avr cache info`), an HDF5 export
 (`avr cache export --format h5`) and dask arrays for out-of-core work. A store, and the HDF5
-file, is a local path or a URL (``s3://``, ``gs://``, ``file://``)."""
+file, is a local path or a URL (``s3://``, ``gs://``, ``file://``).
+
+The summary lists the chunks under done rows that are absent (a listing, no chunk read: `avr
+cache verify` reads them all); the export fails on damage with the array, chunk and rows, as
+every read of rows does (``avr.integrity``); dask arrays are checked for absent chunks when
+opened, and a chunk that fails its checksum fails the computation that reads it."""
 
 from __future__ import annotations
 
@@ -10,16 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from avr import schema
+from avr import integrity, schema
+from avr.integrity import read_rows
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
     """Rows, arrays (shape, dtype, chunks, stored bytes), backbones, splits and failures."""
     path = schema.store_location(path)
     group, spec = schema.open_store(path)
-    video_done = group[schema.VIDEO_DONE][:]
-    caption_done = group[schema.CAPTION_DONE][:]
-    splits = group[schema.VIDEO_SPLIT][:]
+    video_done = read_rows(group[schema.VIDEO_DONE])
+    caption_done = read_rows(group[schema.CAPTION_DONE])
+    splits = read_rows(group[schema.VIDEO_SPLIT])
     split_names = list(group.attrs.get(schema.ATTR_SPLITS, schema.SPLITS))
     arrays = {}
     for name in sorted(schema.array_layout(spec, 0, 0)):
@@ -44,6 +50,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
                           "frame_sampling": spec.frame_sampling, "audio": vars(spec.audio),
                           "dtype": spec.dtype},
         "failures": failures,
+        "absent_chunks": [d.to_json() for d in integrity.absent_under_done_rows(group, spec)],
     }
 
 
@@ -56,12 +63,17 @@ def stored_bytes(location: str | Path) -> int:
 def export_h5(path: str | Path, out: str | Path, *, rows_per_block: int = 1024) -> str | Path:
     """Write every array of the store to one HDF5 file under the same names, attrs as JSON.
     ``out`` is a local path or a URL; HDF5 needs a seekable file, so a URL's file is written
-    to a local temporary file first (under TMPDIR) and then uploaded. Returns where it went."""
+    to a local temporary file first (under TMPDIR) and then uploaded. Returns where it went.
+    Damage under done rows fails the export (nothing is written to ``out``)."""
     group, spec = schema.open_store(path)
     destination = schema.store_location(out)
     if isinstance(destination, Path):
         tmp = destination.with_name(destination.name + ".tmp")
-        _write_h5(group, spec, tmp, rows_per_block)
+        try:
+            _write_h5(group, spec, tmp, rows_per_block)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(destination)
         return destination
     fs, remote = schema.store_filesystem(destination)
@@ -77,11 +89,13 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
 
     import h5py
 
+    done = integrity.done_rows(group)
     with h5py.File(out, "w") as h5:
         for name in schema.array_layout(spec, 0, 0):
             array = group[name]
+            integrity.require_stored(array, integrity.rows_that_count(name, array, done))
             if array.dtype.kind in "OTU":  # variable-length strings
-                values = [str(v) for v in array[:]]
+                values = [str(v) for v in read_rows(array, must_be_stored=np.empty(0))]
                 h5.create_dataset(name, data=np.asarray(values, dtype=object),
                                   dtype=h5py.string_dtype())
                 continue
@@ -90,19 +104,24 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
                                                 *array.shape[1:]) if array.shape[0] else None,
                                         compression="gzip", compression_opts=1)
             for start in range(0, array.shape[0], rows_per_block):
-                dataset[start:start + rows_per_block] = array[start:start + rows_per_block]
+                rows = np.arange(start, min(start + rows_per_block, array.shape[0]))
+                dataset[start:start + rows_per_block] = read_rows(array, rows,
+                                                                  must_be_stored=np.empty(0))
         for key, value in group.attrs.asdict().items():
             h5.attrs[key] = json.dumps(value)
 
 
 def open_dask(path: str | Path) -> dict[str, Any]:
-    """Every array of a store as a lazy dask array (chunks = the store's chunks)."""
+    """Every array of a store as a lazy dask array (chunks = the store's chunks); an absent
+    chunk under done rows fails here, naming it."""
     import dask.array as da
     import zarr
 
     group, spec = schema.open_store(path)
+    done = integrity.done_rows(group)
     arrays = {}
     for name in schema.array_layout(spec, 0, 0):
+        integrity.require_stored(group[name], integrity.rows_that_count(name, group[name], done))
         array = zarr.open_array(str(schema.store_member(path, name)), mode="r")
         arrays[name] = da.from_zarr(array)
     return arrays

@@ -203,6 +203,10 @@ def cache_info(
     console.print(f"videos {videos['done']}/{videos['rows']} done ({splits}), "
                   f"{videos['failed']} failed; captions {captions['done']}/{captions['rows']}; "
                   f"{info['bytes'] / 1e6:,.1f} MB on disk")
+    if info["absent_chunks"]:
+        console.print(f"[red]{len(info['absent_chunks'])} chunks under done rows are absent[/] "
+                      f"(first: {info['absent_chunks'][0]['array']} rows "
+                      f"{info['absent_chunks'][0]['rows']}); run `avr cache verify {path}`")
     table = Table("array", "shape", "dtype", "chunks", "MB on disk")
     for name, array in info["arrays"].items():
         table.add_row(name, " x ".join(map(str, array["shape"])), array["dtype"],
@@ -230,6 +234,86 @@ def cache_export(
 
     written = export_h5(path, out)
     console.print(f"wrote {written} ({stored_bytes(written) / 1e6:,.1f} MB)")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    path: str = typer.Argument("cache", help="The store: a path or a URL."),
+    repair: bool = typer.Option(False, "--repair", help="Mark the damaged rows not done, so "
+                                                         "that the next `avr extract` "
+                                                         "recomputes exactly those."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Read every chunk under done rows and check it is there and its checksum holds.
+    Exit 0 when the store is clean, 1 when damaged (with --repair: after marking the rows)."""
+    import json
+
+    from avr.integrity import repair_store, verify_store
+    from avr.lock import StoreLock
+
+    progress_console = None if as_json else console
+    if repair:
+        with StoreLock(path) as lock:
+            report = verify_store(path, console=progress_console)
+            if not report.clean:
+                repair_store(path, report, lock)
+    else:
+        report = verify_store(path, console=progress_console)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_verify_report(report)
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+def _print_verify_report(report) -> None:
+    from rich.table import Table
+
+    from avr.progress import rate_text
+
+    checked = (f"{report.chunks:,} chunks of {report.arrays} arrays ({report.bytes / 1e6:,.1f} "
+               f"MB decoded) in {report.seconds:.1f} s "
+               f"({rate_text(report.bytes / 1e6, report.seconds, 'MB')})")
+    if report.writer:
+        console.print(f"[yellow]being written by {report.writer}[/]: rows it finishes after "
+                      f"this check began were not checked")
+    if report.without_checksum:
+        console.print(f"[yellow]{len(report.without_checksum)} of {report.arrays} arrays were "
+                      f"written without checksums[/]: absent and undecodable chunks are found "
+                      f"there, silently altered bytes are not (`avr extract --overwrite` "
+                      f"rewrites the store with them)")
+    if report.clean:
+        done = ", ".join(f"{kind}s {len(report.done[kind])}/{report.rows[kind]} done"
+                         for kind in report.rows)
+        console.print(f"[bold green]clean[/]: {report.store}: {checked}; {done}")
+        return
+    console.print(f"[bold red]damaged[/]: {report.store}: {len(report.damage)} damaged chunks "
+                  f"found in {checked}")
+    table = Table("array", "chunk", "rows", "problem")
+    for damage in report.damage:
+        table.add_row(damage.array, damage.key, f"{damage.kind} {damage.rows[0]}-"
+                      f"{damage.rows[1] - 1}", damage.problem)
+    console.print(table)
+    rows = report.damaged_rows()
+    ids = report.damaged_video_ids()
+    shown = f" ({', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})" if ids else ""
+    console.print(f"rows to recompute: {len(rows['video'])} videos{shown}, "
+                  f"{len(rows['caption'])} captions")
+    for name in report.missing_arrays:
+        console.print(f"[red]array {name} is gone[/] (its zarr.json): re-extract with --overwrite")
+    if report.unrepairable:
+        names = ", ".join(sorted({d.array for d in report.unrepairable}))
+        console.print(f"[red]not repairable by --repair[/]: the row index ({names}) cannot be "
+                      f"recomputed from rows; re-extract with --overwrite")
+    if report.repaired is not None:
+        console.print(f"repaired: {len(rows['video'])} video rows and {len(rows['caption'])} "
+                      f"caption rows marked not done, "
+                      f"{len(report.repaired['rewritten_chunks'])} undecodable chunks cleared; "
+                      f"run the same `avr extract` again to recompute them")
+    else:
+        console.print(f"`avr cache verify {report.store} --repair` marks them not done; the "
+                      f"same `avr extract` then recomputes them")
 
 
 @cache_app.command("break-lock")

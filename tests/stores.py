@@ -12,7 +12,8 @@ from avr.schema import CacheSpec
 
 def make_learnable_store(path: Path, spec: CacheSpec, *, n_train: int = 48, n_val: int = 12,
                          n_test: int = 12, captions_per_video: int = 2, noise: float = 0.3,
-                         seed: int = 0, failed: tuple[int, ...] = ()) -> Path:
+                         seed: int = 0, failed: tuple[int, ...] = (),
+                         video_chunk_rows: int | None = None) -> Path:
     """Every caption embedding is a fixed linear map of its video's mean frame plus noise, so a
     head with a learnable projection can retrieve far above chance; audio and Swin arrays are
     random but present. Rows in ``failed`` are left not done, as a failed extraction leaves them."""
@@ -23,8 +24,9 @@ def make_learnable_store(path: Path, spec: CacheSpec, *, n_train: int = 48, n_va
     m = len(caption_video)
     group = schema.create_store(path, spec, [f"video{i:04d}" for i in range(n)], splits,
                                 caption_video, [f"caption {j} of video {j // captions_per_video}"
-                                                for j in range(m)])
-    layout = schema.array_layout(spec, n, m)
+                                                for j in range(m)],
+                                video_chunk_rows=video_chunk_rows)
+    layout = schema.array_layout(spec, n, m, video_chunk_rows=video_chunk_rows)
 
     def randn(name):
         return rng.normal(size=layout[name].shape).astype(np.float16)

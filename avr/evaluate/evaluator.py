@@ -19,7 +19,7 @@ from avr import schema
 from avr.errors import AvrError
 from avr.evaluate import metrics, report
 from avr.fuse import checkpoint
-from avr.fuse.data import SplitTensors, load_split
+from avr.fuse.data import SplitTensors, load_split, split_video_rows
 from avr.fuse.heads.base import RetrievalHead, State, chunked_scores, encode_in_chunks
 from avr.device import autocast, resolve_device
 
@@ -237,9 +237,7 @@ def rerank(sim: np.ndarray, cache_path: str | Path, split: str, k: int,
         _, top = flat.search(text, k)
     else:
         # The split's store rows in load_split's order (done rows, ascending) -> local rows.
-        group, _ = schema.open_store(cache_path)
-        in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == schema.split_code(split)
-        split_rows = np.flatnonzero(in_split & np.asarray(group[schema.VIDEO_DONE][:]))
+        split_rows = split_video_rows(schema.open_store(cache_path)[0], split)
         _, store_rows = first_stage.search(split_index, text, k)
         top = np.where(store_rows >= 0, np.searchsorted(split_rows, store_rows), -1)
     first_stage_scores = text @ video.T

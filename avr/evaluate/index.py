@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from avr import schema
 from avr.errors import AvrError, CacheMismatchError
 from avr.fuse.blocks import masked_mean
+from avr.integrity import read_rows, require_stored
 
 INDEX_DIR = "index"
 META_FILE = "index.json"
@@ -78,7 +79,7 @@ def default_nlist(n: int) -> int:
 
 def store_state(group) -> dict[str, Any]:
     """What an index must agree with: row count and a digest of the done mask."""
-    done = np.asarray(group[schema.VIDEO_DONE][:]).astype(bool)
+    done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
     digest = hashlib.sha256(np.packbits(done).tobytes()).hexdigest()[:16]
     return {"video_rows": int(done.size), "done_videos": int(done.sum()), "done_digest": digest}
 
@@ -87,10 +88,13 @@ def store_state(group) -> dict[str, Any]:
 
 def read_pooled_by_split(group) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Store rows and pooled first-stage vectors of the done videos, per split, read in
-    chunk-aligned blocks of ``frame_embeddings`` and ``frame_mask`` only."""
+    chunk-aligned blocks of ``frame_embeddings`` and ``frame_mask`` only (damage under done
+    rows fails the build, naming the chunk)."""
     frames, masks = group[schema.FRAME_EMBEDDINGS], group[schema.FRAME_MASK]
-    done = np.asarray(group[schema.VIDEO_DONE][:]).astype(bool)
-    split_of = np.asarray(group[schema.VIDEO_SPLIT][:])
+    done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
+    split_of = read_rows(group[schema.VIDEO_SPLIT])
+    for array in (frames, masks):
+        require_stored(array, np.flatnonzero(done))
     row_bytes = int(np.prod(frames.shape[1:])) * frames.dtype.itemsize
     chunk = frames.chunks[0]
     block = max(chunk, BLOCK_BYTES // max(row_bytes, 1) // chunk * chunk)
@@ -101,8 +105,9 @@ def read_pooled_by_split(group) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         keep = np.flatnonzero(done[start:stop])
         if keep.size == 0:
             continue
-        pooled = pooled_frames(torch.from_numpy(np.asarray(frames[start:stop])[keep]),
-                               torch.from_numpy(np.asarray(masks[start:stop])[keep])).numpy()
+        pooled = pooled_frames(*(torch.from_numpy(read_rows(array, start + keep,
+                                                            must_be_stored=np.empty(0)))
+                                 for array in (frames, masks))).numpy()
         for code in np.unique(split_of[start + keep]):
             in_split = split_of[start + keep] == code
             rows.setdefault(int(code), []).append(start + keep[in_split])

@@ -22,7 +22,8 @@ from avr import schema
 from avr.errors import AvrError
 from avr.evaluate import index as first_stage
 from avr.evaluate.evaluator import open_run, resolve_run
-from avr.fuse.data import _read_rows
+from avr.fuse.data import split_video_rows
+from avr.integrity import read_rows
 from avr.fuse.heads.base import chunked_scores, encode_in_chunks
 from avr.device import autocast, resolve_device
 from avr.schema import CacheSpec
@@ -93,7 +94,7 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
     with autocast(torch_device, True):
         texts = head.encode_texts({n: caption[n].to(torch_device) for n in head.caption_inputs})
         for name in splits:
-            rows = split_rows(group, name)
+            rows = split_video_rows(group, name)
             split_index = saved.split(name) if saved is not None else None
             if split_index is not None and (candidates is not None
                                             or rows.size > EXHAUSTIVE_MAX_VIDEOS):
@@ -105,32 +106,26 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
             scores = score_rows(head, texts, group, rows, torch_device)
             order = np.argsort(-scores)[:k]
             best = np.sort(rows[order])
-            id_of = dict(zip(best.tolist(), map(str, _read_rows(group[schema.VIDEO_ID], best))))
+            id_of = dict(zip(best.tolist(), map(str, read_rows(group[schema.VIDEO_ID], best))))
             captions_of = _captions_by_row(group, best)
             hits += [Hit(id_of[row], name, float(score), captions_of.get(row, []))
                      for row, score in zip(rows[order].tolist(), scores[order])]
     return sorted(hits, key=lambda h: -h.score)[:k]
 
 
-def split_rows(group, split: str) -> np.ndarray:
-    """Store rows of the done videos of ``split``, ascending (load_split's order)."""
-    in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == schema.split_code(split)
-    return np.flatnonzero(in_split & np.asarray(group[schema.VIDEO_DONE][:]).astype(bool))
-
-
 def score_rows(head, texts, group, rows: np.ndarray, device: torch.device) -> np.ndarray:
     """The head's scores of one encoded query against store video ``rows`` (ascending): only
     those rows of the arrays the head reads are loaded."""
-    inputs = {name: torch.from_numpy(_read_rows(group[name], rows)) for name in head.video_inputs}
+    inputs = {name: torch.from_numpy(read_rows(group[name], rows)) for name in head.video_inputs}
     videos = encode_in_chunks(head.encode_videos, inputs, device, chunk=256)
     return chunked_scores(head, texts, videos)[0].numpy()
 
 
 def _captions_by_row(group, rows: np.ndarray) -> dict[int, list[str]]:
     """Caption texts of the given store video rows, read for those captions only."""
-    caption_video = np.asarray(group[schema.CAPTION_VIDEO][:])
+    caption_video = read_rows(group[schema.CAPTION_VIDEO])
     caption_rows = np.flatnonzero(np.isin(caption_video, rows))
-    texts = _read_rows(group[schema.CAPTION_TEXT], caption_rows)
+    texts = read_rows(group[schema.CAPTION_TEXT], caption_rows)
     out: dict[int, list[str]] = {}
     for text, row in zip(texts, caption_video[caption_rows].tolist()):
         out.setdefault(row, []).append(str(text))

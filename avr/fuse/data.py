@@ -7,6 +7,9 @@ captions stay, with ``caption_video = -1``, so evaluation can count them as fail
 A training process of several can load one shard of a split (``shard=(index, count)``): the
 usable videos whose position in the split is ``index`` modulo ``count``, and their captions, in
 store order. A shard leaves out the captions of failed videos (they never train).
+
+Every read goes through ``avr.integrity.read_rows``: a chunk under the rows read that is absent
+or fails its checksum stops the load with the array, chunk and rows named, never zeros.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 
 from avr import schema
+from avr.errors import AvrError
+from avr.integrity import read_rows
 from avr.schema import CacheSpec
 
 
@@ -60,16 +65,6 @@ class SplitTensors:
                    for t in (*self.videos.values(), *self.captions.values()))
 
 
-def _read_rows(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Read selected rows of a zarr array; contiguous runs are read as slices (fast path)."""
-    if len(rows) == 0:
-        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
-    if rows[-1] - rows[0] + 1 == len(rows):
-        return np.asarray(array[int(rows[0]):int(rows[-1]) + 1])
-    return np.concatenate([np.asarray(array.get_orthogonal_selection(rows[i:i + block]))
-                           for i in range(0, len(rows), block)])
-
-
 def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
                caption_names: tuple[str, ...], *, device: str | torch.device = "cpu",
                expect: CacheSpec | None = None, shard: tuple[int, int] | None = None
@@ -77,10 +72,8 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     """Read ``split`` of the store at ``path``: only the arrays a head asks for; with
     ``shard=(index, count)`` only that shard's videos and their captions (module docstring)."""
     group, spec = schema.open_store(path, expect=expect)
-    code = schema.split_code(split)
-    in_split = np.asarray(group[schema.VIDEO_SPLIT][:]) == code
-    done = np.asarray(group[schema.VIDEO_DONE][:]).astype(bool)
-    all_ids = np.asarray(group[schema.VIDEO_ID][:])
+    in_split, done = _split_and_done(group, split)
+    all_ids = read_rows(group[schema.VIDEO_ID])
     video_rows = np.flatnonzero(in_split & done)
     missing = [str(v) for v in all_ids[in_split & ~done]]
     if shard is not None:
@@ -89,21 +82,47 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
         in_split = np.zeros_like(in_split)
         in_split[video_rows] = True
 
-    caption_video_all = np.asarray(group[schema.CAPTION_VIDEO][:])
+    caption_video_all = read_rows(group[schema.CAPTION_VIDEO])
     caption_rows = np.flatnonzero(in_split[caption_video_all])
+    if caption_names:
+        _require_captions_done(path, split, group, caption_rows)
     store_to_local = np.full(len(all_ids), -1, dtype=np.int64)
     store_to_local[video_rows] = np.arange(len(video_rows))
     caption_video = store_to_local[caption_video_all[caption_rows]]
-    caption_text = [str(t) for t in np.asarray(group[schema.CAPTION_TEXT][:])[caption_rows]]
-    caption_tags = [str(t) for t in np.asarray(group[schema.CAPTION_TAG][:])[caption_rows]]
+    caption_text = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], caption_rows)]
+    caption_tags = [str(t) for t in read_rows(group[schema.CAPTION_TAG], caption_rows)]
 
-    videos = {name: torch.from_numpy(_read_rows(group[name], video_rows)).to(device)
+    videos = {name: torch.from_numpy(read_rows(group[name], video_rows)).to(device)
               for name in video_names}
-    captions = {name: torch.from_numpy(_read_rows(group[name], caption_rows)).to(device)
+    captions = {name: torch.from_numpy(read_rows(group[name], caption_rows)).to(device)
                 for name in caption_names}
     return SplitTensors(split, spec, [str(v) for v in all_ids[video_rows]], videos, captions,
                         torch.from_numpy(caption_video).to(device), caption_text, caption_tags,
                         missing)
+
+
+def _split_and_done(group, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per video row: whether it is in ``split``, and whether it is done."""
+    in_split = read_rows(group[schema.VIDEO_SPLIT]) == schema.split_code(split)
+    return in_split, read_rows(group[schema.VIDEO_DONE]).astype(bool)
+
+
+def split_video_rows(group, split: str) -> np.ndarray:
+    """Store rows of the done videos of ``split``, ascending (load_split's order)."""
+    in_split, done = _split_and_done(group, split)
+    return np.flatnonzero(in_split & done)
+
+
+def _require_captions_done(path, split: str, group, caption_rows: np.ndarray) -> None:
+    """Caption features are read only once they are extracted: a caption row not done (an
+    extract that has not finished, or rows a repair marked for recomputation) would read as
+    zeros."""
+    done = read_rows(group[schema.CAPTION_DONE]).astype(bool)
+    pending = caption_rows[~done[caption_rows]]
+    if pending.size:
+        raise AvrError(f"{path}: {pending.size} captions of the {split} split are not extracted "
+                       f"(caption rows {pending[0]}..{pending[-1]} not done); run `avr extract` "
+                       f"on this store to finish them")
 
 
 def random_split(spec: CacheSpec, num_videos: int, captions_per_video: int = 1, *,

@@ -1,0 +1,447 @@
+"""Damage in a store: found by every read of rows, listed by `avr cache verify`, repaired by
+marking the damaged rows not done so that the next `avr extract` recomputes them.
+
+Damage is a chunk under rows that count (done rows; every row of the index arrays, which are
+written when the store is created) that is absent, fails its crc32c checksum, or cannot be
+decoded (a truncated file). Zarr reads an absent chunk as the fill value, so a read of rows
+first lists the array's stored chunk keys (one listing per array, no chunk is read) and fails
+on an absent one; a read that fails to decode is narrowed down chunk by chunk so that the error
+names the array, the chunk and its rows (``DamagedStoreError``).
+
+Which absent chunks are damage: avr stores every chunk it writes (``schema._zarr``), so in an
+array written with checksums an absent chunk under done rows is damage. Stores written before
+checksums skipped chunks equal to the fill value (a chunk of ``has_audio = False`` rows, of
+train rows in ``video_split``); there only the float arrays (features, never all zero) are held
+to every chunk. In a done mask an absent chunk means "nothing done here".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avr import schema
+from avr.errors import AvrError
+
+VERIFY_BLOCK_BYTES = 64 << 20  # decoded bytes verify reads at once (zarr decodes in parallel)
+
+
+@dataclass(frozen=True)
+class ChunkDamage:
+    array: str
+    chunk: int  # index along rows
+    key: str  # the chunk's key within the array, e.g. "c/3/0/0"
+    rows: tuple[int, int]  # [start, stop)
+    problem: str
+
+    @property
+    def kind(self) -> str:
+        return schema.rows_of(self.array)
+
+    def describe(self) -> str:
+        start, stop = self.rows
+        return (f"{self.array} chunk {self.key} ({self.kind} rows {start}-{stop - 1}): "
+                f"{self.problem}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"array": self.array, "chunk": self.chunk, "key": self.key,
+                "rows": list(self.rows), "problem": self.problem}
+
+
+class DamagedStoreError(AvrError):
+    """Chunks under rows that count are absent or fail their checksum."""
+
+    def __init__(self, store: str, damage: list[ChunkDamage]):
+        self.damage = damage
+        shown = [d.describe() for d in damage[:10]]
+        if len(damage) > 10:
+            shown.append(f"... {len(damage) - 10} more")
+        super().__init__(
+            f"{store} is damaged:\n  " + "\n  ".join(shown) + f"\n`avr cache verify {store}` "
+            f"lists all damage; `avr cache verify {store} --repair` marks the rows for "
+            f"recomputation by the next `avr extract`")
+
+
+# ---- chunks of one array ---------------------------------------------------------------------
+
+def chunk_rows(array) -> int:
+    return array.chunks[0]
+
+
+def chunk_count(array) -> int:
+    return -(-array.shape[0] // chunk_rows(array))
+
+
+def chunk_span(array, chunk: int) -> tuple[int, int]:
+    start = int(chunk) * chunk_rows(array)
+    return start, min(start + chunk_rows(array), array.shape[0])
+
+
+def chunk_key(array, chunk: int) -> str:
+    return array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+
+
+def chunks_of(array, rows: np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(rows, dtype=np.int64) // chunk_rows(array))
+
+
+def has_checksum(array) -> bool:
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs)
+
+
+def every_chunk_is_stored(array) -> bool:
+    """Whether an absent chunk of ``array`` under rows that count is damage (module
+    docstring)."""
+    if array.basename in schema.DONE_MASKS.values():
+        return False
+    return has_checksum(array) or array.dtype.kind == "f"
+
+
+def stored_chunks(array) -> set[int]:
+    """Row-chunk indices of ``array`` whose chunk is in the store: one listing, no read."""
+    from zarr.core.sync import sync
+
+    async def keys() -> set[str]:
+        prefix = array.store_path.path
+        return {key[len(prefix) + 1:]
+                async for key in array.store_path.store.list_prefix(prefix)}
+
+    present = sync(keys())
+    return {chunk for chunk in range(chunk_count(array)) if chunk_key(array, chunk) in present}
+
+
+def store_text(array) -> str:
+    """The store holding ``array``, as a path or URL for messages."""
+    store = array.store_path.store
+    if hasattr(store, "root"):  # a local directory
+        return str(store.root)
+    return store.fs.unstrip_protocol(store.path) if hasattr(store.fs, "unstrip_protocol") \
+        else f"{store.fs.protocol}://{store.path}"
+
+
+def _damage(array, chunk: int, problem: str) -> ChunkDamage:
+    return ChunkDamage(array.basename, int(chunk), chunk_key(array, chunk),
+                       chunk_span(array, chunk), problem)
+
+
+def _problem(error: BaseException) -> str:
+    text = str(error)
+    if "checksum" in text.lower():
+        return "fails its crc32c checksum"
+    return f"cannot be decoded ({type(error).__name__}: {text})"
+
+
+def absent_chunks(array, rows: np.ndarray, stored: set[int] | None = None) -> list[ChunkDamage]:
+    """The chunks under ``rows`` that should be stored and are not."""
+    if len(rows) == 0 or not every_chunk_is_stored(array):
+        return []
+    stored = stored_chunks(array) if stored is None else stored
+    return [_damage(array, chunk, "absent") for chunk in chunks_of(array, rows)
+            if chunk not in stored]
+
+
+def require_stored(array, rows: np.ndarray) -> None:
+    """Raise DamagedStoreError when a chunk under ``rows`` should be stored and is not."""
+    missing = absent_chunks(array, rows)
+    if missing:
+        raise DamagedStoreError(store_text(array), missing)
+
+
+def undecodable_chunks(array, chunks) -> list[ChunkDamage]:
+    """The ``chunks`` that fail to read, each read alone."""
+    damage = []
+    for chunk in chunks:
+        start, stop = chunk_span(array, chunk)
+        try:
+            array[start:stop]
+        except Exception as error:  # zarr raises whatever the failing codec raises
+            damage.append(_damage(array, chunk, _problem(error)))
+    return damage
+
+
+# ---- reading rows ----------------------------------------------------------------------------
+
+def read_rows(array, rows: np.ndarray | None = None, *,
+              must_be_stored: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``rows`` (ascending store rows; None: every row) of ``array``. Raises
+    DamagedStoreError when a chunk under ``must_be_stored`` (default: the rows read) is absent,
+    or when a chunk read fails its checksum or to decode."""
+    rows = np.arange(array.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    require_stored(array, rows if must_be_stored is None else must_be_stored)
+    try:
+        return _read(array, rows)
+    except Exception as error:
+        damage = undecodable_chunks(array, chunks_of(array, rows))
+        if not damage:  # not the store's data (e.g. a network error): as it came
+            raise
+        raise DamagedStoreError(store_text(array), damage) from error
+
+
+def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Contiguous rows as one slice (fast path), others by orthogonal selection in blocks."""
+    if len(rows) == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return np.asarray(array[int(rows[0]):int(rows[-1]) + 1])
+    return np.concatenate([np.asarray(array.get_orthogonal_selection(rows[i:i + block]))
+                           for i in range(0, len(rows), block)])
+
+
+def absent_under_done_rows(group, spec: schema.CacheSpec) -> list[ChunkDamage]:
+    """Every absent chunk under rows that count, in every array: listings only, no chunk
+    read (`avr cache info` reports it)."""
+    done = done_rows(group)
+    damage: list[ChunkDamage] = []
+    for name in schema.array_layout(spec, 0, 0):
+        array = group[name]
+        damage += absent_chunks(array, rows_that_count(name, array, done))
+    return damage
+
+
+def done_rows(group) -> dict[str, np.ndarray]:
+    """The done rows of each kind ("video", "caption")."""
+    return {kind: np.flatnonzero(read_rows(group[name])) for kind, name in
+            schema.DONE_MASKS.items()}
+
+
+def rows_that_count(name: str, array, done: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows of array ``name`` whose chunks must be whole: every row of an index array,
+    the done rows of a feature array (``done``: ``done_rows``)."""
+    if name in schema.INDEX_ARRAYS:
+        return np.arange(array.shape[0])
+    return done[schema.rows_of(name)]
+
+
+# ---- verify and repair -----------------------------------------------------------------------
+
+@dataclass
+class VerifyReport:
+    store: str
+    damage: list[ChunkDamage] = field(default_factory=list)
+    missing_arrays: list[str] = field(default_factory=list)
+    arrays: int = 0
+    chunks: int = 0  # chunks checked
+    bytes: int = 0  # decoded bytes checked
+    seconds: float = 0.0
+    without_checksum: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # kind -> rows
+    done: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> done rows (as read)
+    video_ids: list[str] = field(default_factory=list)
+    writer: str | None = None  # a live writer holding the store's lock while it was checked
+    repaired: dict[str, Any] | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not self.damage and not self.missing_arrays
+
+    @property
+    def unrepairable(self) -> list[ChunkDamage]:
+        return [d for d in self.damage if d.array in schema.INDEX_ARRAYS]
+
+    def damaged_rows(self) -> dict[str, list[int]]:
+        """Per kind, the rows to recompute: the done rows under damaged feature chunks, and
+        every row of a damaged done-mask chunk (whether those were done is lost)."""
+        out: dict[str, set[int]] = {kind: set() for kind in schema.DONE_MASKS}
+        for d in self.damage:
+            if d.array in schema.INDEX_ARRAYS:
+                continue
+            span = np.arange(*d.rows)
+            if d.array not in schema.DONE_MASKS.values():
+                span = span[np.isin(span, self.done[d.kind])]
+            out[d.kind].update(span.tolist())
+        return {kind: sorted(rows) for kind, rows in out.items()}
+
+    def damaged_video_ids(self) -> list[str]:
+        return [self.video_ids[row] for row in self.damaged_rows()["video"]
+                if row < len(self.video_ids)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store, "clean": self.clean, "seconds": round(self.seconds, 3),
+            "checked": {"arrays": self.arrays, "chunks": self.chunks, "bytes": self.bytes},
+            **{f"{kind}s": {"rows": self.rows.get(kind, 0), "done": len(self.done.get(kind, []))}
+               for kind in schema.DONE_MASKS},
+            "without_checksum": self.without_checksum,
+            "damage": [d.to_json() for d in self.damage],
+            "missing_arrays": self.missing_arrays,
+            "damaged_rows": self.damaged_rows(),
+            "damaged_videos": self.damaged_video_ids(),
+            "unrepairable": [d.to_json() for d in self.unrepairable],
+            "writer": self.writer,
+            "repaired": self.repaired,
+        }
+
+
+def verify_store(location: str | Path, *, console=None) -> VerifyReport:
+    """Read every chunk under rows that count, in every array of the store, checking that it is
+    stored and that it decodes (its checksum holds). A rich progress bar with throughput is
+    shown on ``console``."""
+    from avr.lock import lock_holder
+
+    started = time.perf_counter()
+    group, spec = schema.open_store(location)
+    holder = lock_holder(location)
+    report = VerifyReport(str(schema.store_location(location)),
+                          writer=holder.describe() if holder is not None else None)
+    arrays = {}
+    for name in schema.array_layout(spec, 0, 0):
+        try:
+            arrays[name] = group[name]
+        except KeyError:  # its zarr.json is gone
+            report.missing_arrays.append(name)
+    report.arrays = len(arrays)
+    report.without_checksum = [name for name, array in arrays.items() if not has_checksum(array)]
+    _verify_done_masks(arrays, report)
+    plan = {name: rows_that_count(name, array, report.done) for name, array in arrays.items()
+            if name not in schema.DONE_MASKS.values()}
+    total = sum(len(chunks_of(arrays[name], rows)) for name, rows in plan.items())
+    with _VerifyProgress(console, total) as progress:
+        for name, rows in plan.items():
+            _verify_array(arrays[name], rows, report, progress)
+    if schema.VIDEO_ID in arrays and not any(d.array == schema.VIDEO_ID for d in report.damage):
+        report.video_ids = [str(v) for v in arrays[schema.VIDEO_ID][:]]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _verify_done_masks(arrays: dict, report: VerifyReport) -> None:
+    """Read each done mask; a chunk that fails to decode is damage and its rows count as not
+    done."""
+    for kind, name in schema.DONE_MASKS.items():
+        if name not in arrays:
+            report.done[kind] = np.zeros(0, dtype=np.int64)
+            continue
+        array = arrays[name]
+        try:
+            mask = np.asarray(array[:]).astype(bool)
+        except Exception:  # narrowed down to its chunks; a damaged chunk's rows count as not done
+            damage = undecodable_chunks(array, range(chunk_count(array)))
+            mask = np.zeros(array.shape[0], dtype=bool)
+            for chunk in set(range(chunk_count(array))) - {d.chunk for d in damage}:
+                start, stop = chunk_span(array, chunk)
+                mask[start:stop] = np.asarray(array[start:stop]).astype(bool)
+            report.damage += damage
+        report.rows[kind] = array.shape[0]
+        report.done[kind] = np.flatnonzero(mask)
+        report.chunks += chunk_count(array)
+        report.bytes += array.nbytes
+
+
+def _verify_array(array, rows: np.ndarray, report: VerifyReport, progress: _VerifyProgress
+                  ) -> None:
+    chunks = chunks_of(array, rows)
+    stored = stored_chunks(array)
+    absent = absent_chunks(array, rows, stored)
+    report.damage += absent
+    report.chunks += len(chunks)
+    readable = [int(c) for c in chunks if c in stored]
+    progress.advance(len(chunks) - len(readable), 0)  # absent: damage, or allowed (old stores)
+    row_bytes = max(1, array.nbytes // max(1, array.shape[0]))
+    per_block = max(1, VERIFY_BLOCK_BYTES // (row_bytes * chunk_rows(array)))
+    for block in _runs(readable, per_block):
+        start, stop = chunk_span(array, block[0])[0], chunk_span(array, block[-1])[1]
+        try:
+            array[start:stop]
+        except Exception:  # narrowed down to its chunks
+            report.damage += undecodable_chunks(array, block)
+        report.bytes += (stop - start) * row_bytes
+        progress.advance(len(block), (stop - start) * row_bytes)
+
+
+def _runs(chunks: list[int], most: int) -> list[list[int]]:
+    """Consecutive chunk indices grouped into runs of at most ``most``."""
+    runs: list[list[int]] = []
+    for chunk in chunks:
+        if runs and chunk == runs[-1][-1] + 1 and len(runs[-1]) < most:
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs
+
+
+class _VerifyProgress:
+    """The verify bar: chunks checked of the total, decoded MB/s and ETA (silent without a
+    console)."""
+
+    def __init__(self, console, total: int):
+        self.bar = None
+        self.total = total
+        if console is not None:
+            from avr.progress import progress_bar
+
+            self.bar = progress_bar(console)
+        self.bytes = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _VerifyProgress:
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.task = self.bar.add_task("verify chunks", total=self.total, rate="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def advance(self, chunks: int, nbytes: int) -> None:
+        if self.bar is None:
+            return
+        from avr.progress import rate_text
+
+        self.bytes += nbytes
+        rate = rate_text(self.bytes / 1e6, time.perf_counter() - self.started, "MB")
+        self.bar.update(self.task, advance=chunks, rate=rate)
+
+
+def repair_store(location: str | Path, report: VerifyReport, lock) -> dict[str, Any]:
+    """Mark the rows under ``report``'s damage not done, so the next `avr extract` recomputes
+    exactly those: video rows under damaged video chunks, caption rows under damaged caption
+    chunks, every row of a damaged done-mask chunk. Chunks that fail to decode are rewritten
+    with the fill value (their rows are no longer done, and the extract reads them back when
+    it completes a chunk). Damage to the index arrays (ids, splits, captions) cannot be
+    recomputed from rows: it is left and reported. The caller holds the store's lock."""
+    group, _ = schema.open_store(location, mode="r+")
+    rows = report.damaged_rows()
+    lock.check()
+    # Done masks first: until then a kill leaves the damage as it was, found by the next verify.
+    for d in report.damage:
+        if d.array in schema.DONE_MASKS.values():
+            _rewrite_with_fill(group[d.array], d)
+    for kind, name in schema.DONE_MASKS.items():
+        mask = group[name]
+        for start, stop in _row_runs(rows[kind]):
+            mask[start:stop] = False
+    rewritten = [d for d in report.damage if d.problem != "absent"
+                 and d.array not in schema.INDEX_ARRAYS
+                 and d.array not in schema.DONE_MASKS.values()]
+    for d in rewritten:
+        _rewrite_with_fill(group[d.array], d)
+    repaired = {"video_rows": rows["video"], "caption_rows": rows["caption"],
+                "rewritten_chunks": [d.to_json() for d in rewritten],
+                "unrepairable": [d.to_json() for d in report.unrepairable]}
+    report.repaired = repaired
+    return repaired
+
+
+def _rewrite_with_fill(array, damage: ChunkDamage) -> None:
+    """Write a whole chunk of the fill value (a whole-chunk write reads nothing back)."""
+    start, stop = damage.rows
+    array[start:stop] = np.full((stop - start, *array.shape[1:]), array.fill_value,
+                                dtype=array.dtype)
+
+
+def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) runs of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and row == runs[-1][1]:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs

@@ -1,0 +1,97 @@
+"""The cost of avr's integrity checks on a store with VATEX's row counts: the listing of chunk
+keys that every read of rows makes (absent chunks), a split load with and without that check,
+and `avr cache verify` over the whole store.
+
+A listing costs per chunk file, not per byte, so the per-row shapes here are small while the
+rows and their chunking are VATEX's: 28,991 videos in chunks of 4 rows (the chunking 1,212 x
+768 audio tokens give: 7,248 chunk files per video array) and 289,910 captions.
+
+    python benchmarks/store_integrity.py                 # VATEX's rows, in a temporary folder
+    python benchmarks/store_integrity.py --videos 2000 --workdir /mnt/nvme
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from avr import integrity, schema
+from avr.fuse.data import load_split
+from avr.schema import AudioParams, BackboneInfo, CacheSpec
+
+CHUNK_ROWS = 4  # VATEX's video chunking (8 MB of 1,212 x 768 fp16 audio tokens per chunk)
+
+
+def small_spec() -> CacheSpec:
+    info = BackboneInfo("bench", "random:0", "none", "0")
+    return CacheSpec(dataset="bench", num_frames=4, image_size=32, clip_dim=16, clip_text_len=4,
+                     swin_channels=(4, 4, 4), swin_grids=(1, 1, 1), ast_dim=4, roberta_dim=4,
+                     roberta_len=4, audio=AudioParams(), ast_freq_patches=1, ast_time_patches=2,
+                     backbones={k: info for k in ("clip", "swin", "ast", "roberta")})
+
+
+def build(path: Path, videos: int, captions_per_video: int) -> None:
+    spec = small_spec()
+    splits = ["train"] * (videos - 3000) + ["val"] * 1500 + ["test"] * 1500
+    group = schema.create_store(path, spec, [f"v{i}" for i in range(videos)], splits,
+                                np.repeat(np.arange(videos), captions_per_video),
+                                [f"c{j}" for j in range(videos * captions_per_video)],
+                                video_chunk_rows=CHUNK_ROWS)
+    rng = np.random.default_rng(0)
+    for name, array in schema.array_layout(spec, videos, videos * captions_per_video,
+                                           video_chunk_rows=CHUNK_ROWS).items():
+        if name in schema.INDEX_ARRAYS:
+            continue
+        if array.dtype == np.bool_:
+            group[name][:] = True
+        else:
+            group[name][:] = rng.standard_normal(array.shape).astype(array.dtype)
+
+
+def seconds(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=28_991)
+    parser.add_argument("--captions-per-video", type=int, default=10)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        store = Path(tmp) / "cache"
+        start = time.perf_counter()
+        build(store, args.videos, args.captions_per_video)
+        group, _ = schema.open_store(store)
+        frames = group[schema.FRAME_EMBEDDINGS]
+        print(f"store: {args.videos:,} videos, {integrity.chunk_count(frames):,} chunk files per "
+              f"video array, built in {time.perf_counter() - start:.0f} s")
+        listing = seconds(lambda: integrity.stored_chunks(frames))
+        print(f"listing one video array's chunk keys: {listing * 1e3:.0f} ms")
+        rows = np.arange(frames.shape[0] - 3000)
+        plain = seconds(lambda: integrity._read(frames, rows))
+        checked = seconds(lambda: integrity.read_rows(frames, rows))
+        print(f"reading frame_embeddings of the train split: {plain:.2f} s unchecked, "
+              f"{checked:.2f} s with the absent-chunk check "
+              f"(+{(checked / plain - 1) * 100:.0f} %)")
+        split = seconds(lambda: load_split(store, "train", (schema.FRAME_EMBEDDINGS,
+                                                            schema.FRAME_MASK),
+                                           (schema.TEXT_EMBEDDINGS,)), repeat=1)
+        print(f"load_split(train: frames, mask, sentence embeddings): {split:.2f} s")
+        report = integrity.verify_store(store)
+        print(f"cache verify: {report.chunks:,} chunks, {report.bytes / 1e6:,.0f} MB decoded in "
+              f"{report.seconds:.1f} s ({report.chunks / report.seconds:,.0f} chunks/s); "
+              f"clean={report.clean}")
+
+
+if __name__ == "__main__":
+    main()
