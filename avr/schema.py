@@ -93,6 +93,7 @@ ATTR_FAILURES = "failures"
 
 FAILURES_FILE = "failures.jsonl"
 LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries share the prefix
+INDEX_DIR = "index"  # `avr index build`'s first-stage index, by default inside the store
 
 
 def swin_stage(k: int) -> str:
@@ -365,11 +366,12 @@ def _is_lock_file(name: str) -> bool:
 
 
 def _written_by_avr(name: str) -> bool:
-    """Whether a root entry is one an extract writes: arrays, metadata, the failure record,
-    the lock, and the temporaries of atomic writes (zarr's ``*.partial``, avr's ``*.tmp``)."""
+    """Whether a root entry is one avr writes: arrays, metadata, the failure record, the lock,
+    the first-stage index, and the temporaries of atomic writes (zarr's ``*.partial``, avr's
+    ``*.tmp``)."""
     is_array = (name in (VIDEO_ID, VIDEO_SPLIT, VIDEO_DONE, *VIDEO_FEATURES, *CAPTION_ARRAYS)
                 or re.fullmatch(r"swin_stage\d+", name) is not None)
-    return (is_array or name in ("zarr.json", FAILURES_FILE) or _is_lock_file(name)
+    return (is_array or name in ("zarr.json", FAILURES_FILE, INDEX_DIR) or _is_lock_file(name)
             or name.endswith((".partial", ".tmp")))
 
 

@@ -45,7 +45,7 @@ from avr.errors import AvrError, CacheMismatchError
 from avr.fuse.blocks import masked_mean
 from avr.integrity import read_rows, require_stored
 
-INDEX_DIR = "index"
+INDEX_DIR = schema.INDEX_DIR
 META_FILE = "index.json"
 KINDS = ("auto", "flat", "ivf", "hnsw")
 FLAT_MAX_VIDEOS = 50_000  # auto: exact search up to here (one query ~ 25 MFLOP), IVF above
