@@ -95,7 +95,7 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
             array = group[name]
             integrity.require_stored(array, integrity.rows_that_count(name, array, done))
             if array.dtype.kind in "OTU":  # variable-length strings
-                values = [str(v) for v in read_rows(array, must_be_stored=np.empty(0))]
+                values = [str(v) for v in integrity.read_region(array, 0, array.shape[0])]
                 h5.create_dataset(name, data=np.asarray(values, dtype=object),
                                   dtype=h5py.string_dtype())
                 continue
@@ -104,9 +104,8 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
                                                 *array.shape[1:]) if array.shape[0] else None,
                                         compression="gzip", compression_opts=1)
             for start in range(0, array.shape[0], rows_per_block):
-                rows = np.arange(start, min(start + rows_per_block, array.shape[0]))
-                dataset[start:start + rows_per_block] = read_rows(array, rows,
-                                                                  must_be_stored=np.empty(0))
+                stop = min(start + rows_per_block, array.shape[0])
+                dataset[start:stop] = integrity.read_region(array, start, stop)
         for key, value in group.attrs.asdict().items():
             h5.attrs[key] = json.dumps(value)
 

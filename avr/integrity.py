@@ -183,6 +183,12 @@ def read_rows(array, rows: np.ndarray | None = None, *,
         raise DamagedStoreError(store_text(array), damage) from error
 
 
+def read_region(array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as they are, an absent chunk as the fill value (rows not written
+    yet); a chunk that fails to decode raises DamagedStoreError."""
+    return read_rows(array, np.arange(start, stop), must_be_stored=np.empty(0, dtype=np.int64))
+
+
 def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
     """Contiguous rows as one slice (fast path), others by orthogonal selection in blocks."""
     if len(rows) == 0:

@@ -257,6 +257,13 @@ def test_repair_of_one_chunk_leaves_the_others_done(demo_root, straight, tmp_pat
     assert_same_store(straight, out)
 
 
+
+def test_extract_names_damage_to_the_row_index_it_checks(demo_root, straight, tmp_path):
+    out = Path(shutil.copytree(straight, tmp_path / "cache"))
+    delete_chunk(out, schema.VIDEO_ID, 0)
+    with pytest.raises(DamagedStoreError, match="video_id chunk c/0"):
+        extract(demo_extract_config(demo_root, out, DEMO_CHUNK))
+
 # ---- stores written before checksums ---------------------------------------------------------
 
 @pytest.fixture()

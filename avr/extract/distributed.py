@@ -47,6 +47,7 @@ from avr.errors import AvrError
 from avr.extract import pipeline
 from avr.extract.backbones import Backbones, load_backbones
 from avr.extract.pipeline import ChunkResult, ExtractConfig, ExtractSummary
+from avr.integrity import read_region, read_rows
 from avr.lock import WriterToken
 from avr.schema import CacheSpec
 
@@ -114,7 +115,7 @@ def run_video_chunk(task: VideoChunkTask) -> ChunkResult:
     writer = WriterToken(task.store, task.lock_token)
     writer.check()  # before the work, and again before the writes
     group = _open_group(task.store)
-    done_region = group[schema.VIDEO_DONE][task.start:task.stop]
+    done_region = read_region(group[schema.VIDEO_DONE], task.start, task.stop)
     rows = np.flatnonzero(~done_region) + task.start
     ids = dict(zip(range(task.start, task.stop), task.video_ids))
     paths = dict(zip(range(task.start, task.stop), task.video_paths))
@@ -181,7 +182,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
 
         caption_tasks = [CaptionChunkTask(store, lock.token, start, stop, layout, config)
                          for start, stop in pipeline.pending_caption_chunks(group)]
-        done = group[schema.VIDEO_DONE][:]
+        done = read_rows(group[schema.VIDEO_DONE])
         pending = pipeline.pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
         video_tasks = [VideoChunkTask(store, lock.token, start, stop,
                                       index.video_ids[start:stop],

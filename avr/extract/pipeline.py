@@ -51,6 +51,7 @@ from avr.device import resolve_device
 from avr.errors import AvrError, CacheMismatchError, DecodeError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
 from avr.extract.datasets import DatasetIndex, load_dataset
+from avr.integrity import read_region, read_rows
 from avr.lock import StoreLock, WriterToken
 from avr.schema import AudioParams, CacheSpec
 
@@ -188,14 +189,14 @@ def _caption_columns(index: DatasetIndex) -> tuple[np.ndarray, list[str], list[s
 
 
 def _check_contents(out: str | Path, group, index: DatasetIndex, caption_text: list[str]) -> None:
-    stored_ids = list(group[schema.VIDEO_ID][:])
+    stored_ids = list(read_rows(group[schema.VIDEO_ID]))
     if stored_ids != index.video_ids:
         added = len(set(index.video_ids) - set(stored_ids))
         removed = len(set(stored_ids) - set(index.video_ids))
         raise CacheMismatchError(
             f"{out} holds another list of videos ({len(stored_ids)} stored, "
             f"{len(index.video_ids)} in the dataset; {added} new, {removed} gone)")
-    stored_captions = list(group[schema.CAPTION_TEXT][:])
+    stored_captions = list(read_rows(group[schema.CAPTION_TEXT]))
     if stored_captions != caption_text:
         raise CacheMismatchError(f"{out} holds other captions ({len(stored_captions)} stored, "
                                  f"{len(caption_text)} in the dataset)")
@@ -235,7 +236,7 @@ def _write_rows(group, layout: dict[str, schema.ArraySpec], start: int, stop: in
         if region_is_fresh and len(rows) == stop - start:
             region = array_values
         else:
-            region = array[start:stop]
+            region = read_region(array, start, stop)
             region[rows - start] = array_values
         array[start:stop] = region.astype(layout[name].dtype, copy=False)
 
@@ -337,7 +338,7 @@ def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Ba
 
 def summarize(out: str | Path, group, n_captions: int, done_now: int, failures: dict[str, Failure],
               seconds: float, decode_s: float, encode_s: float, device: str) -> ExtractSummary:
-    done = group[schema.VIDEO_DONE][:]
+    done = read_rows(group[schema.VIDEO_DONE])
     return ExtractSummary(out, len(done), int(np.count_nonzero(done)), done_now,
                           sorted(failures.values(), key=lambda f: f.video_id), n_captions,
                           store_bytes(out), seconds, decode_s, encode_s, device)
@@ -345,7 +346,7 @@ def summarize(out: str | Path, group, n_captions: int, done_now: int, failures: 
 
 def _extract_captions(group, layout, backbones: Backbones, config: ExtractConfig,
                       progress: ExtractProgress, lock: StoreLock) -> None:
-    done = group[schema.CAPTION_DONE][:]
+    done = read_rows(group[schema.CAPTION_DONE])
     todo = int(np.count_nonzero(~done))
     if not todo:
         return
@@ -357,7 +358,7 @@ def _extract_captions(group, layout, backbones: Backbones, config: ExtractConfig
 
 def pending_caption_chunks(group) -> list[tuple[int, int]]:
     """The caption chunks [start, stop) with a row not marked done."""
-    done = group[schema.CAPTION_DONE][:]
+    done = read_rows(group[schema.CAPTION_DONE])
     chunk = group[schema.CAPTION_DONE].chunks[0]
     return [(start, stop) for start, stop in _row_chunks(len(done), chunk)
             if not done[start:stop].all()]
@@ -374,7 +375,7 @@ def commit_caption_chunk(group, layout, backbones: Backbones, config: ExtractCon
     """Encode captions [start, stop) (a whole caption chunk) and write them, then their done
     mask, once ``lock.check()`` confirms the store's lock is still this run's. One process or
     one dask task per chunk: both call this."""
-    texts = group[schema.CAPTION_TEXT][start:stop]
+    texts = read_rows(group[schema.CAPTION_TEXT], np.arange(start, stop))
     encoded = encode_captions(backbones, list(texts), config.text_batch)
     rows = np.arange(start, stop)
     values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
@@ -454,7 +455,7 @@ def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: Data
                     backbones: Backbones, config: ExtractConfig, device: torch.device,
                     progress: ExtractProgress, on_chunk, lock: StoreLock
                     ) -> tuple[int, float, float, dict]:
-    done = group[schema.VIDEO_DONE][:]
+    done = read_rows(group[schema.VIDEO_DONE])
     failures = read_failures(group)
     pending = pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
     todo = sum(len(rows) for _, _, rows in pending)
