@@ -244,8 +244,7 @@ def cache_verify(
                                                          "recomputes exactly those."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Read every chunk under done rows and check it is there and its checksum holds.
-    Exit 0 when the store is clean, 1 when damaged (with --repair: after marking the rows)."""
+    """Read every chunk under done rows: present, checksum holds. Exit 0 clean, 1 damaged."""
     import json
 
     from avr.integrity import repair_store, verify_store
@@ -320,8 +319,7 @@ def _print_verify_report(report) -> None:
 def cache_break_lock(
     path: str = typer.Argument(..., help="The store: a path or a URL."),
 ):
-    """Remove a store's writer lock left by a process that is gone (its machine died and its
-    lease has not run out yet). A lock of a process still running here is refused."""
+    """Remove a store's lock left by a writer that is gone (refused while it runs here)."""
     from avr.lock import break_lock
 
     holder = break_lock(path)

@@ -18,7 +18,6 @@ import pytest
 from avr import lock as store_lock
 from avr import schema
 from avr.lock import LockLostError, LockRecord, StoreLock, StoreLockedError, break_lock
-from store_checks import avr_env
 
 
 def lock_path(store: Path) -> Path:
@@ -138,6 +137,8 @@ def test_break_lock_refuses_a_holder_running_on_this_machine(tmp_path):
 
 
 def test_the_cli_breaks_a_lock(tmp_path):
+    from store_checks import avr_env  # here: the racing processes import this module
+
     store = tmp_path / "cache"
     plant_lock(store, machine="elsewhere", host="node7", heartbeat=time.time())
     result = subprocess.run([sys.executable, "-m", "avr", "cache", "break-lock", str(store)],
@@ -168,26 +169,28 @@ def test_a_store_at_a_memory_url_has_one_writer():
             memory.rm("/avr-lock-test", recursive=True)
 
 
-def _try_to_take(store: str, start, results) -> None:
+def _try_to_take(store: str, start, everyone_answered, results) -> None:
     start.wait()
     try:
         with StoreLock(store):
             results.put("took")
-            time.sleep(2.0)  # hold it while the others look
+            everyone_answered.wait(60)  # hold it until every racer has tried
     except StoreLockedError:
         results.put("refused")
 
 
 def _race(store: Path, racers: int) -> list[str]:
     context = multiprocessing.get_context("spawn")
-    start, results = context.Event(), context.Queue()
-    processes = [context.Process(target=_try_to_take, args=(str(store), start, results))
+    start, everyone_answered, results = context.Event(), context.Event(), context.Queue()
+    processes = [context.Process(target=_try_to_take,
+                                 args=(str(store), start, everyone_answered, results))
                  for _ in range(racers)]
     for process in processes:
         process.start()
-    time.sleep(1.5)  # every racer imported and waiting
+    time.sleep(1.0)  # most racers imported and waiting: they start together
     start.set()
-    outcomes = [results.get(timeout=60) for _ in processes]
+    outcomes = [results.get(timeout=120) for _ in processes]
+    everyone_answered.set()
     for process in processes:
         process.join()
     return sorted(outcomes)
