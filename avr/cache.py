@@ -93,9 +93,10 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
     with h5py.File(out, "w") as h5:
         for name in schema.array_layout(spec, 0, 0):
             array = group[name]
-            integrity.require_stored(array, integrity.rows_that_count(name, array, done))
+            counting = integrity.rows_that_count(name, array, done)
             if array.dtype.kind in "OTU":  # variable-length strings
-                values = [str(v) for v in integrity.read_region(array, 0, array.shape[0])]
+                values = [str(v) for v in integrity.read_region(array, 0, array.shape[0],
+                                                                counting)]
                 h5.create_dataset(name, data=np.asarray(values, dtype=object),
                                   dtype=h5py.string_dtype())
                 continue
@@ -105,7 +106,8 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
                                         compression="gzip", compression_opts=1)
             for start in range(0, array.shape[0], rows_per_block):
                 stop = min(start + rows_per_block, array.shape[0])
-                dataset[start:stop] = integrity.read_region(array, start, stop)
+                dataset[start:stop] = integrity.read_region(
+                    array, start, stop, counting[(counting >= start) & (counting < stop)])
         for key, value in group.attrs.asdict().items():
             h5.attrs[key] = json.dumps(value)
 

@@ -3,10 +3,14 @@ marking the damaged rows not done so that the next `avr extract` recomputes them
 
 Damage is a chunk under rows that count (done rows; every row of the index arrays, which are
 written when the store is created) that is absent, fails its crc32c checksum, or cannot be
-decoded (a truncated file). Zarr reads an absent chunk as the fill value, so a read of rows
-first lists the array's stored chunk keys (one listing per array, no chunk is read) and fails
-on an absent one; a read that fails to decode is narrowed down chunk by chunk so that the error
-names the array, the chunk and its rows (``DamagedStoreError``).
+decoded (a truncated file). A read that fails to decode is narrowed down chunk by chunk so that
+the error names the array, the chunk and its rows (``DamagedStoreError``). Zarr reads an absent
+chunk as the fill value, so after a read the chunks whose rows all read back as the fill value
+(judged on the first values of each row) are looked up in the store: one lookup each, or one
+listing of the array's chunk keys when there are many. A chunk of features never reads as all
+zeros, so a healthy store costs no lookup there; listing the keys before every read would cost
+a walk over every chunk file (``benchmarks/store_integrity.py``). ``require_stored`` (a
+listing, no read) checks rows that are not read: `avr cache info`, dask arrays, verify.
 
 Which absent chunks are damage: avr stores every chunk it writes (``schema._zarr``), so in an
 array written with checksums an absent chunk under done rows is damage. Stores written before
@@ -28,6 +32,8 @@ from avr import schema
 from avr.errors import AvrError
 
 VERIFY_BLOCK_BYTES = 64 << 20  # decoded bytes verify reads at once (zarr decodes in parallel)
+FILL_PROBE = 16  # values per row compared with the fill value to suspect an absent chunk
+LOOKUPS_MAX = 64  # more suspected chunks than this: one listing instead of one lookup each
 
 
 @dataclass(frozen=True)
@@ -170,23 +176,60 @@ def undecodable_chunks(array, chunks) -> list[ChunkDamage]:
 def read_rows(array, rows: np.ndarray | None = None, *,
               must_be_stored: np.ndarray | None = None) -> np.ndarray:
     """Rows ``rows`` (ascending store rows; None: every row) of ``array``. Raises
-    DamagedStoreError when a chunk under ``must_be_stored`` (default: the rows read) is absent,
-    or when a chunk read fails its checksum or to decode."""
+    DamagedStoreError when a chunk read fails its checksum or to decode, or when a chunk under
+    ``must_be_stored`` (rows among ``rows``; default: all of them) is absent."""
     rows = np.arange(array.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
-    require_stored(array, rows if must_be_stored is None else must_be_stored)
     try:
-        return _read(array, rows)
+        values = _read(array, rows)
     except Exception as error:
         damage = undecodable_chunks(array, chunks_of(array, rows))
         if not damage:  # not the store's data (e.g. a network error): as it came
             raise
         raise DamagedStoreError(store_text(array), damage) from error
+    must = rows if must_be_stored is None else np.asarray(must_be_stored, dtype=np.int64)
+    if len(must) and every_chunk_is_stored(array):
+        suspects = _fill_looking_chunks(array, values[np.searchsorted(rows, must)], must)
+        stored = (stored_chunks(array) if len(suspects) > LOOKUPS_MAX
+                  else _stored_among(array, suspects))
+        missing = [_damage(array, chunk, "absent") for chunk in suspects if chunk not in stored]
+        if missing:
+            raise DamagedStoreError(store_text(array), missing)
+    return values
 
 
-def read_region(array, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) as they are, an absent chunk as the fill value (rows not written
-    yet); a chunk that fails to decode raises DamagedStoreError."""
-    return read_rows(array, np.arange(start, stop), must_be_stored=np.empty(0, dtype=np.int64))
+def _fill_looking_chunks(array, values: np.ndarray, rows: np.ndarray) -> list[int]:
+    """The chunks of ``rows`` whose every row here reads back as the fill value, judged on its
+    first values: an absent chunk reads that way, a stored chunk of features never does."""
+    head = values.reshape(len(values), -1)[:, :FILL_PROBE]
+    looks_fill = np.asarray(head == array.fill_value).all(axis=1)
+    chunk_of = rows // chunk_rows(array)
+    return sorted(set(chunk_of[looks_fill].tolist()) - set(chunk_of[~looks_fill].tolist()))
+
+
+def _stored_among(array, chunks: list[int]) -> set[int]:
+    """Which of ``chunks`` the store holds: one lookup each, made together."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    if not chunks:
+        return set()
+    store, prefix = array.store_path.store, array.store_path.path
+
+    async def lookups() -> list[bool]:
+        return await asyncio.gather(*(store.exists(f"{prefix}/{chunk_key(array, chunk)}")
+                                      for chunk in chunks))
+
+    return {chunk for chunk, found in zip(chunks, sync(lookups())) if found}
+
+
+def read_region(array, start: int, stop: int,
+                must_be_stored: np.ndarray | None = None) -> np.ndarray:
+    """Rows [start, stop); an absent chunk reads as the fill value (rows not written yet)
+    unless it is under ``must_be_stored``. A chunk that fails to decode raises
+    DamagedStoreError."""
+    must = np.empty(0, dtype=np.int64) if must_be_stored is None else must_be_stored
+    return read_rows(array, np.arange(start, stop), must_be_stored=must)
 
 
 def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:

@@ -114,6 +114,16 @@ def test_damage_under_rows_a_read_does_not_touch_is_not_in_its_way(store):
         load_split(store, "test", (schema.FRAME_EMBEDDINGS,), ())
 
 
+@pytest.mark.parametrize("lookups_max", [64, 0])  # one lookup per suspect, or one listing
+def test_an_absent_chunk_of_zeros_is_told_from_a_stored_one(store, monkeypatch, lookups_max):
+    """Train rows have split code 0, the fill value: their chunks read as fill either way."""
+    monkeypatch.setattr(integrity, "LOOKUPS_MAX", lookups_max)
+    assert load_train(store).num_videos == 48
+    delete_chunk(store, schema.VIDEO_SPLIT, 0)
+    with pytest.raises(DamagedStoreError, match="video_split chunk c/0 "):
+        load_train(store)
+
+
 def test_a_damaged_done_mask_fails_the_read(store):
     truncate_chunk(store, schema.VIDEO_DONE, 0)
     with pytest.raises(DamagedStoreError, match="video_done chunk c/0"):

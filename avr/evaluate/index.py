@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from avr import schema
 from avr.errors import AvrError, CacheMismatchError
 from avr.fuse.blocks import masked_mean
-from avr.integrity import read_rows, require_stored
+from avr.integrity import read_rows
 
 INDEX_DIR = schema.INDEX_DIR
 META_FILE = "index.json"
@@ -93,8 +93,6 @@ def read_pooled_by_split(group) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     frames, masks = group[schema.FRAME_EMBEDDINGS], group[schema.FRAME_MASK]
     done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
     split_of = read_rows(group[schema.VIDEO_SPLIT])
-    for array in (frames, masks):
-        require_stored(array, np.flatnonzero(done))
     row_bytes = int(np.prod(frames.shape[1:])) * frames.dtype.itemsize
     chunk = frames.chunks[0]
     block = max(chunk, BLOCK_BYTES // max(row_bytes, 1) // chunk * chunk)
@@ -105,8 +103,7 @@ def read_pooled_by_split(group) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         keep = np.flatnonzero(done[start:stop])
         if keep.size == 0:
             continue
-        pooled = pooled_frames(*(torch.from_numpy(read_rows(array, start + keep,
-                                                            must_be_stored=np.empty(0)))
+        pooled = pooled_frames(*(torch.from_numpy(read_rows(array, start + keep))
                                  for array in (frames, masks))).numpy()
         for code in np.unique(split_of[start + keep]):
             in_split = split_of[start + keep] == code
