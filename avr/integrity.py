@@ -188,7 +188,10 @@ def read_rows(array, rows: np.ndarray | None = None, *,
         raise DamagedStoreError(store_text(array), damage) from error
     must = rows if must_be_stored is None else np.asarray(must_be_stored, dtype=np.int64)
     if len(must) and every_chunk_is_stored(array):
-        suspects = _fill_looking_chunks(array, values[np.searchsorted(rows, must)], must)
+        head = values.reshape(len(values), -1)[:, :FILL_PROBE]  # a view: no copy of the rows
+        if must_be_stored is not None:
+            head = head[np.searchsorted(rows, must)]
+        suspects = _fill_looking_chunks(array, head, must)
         stored = (stored_chunks(array) if len(suspects) > LOOKUPS_MAX
                   else _stored_among(array, suspects))
         missing = [_damage(array, chunk, "absent") for chunk in suspects if chunk not in stored]
@@ -197,10 +200,10 @@ def read_rows(array, rows: np.ndarray | None = None, *,
     return values
 
 
-def _fill_looking_chunks(array, values: np.ndarray, rows: np.ndarray) -> list[int]:
-    """The chunks of ``rows`` whose every row here reads back as the fill value, judged on its
-    first values: an absent chunk reads that way, a stored chunk of features never does."""
-    head = values.reshape(len(values), -1)[:, :FILL_PROBE]
+def _fill_looking_chunks(array, head: np.ndarray, rows: np.ndarray) -> list[int]:
+    """The chunks of ``rows`` whose every row reads back as the fill value, judged on its first
+    values (``head``, one row each): an absent chunk reads that way, a stored chunk of features
+    never does."""
     looks_fill = np.asarray(head == array.fill_value).all(axis=1)
     chunk_of = rows // chunk_rows(array)
     return sorted(set(chunk_of[looks_fill].tolist()) - set(chunk_of[~looks_fill].tolist()))
