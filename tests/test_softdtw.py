@@ -123,3 +123,131 @@ def test_half_precision_cost_is_computed_in_float32():
     assert value.dtype == torch.float32
     assert torch.allclose(value.double(), soft_dtw(cost.half().double(), 0.3, rows, cols),
                           atol=1e-5)
+
+
+# ---- exactness far from the usual scales --------------------------------------------------------
+
+def monotone_paths(n: int, m: int):
+    """Every monotone alignment path from cell (0, 0) to (n-1, m-1), as lists of cells."""
+    if (n, m) == (1, 1):
+        return [[(0, 0)]]
+    paths = []
+    for di, dj in ((1, 0), (0, 1), (1, 1)):
+        if n - di >= 1 and m - dj >= 1:
+            paths += [path + [(n - 1, m - 1)] for path in monotone_paths(n - di, m - dj)]
+    return paths
+
+
+def path_soft_dtw(cost: list[list[float]], gamma: float) -> float:
+    """The definition, not the recursion: -gamma log sum over all paths of exp(-path cost / gamma),
+    with the cheapest path factored out so that no exponent overflows."""
+    totals = [math.fsum(cost[i][j] for i, j in path) for path in monotone_paths(len(cost),
+                                                                                len(cost[0]))]
+    cheapest = min(totals)
+    return cheapest - gamma * math.log(math.fsum(math.exp(-(t - cheapest) / gamma)
+                                                 for t in totals))
+
+
+def cheapest_path_indicator(cost: list[list[float]]) -> torch.Tensor:
+    paths = monotone_paths(len(cost), len(cost[0]))
+    best = min(paths, key=lambda path: math.fsum(cost[i][j] for i, j in path))
+    indicator = torch.zeros(len(cost), len(cost[0]), dtype=torch.float64)
+    for i, j in best:
+        indicator[i, j] = 1.0
+    return indicator
+
+
+def costly_batch(seed: int, N: int, M: int, dtype=torch.float64):
+    """Costs of 1000-1500 per cell: R / gamma reaches 1e10 and beyond for gamma = 1e-5."""
+    generator = torch.Generator().manual_seed(seed)
+    return (1000.0 + 500.0 * torch.rand(4, N, M, generator=generator, dtype=torch.float64)
+            ).to(dtype)
+
+
+def test_recursion_agrees_with_the_sum_over_all_paths():
+    cost, _, _ = random_batch()
+    for p in range(3):
+        block = cost[p, :3, :4].tolist()
+        assert recursive_soft_dtw(block, 0.3) == pytest.approx(path_soft_dtw(block, 0.3),
+                                                                abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 30), (30, 2), (1, 20), (20, 1), (4, 9)])
+def test_value_is_exact_when_costs_dwarf_gamma(shape):
+    # A path along the grid's first row or column sums 1e4+ per 1e-5 of gamma: past any finite
+    # stand-in for the unreachable border.
+    cost = costly_batch(0, *shape)
+    rows = torch.tensor([shape[0], max(1, shape[0] // 2), shape[0], 1])
+    cols = torch.tensor([shape[1], shape[1], max(1, shape[1] // 3), 1])
+    values = soft_dtw(cost, 1e-5, rows, cols)
+    expected = [recursive_soft_dtw(cost[p, :rows[p], :cols[p]].tolist(), 1e-5)
+                for p in range(len(cost))]
+    assert values.tolist() == pytest.approx(expected, rel=1e-13)
+
+
+def test_value_matches_the_path_sum_when_costs_dwarf_gamma():
+    cost = costly_batch(1, 3, 5)
+    values = soft_dtw(cost, 1e-5)
+    assert values.tolist() == pytest.approx([path_soft_dtw(c.tolist(), 1e-5) for c in cost],
+                                            rel=1e-13)
+
+
+def test_float32_value_is_exact_to_float32_precision_when_costs_dwarf_gamma():
+    cost = costly_batch(2, 2, 30, torch.float32)
+    values = soft_dtw(cost, 1e-5)
+    expected = [recursive_soft_dtw(c.double().tolist(), 1e-5) for c in cost]
+    assert values.dtype == torch.float32
+    assert values.double().tolist() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_is_the_cheapest_path_when_costs_dwarf_gamma(dtype):
+    cost = costly_batch(3, 3, 6, dtype).requires_grad_(True)
+    (gradient,) = torch.autograd.grad(soft_dtw(cost, 1e-5).sum(), cost)
+    assert torch.isfinite(gradient).all()
+    for p in range(len(cost)):
+        expected = cheapest_path_indicator(cost[p].detach().double().tolist())
+        assert torch.allclose(gradient[p].double(), expected, atol=1e-6)
+
+
+def test_gamma_too_small_to_divide_by_gives_hard_dtw():
+    # cost / gamma overflows float32 (1e3 / 1e-38 = 1e41): the soft minimum never divides a
+    # cost by gamma, only differences between arguments, which may overflow to -inf safely.
+    cost = costly_batch(4, 3, 5, torch.float32).requires_grad_(True)
+    values = soft_dtw(cost, 1e-38)
+    hard = [recursive_soft_dtw(c.double().tolist(), 0.0) for c in cost.detach()]
+    assert values.double().tolist() == pytest.approx(hard, rel=1e-6)
+    (gradient,) = torch.autograd.grad(values.sum(), cost)
+    assert torch.isfinite(gradient).all()
+
+
+def test_alignment_and_its_gradient_stay_finite_when_costs_dwarf_gamma():
+    cost = costly_batch(5, 3, 6).requires_grad_(True)
+    rows, cols = torch.tensor([3, 2, 1, 3]), torch.tensor([6, 4, 6, 1])
+    alignment = soft_dtw_alignment(cost, 1e-5, rows, cols)
+    for p in range(len(cost)):
+        expected = cheapest_path_indicator(cost[p, :rows[p], :cols[p]].tolist())
+        assert torch.allclose(alignment[p, :rows[p], :cols[p]], expected, atol=1e-9)
+    weights = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (gradient,) = torch.autograd.grad((alignment * weights).sum(), cost)
+    assert torch.isfinite(gradient).all()
+
+
+def test_alignment_gradient_has_no_nan_from_unreachable_cells():
+    # Ordinary scales, lengths that leave most of the grid outside: the +inf slots must not
+    # leak NaN into the gradient of a model that learns through the alignment.
+    cost, rows, cols = random_batch(3)
+    cost.requires_grad_(True)
+    alignment = soft_dtw_alignment(cost, 0.1, rows, cols)
+    (gradient,) = torch.autograd.grad((alignment ** 2).sum(), cost)
+    assert torch.isfinite(gradient).all()
+    outside = ((torch.arange(4)[None, :, None] >= rows[:, None, None])
+               | (torch.arange(7)[None, None, :] >= cols[:, None, None]))
+    assert gradient[outside].abs().max() == 0
+
+
+@pytest.mark.parametrize("gamma", [0.0, -0.1])
+def test_gamma_must_be_positive(gamma):
+    cost, _, _ = random_batch()
+    with pytest.raises(ValueError, match="gamma must be positive"):
+        soft_dtw(cost, gamma)
