@@ -493,6 +493,9 @@ def eval_(
                                                    "own)."),
     split: str = typer.Option("test", help="test | val.", callback=_one_of("test", "val")),
     dsl: bool = typer.Option(False, "--dsl", help="Also report dual softmax (transductive)."),
+    dsl_temperature: Optional[float] = typer.Option(
+        None, "--dsl-temperature", help="Dual softmax temperature; implies --dsl (default: the "
+        "head's, else 3 as AVIGATE's release; GAID's release uses 1)."),
     qbnorm: bool = typer.Option(False, "--qbnorm", help="Also report QB-Norm with the train "
                                                         "captions as query bank."),
     rerank_k: Optional[int] = typer.Option(None, "--rerank-k", min=1, help="Also report two-stage "
@@ -517,7 +520,8 @@ def eval_(
 
     from avr.evaluate.evaluator import EvalConfig, evaluate_run, write_metrics
 
-    config = EvalConfig(split=split, dsl=dsl, qbnorm=qbnorm, rerank_k=rerank_k,
+    config = EvalConfig(split=split, dsl=dsl or dsl_temperature is not None,
+                        dsl_temperature=dsl_temperature, qbnorm=qbnorm, rerank_k=rerank_k,
                         modalities=modalities, device=device, report=report, index=index)
     result = evaluate_run(run, cache, config)
     console.print(_metrics_table(result))

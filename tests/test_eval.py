@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +87,57 @@ def test_variants_are_reported_beside_the_plain_numbers(runs):
     assert set(result.variants) == {"dsl", "qbnorm", "rerank@5"}
     for variant in result.variants.values():
         assert 0.0 <= variant["t2v"]["R1"] <= 100.0
+
+
+def test_dual_softmax_runs_on_the_heads_own_logit_scale(runs):
+    result = evaluate_run(runs / "tefal", config=EvalConfig(device="cpu", dsl=True))
+    head, _ = checkpoint.load_head(runs / "tefal", "best", "cpu")
+    scale = float(head.logit_scale.detach().exp())
+    assert result.dsl == {"temperature": metrics.DSL_TEMPERATURE,
+                          "logit_scale": pytest.approx(scale)}
+    assert result.variants["dsl"] == metrics.dual_softmax_metrics(
+        result.sim * scale, result.caption_video, 12, temperature=3.0)
+
+
+def test_a_heads_release_scale_and_temperature_replace_its_own_for_dual_softmax(runs,
+                                                                              monkeypatch):
+    from avr.fuse.heads.tefal import Tefal
+
+    monkeypatch.setattr(Tefal, "dsl_logit_scale", 100.0)
+    monkeypatch.setattr(Tefal, "dsl_temperature", 1.0)
+    result = evaluate_run(runs / "tefal", config=EvalConfig(device="cpu", dsl=True))
+    assert result.dsl == {"temperature": 1.0, "logit_scale": 100.0}
+    assert result.variants["dsl"] == metrics.dual_softmax_metrics(
+        result.sim * 100.0, result.caption_video, 12, temperature=1.0)
+    chosen = evaluate_run(runs / "tefal", config=EvalConfig(device="cpu", dsl=True,
+                                                           dsl_temperature=5.0))
+    assert chosen.dsl == {"temperature": 5.0, "logit_scale": 100.0}
+
+
+def avr_command(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``avr ARGS`` in a subprocess, running this checkout's code."""
+    return subprocess.run([sys.executable, "-m", "avr", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def test_dsl_temperature_flag_reports_dual_softmax_and_records_it(runs, tmp_path):
+    out = tmp_path / "m.json"
+    done = avr_command("eval", "--run", runs / "tefal", "--device", "cpu",
+                       "--dsl-temperature", "1", "--json", out)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(out.read_text())
+    assert printed["dsl"]["temperature"] == 1.0
+    assert set(printed["variants"]["dsl"]) == {"t2v", "v2t"}
+    assert "t2v dsl" in done.stdout and "v2t dsl" in done.stdout
+
+
+def test_a_non_positive_dsl_temperature_is_a_usage_error(runs):
+    done = avr_command("eval", "--run", runs / "tefal", "--device", "cpu",
+                       "--dsl-temperature", "0")
+    assert done.returncode == 2
+    assert "--dsl-temperature must be positive" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_rerank_with_k_covering_every_video_equals_the_plain_ranking(runs):

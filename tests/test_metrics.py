@@ -10,7 +10,9 @@ import torch
 
 from avr.errors import AvrError
 from avr.evaluate.metrics import (
+    DSL_TEMPERATURE,
     dual_softmax,
+    dual_softmax_metrics,
     metrics_from_ranks,
     qb_norm,
     recall_at_k_curve,
@@ -244,6 +246,57 @@ def test_dual_softmax_demotes_a_hub_video():
                     [10.0, 9.0]])   # caption of video 1; video 0 is a hub, wins raw
     assert t2v_ranks(sim, np.arange(2))[1] == 2
     assert t2v_ranks(dual_softmax(sim), np.arange(2))[1] == 1
+
+
+def test_dual_softmax_temperature_default_is_avigates_release():
+    assert DSL_TEMPERATURE == 3.0  # main_task_retrieval.py: softmax(sim / 3.0, dim=0)
+
+
+def reference_dsl_ranks(logits: np.ndarray, caption_video: np.ndarray, temperature: float):
+    """Dual softmax ranks written independently (torch, loops): t2v with a softmax over the
+    captions of each video column, v2t with a softmax over the videos of each caption row, both
+    on the caption x video matrix; v2t then scores caption groups by their max."""
+    L = torch.from_numpy(logits).double()
+    t2v_sim = L * torch.softmax(L / temperature, dim=0)
+    v2t_sim = L * torch.softmax(L / temperature, dim=1)
+    t2v = [1 + int((t2v_sim[q] > t2v_sim[q, v]).sum()) for q, v in enumerate(caption_video)]
+    videos = sorted(set(caption_video.tolist()))
+    group = torch.stack([v2t_sim[caption_video == v].amax(0) for v in videos])  # [G, V]
+    v2t = [1 + int((group[:, v] > group[g, v]).sum()) for g, v in enumerate(videos)]
+    return np.array(t2v, float), np.array(v2t, float)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_dual_softmax_metrics_match_an_independent_implementation(temperature):
+    generator = torch.Generator().manual_seed(3)
+    caption_video = np.repeat(np.arange(6), 3)  # three captions per video
+    logits = (100 * torch.rand(18, 6, generator=generator, dtype=torch.float64)).numpy()
+    t2v, v2t = reference_dsl_ranks(logits, caption_video, temperature)
+    result = dual_softmax_metrics(logits, caption_video, temperature=temperature)
+    assert result["t2v"] == {**metrics_from_ranks(t2v), "queries": 18, "failed": 0}
+    assert result["v2t"] == {**metrics_from_ranks(v2t), "queries": 6, "failed": 0}
+
+
+def test_dual_softmax_video_to_text_uses_a_prior_over_videos():
+    # Caption 0 (of video 0) is a hub: raw, it beats video 1's own caption for video 1.
+    logits = np.array([[9.0, 8.0, 7.0],    # caption of video 0
+                       [1.0, 6.0, 0.0],    # caption of video 1
+                       [0.0, 0.0, 6.5]])   # caption of video 2
+    caption_video = np.arange(3)
+    plain = retrieval_metrics(logits, caption_video)
+    dsl = dual_softmax_metrics(logits, caption_video, temperature=1.0)
+    assert plain["v2t"]["R1"] == pytest.approx(100 / 3)  # videos 1 and 2 lose to caption 0
+    # Caption 0's prior over videos goes to video 0, so videos 1 and 2 find their own captions;
+    # a prior over captions (the t2v one) would leave every v2t rank as it was.
+    assert dsl["v2t"]["R1"] == 100.0
+    captions_prior = retrieval_metrics(dual_softmax(logits, 1.0), caption_video)
+    assert captions_prior["v2t"]["R1"] == pytest.approx(100 / 3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_dual_softmax_temperature_must_be_positive(temperature):
+    with pytest.raises(AvrError, match="temperature must be positive"):
+        dual_softmax_metrics(np.eye(3), np.arange(3), temperature=temperature)
 
 
 # ---- QB-Norm ------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ MODALITIES = ("va", "v", "a")
 class EvalConfig:
     split: str = "test"
     dsl: bool = False
+    dsl_temperature: float | None = None  # None: the head's (dsl_temperature), else AVIGATE's 3
     qbnorm: bool = False
     rerank_k: int | None = None
     modalities: str = "va"  # v: audio masked; a: frames masked
@@ -55,6 +56,7 @@ class EvalResult:
     metrics: dict[str, dict[str, float]]  # {"t2v": {...}, "v2t": {...}}
     variants: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     tags: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    dsl: dict[str, float] | None = None  # {"temperature", "logit_scale"} dual softmax ran with
     sim: np.ndarray | None = None  # [captions, videos] float32, the plain scores
     caption_video: np.ndarray | None = None
     seconds: float = 0.0
@@ -66,7 +68,8 @@ class EvalResult:
                 "cache": str(self.cache), "head": self.head, "split": self.split,
                 "modalities": self.modalities, "num_captions": self.num_captions,
                 "num_videos": self.num_videos, "missing_videos": self.missing_videos,
-                "ties": metrics.DEFAULT_TIES, "seconds": round(self.seconds, 3)}
+                "ties": metrics.DEFAULT_TIES, "seconds": round(self.seconds, 3),
+                **({"dsl": self.dsl} if self.dsl is not None else {})}
 
 
 def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
@@ -131,13 +134,28 @@ def split_similarity(head: RetrievalHead, data: SplitTensors, device: torch.devi
     return sim.numpy(), texts, videos
 
 
-def logits_of(head: RetrievalHead, sim: np.ndarray) -> np.ndarray:
-    return sim if head.score_is_scaled else sim * float(head.scale().detach())
-
-
 def cosines_of(head: RetrievalHead, sim: np.ndarray) -> np.ndarray:
     """Scores on the cosine scale that QB-Norm's beta = 20 assumes."""
     return sim / float(head.scale().detach()) if head.score_is_scaled else sim
+
+
+def dsl_settings(head: RetrievalHead, config: EvalConfig) -> dict[str, float]:
+    """The logit scale and temperature of dual softmax: the head's own scale unless its release
+    uses another (``dsl_logit_scale``); ``--dsl-temperature``, else the head's
+    ``dsl_temperature``, else AVIGATE's release (metrics.DSL_TEMPERATURE)."""
+    scale = head.dsl_logit_scale
+    temperature = next(t for t in (config.dsl_temperature, head.dsl_temperature,
+                                   metrics.DSL_TEMPERATURE) if t is not None)
+    return {"temperature": float(temperature),
+            "logit_scale": float(head.scale().detach()) if scale is None else float(scale)}
+
+
+def dual_softmax_variant(head: RetrievalHead, sim: np.ndarray, caption_video: np.ndarray,
+                         num_videos: int, settings: dict[str, float]) -> dict:
+    """t2v and v2t metrics after dual softmax on ``sim`` rescaled to the DSL logit scale."""
+    logits = cosines_of(head, sim) * settings["logit_scale"]
+    return metrics.dual_softmax_metrics(logits, caption_video, num_videos,
+                                        temperature=settings["temperature"])
 
 
 def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
@@ -145,6 +163,8 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     import time
 
     config = config or EvalConfig()
+    if config.dsl_temperature is not None and not config.dsl_temperature > 0:
+        raise AvrError(f"--dsl-temperature must be positive, got {config.dsl_temperature}")
     started = time.perf_counter()
     device = resolve_device(config.device)
     run_dir = resolve_run(run)
@@ -164,8 +184,9 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
                         sim=sim.astype(np.float32), caption_video=caption_video)
 
     if config.dsl:
-        dsl = metrics.dual_softmax(logits_of(head, sim))
-        result.variants["dsl"] = metrics.retrieval_metrics(dsl, caption_video, all_videos)
+        result.dsl = dsl_settings(head, config)
+        result.variants["dsl"] = dual_softmax_variant(head, sim, caption_video, all_videos,
+                                                      result.dsl)
     if config.qbnorm:
         bank = train_bank_similarity(head, cache_path, videos, device, config)
         normed = metrics.qb_norm(cosines_of(head, sim), cosines_of(head, bank))

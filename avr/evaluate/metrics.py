@@ -40,6 +40,10 @@ from avr.errors import AvrError
 Ties = Literal["optimistic", "mean", "pessimistic"]
 TIE_POLICIES = ("optimistic", "mean", "pessimistic")
 DEFAULT_TIES: Ties = "pessimistic"
+# Dual softmax temperature of AVIGATE's release (main_task_retrieval.py:
+# ``sim * softmax(sim / 3.0, dim=0)`` on logits scaled by CLIP's logit scale, 100); GAID's
+# release uses 1 (``sims * softmax(100 * sims, axis=0)``).
+DSL_TEMPERATURE = 3.0
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -173,16 +177,22 @@ def metrics_from_ranks(ranks: ArrayLike, ks: tuple[int, ...] = (1, 5, 10)) -> di
 
 
 def retrieval_metrics(sim: ArrayLike, caption_video: ArrayLike, num_videos: int | None = None, *,
-                      ties: Ties = DEFAULT_TIES) -> dict[str, dict[str, float]]:
+                      ties: Ties = DEFAULT_TIES,
+                      v2t_sim: ArrayLike | None = None) -> dict[str, dict[str, float]]:
     """t2v and v2t metrics of one split, each with its query count and how many failed.
 
     ``num_videos`` is the complete split size including videos that failed extraction
-    (default: the V columns of ``sim``).
+    (default: the V columns of ``sim``). ``v2t_sim`` [Q, V], when given, is ranked for v2t
+    instead of ``sim`` (a re-ranking that differs per direction, as dual softmax does).
     """
     sim = _similarity(sim)
     caption_video = _caption_video(caption_video, sim)
+    if v2t_sim is not None:
+        v2t_sim = _similarity(v2t_sim, "v2t_sim")
+        if v2t_sim.shape != sim.shape:
+            raise AvrError(f"v2t_sim has shape {v2t_sim.shape} but sim has {sim.shape}")
     t2v = t2v_ranks(sim, caption_video, ties=ties)
-    v2t = v2t_ranks(sim, caption_video, num_videos, ties=ties)
+    v2t = v2t_ranks(sim if v2t_sim is None else v2t_sim, caption_video, num_videos, ties=ties)
     num_failed_videos = (sim.shape[1] if num_videos is None else num_videos) - sim.shape[1]
     return {
         "t2v": {**metrics_from_ranks(t2v), "queries": len(t2v),
@@ -202,23 +212,45 @@ def recall_at_k_curve(ranks: ArrayLike, max_k: int) -> np.ndarray:
 
 # ---- transductive re-rankings (reported beside the plain numbers, never folded in) -------------
 
-def dual_softmax(sim: ArrayLike, temperature: float = 1.0) -> np.ndarray:
-    """Dual softmax inference (CAMoE ``DSL.py``, Cheng et al. 2021): a prior over captions.
+def dual_softmax(sim: ArrayLike, temperature: float = DSL_TEMPERATURE) -> np.ndarray:
+    """Dual softmax inference (CAMoE ``DSL.py``, Cheng et al. 2021) of a [queries, candidates]
+    logit matrix: each candidate's column is reweighted by a softmax over the queries,
+    ``sim' = sim * softmax(sim / temperature, dim=0) * rows``, so a candidate that scores high
+    for every query (a hub) is demoted for the queries it prefers less. Returns [rows, cols].
 
-    ``sim`` [Q, V] is the logit-scaled caption x video matrix, before any multi-caption
-    reshape. For each video (column) a softmax over the Q captions reweights the scores:
-    ``sim' = sim * softmax(sim / temperature, dim=0) * Q``. Transductive: it needs every test
-    query at once. Returns [Q, V].
+    For text -> video the queries are the captions (``sim`` [Q, V]); for video -> text they are
+    the videos (``dual_softmax(sim.T).T``, the prior over videos): ``dual_softmax_metrics``
+    does both. Transductive: it needs every test query at once.
     """
     sim = _similarity(sim)
     logits = sim / temperature
-    logits = logits - logits.max(0, keepdims=True)  # stable softmax over captions
+    logits = logits - logits.max(0, keepdims=True)  # stable softmax over the queries
     prior = np.exp(logits)
-    prior /= prior.sum(0, keepdims=True)  # [Q, V], each column sums to 1
+    prior /= prior.sum(0, keepdims=True)  # [rows, cols], each column sums to 1
     # Subnormal priors (< 1e-38 in float32) change sim' by less than 1e-32 but make the
     # multiply an order of magnitude slower on x86; flush them to zero.
     prior[prior < np.finfo(prior.dtype).tiny] = 0.0
     return sim * prior * sim.shape[0]
+
+
+def dual_softmax_metrics(logits: ArrayLike, caption_video: ArrayLike, num_videos: int | None = None,
+                         *, temperature: float = DSL_TEMPERATURE,
+                         ties: Ties = DEFAULT_TIES) -> dict[str, dict[str, float]]:
+    """``retrieval_metrics`` after dual softmax, as the dual softmax lines of AVIGATE's release
+    compute it (``main_task_retrieval.py``, left commented out there; CAMoE's formula): t2v on
+    ``dual_softmax(logits)`` (a prior over captions for each video), v2t on
+    ``dual_softmax(logits.T).T`` (a prior over videos for each caption). Both act on the
+    caption x video matrix before the captions of a video are grouped for v2t, as CAMoE applies
+    it (AVIGATE's multi-caption lines apply the v2t prior after grouping).
+
+    ``logits`` [Q, V] are similarities times a logit scale (AVIGATE: CLIP's, 100; GAID: 100 on
+    its cosines); the temperature divides them inside the softmax (AVIGATE: 3; GAID: 1).
+    """
+    if not temperature > 0:
+        raise AvrError(f"dual softmax temperature must be positive, got {temperature}")
+    logits = _similarity(logits)
+    return retrieval_metrics(dual_softmax(logits, temperature), caption_video, num_videos,
+                             ties=ties, v2t_sim=dual_softmax(logits.T, temperature).T)
 
 
 def _querybank_statistics(bank_sim: np.ndarray, beta: float, k: int,

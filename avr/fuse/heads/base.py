@@ -56,6 +56,11 @@ class RetrievalHead(nn.Module):
     # True when ``score`` already includes the logit scale (AVIGATE's log-sum-exp does);
     # callers that need logits (dual softmax, the loss) multiply by ``scale()`` otherwise.
     score_is_scaled: ClassVar[bool] = False
+    # Dual softmax (`avr eval --dsl`) runs on cosines times this scale; None: the head's own.
+    # A head whose release applies it at another scale names that scale here.
+    dsl_logit_scale: ClassVar[float | None] = None
+    # Its temperature when `--dsl-temperature` is not given; None: AVIGATE's release, 3.
+    dsl_temperature: ClassVar[float | None] = None
 
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()
