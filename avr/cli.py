@@ -353,7 +353,8 @@ def train(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0),
     warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
                                            help="Warmup fraction of all steps."),
-    temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature.",
+    temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature "
+                                                "(default 0.01: CLIP's logit scale, 100).",
                                                 callback=positive_option),
     dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
     fusion: Optional[str] = typer.Option(None, help="tefal: add | late | concat | xattn | stack.",

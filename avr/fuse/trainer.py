@@ -37,7 +37,7 @@ from avr.fuse import checkpoint, distributed
 from avr.fuse.data import SplitTensors, load_split
 from avr.fuse.distributed import World
 from avr.fuse.heads import build_head, head_class, make_config
-from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, chunked_scores, encode_in_chunks
+from avr.fuse.heads.base import RetrievalHead, chunked_scores, encode_in_chunks
 
 DEFAULT_CACHE = Path("cache")
 CPU = torch.device("cpu")
@@ -366,9 +366,7 @@ def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, op
             torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            if isinstance(head.logit_scale, torch.nn.Parameter):
-                head.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
+        head.clamp_logit_scale()  # CLIP's clamp, after the step as CLIP4Clip and X-Pool do
         losses.append(loss.detach())
         seen += sum(counts)
     mean_loss = float(torch.stack(losses).float().mean()) if losses else float("nan")

@@ -11,6 +11,22 @@ Inputs are dicts keyed by the array names of :mod:`avr.schema`, rows first, 16-b
 they sit in the cache; a head casts them to its parameter dtype. States are dicts of tensors,
 every tensor rows first, so that slicing every tensor of a state by the same rows gives the state
 of those rows.
+
+The logit scale (the inverse softmax temperature of the loss). Two options are the contract:
+``temperature`` (initial; scale = 1 / temperature) and ``learn_temperature``. The default is
+CLIP's pretrained scale, 100 (temperature 0.01), learned, which is where the released code of
+CLIP4Clip (meanP), X-Pool and AVIGATE starts: they train CLIP's own ``logit_scale`` (its
+log), use ``logit_scale.exp()`` unclamped in the forward pass, and clamp the parameter to
+ln 100 after every optimizer step (CLIP4Clip ``main_task_retrieval.py``, X-Pool
+``trainer/trainer.py``). avr does the same: ``scale()`` is ``exp(logit_scale)``; the trainer
+clamps a learned ``logit_scale`` to ``LOGIT_SCALE_MAX`` after each step, so a scale that
+starts at the clamp still gets its gradient (a clamp in the forward pass would pass none
+there). A learned scale may not start above the clamp; a fixed one (``learn_temperature=false``,
+GAID's choice) is any positive value. One departure from those releases: they train the scale
+with CLIP's parameters (X-Pool: lr 1e-6, CLIP4Clip: 1e-7, weight decay 0.2), where it barely
+moves; avr has no CLIP parameters and trains it with the head's (its lr, no weight decay, as
+open_clip excludes ``logit_scale`` from decay). ``learn_temperature=false`` keeps it at its
+initial value, the releases' effective behaviour.
 """
 
 from __future__ import annotations
@@ -23,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avr.errors import AvrError
 from avr.schema import CacheSpec
 
 State = dict[str, torch.Tensor]
 
-LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp on the log of the logit scale
 
 # Keys of ``RetrievalHead.explain`` (each [P, ...] for P paired rows), read by `avr eval --report`.
 EXPLAIN_FRAME_ATTENTION = "frame_attention"  # [P, F] weight of each frame for the caption
@@ -41,7 +58,7 @@ EXPLAIN_DTW_ALIGNMENT = "dtw_alignment"  # [P, L_text, T_audio] expected soft-DT
 class HeadConfig:
     """Options shared by every head; each head subclasses it with its own."""
 
-    temperature: float = 0.05  # initial softmax temperature; logit scale = 1 / temperature
+    temperature: float = 0.01  # initial; logit scale = 1 / temperature (CLIP's pretrained 100)
     learn_temperature: bool = True
     dropout: float = 0.3
 
@@ -66,8 +83,7 @@ class RetrievalHead(nn.Module):
         super().__init__()
         self.spec = spec
         self.config = config
-        # Start inside the clamp: a clamped value passes no gradient and would never move.
-        init = torch.tensor(min(math.log(1.0 / config.temperature), LOGIT_SCALE_MAX - 1e-4))
+        init = torch.tensor(math.log(1.0 / checked_temperature(config)))
         if config.learn_temperature:
             self.logit_scale = nn.Parameter(init)
         else:
@@ -86,7 +102,14 @@ class RetrievalHead(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        """exp(logit_scale), unclamped: the trainer clamps a learned one after each step."""
+        return self.logit_scale.exp()
+
+    def clamp_logit_scale(self) -> None:
+        """Clamp a learned log-scale to ln 100 (CLIP's clamp); call after each optimizer step."""
+        if isinstance(self.logit_scale, nn.Parameter):
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
 
     def logits(self, texts: State, videos: State) -> torch.Tensor:
         sim = self.score(texts, videos)
@@ -112,6 +135,19 @@ class RetrievalHead(nn.Module):
 
     def param_dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.parameters()), torch.float32)
+
+
+def checked_temperature(config: HeadConfig) -> float:
+    """``config.temperature``, refused when not positive, or when a learned scale would start
+    above CLIP's clamp (the first step would clamp it to 100 anyway)."""
+    temperature = config.temperature
+    if not temperature > 0:
+        raise AvrError(f"temperature must be positive, got {temperature}")
+    if config.learn_temperature and math.log(1.0 / temperature) > LOGIT_SCALE_MAX + 1e-9:
+        raise AvrError(f"temperature {temperature} starts a learned logit scale at "
+                       f"{1.0 / temperature:g}, above CLIP's clamp of 100: use temperature >= "
+                       f"0.01, or learn_temperature=false for a fixed scale")
+    return temperature
 
 
 def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:

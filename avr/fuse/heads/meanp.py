@@ -7,6 +7,12 @@ CLIP4Clip fine-tunes CLIP itself; on frozen cached features the only thing left 
 a linear map on each side. ``proj=True`` (default) adds one D x D projection per side,
 initialised to the identity so that epoch 0 is exactly zero-shot CLIP; ``proj=False`` is the
 zero-shot baseline with only the temperature.
+
+Logit scale, as CLIP4Clip's release (``modules/modeling.py``, ``main_task_retrieval.py``):
+starts at CLIP's pretrained 100 (temperature 0.01), learned, unclamped in the forward pass,
+clamped to 100 after every optimizer step (``base``). Departure: CLIP4Clip trains it with
+CLIP's parameters (lr 1e-4 x coef_lr 1e-3 = 1e-7, weight decay 0.2), where it stays at 100;
+here it trains at the head's lr without weight decay (``learn_temperature=false`` fixes it).
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ Every (caption, video) pair is pooled with its own caption: per video, LN and th
 projections of the frames are computed once (``encode_videos``); ``score`` runs the attention
 of each query with each video in chunks (X-Pool's own eval pools all pairs at once and runs out
 of memory on large test sets, METHODS.md E).
+
+Logit scale, as X-Pool's release (``modules/loss.py``, ``trainer/trainer.py``): starts at
+CLIP's pretrained 100 (temperature 0.01), learned, ``exp`` unclamped in the loss, clamped to
+ln 100 after every optimizer step (``base``). Departure: X-Pool trains it with CLIP's
+parameters (clip_lr 1e-6, weight decay 0.2), where it stays at 100; here it trains at the
+head's lr without weight decay (``learn_temperature=false`` fixes it).
 """
 
 from __future__ import annotations
