@@ -357,7 +357,8 @@ def train(
                                                 "(default 0.01: CLIP's logit scale, 100).",
                                                 callback=positive_option),
     dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
-    fusion: Optional[str] = typer.Option(None, help="tefal: add | late | concat | xattn | stack.",
+    fusion: Optional[str] = typer.Option(None, help="tefal: add | late | score_sum | concat | "
+                                                    "xattn | stack.",
                                          callback=_checked(_fusion)),
     pairs: Optional[str] = typer.Option(None, help="one (a random caption per video per epoch) "
                                                    "| all (every caption).",

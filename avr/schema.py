@@ -31,6 +31,10 @@ Caption arrays (M rows)
     roberta_states        f16   [M, L_rob, D_rob]   RoBERTa last hidden states
     roberta_mask          bool  [M, L_rob]
 
+Head inputs that are not stored (set on the video rows a head encodes, never written)
+    audio_hidden          bool  [N]                 True: `avr eval --modalities v` hides this
+                                                    clip's audio; the head leaves audio out
+
 Attributes: ``schema_version``, ``spec`` (CacheSpec: dataset, every backbone with weights tag and
 library version, every preprocessing parameter), ``splits``, ``created``, ``failures``.
 
@@ -72,6 +76,7 @@ AUDIO_PATCH_TOKENS = "audio_patch_tokens"
 AUDIO_GLOBAL_TOKENS = "audio_global_tokens"
 AUDIO_TIME_TOKENS = "audio_time_tokens"
 HAS_AUDIO = "has_audio"
+AUDIO_HIDDEN = "audio_hidden"  # not stored: see the module docstring
 
 # ---- caption arrays -----------------------------------------------------------------------
 CAPTION_VIDEO = "caption_video"

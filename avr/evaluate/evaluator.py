@@ -110,7 +110,7 @@ def mask_modalities(videos: dict[str, torch.Tensor], modalities: str, head: Retr
     if modalities == "v":
         if schema.HAS_AUDIO not in head.video_inputs:
             raise AvrError(f"head {head.name!r} reads no audio; --modalities v is the same as va")
-        videos[schema.HAS_AUDIO] = torch.zeros_like(videos[schema.HAS_AUDIO])
+        videos = head.hide_audio(videos)
     elif modalities == "a":
         if schema.HAS_AUDIO not in head.video_inputs:
             raise AvrError(f"head {head.name!r} reads no audio; it has nothing left with "

@@ -44,7 +44,9 @@ def sweep(cache_path: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
     """Train every configuration of ``grid`` on one in-memory copy of the cache."""
     configs = trial_configs(base, grid)
     device = resolve_device(base.device)
-    cache: CacheData = load_cache(cache_path, base.head, device)
+    configs = [trial_config(base, options) for options in grid]
+    cache: CacheData = load_cache(cache_path, base.head, device,
+                                  head_options=[config.head_options for config in configs])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     trials = []
     for index, (options, config) in enumerate(zip(grid, configs)):
@@ -57,6 +59,13 @@ def sweep(cache_path: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
         if on_trial is not None:
             on_trial(index, trial)
     return sorted(trials, key=lambda t: -t.result.best_val_r1)
+
+
+def trial_config(base: TrainConfig, options: dict[str, Any]) -> TrainConfig:
+    """``base`` with one grid point's options: trainer fields replaced, head options merged."""
+    train_opts, head_opts = split_options(options, base.head)
+    return dataclasses.replace(base, head_options={**base.head_options, **head_opts},
+                               **train_opts)
 
 
 def _train_in_memory(cache_path, config: TrainConfig, cache: CacheData) -> TrainResult:

@@ -36,7 +36,7 @@ from avr.device import autocast, resolve_device
 from avr.fuse import checkpoint, distributed
 from avr.fuse.data import SplitTensors, load_split
 from avr.fuse.distributed import World
-from avr.fuse.heads import build_head, head_class, make_config
+from avr.fuse.heads import build_head, head_class, make_config, video_inputs
 from avr.fuse.heads.base import RetrievalHead, chunked_scores, encode_in_chunks
 
 DEFAULT_CACHE = Path("cache")
@@ -132,16 +132,17 @@ class CacheData:
 
 
 def load_cache(path: str | Path, head: str, device: torch.device,
-               world: World = distributed.SINGLE) -> CacheData:
-    """Load train (this rank's shard of it) and val with the arrays ``head`` needs: on
-    ``device`` when they fit."""
+               world: World = distributed.SINGLE, *,
+               head_options: list[dict[str, Any]] | None = None) -> CacheData:
+    """Load train (this rank's shard of it) and val with the arrays ``head`` needs when built
+    with any of ``head_options`` (default: its default options): on ``device`` when they fit."""
     cls = head_class(head)
+    videos = video_inputs(head, *(head_options or [{}]))
     path = schema.store_location(path)
     shard = (world.rank, world.size) if world.is_distributed else None
-    splits = {"train": load_split(path, "train", cls.video_inputs, cls.caption_inputs,
-                                  shard=shard)}
+    splits = {"train": load_split(path, "train", videos, cls.caption_inputs, shard=shard)}
     if world.is_main:
-        splits["val"] = load_split(path, "val", cls.video_inputs, cls.caption_inputs)
+        splits["val"] = load_split(path, "val", videos, cls.caption_inputs)
     for split, data in splits.items():
         if data.num_videos == 0:
             where = f"shard {world.rank} of {world.size} of " if split == "train" and shard else ""
@@ -524,7 +525,8 @@ def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = No
 def _train(cache_path, config: TrainConfig, run_dir: Path | None, cache: CacheData | None,
            on_epoch, world: World, device: torch.device) -> TrainResult:
     seed_everything(config.seed)
-    cache = cache or load_cache(cache_path, config.head, device, world)
+    cache = cache or load_cache(cache_path, config.head, device, world,
+                                head_options=[config.head_options])
     head = build_head(config.head, cache.spec, config.head_options).to(device)
     distributed.broadcast_module(head, world)
     # Rank 0 names the run and decides whether it is taken; every rank acts on its answer.
@@ -571,9 +573,10 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | 
 def _resume(run_dir: Path, saved: dict[str, Any], config: TrainConfig, cache_path, on_epoch,
             world: World, device: torch.device) -> TrainResult:
     cache_path = schema.store_location(cache_path or saved["cache"]["path"])
-    cache = load_cache(cache_path, config.head, device, world)
+    head_options = saved.get("head_options", {})
+    cache = load_cache(cache_path, config.head, device, world, head_options=[head_options])
     checkpoint.check_cache(saved, cache.spec, cache_path)
-    head = build_head(config.head, cache.spec, saved.get("head_options", {})).to(device)
+    head = build_head(config.head, cache.spec, head_options).to(device)
     total_steps = steps_per_epoch(cache.train, config, world, device) * config.epochs
     optimizer, scheduler = make_optimizer(head, config, total_steps)
     start, best_epoch, best_r1 = load_last(head, optimizer, scheduler, run_dir)

@@ -46,6 +46,15 @@ def make_config(name: str, options: dict[str, Any] | None = None) -> HeadConfig:
     return cls.Config(**(options or {}))
 
 
+def video_inputs(name: str, *options: dict[str, Any] | None) -> tuple[str, ...]:
+    """The video arrays head ``name`` reads when built with any of ``options`` (default: its
+    default options): the union, in the head's order. What a loader shared by those runs loads."""
+    cls = head_class(name)
+    wanted = {array for opts in (options or ({},)) for array in
+              cls.video_inputs_for(make_config(name, opts))}
+    return tuple(array for array in cls.video_inputs if array in wanted)
+
+
 def build_head(name: str, spec: CacheSpec, options: dict[str, Any] | None = None) -> RetrievalHead:
     return head_class(name)(spec, make_config(name, options))
 

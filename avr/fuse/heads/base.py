@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avr import schema
 from avr.errors import AvrError
 from avr.schema import CacheSpec
 
@@ -68,7 +69,9 @@ class RetrievalHead(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type[HeadConfig]] = HeadConfig
-    video_inputs: ClassVar[tuple[str, ...]] = ()
+    # The cache arrays the head reads. On the class: every array any of its configurations
+    # reads; on a built head: those its configuration reads (``video_inputs_for``).
+    video_inputs: tuple[str, ...] = ()
     caption_inputs: ClassVar[tuple[str, ...]] = ()
     # True when ``score`` already includes the logit scale (AVIGATE's log-sum-exp does);
     # callers that need logits (dual softmax, the loss) multiply by ``scale()`` otherwise.
@@ -83,11 +86,24 @@ class RetrievalHead(nn.Module):
         super().__init__()
         self.spec = spec
         self.config = config
+        self.video_inputs = self.video_inputs_for(config)
         init = torch.tensor(math.log(1.0 / checked_temperature(config)))
         if config.learn_temperature:
             self.logit_scale = nn.Parameter(init)
         else:
             self.register_buffer("logit_scale", init)
+
+    @classmethod
+    def video_inputs_for(cls, config: HeadConfig) -> tuple[str, ...]:
+        """The video arrays a head built with ``config`` reads (a loader loads only these):
+        the class's ``video_inputs`` unless an option leaves some of them unused."""
+        return cls.video_inputs
+
+    def hide_audio(self, videos: State) -> State:
+        """These video rows with their audio left out (`avr eval --modalities v`). Default: every
+        clip marked as having no audio track, which a head that masks missing audio answers by
+        leaving the audio out; a head that encodes missing audio (a zero fbank) overrides it."""
+        return {**videos, schema.HAS_AUDIO: torch.zeros_like(videos[schema.HAS_AUDIO])}
 
     # ---- the three parts -------------------------------------------------------------------
     def encode_videos(self, videos: State) -> State:
