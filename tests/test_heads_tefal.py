@@ -66,59 +66,66 @@ def xpool_branch(block, text, tokens, mask=None):
     return cross_attention(block, text, tokens)
 
 
+def pair_by_pair(head, videos, captions, score_of):
+    """[Q, V] reference scores: ``score_of(q, v, text, video_part)`` for every pair, with the
+    caption's X-Pool pooling of that video's valid frames (E_{V|T}) computed for the pair."""
+    text = captions[schema.TEXT_EMBEDDINGS].float()
+    frames = videos[schema.FRAME_EMBEDDINGS].float()
+    return torch.tensor([[score_of(q, v, text[q], xpool_branch(head.video_pool, text[q], frames[v],
+                                                                videos[schema.FRAME_MASK][v]))
+                          for v in range(len(frames))] for q in range(len(text))])
+
+
+def assert_scores(head, videos, captions, expected):
+    with torch.no_grad():
+        scores = head.score(head.encode_texts(captions), head.encode_videos(videos))
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("missing_audio", ["zero_fbank", "mask"])
 def test_add_fusion_is_eq_1_to_3_computed_pair_by_pair(tiny_spec, missing_audio):
     head = tefal(tiny_spec, missing_audio=missing_audio)
     videos, captions = inputs(head, tiny_spec, n_videos=4, n_captions=3)
-    scores = head.score(head.encode_texts(captions), head.encode_videos(videos))
-    text = captions[schema.TEXT_EMBEDDINGS].float()
-    frames = videos[schema.FRAME_EMBEDDINGS].float()
     audio = head.audio_proj(videos[schema.AUDIO_PATCH_TOKENS].float())
-    for q in range(3):
-        for v in range(4):
-            video_part = xpool_branch(head.video_pool, text[q], frames[v],
-                                      videos[schema.FRAME_MASK][v])
-            # TEFAL Sec. 4.2: a clip without an audio file goes through AST as a zero fbank,
-            # whose tokens the cache holds; masking it instead drops the audio term.
-            uses_audio = missing_audio == "zero_fbank" or videos[schema.HAS_AUDIO][v]
-            audio_part = (xpool_branch(head.audio_pool, text[q], audio[v]) if uses_audio
-                          else torch.zeros_like(video_part))
-            expected = F.cosine_similarity(text[q], video_part + audio_part, dim=0)
-            torch.testing.assert_close(scores[q, v], expected, atol=1e-5, rtol=1e-5)
+
+    def score_of(q, v, text, video_part):
+        # TEFAL Sec. 4.2: a clip without an audio file goes through AST as a zero fbank, whose
+        # tokens the cache holds; masking it instead drops the audio term.
+        uses_audio = missing_audio == "zero_fbank" or videos[schema.HAS_AUDIO][v]
+        audio_part = (xpool_branch(head.audio_pool, text, audio[v]) if uses_audio
+                      else torch.zeros_like(video_part))
+        return F.cosine_similarity(text, video_part + audio_part, dim=0)
+
+    with torch.no_grad():
+        expected = pair_by_pair(head, videos, captions, score_of)
+    assert_scores(head, videos, captions, expected)
 
 
 def test_late_fusion_is_table_8a_with_audio_not_conditioned_on_the_text(tiny_spec):
     head = tefal(tiny_spec, "late")
     videos, captions = inputs(head, tiny_spec, n_videos=4, n_captions=3)
     assert schema.AUDIO_PATCH_TOKENS not in videos  # E_A needs only AST's global tokens
-    scores = head.score(head.encode_texts(captions), head.encode_videos(videos))
-    text = captions[schema.TEXT_EMBEDDINGS].float()
-    frames = videos[schema.FRAME_EMBEDDINGS].float()
     cls_dist = videos[schema.AUDIO_GLOBAL_TOKENS].float()  # [V, 2, Da]
     audio = (cls_dist[:, 0] + cls_dist[:, 1]) / 2 @ head.audio_proj.weight.T + head.audio_proj.bias
-    for q in range(3):
-        for v in range(4):
-            video_part = xpool_branch(head.video_pool, text[q], frames[v],
-                                      videos[schema.FRAME_MASK][v])
-            expected = F.cosine_similarity(text[q], video_part + audio[v], dim=0)
-            torch.testing.assert_close(scores[q, v], expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        expected = pair_by_pair(head, videos, captions, lambda q, v, text, video_part:
+                                F.cosine_similarity(text, video_part + audio[v], dim=0))
+    assert_scores(head, videos, captions, expected)
 
 
 def test_score_sum_adds_the_cosines_of_the_two_text_conditioned_branches(tiny_spec):
     head = tefal(tiny_spec, "score_sum")
     videos, captions = inputs(head, tiny_spec, n_videos=3, n_captions=3)
-    scores = head.score(head.encode_texts(captions), head.encode_videos(videos))
-    text = captions[schema.TEXT_EMBEDDINGS].float()
-    frames = videos[schema.FRAME_EMBEDDINGS].float()
     audio = head.audio_proj(videos[schema.AUDIO_PATCH_TOKENS].float())
-    for q in range(3):
-        for v in range(3):
-            video_part = xpool_branch(head.video_pool, text[q], frames[v],
-                                      videos[schema.FRAME_MASK][v])
-            audio_part = xpool_branch(head.audio_pool, text[q], audio[v])
-            expected = (F.cosine_similarity(text[q], video_part, dim=0)
-                        + F.cosine_similarity(text[q], audio_part, dim=0))
-            torch.testing.assert_close(scores[q, v], expected, atol=1e-5, rtol=1e-5)
+
+    def score_of(q, v, text, video_part):
+        audio_part = xpool_branch(head.audio_pool, text, audio[v])
+        return (F.cosine_similarity(text, video_part, dim=0)
+                + F.cosine_similarity(text, audio_part, dim=0))
+
+    with torch.no_grad():
+        expected = pair_by_pair(head, videos, captions, score_of)
+    assert_scores(head, videos, captions, expected)
 
 
 def test_concat_starts_as_add(tiny_spec):
