@@ -11,8 +11,14 @@ METHODS.md B.2-B.5:
   training: t~ = t + (alpha eps + 1 - alpha) * r with eps ~ U(0, 1)^D; inference: t~ = t + alpha r,
   a single deterministic pass. Score: cos(t~, pool(u | t)).
 - Loss (B.5): InfoNCE weighted by w_i = S_ii / sum_k S_kk, both directions, plus
-  ``support_weight`` times the same loss on support texts t_i + p_i * r_i, p_i the unit vector
-  from t_i toward the mean over the batch's captions of its video's pooled embeddings.
+  ``support_weight`` times the same loss, with the same weights w_i (the code's
+  ``trainer_stochastic.py`` passes the main loss's weights to both), on support texts
+  t_i + p_i * r_i, p_i the unit vector from t_i toward the mean over the batch's captions of its
+  video's pooled embeddings.
+- Logit scale: CLIP's 100, fixed (``temperature=0.01``, ``learn_temperature=false``): the code
+  multiplies by CLIP's ``logit_scale`` detached, so it never moves from CLIP's pretrained 100.
+  Its dual softmax also runs on cosines times 100 (``sims * softmax(100 * sims)``,
+  ``trainer_stochastic.py``), hence ``dsl_logit_scale = 100``.
 
 Choices where the sources leave room:
 
@@ -22,11 +28,20 @@ Choices where the sources leave room:
   at training and at test (the code uses the paired video in training and loops over candidates
   at test).
 - Audio per frame slot: GAIS pools Whisper features to F steps; here the AST time tokens
-  [101, D_ast] are average-pooled to F steps and projected to D_clip by a learned linear layer.
-- s_f is computed on the fused frames u_f, the frames the pooling sees.
-- The logit scale is the head's learnable temperature (the code uses CLIP's, detached).
+  [101, D_ast] are average-pooled and projected to D_clip by a learned linear layer. The pooling
+  follows the frame mask (``frames_to_slots``): the clip's audio is split into as many equal
+  segments as the video has valid frames, the k-th valid frame taking the k-th segment, since
+  the valid frames and the fbank both span the whole clip. (The code always has its F frames.)
+- Clips without audio (HAS_AUDIO False) get g_f = 0, so u_f = v_f. The code feeds them a zero
+  audio feature and still computes the gate, so u_f = (1 - g_f) v_f: a rescaled frame. Every use
+  of u_f (the pooling's LayerNorm, the cosine profile) is invariant to a positive rescaling of
+  each frame up to LayerNorm's eps, so forcing g_f = 0 gives the code's scores; it also keeps
+  the AST tokens that the cache stores for a silent, zero fbank (and the projection's bias) out
+  of the video.
+- s_f is computed on the fused frames u_f, the frames the pooling sees; masked frames give 0.
 - Loss weights: S_ii below zero are clipped to zero; when no S_ii is positive the weights are
-  uniform (plain symmetric InfoNCE).
+  uniform (plain symmetric InfoNCE). The code divides by the sum as it is, which a negative S_ii
+  would turn into a weight that rewards a wrong ranking.
 - ``support_weight`` defaults to 0.8, the MSR-VTT setting (0.5 LSMDC, 0 VATEX/DiDeMo).
 
 Cost. Fused frames depend on the pair, so a naive implementation would normalise and project
@@ -47,7 +62,7 @@ the [Q, V, D] vectors the score needs (pooled video, radius, perturbed caption):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +77,8 @@ from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, He
 
 @dataclass
 class GaisConfig(HeadConfig):
+    temperature: float = 0.01  # CLIP's logit scale, 100 (B.5)
+    learn_temperature: bool = False  # the code uses CLIP's logit_scale detached
     support_weight: float = 0.8  # lambda_sup of the support-text loss (METHODS.md B.5)
 
 
@@ -97,15 +114,28 @@ def weighted_infonce(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return 0.5 * ((weights * rows).sum() + (weights * cols).sum())
 
 
-def frames_to_slots(time_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Average-pool the audio time axis [V, T, Da] to one audio vector per frame slot
-    [V, F, Da] (frames and fbank both span the whole clip)."""
-    return F.adaptive_avg_pool1d(time_tokens.transpose(1, 2), num_frames).transpose(1, 2)
+def frames_to_slots(time_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """Average-pool the audio time axis [V, T, Da] to one audio vector per frame slot [V, F, Da]
+    following ``frame_mask`` [V, F]: the k-th of a video's n valid frames takes the mean of
+    segment k of its T steps, the segments of adaptive average pooling to n outputs (steps
+    floor(k T / n) to ceil((k + 1) T / n) - 1). Masked slots get zeros."""
+    steps = time_tokens.shape[1]
+    mask = frame_mask.bool()
+    valid = mask.sum(1, keepdim=True).clamp(min=1)  # n [V, 1]
+    rank = mask.long().cumsum(1) - 1  # k of each valid frame [V, F]
+    first = rank * steps // valid
+    end = ((rank + 1) * steps + valid - 1) // valid  # ceil
+    step = torch.arange(steps, device=time_tokens.device)
+    segment = ((step >= first[..., None]) & (step < end[..., None])
+               & mask[..., None]).to(time_tokens.dtype)  # [V, F, T]
+    segment = segment / segment.sum(-1, keepdim=True).clamp(min=1)
+    return segment @ time_tokens
 
 
 @register_head("gais")
 class Gais(RetrievalHead):
     Config = GaisConfig
+    dsl_logit_scale: ClassVar[float | None] = 100.0  # the code's sims * softmax(100 * sims)
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_TIME_TOKENS,
                     schema.HAS_AUDIO)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
@@ -125,7 +155,8 @@ class Gais(RetrievalHead):
         dim = self.spec.clip_dim
         frames = videos[schema.FRAME_EMBEDDINGS].to(dtype)  # v [V, F, D]
         time_tokens = videos[schema.AUDIO_TIME_TOKENS].to(dtype)  # [V, T, Da]
-        audio = self.audio_proj(frames_to_slots(time_tokens, frames.shape[1]))  # a [V, F, D]
+        frame_mask = videos[schema.FRAME_MASK].bool()  # [V, F]
+        audio = self.audio_proj(frames_to_slots(time_tokens, frame_mask))  # a [V, F, D]
         w_frame, w_audio, _ = self.gate.weight[0].split(dim)
         gate_video = frames @ w_frame + audio @ w_audio + self.gate.bias  # [V, F]
         diff = audio - frames  # d: u = v + g d
@@ -138,7 +169,7 @@ class Gais(RetrievalHead):
         values_frame, values_diff = (self.out_value_linear(gamma * part)
                                      for part in (frames_c, diff_c))
         return {
-            "mask": videos[schema.FRAME_MASK].bool(),  # [V, F]
+            "mask": frame_mask,  # [V, F]
             "has_audio": videos[schema.HAS_AUDIO].bool(),  # [V]
             "gate_video": gate_video,
             "var_ff": (frames_c * frames_c).mean(-1), "var_fd": (frames_c * diff_c).mean(-1),
@@ -211,7 +242,8 @@ class Gais(RetrievalHead):
     def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
         terms = self.pair_terms(texts, videos)  # the batch is one chunk: [B, B, ...]
         sim = pair_cosine(terms.text, terms.pooled)
-        main = weighted_infonce(sim * self.scale(), positive_weights(sim.diagonal().detach()))
+        weights = positive_weights(sim.diagonal().detach())  # one w_i for both terms (B.5)
+        main = weighted_infonce(sim * self.scale(), weights)
         total, parts = main, {"loss_main": float(main.detach())}
         if self.config.support_weight > 0:
             text = texts["text"]  # [B, D]
@@ -221,8 +253,7 @@ class Gais(RetrievalHead):
             support_text = text + toward_video * paired_radius
             support_sim = torch.einsum("qd,qvd->qv", F.normalize(support_text, dim=-1),
                                        F.normalize(terms.pooled, dim=-1))
-            support = weighted_infonce(support_sim * self.scale(),
-                                       positive_weights(support_sim.diagonal().detach()))
+            support = weighted_infonce(support_sim * self.scale(), weights)
             total = main + self.config.support_weight * support
             parts["loss_support"] = float(support.detach())
         parts["loss"] = float(total.detach())
