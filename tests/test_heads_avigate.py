@@ -15,6 +15,7 @@ from avr.fuse.heads import build_head
 from avr.fuse.heads.avigate import FUSED_WEIGHT, adaptive_margins, multi_grained_similarity
 from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, chunked_scores
 from avr.fuse.trainer import TrainConfig
+from conftest import make_tiny_spec
 from stores import make_learnable_store
 
 SMALL = dict(resampler_layers=2, fusion_layers=2)
@@ -115,6 +116,83 @@ def test_loss_is_finite_and_reaches_every_learnable_parameter(head, tiny_spec):
     missing = [name for name, p in head.named_parameters()
                if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_margins_come_from_normalised_frames_plus_positions_as_released(head, tiny_spec):
+    """A.5 as ``modeling.py`` computes it: c^v from normalise(mean over valid frames of
+    normalise(frame + frame position)), margins added times the logit scale to the negatives."""
+    rows = video_rows(tiny_spec, 4)
+    rows[schema.FRAME_MASK][1, 2:] = False
+    captions = caption_rows(tiny_spec, 4)
+    with torch.no_grad():
+        head.frame_position.normal_()  # large enough to matter
+        videos = head.encode_videos(rows)
+        texts = head.encode_texts(captions)
+        loss, info = head.loss(texts, videos)
+        scores = head.score(texts, videos)
+    frames = rows[schema.FRAME_EMBEDDINGS].float() + head.frame_position.detach()
+    globals_ = []
+    for v in range(4):
+        valid = frames[v][rows[schema.FRAME_MASK][v]]
+        unit = valid / valid.norm(dim=-1, keepdim=True)
+        mean = unit.mean(0)
+        globals_.append(mean / mean.norm())
+    visual = torch.stack(globals_)
+    text = captions[schema.TEXT_EMBEDDINGS].float()
+    text = text / text.norm(dim=-1, keepdim=True)
+    margins = torch.zeros(4, 4)
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                similar = 0.5 * (float(text[i] @ text[j]) + float(visual[i] @ visual[j]))
+                margins[i, j] = min(0.2 * (1.0 - similar), 0.1)
+    logits = scores + 100.0 * margins
+    target = torch.arange(4)
+    expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    torch.testing.assert_close(videos["visual_mean"], visual)
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-4)
+    assert info["margin_mean"] == pytest.approx(float(margins.sum() / 12), rel=1e-5)
+
+
+def test_audio_tokens_are_the_cached_post_norm_tokens_projected():
+    """AST's final LayerNorm is in the cache: no second normalisation; the global token is the
+    mean of the cached CLS and distillation tokens."""
+    spec = make_tiny_spec()
+    head = build_head("avigate", spec, SMALL)
+    rows = video_rows(spec, 2)
+    with torch.no_grad():
+        tokens = head.audio_tokens(rows)
+    cls, dist = rows[schema.AUDIO_GLOBAL_TOKENS].float().unbind(1)
+    raw = torch.cat([((cls + dist) / 2)[:, None], rows[schema.AUDIO_PATCH_TOKENS].float()], 1)
+    torch.testing.assert_close(tokens, raw @ head.audio_proj.weight.t())
+
+
+def test_resampler_and_fusion_layer_norms_use_the_codes_eps_1e_12(head):
+    """A low-variance input separates eps 1e-12 from PyTorch's 1e-5."""
+    x = 1e-4 * torch.randn(3, 32)
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False,
+                                                                 keepdim=True) + 1e-12)
+    norms = [m for part in (head.resampler, head.fusion) for m in part.modules()
+             if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3 * SMALL["resampler_layers"] + 4 * SMALL["fusion_layers"]
+    for norm in norms:
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_initialisation_follows_clip4clip_and_the_audio_projection():
+    torch.manual_seed(0)
+    spec = make_tiny_spec()
+    head = build_head("avigate", spec, SMALL)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)
+               and m is not head.audio_proj]
+    weights = torch.cat([m.weight.detach().flatten() for m in linears])
+    assert float(weights.std()) == pytest.approx(0.02, rel=0.05)
+    assert all(m.bias is None or torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears)
+    audio_std = float(head.audio_proj.weight.detach().std())
+    assert audio_std == pytest.approx(spec.ast_dim ** -0.5, rel=0.1)
+    assert float(head.scale().detach()) == pytest.approx(100.0, rel=1e-3)
+    assert isinstance(head.logit_scale, torch.nn.Parameter)  # the code trains it
 
 
 def test_adaptive_margins_match_hand_computed_values():

@@ -3,14 +3,14 @@
 Jeong, Park, Kim, Kwak, "Learning Audio-guided Video Representation with Gated Attention for
 Video-Text Retrieval", CVPR 2025 (arXiv 2504.02397); official code
 github.com/BoseungJeong/AVIGATE-CVPR2025. On cached features (A.8) CLIP and AST are frozen; what
-trains is the AST final LayerNorm and the audio projection, the audio resampler and the gated
-fusion transformer (the logit scale stays at CLIP's 100 by default, see below).
+trains is the audio projection, the audio resampler, the gated fusion transformer and the logit
+scale.
 
 Video side (``encode_videos``, no text involved, so retrieval stays O(A + V + T)):
 
 - Audio tokens (A.1): [mean(CLS, distillation)] + 1212 AST patch tokens = 1213 tokens of width
-  Da, then a trainable LayerNorm (AST's ``v.norm``) and a projection Da -> Dc (no bias, like
-  CLIP's projections).
+  Da, projected Da -> Dc (no bias, N(0, 1/Da) init: the code's ``audio_projection``). AST's final
+  LayerNorm is already in the cached tokens (see "AST tokens" below).
 - Audio resampler (A.2): M = 12 learnable queries (orthogonal init) plus a learnable query
   position embedding, then layers of pre-LN blocks
   ``q += SelfAttn(LN1 q); q += CrossAttn(LN3 q, LN3 A); q += MLP(LN2 q)``; out a [M, Dc].
@@ -20,34 +20,62 @@ Video side (``encode_videos``, no text involved, so retrieval stays O(A + V + T)
   h = zbar + SelfAttn(LN1 zbar); f = h + MLP(LN2 h)``.
   The input is the CLIP frames plus a learnable frame position embedding; the output is
   ``0.05 f^(L) + 0.95 (frames + position)`` (the code's residual).
+- Every LayerNorm of the resampler and the fusion layers has eps 1e-12, the code's TF-style
+  ``LayerNorm`` (``modules/until_module.py``).
 
 Pair side (``score``), A.4: with normalised fused frames v_f and v_bar = normalise(mean of v_f
 over valid frames), S = (s <t, v_bar> + (1/lambda) log sum_f exp(lambda s <t, v_f>)) / 2, where
 s is the logit scale. ``score`` therefore returns scaled logits (``score_is_scaled``).
 
 Loss, A.5: symmetric cross-entropy on S + s m, where the margin m_ij = min(lambda_m (1 -
-(c^t_ij + c^v_ij) / 2), delta) (m_ii = 0) comes from the text-text and the pre-fusion
-frame-mean video-video cosine similarities, without gradient (``adaptive_margins``).
+(c^t_ij + c^v_ij) / 2), delta) (m_ii = 0) comes from the text-text cosine and the video-video
+cosine of the pre-fusion global vectors, without gradient (``adaptive_margins``). As in the
+code, the pre-fusion global vector is normalise(mean over valid frames of normalise(frame +
+frame position embedding)) (``visual_output_global`` of ``modeling.py``).
 
-Choices where the paper or code is silent or cannot apply to cached features:
+Logit scale: CLIP's pretrained 100, learnable and clamped at 100 (``temperature=0.01``,
+``learn_temperature=true``): the code trains CLIP's ``logit_scale`` and clamps it at ln 100
+after every step. There it sits in CLIP's parameter group at lr x coef_lr = 1e-7, so it barely
+moves; here it trains at the head's learning rate (from 100 it can only go down). A.5's margins
+(delta = 0.1, added times the scale) are tuned for s = 100; ``learn_temperature=false`` keeps it
+there.
 
-- Initialisation: the paper starts self-attention and MLP weights of both transformers from
-  CLIP text blocks 0-3; without CLIP weights in the cache every layer starts from PyTorch's
-  defaults. Query and frame position embeddings start from N(0, 0.02^2) (CLIP4Clip's
-  initializer range); the queries are orthogonal rows.
+AST tokens. The code runs AST's blocks, averages the *pre-norm* CLS and distillation tokens,
+then applies AST's final LayerNorm (timm, eps 1e-6) to that average and to the patches. The
+cache holds ``last_hidden_state`` of transformers' ``ASTModel``: every token already through
+that final LayerNorm with its pretrained affine (eps 1e-12 in transformers' port). So:
+
+- the patch tokens are exactly the code's tokens after ``audio.v.norm``, used as they are: a
+  second LayerNorm would normalise twice and drop the pretrained affine;
+- the global token is the mean of the two post-norm tokens, LN(x_cls)/2 + LN(x_dist)/2 (how
+  AST's own classifier pools them), where the code has LN((x_cls + x_dist)/2). The two agree
+  when the CLS and distillation tokens have equal mean and spread; the pre-norm tokens are not
+  in the cache, so the code's value cannot be rebuilt from it.
+- AST's final LayerNorm is not trained here. The code lists it as trainable, but in CLIP's
+  audio parameter group at lr 1e-7, where it stays at its pretrained values.
+
+Initialisation (the code's, as far as it applies without CLIP weights):
+
+- Linear layers N(0, 0.02^2) with zero bias, LayerNorms 1 and 0: CLIP4Clip's ``init_weights``,
+  which the code applies to the whole model before copying CLIP weights in; attention
+  in-projections keep PyTorch's xavier init, as in the code.
+- The code copies self-attention and MLP weights of both transformers from CLIP text blocks 0-3
+  and the frame position embedding from CLIP's text positional embedding; without CLIP weights
+  in the cache these keep the N(0, 0.02^2) init (the frame positions, like the query positions,
+  an N(0, 0.02^2) embedding). The queries are orthogonal rows, as in the code.
 - The query position embedding is added once, before the first resampler layer.
-- The AST LayerNorm starts as identity-affine. If the cache holds AST's post-norm tokens this
-  is a re-normalisation that training can still adjust (A.8).
-- The logit scale is CLIP's pretrained 100, which is also the clamp (A.4), and stays fixed by
-  default: at the clamp it gets no gradient, and A.5's margins (delta = 0.1, added times the
-  scale) are tuned for s = 100. ``learn_temperature=true`` with a larger ``temperature`` learns
-  it instead. The code has no dropout, so ``dropout`` defaults to 0 and applies to the
-  attention weights only.
+
+Choices where the code cannot apply to cached features or where avr departs:
+
+- The code has no dropout, so ``dropout`` defaults to 0 and applies to the attention weights.
 - Missing audio (HAS_AUDIO False): both gates are forced to zero, so the audio takes no part
   (the code instead feeds AST the zero fbank). The video is then the audio-free path: every
   layer reduces to its self-attention and MLP refinement.
-- Frame mask: masked frames are excluded as self-attention keys, from every mean over frames
-  and from the log-sum-exp. A video with no valid frame has no evidence at all (AVIGATE feeds
+- Frame mask: masked frames are excluded from every mean over frames, from the log-sum-exp and
+  as self-attention keys. The code masks the means of A.4-A.5 and the log-sum-exp but leaves
+  padded frames in the fusion layers' self-attention and in the gates' frame mean; avr's
+  extraction repeats frames of short videos instead of padding, so this only matters for
+  caches with padded frames. A video with no valid frame has no evidence at all (AVIGATE feeds
   audio only through the frames): it scores 0 against every caption.
 - ``explain`` gate columns follow the code's ``(attn_gate_list, ff_gate_list)``: the L
   cross-attention gates, then the L cross-FFN gates.
@@ -69,13 +97,14 @@ from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, He
                                  RetrievalHead, State, symmetric_infonce)
 
 FUSED_WEIGHT = 0.05  # A.3, code-only: output = 0.05 fused + 0.95 (CLIP frames + position)
-POSITION_INIT_STD = 0.02  # CLIP4Clip's initializer range
+INIT_STD = 0.02  # CLIP4Clip's initializer_range: Linear weights and embeddings
+LAYER_NORM_EPS = 1e-12  # the code's TF-style LayerNorm in the resampler and fusion layers
 
 
 @dataclass
 class AvigateConfig(HeadConfig):
-    temperature: float = 0.01  # CLIP's logit scale, 100
-    learn_temperature: bool = False  # 100 is the clamp; the margins are tuned for it (A.5)
+    temperature: float = 0.01  # CLIP's logit scale, 100 (A.4)
+    learn_temperature: bool = True  # the code trains it, clamped at 100
     dropout: float = 0.0  # attention dropout; the code has none
     num_queries: int = 12  # M, audio resampler queries (A.2)
     resampler_layers: int = 4  # --audio_query_layers
@@ -118,6 +147,11 @@ def multi_grained_similarity(text: torch.Tensor, frames: torch.Tensor, video: to
     return torch.where(has_frames, both, torch.zeros_like(both))
 
 
+def global_vector(frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """normalise(mean over valid frames of normalise(frames)): [V, F, D] -> [V, D]."""
+    return F.normalize(masked_mean(F.normalize(frames, dim=-1), frame_mask), dim=-1)
+
+
 # ---- building blocks ---------------------------------------------------------------------------
 
 class QuickGELU(nn.Module):
@@ -125,6 +159,18 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+def init_linear_layers(module: nn.Module) -> None:
+    """CLIP4Clip's ``init_weights`` for a Linear layer: weight N(0, INIT_STD^2), bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def layer_norm(width: int) -> nn.LayerNorm:
+    return nn.LayerNorm(width, eps=LAYER_NORM_EPS)
 
 
 def mlp(dim_in: int, dim_hidden: int, dim_out: int, *, bias: bool) -> nn.Sequential:
@@ -141,7 +187,7 @@ class ResamplerLayer(nn.Module):
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
-        self.ln_1, self.ln_2, self.ln_3 = (nn.LayerNorm(width) for _ in range(3))
+        self.ln_1, self.ln_2, self.ln_3 = (layer_norm(width) for _ in range(3))
         self.self_attn = attention(width, heads, dropout)
         self.cross_attn = attention(width, heads, dropout)
         self.mlp = mlp(width, 4 * width, width, bias=True)
@@ -161,7 +207,7 @@ class GatedFusionLayer(nn.Module):
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
-        self.ln_1, self.ln_2, self.ln_3, self.ln_4 = (nn.LayerNorm(width) for _ in range(4))
+        self.ln_1, self.ln_2, self.ln_3, self.ln_4 = (layer_norm(width) for _ in range(4))
         self.gate_mha = mlp(2 * width, width // 2, 1, bias=False)
         self.gate_ffn = mlp(2 * width, width // 2, 1, bias=False)
         self.cross_attn = attention(width, heads, dropout)
@@ -211,24 +257,24 @@ class Avigate(RetrievalHead):
         if heads < 1 or width % heads:
             raise AvrError(f"avigate: num_heads={heads} does not divide the CLIP width {width}; "
                            f"pass a divisor of {width} with --option num_heads=N")
-        self.audio_norm = nn.LayerNorm(spec.ast_dim)  # AST's final v.norm (A.1)
         self.audio_proj = nn.Linear(spec.ast_dim, width, bias=False)  # audio_projection
         self.queries = nn.Parameter(nn.init.orthogonal_(torch.empty(config.num_queries, width)))
-        self.query_position = nn.Parameter(torch.randn(config.num_queries, width)
-                                           * POSITION_INIT_STD)
+        self.query_position = nn.Parameter(torch.randn(config.num_queries, width) * INIT_STD)
         self.resampler = nn.ModuleList(ResamplerLayer(width, heads, config.dropout)
                                        for _ in range(config.resampler_layers))
-        self.frame_position = nn.Parameter(torch.randn(spec.num_frames, width) * POSITION_INIT_STD)
+        self.frame_position = nn.Parameter(torch.randn(spec.num_frames, width) * INIT_STD)
         self.fusion = nn.ModuleList(GatedFusionLayer(width, heads, config.dropout)
                                     for _ in range(config.fusion_layers))
+        self.apply(init_linear_layers)
+        nn.init.normal_(self.audio_proj.weight, std=spec.ast_dim ** -0.5)
 
     # ---- video side ----------------------------------------------------------------------------
     def audio_tokens(self, videos: State) -> torch.Tensor:
-        """A.1: [mean(CLS, dist)] + 1212 patches -> LN -> Dc, as [V, 1213, Dc]."""
+        """A.1: [mean(CLS, dist)] + 1212 patches, post-norm as cached -> Dc, as [V, 1213, Dc]."""
         dtype = self.param_dtype()
         patches = videos[schema.AUDIO_PATCH_TOKENS].to(dtype)  # [V, 1212, Da]
         global_token = videos[schema.AUDIO_GLOBAL_TOKENS].to(dtype).mean(1, keepdim=True)
-        return self.audio_proj(self.audio_norm(torch.cat([global_token, patches], 1)))
+        return self.audio_proj(torch.cat([global_token, patches], 1))
 
     def resample_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """A.2: audio tokens [V, N, D] -> M audio queries [V, M, D]."""
@@ -237,10 +283,10 @@ class Avigate(RetrievalHead):
             queries = layer(queries, audio)
         return queries
 
-    def fuse(self, frames: torch.Tensor, audio: torch.Tensor, frame_mask: torch.Tensor,
+    def fuse(self, original: torch.Tensor, audio: torch.Tensor, frame_mask: torch.Tensor,
              has_audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A.3: CLIP frames [V, F, D] + audio queries -> (fused frames [V, F, D], gates [V, 2L])."""
-        original = frames + self.frame_position  # visual_output_original in the code
+        """A.3: CLIP frames + position [V, F, D] and audio queries -> (fused frames [V, F, D],
+        gates [V, 2L])."""
         fused, gates = original, []
         for layer in self.fusion:
             fused, layer_gates = layer(fused, audio, frame_mask, has_audio)
@@ -254,13 +300,13 @@ class Avigate(RetrievalHead):
         frame_mask = videos[schema.FRAME_MASK].bool()  # [V, F]
         has_audio = videos[schema.HAS_AUDIO].bool()  # [V]
         audio = self.resample_audio(self.audio_tokens(videos))  # [V, M, D]
-        fused, gates = self.fuse(frames, audio, frame_mask, has_audio)
-        fused = F.normalize(fused, dim=-1)
+        original = frames + self.frame_position  # visual_output_original in the code
+        fused, gates = self.fuse(original, audio, frame_mask, has_audio)
         return {
-            "frames": fused,  # [V, F, D]
+            "frames": F.normalize(fused, dim=-1),  # v_f [V, F, D]
             "frame_mask": frame_mask,
-            "video": F.normalize(masked_mean(fused, frame_mask), dim=-1),  # [V, D]
-            "visual_mean": F.normalize(masked_mean(frames, frame_mask), dim=-1),  # pre-fusion
+            "video": global_vector(fused, frame_mask),  # v_bar [V, D]
+            "visual_mean": global_vector(original, frame_mask),  # pre-fusion, for A.5 [V, D]
             "audio_gates": gates,  # [V, 2L]
         }
 
