@@ -13,6 +13,7 @@ from avr.fuse.heads import base, build_head
 from avr.fuse.heads import htav
 from avr.fuse.heads.base import chunked_scores
 from avr.fuse.trainer import TrainConfig
+from head_inputs import randomize
 from stores import make_learnable_store
 
 SMALL = dict(width=16, graph_layers=1, spans=(1, 2, 4), dropout=0.0)
@@ -84,14 +85,21 @@ def test_all_padding_sequence_gives_zeros_not_nan():
 
 # ---- pure attention pieces --------------------------------------------------------------------
 
-def test_span_weights_split_each_window_evenly_over_its_valid_frames():
-    logits = torch.tensor([[[0.0, 0.0, 5.0, 1.0, 7.0]]])  # [Q=1, V=1, F=5]
+def test_span_weights_give_each_valid_frame_its_windows_mean_logit():
+    logits = torch.tensor([[[0.0, 2.0, 5.0, 1.0, 7.0]]])  # [Q=1, V=1, F=5]
     mask = torch.tensor([[True, True, True, False, True]])
     weights = htav.span_frame_weights(logits, mask, span=2)[0, 0]
-    # windows {0, 1}, {2, 3 masked}, {4}: logits 0, 5, 7
-    window = torch.softmax(torch.tensor([0.0, 5.0, 7.0]), 0)
-    expected = torch.stack([window[0] / 2, window[0] / 2, window[1], torch.tensor(0.0), window[2]])
+    # windows {0, 1}, {2, 3 masked}, {4}: mean logits 1, 5, 7; softmax over the 4 valid frames
+    e = torch.exp(torch.tensor([1.0, 1.0, 5.0, 7.0]))
+    expected = torch.stack([e[0], e[1], e[2], torch.tensor(0.0), e[3]]) / e.sum()
     assert torch.allclose(weights, expected)
+
+
+def test_equal_logits_give_uniform_weights_over_valid_frames_for_every_span():
+    mask = torch.tensor([[True, True, True, True, True, False]])
+    for span in (1, 2, 4):
+        weights = htav.span_frame_weights(torch.zeros(2, 1, 6), mask, span)
+        assert torch.allclose(weights, torch.tensor([[0.2] * 5 + [0.0]]).expand(2, 1, 6))
 
 
 def test_a_video_without_frames_gets_no_frame_weight():
@@ -118,8 +126,15 @@ def test_alignment_reweighting_prefers_steps_on_the_path():
 # ---- the head ---------------------------------------------------------------------------------
 
 def make_head(spec, **options):
+    """A head whose parameters are moved off their init (the zero readout and temporal query
+    would otherwise hide every per-pair path but the CLIP frames')."""
     torch.manual_seed(0)
-    return build_head("htav", spec, {**SMALL, **options})
+    head = build_head("htav", spec, {**SMALL, **options})
+    scale = head.logit_scale.detach().clone()
+    randomize(head)
+    with torch.no_grad():
+        head.logit_scale.copy_(scale)  # CLIP's 100 sits at the clamp: keep it where it learns
+    return head
 
 
 def split_for(head, spec, num_videos=5, captions_per_video=1, seed=0):
@@ -177,9 +192,9 @@ def test_without_audio_the_score_is_the_video_only_path(tiny_spec):
     texts, videos = encoded(head, data)
     with torch.no_grad():
         scores = head.score(texts, videos)
-        video_evidence, _ = head._video_text(texts, videos)
+        clip_evidence, detail, _ = head._video_text(texts, videos)
         video_only = torch.einsum("qvd,qd->qv", torch.nn.functional.normalize(
-            head.readout(video_evidence), dim=-1), texts["sentence"])
+            clip_evidence + head.readout(detail), dim=-1), texts["sentence"])
         data.videos[schema.AUDIO_TIME_TOKENS].normal_()
         other_audio = head.score(texts, head.encode_videos(data.videos))
     assert torch.allclose(scores, video_only, atol=1e-6)
@@ -245,6 +260,102 @@ def test_explain_reports_each_pairs_weights(tiny_spec):
         evidence = head.pair_evidence(texts, videos)
     assert torch.allclose(frames[7], evidence.frame_weights[7, 7], atol=1e-6)
     assert torch.allclose(alignment[7], evidence.alignment[7, 7], atol=1e-6)
+
+
+@pytest.mark.parametrize("video_queries", ["tokens", "summary"])
+def test_default_initialisation_scores_as_zero_shot_clip(tiny_spec, video_queries):
+    """At any width (16 here, CLIP's is 32): cos(mean of the valid CLIP frames, sentence)."""
+    torch.manual_seed(0)
+    head = build_head("htav", tiny_spec, {"width": 16, "video_queries": video_queries}).eval()
+    data = split_for(head, tiny_spec, num_videos=4, captions_per_video=2)
+    data.videos[schema.FRAME_MASK][1, 3:] = False
+    data.videos[schema.FRAME_MASK][2, 1::2] = False
+    data.videos[schema.HAS_AUDIO][3] = False
+    with torch.no_grad():
+        scores = head.score(*encoded(head, data))
+    frames = data.videos[schema.FRAME_EMBEDDINGS].float()
+    mask = data.videos[schema.FRAME_MASK]
+    mean = torch.stack([frames[v][mask[v]].mean(0) for v in range(4)])
+    sentence = data.captions[schema.TEXT_EMBEDDINGS].float()
+    zero_shot = (sentence @ mean.t()) / (sentence.norm(dim=-1)[:, None] * mean.norm(dim=-1))
+    assert torch.allclose(scores, zero_shot, atol=1e-5)
+
+
+def reference_video_only_score(head, captions, videos, q, v):
+    """One pair through the video-text block written out per query x (Eq. 3-5, module
+    docstring), for a video without audio: x = each graph token weighted by pi, or h."""
+    mask = captions[schema.ROBERTA_MASK][q:q + 1].bool()
+    graph = head.graph(head.token_proj(captions[schema.ROBERTA_STATES][q:q + 1].float()), mask)[0]
+    importance = head.token_importance(graph).squeeze(-1).masked_fill(~mask[0], float("-inf"))
+    pi = importance.softmax(0)
+    sentence = captions[schema.TEXT_EMBEDDINGS][q].float()
+    summary = head.summary_norm(head.sentence_to_width(sentence) + pi @ graph)
+    if head.config.video_queries == "tokens":
+        queries = [(graph[l], pi[l]) for l in range(len(pi)) if mask[0, l]]
+    else:
+        queries = [(summary, torch.tensor(1.0))]
+    stages = [videos[schema.swin_stage(k)][v:v + 1].float() for k in range(htav.SWIN_LEVELS)]
+    tokens = (head.fpn(stages) + head.level_embedding[head.token_level])[0]  # [F, S, W]
+    frames = videos[schema.FRAME_EMBEDDINGS][v].float()  # [F, Dc]
+    frame_mask = videos[schema.FRAME_MASK][v]
+    values = head.spatial_value(tokens)
+    width, num_frames = head.width, len(frames)
+    span_mix = head.span_logits(summary).softmax(0)
+    clip_part, detail_part = torch.zeros(frames.shape[1]), torch.zeros(width)
+    for x, weight in queries:
+        alpha = torch.softmax(head.spatial_key(tokens) @ head.spatial_query(x) / width ** 0.5
+                              + head.level_bias[head.token_level], dim=-1)  # [F, S]
+        detail = torch.einsum("fs,fsw->fw", alpha, values)  # d_f
+        keys = head.frame_key(frames) + head.detail_key(detail)
+        logits = keys @ head.temporal_query(x) / width ** 0.5  # [F]
+        omega = torch.zeros(num_frames)
+        for n, span in enumerate(head.spans):
+            smoothed = torch.empty(num_frames)
+            for start in range(0, num_frames, span):
+                window = slice(start, start + span)
+                smoothed[window] = logits[window][frame_mask[window]].mean() \
+                    if frame_mask[window].any() else 0.0
+            exp = torch.exp(smoothed) * frame_mask
+            omega = omega + span_mix[n] * exp / exp.sum()
+        clip_part = clip_part + weight * omega @ frames
+        detail_part = detail_part + weight * omega @ detail
+    embedding = clip_part + head.readout(detail_part)
+    return torch.nn.functional.cosine_similarity(embedding, head.sentence_proj(sentence), dim=0)
+
+
+@pytest.mark.parametrize("video_queries", ["tokens", "summary"])
+def test_video_attention_follows_the_per_query_formula(tiny_spec, video_queries):
+    head = make_head(tiny_spec, video_queries=video_queries).eval()
+    data = split_for(head, tiny_spec, num_videos=3, captions_per_video=1)
+    data.videos[schema.HAS_AUDIO][:] = False
+    data.videos[schema.FRAME_MASK][1, 3:] = False
+    data.captions[schema.ROBERTA_MASK][0, 5:] = False
+    with torch.no_grad():
+        scores = head.score(*encoded(head, data))
+        for q in range(3):
+            for v in range(3):
+                expected = reference_video_only_score(head, data.captions, data.videos, q, v)
+                assert torch.allclose(scores[q, v], expected, atol=1e-5), (q, v)
+
+
+def test_per_token_and_summary_queries_differ(tiny_spec):
+    tokens, summary = (make_head(tiny_spec, video_queries=mode).eval()
+                       for mode in ("tokens", "summary"))
+    data = split_for(tokens, tiny_spec, num_videos=3)
+    with torch.no_grad():
+        assert not torch.allclose(tokens.score(*encoded(tokens, data)),
+                                  summary.score(*encoded(summary, data)))
+
+
+def test_unknown_video_queries_are_refused_with_the_choices(tiny_spec):
+    with pytest.raises(Exception, match="video_queries 'words' is unknown; choose one of tokens"):
+        build_head("htav", tiny_spec, {"video_queries": "words"})
+
+
+def test_logit_scale_starts_at_clips_100_and_learns(tiny_spec):
+    head = build_head("htav", tiny_spec, SMALL)
+    assert float(head.scale().detach()) == pytest.approx(100.0, rel=1e-3)
+    assert isinstance(head.logit_scale, torch.nn.Parameter)
 
 
 @pytest.mark.parametrize("given", [(1, 2, 4), [1, 2, 4], "1,2,4", "1+2+4"])

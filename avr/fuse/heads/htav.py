@@ -9,26 +9,32 @@ Video encoder, "Video Swin Feature Pyramid" (Eq. 1; METHODS (iii)), per video:
     FPN: a lateral 1x1 map (Linear C_k -> width) per level, top-down nearest-neighbour
     upsample-and-add from the coarsest grid to the finest, a 3x3 output conv per level, plus a
     learned level embedding. Tokens of all levels form S = sum_k g_k^2 spatial tokens per frame.
-    The CLIP frame embedding, projected to the width, is each frame's base vector c_f.
+    The CLIP frame embedding c_f [Dc] is each frame's base vector.
 Text encoder, "Temporal RoBERTa Graph Network" (Eq. 2, 9-10; METHODS (iv)), per caption:
     RoBERTa states -> LayerNorm + Linear -> TemporalGraph (GCN or GAT over sequential and
     windowed edges) = graph tokens G [L, width]. Token importance pi = masked softmax of a
     linear score of G. Summary h = LN(W_h t + sum_l pi_l G_l) with t the CLIP sentence
-    embedding; h gives the video-side queries.
+    embedding.
+
+Per (query, video) pair, only what depends on both:
+Video-text block, "hierarchical multiscale spatial-temporal attention" (Eq. 3-5), run for each
+query x of the caption: every graph token G_l (``video_queries="tokens"``, the default: Eq. 3-4
+have each text token attend to the video tokens), or the summary h alone
+(``video_queries="summary"``, one query per caption, cheaper by a factor L per pair).
+    Within each frame, attention of q_s(x) over the S spatial tokens of all FPN levels
+    (softmax over s of q_s . k_fs / sqrt(width) + a learned bias per level), giving the frame's
+    detail d_f = sum_s alpha_fs v_fs. Across frames, frame logits
+    q_t(x) . (K_c c_f + W_t d_f + b) / sqrt(width) are pooled over windows of each span in
+    ``spans`` (non-overlapping; every frame takes the masked mean of its window's logits, the
+    logit of the window's mean key), then a masked softmax over the valid frames; the spans are
+    mixed by softmax(W_span h) (the text picks the temporal granularity). Per query x this gives
+    frame weights omega^x_f; the caption's are omega_f = sum_x pi_x omega^x_f (pi_x = 1 for the
+    summary). E_VT has a CLIP part sum_f omega_f c_f and a detail part
+    sum_x pi_x sum_f omega^x_f d^x_f. Linearity gives the frame logits and both parts without
+    building any per-frame vector for a pair.
 Audio encoder, "Audio Spectrogram LSTM" (Eq. 6-8), per video:
     AST time tokens [V, 101, D_ast] -> LayerNorm -> bidirectional LSTM (width/2 per direction,
     ``lstm_layers`` layers) = audio steps A [V, 101, width].
-
-Per (query, video) pair, only what depends on both:
-Video-text block, "hierarchical multiscale spatial-temporal attention" (Eq. 3-5):
-    within each frame, attention of q_s(h) over the S spatial tokens of all FPN levels
-    (softmax over s of q_s . k_fs / sqrt(width) + a learned bias per level), giving
-    u_f = c_f + sum_s alpha_fs v_fs. Across frames, frame logits q_t(h) . W_t u_f / sqrt(width)
-    are pooled over windows of each span in ``spans`` (non-overlapping, masked mean: the logit
-    of the window's mean vector); a masked softmax over windows spreads each window's weight
-    evenly over its valid frames; the spans are mixed by softmax(W_span h) (the text picks the
-    temporal granularity). E_VT = sum_f omega_f u_f. Linearity gives the frame logits and E_VT
-    without building any per-frame vector for a pair.
 Audio-text block, "threshold-based dynamic time cross-attention" (Eq. 11-13):
     attention alpha_lt = softmax_t(q_a(G_l) . k_a(A_t) / sqrt(width)) (Eq. 11), then the learned
     soft threshold of METHODS (i).1 (LTP-style): M = sigmoid((alpha - theta) / T),
@@ -42,15 +48,31 @@ Audio-text block, "threshold-based dynamic time cross-attention" (Eq. 11-13):
     alpha~ and the product is renormalised: w_lt. Audio weights a_t = sum_l pi_l w_lt and
     E_AT = sum_t a_t W_v A_t; E_AT = 0 for a video without audio (HAS_AUDIO False).
 Fusion and readout (Eq. 14-15):
-    E_final = E_VT + E_AT; e_CLS = Linear(Dropout(E_final)) to the CLIP space (the CLS-style
-    readout is linear); score = cos(e_CLS, P t), P a Linear on the sentence embedding.
+    e_CLS = sum_f omega_f c_f + R(Dropout(detail part of E_VT + E_AT)), R a Linear width -> Dc
+    (the CLS-style readout is linear, and E_final = E_VT + E_AT as Eq. 14 sums them);
+    score = cos(e_CLS, P t), P a Linear on the sentence embedding.
 
-Initialisation: the CLIP frame projection, the readout and the sentence projection start as
-the identity, so that the CLIP path c_f -> e_CLS -> cosine with t starts as zero-shot CLIP.
+Departures from the paper, deliberate:
 
-Cost: per pair O(F S width + L 101 width) plus the soft-DTW wavefront over L x 101; ``score``
-runs the pairs of a call in blocks of at most PAIR_ELEMENTS elements per [pairs, ...] tensor.
-The soft-DTW alignment is differentiable (its wavefronts are recorded by autograd in training).
+- The score compares e_CLS with the CLIP sentence embedding t, and e_CLS carries the CLIP frame
+  embeddings; the paper's encoders are Swin, RoBERTa and AST only and it does not say what e_CLS
+  is compared with. CLIP gives the head a zero-shot start that Swin and RoBERTa cannot.
+- Eq. 3 takes the cosine of a text and a video token as the attention weight; here the weights
+  are a softmax of scaled dot products of learned projections (a cosine in [-1, 1] would leave
+  the attention nearly uniform).
+- Objective: symmetric InfoNCE (the base class's), which the paper does not give. The logit
+  scale, which the paper does not give either, is CLIP's 100, learnable and clamped at 100
+  (``temperature=0.01``, ``learn_temperature=true``).
+
+Initialisation: the readout R starts at zero, the temporal query at zero (every frame logit is
+0, so omega_f is uniform over the valid frames) and the sentence projection P as the identity.
+The default head therefore starts as zero-shot CLIP: cos(mean of the valid CLIP frames, t), at
+any ``width``.
+
+Cost: per pair O(K F S width + L 101 width) with K = L queries (``tokens``) or 1 (``summary``),
+plus the soft-DTW wavefront over L x 101; ``score`` runs the pairs of a call in blocks of at most
+PAIR_ELEMENTS elements per [pairs, ...] tensor. The soft-DTW alignment is differentiable (its
+wavefronts are recorded by autograd in training).
 """
 
 from __future__ import annotations
@@ -75,18 +97,22 @@ from avr.fuse.softdtw import soft_dtw_alignment
 # extract default stores exactly 3), so the FPN reads stages 0-2.
 SWIN_LEVELS = 3
 THRESHOLD_TEMPERATURE = 0.1  # T * N_k of the soft threshold (METHODS (i).1: T ~ 1e-3 at N_k ~ 100)
+VIDEO_QUERIES = ("tokens", "summary")  # what queries the video: every graph token, or h alone
 PAIR_ELEMENTS = 1 << 27  # bound on (pairs x per-pair elements) of one block in ``score``
 EXPLAIN_BLOCK = 16  # pairs per block-diagonal evaluation in ``explain``
 
 
 @dataclass
 class HTAVConfig(HeadConfig):
+    temperature: float = 0.01  # CLIP's logit scale, 100; the paper gives none
+    learn_temperature: bool = True  # learnable from 100, clamped at 100 as CLIP's
     width: int = 256  # common width of FPN levels, graph tokens and audio steps (even)
     graph: str = "gcn"  # "gcn" | "gat" (METHODS (iv))
     graph_layers: int = 2
     graph_heads: int = 4  # GAT heads (graph="gat")
     window: int = 2  # windowed text edges |i - j| <= window (1: sequential only)
     spans: tuple[int, ...] = (1, 2, 4)  # temporal windows, in frames, of the frame attention
+    video_queries: str = "tokens"  # "tokens": every graph token attends (Eq. 3-4) | "summary"
     dtw_gamma: float = 0.1  # soft-DTW smoothing on 1 - cos costs (METHODS (ii))
     lstm_layers: int = 1
 
@@ -126,25 +152,24 @@ def thresholded_attention(attention: torch.Tensor, threshold: torch.Tensor,
 
 def span_frame_weights(frame_logits: torch.Tensor, frame_mask: torch.Tensor, span: int
                        ) -> torch.Tensor:
-    """Frame weights [Q, V, F] from windows of ``span`` frames: window logit = masked mean of its
-    frame logits [Q, V, F], masked softmax over windows, each window's weight split evenly over
-    its valid frames (``frame_mask`` [V, F]). A video with no valid frame gets all zeros."""
+    """Frame weights [..., V, F] from windows of ``span`` frames: every frame takes the masked
+    mean of its window's frame logits [..., V, F], then a masked softmax over the valid frames
+    (``frame_mask`` [V, F]). A video with no valid frame gets all zeros."""
     num_frames = frame_logits.shape[-1]
     padded = -num_frames % span
-    logits = F.pad(frame_logits, (0, padded)).unflatten(-1, (-1, span))  # [Q, V, G, span]
+    logits = F.pad(frame_logits, (0, padded)).unflatten(-1, (-1, span))  # [..., V, G, span]
     mask = F.pad(frame_mask, (0, padded)).unflatten(-1, (-1, span)).to(logits.dtype)  # [V, G, s]
-    counts = mask.sum(-1).clamp(min=1.0)  # [V, G]
-    window_logits = (logits * mask).sum(-1) / counts
-    window_weights = masked_attention(window_logits, mask.sum(-1) > 0)  # [Q, V, G]
-    frame_share = mask / counts[..., None]  # [V, G, span]
-    weights = window_weights[..., None] * frame_share
-    return weights.flatten(-2)[..., :num_frames]
+    window_logits = (logits * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [..., V, G]
+    frame_level = window_logits.repeat_interleave(span, -1)[..., :num_frames]
+    return masked_attention(frame_level, frame_mask)
 
 
 def multi_span_frame_weights(frame_logits: torch.Tensor, frame_mask: torch.Tensor,
                              spans: tuple[int, ...], span_mix: torch.Tensor) -> torch.Tensor:
-    """Mix of ``span_frame_weights`` over ``spans`` with text weights ``span_mix`` [Q, n]."""
-    return sum(span_mix[:, n, None, None] * span_frame_weights(frame_logits, frame_mask, span)
+    """Mix of ``span_frame_weights`` over ``spans`` with text weights ``span_mix`` [Q, n] for
+    frame logits [Q, ..., V, F]."""
+    mix = span_mix.view(len(span_mix), *(1,) * (frame_logits.dim() - 1), -1)  # [Q, 1.., n]
+    return sum(mix[..., n] * span_frame_weights(frame_logits, frame_mask, span)
                for n, span in enumerate(spans))
 
 
@@ -201,6 +226,9 @@ class HTAV(RetrievalHead):
             raise AvrError(f"htav width {width} must be even (two LSTM directions of width/2)")
         if not spans or min(spans) < 1:
             raise AvrError(f"htav spans {config.spans} must be frame counts >= 1")
+        if config.video_queries not in VIDEO_QUERIES:
+            raise AvrError(f"htav video_queries {config.video_queries!r} is unknown; choose one "
+                           f"of {', '.join(VIDEO_QUERIES)}")
         if spec.num_swin_stages < SWIN_LEVELS:
             raise AvrError(f"htav needs {SWIN_LEVELS} Swin stages; the cache has "
                            f"{spec.num_swin_stages}: re-extract with more --swin stages")
@@ -212,10 +240,10 @@ class HTAV(RetrievalHead):
         self.level_bias = nn.Parameter(torch.zeros(SWIN_LEVELS))
         self.register_buffer("token_level", torch.repeat_interleave(
             torch.arange(SWIN_LEVELS), torch.tensor([g * g for g in grids])), persistent=False)
-        self.frame_proj = identity_linear(spec.clip_dim, width)
         self.spatial_key = nn.Linear(width, width)
         self.spatial_value = nn.Linear(width, width)
-        self.temporal_key = nn.Linear(width, width)
+        self.frame_key = nn.Linear(spec.clip_dim, width)  # K_c c_f + b
+        self.detail_key = nn.Linear(width, width, bias=False)  # W_t d_f
         # audio
         self.audio_norm = nn.LayerNorm(spec.ast_dim)
         self.audio_lstm = nn.LSTM(spec.ast_dim, width // 2, num_layers=config.lstm_layers,
@@ -234,25 +262,30 @@ class HTAV(RetrievalHead):
         self.summary_norm = nn.LayerNorm(width)
         self.spatial_query = nn.Linear(width, width)
         self.temporal_query = nn.Linear(width, width)
+        # Zero: every frame logit starts at 0, uniform frame weights (zero-shot CLIP at init).
+        nn.init.zeros_(self.temporal_query.weight)
+        nn.init.zeros_(self.temporal_query.bias)
         self.span_logits = nn.Linear(width, len(spans))
         self.sentence_proj = identity_linear(spec.clip_dim)
         # fusion
         self.dropout = nn.Dropout(config.dropout)
-        self.readout = identity_linear(width, spec.clip_dim)
+        self.readout = nn.Linear(width, spec.clip_dim)  # R: starts at zero, CLIP frames alone
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
 
     # ---- per video -------------------------------------------------------------------------------
     def encode_videos(self, videos: State) -> State:
         dtype = self.param_dtype()
         stages = [videos[schema.swin_stage(k)].to(dtype) for k in range(SWIN_LEVELS)]
         tokens = self.fpn(stages) + self.level_embedding[self.token_level]  # [V, F, S, W]
-        frame_values = self.frame_proj(videos[schema.FRAME_EMBEDDINGS].to(dtype))  # c_f [V, F, W]
+        frames = videos[schema.FRAME_EMBEDDINGS].to(dtype)  # c_f [V, F, Dc]
         audio, _ = self.audio_lstm(self.audio_norm(videos[schema.AUDIO_TIME_TOKENS].to(dtype)))
         has_audio = videos[schema.HAS_AUDIO].bool()
         return {
             "spatial_keys": self.spatial_key(tokens) / math.sqrt(self.width),  # [V, F, S, W]
             "token_values": self.spatial_value(tokens),  # v_fs [V, F, S, W]
-            "frame_values": frame_values,
-            "frame_keys": self.temporal_key(frame_values),  # W_t c_f + b [V, F, W]
+            "frames": frames,
+            "frame_keys": self.frame_key(frames),  # K_c c_f + b [V, F, W]
             "frame_mask": videos[schema.FRAME_MASK].bool(),  # [V, F]
             "audio_keys": self.audio_key(audio),  # [V, T, W]
             "audio_values": self.audio_value(audio) * has_audio[:, None, None].to(dtype),
@@ -268,15 +301,20 @@ class HTAV(RetrievalHead):
         sentence = captions[schema.TEXT_EMBEDDINGS].to(dtype)  # [Q, Dc]
         summary = self.summary_norm(self.sentence_to_width(sentence)
                                     + torch.einsum("ql,qlw->qw", importance, tokens))  # h
-        temporal_query = self.temporal_query(summary) / math.sqrt(self.width)
+        if self.config.video_queries == "tokens":  # x = G_l, weighted by pi (Eq. 3-4)
+            video_queries, query_weights = tokens, importance  # [Q, K=L, W], [Q, K]
+        else:  # x = h alone
+            video_queries, query_weights = summary[:, None], torch.ones_like(importance[:, :1])
+        temporal_queries = self.temporal_query(video_queries) / math.sqrt(self.width)
         return {
             "token_queries": self.token_query(tokens),  # q_a(G_l) [Q, L, W]
             "token_mask": mask,
             "token_weights": importance,
-            "spatial_query": self.spatial_query(summary),  # [Q, W]
-            "temporal_query": temporal_query,  # [Q, W]
-            # q . W_t v = (q W_t) . v: the frame logit's share of the spatial tokens
-            "temporal_query_values": temporal_query @ self.temporal_key.weight,  # [Q, W]
+            "spatial_queries": self.spatial_query(video_queries),  # q_s(x) [Q, K, W]
+            "temporal_queries": temporal_queries,  # q_t(x) / sqrt(W) [Q, K, W]
+            # q . W_t d = (q W_t) . d: the frame logit's share of the frame's detail
+            "temporal_query_details": temporal_queries @ self.detail_key.weight,  # [Q, K, W]
+            "query_weights": query_weights,  # pi_x [Q, K]
             "span_mix": self.span_logits(summary).softmax(-1),  # [Q, n_spans]
             "sentence": F.normalize(self.sentence_proj(sentence), dim=-1),  # [Q, Dc]
         }
@@ -290,29 +328,34 @@ class HTAV(RetrievalHead):
 
     def pair_evidence(self, texts: State, videos: State) -> PairEvidence:
         """Every query of ``texts`` [Q] with every video of ``videos`` [V]."""
-        video_evidence, frame_weights = self._video_text(texts, videos)
+        clip_evidence, video_detail, frame_weights = self._video_text(texts, videos)
         audio_evidence, audio_weights, alignment, threshold = self._audio_text(texts, videos)
-        fused = self.dropout(video_evidence + audio_evidence.to(video_evidence.dtype))
-        embedding = F.normalize(self.readout(fused), dim=-1)  # e_CLS [Q, V, Dc]
+        detail = self.dropout(video_detail + audio_evidence.to(video_detail.dtype))
+        embedding = F.normalize(clip_evidence + self.readout(detail), dim=-1)  # e_CLS [Q, V, Dc]
         score = torch.einsum("qvd,qd->qv", embedding, texts["sentence"].to(embedding.dtype))
         return PairEvidence(score, frame_weights, audio_weights, alignment, threshold)
 
-    def _video_text(self, texts: State, videos: State) -> tuple[torch.Tensor, torch.Tensor]:
-        """E_VT [Q, V, W] and frame weights omega [Q, V, F]."""
-        spatial_logits = (torch.einsum("qw,vfsw->qvfs", texts["spatial_query"],
+    def _video_text(self, texts: State, videos: State
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E_VT as its CLIP part [Q, V, Dc] and its detail part [Q, V, W], and the frame weights
+        omega [Q, V, F]; K video queries per caption (x in the module docstring)."""
+        spatial_logits = (torch.einsum("qkw,vfsw->qkvfs", texts["spatial_queries"],
                                        videos["spatial_keys"])
                           + self.level_bias[self.token_level])
-        spatial = spatial_logits.softmax(-1)  # alpha_fs [Q, V, F, S]
-        token_logits = torch.einsum("qw,vfsw->qvfs", texts["temporal_query_values"],
-                                    videos["token_values"])
-        frame_logits = (torch.einsum("qw,vfw->qvf", texts["temporal_query"], videos["frame_keys"])
-                        + (spatial * token_logits).sum(-1))  # q_t . W_t u_f [Q, V, F]
-        frame_weights = multi_span_frame_weights(frame_logits, videos["frame_mask"], self.spans,
-                                                 texts["span_mix"])
-        evidence = (torch.einsum("qvf,vfw->qvw", frame_weights, videos["frame_values"])
-                    + torch.einsum("qvfs,vfsw->qvw", frame_weights[..., None] * spatial,
-                                   videos["token_values"]))
-        return evidence, frame_weights
+        spatial = spatial_logits.softmax(-1)  # alpha_fs [Q, K, V, F, S]
+        detail_logits = torch.einsum("qkw,vfsw->qkvfs", texts["temporal_query_details"],
+                                     videos["token_values"])
+        frame_logits = (torch.einsum("qkw,vfw->qkvf", texts["temporal_queries"],
+                                     videos["frame_keys"])
+                        + (spatial * detail_logits).sum(-1))  # [Q, K, V, F]
+        query_frame_weights = (texts["query_weights"][:, :, None, None]
+                               * multi_span_frame_weights(frame_logits, videos["frame_mask"],
+                                                          self.spans, texts["span_mix"]))
+        frame_weights = query_frame_weights.sum(1)  # omega [Q, V, F]
+        clip_evidence = torch.einsum("qvf,vfd->qvd", frame_weights, videos["frames"])
+        detail = torch.einsum("qkvfs,vfsw->qvw", query_frame_weights[..., None] * spatial,
+                              videos["token_values"])
+        return clip_evidence, detail, frame_weights
 
     def _audio_text(self, texts: State, videos: State
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -339,8 +382,9 @@ class HTAV(RetrievalHead):
         """Queries per block so that one block's [Q, V, ...] tensors hold <= PAIR_ELEMENTS."""
         frames, tokens = videos["spatial_keys"].shape[1:3]
         length, steps = texts["token_queries"].shape[1], videos["audio_keys"].shape[1]
-        per_pair = (frames * tokens + length * steps + (length + steps + 1) * (length + 1)
-                    + self.width)
+        video_queries = texts["spatial_queries"].shape[1]
+        per_pair = (video_queries * frames * tokens + length * steps
+                    + (length + steps + 1) * (length + 1) + self.width + self.spec.clip_dim)
         return max(1, PAIR_ELEMENTS // (per_pair * max(1, state_rows(videos))))
 
     # ---- introspection ---------------------------------------------------------------------------
