@@ -180,14 +180,17 @@ def test_resampler_and_fusion_layer_norms_use_the_codes_eps_1e_12(head):
             torch.testing.assert_close(norm(x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_initialisation_follows_clip4clip_and_the_audio_projection():
+@pytest.mark.parametrize("width, std", [(512, 0.02), (32, 0.08)])
+def test_initialisation_follows_clip4clip_at_the_release_width_and_scales_with_it(width, std):
+    """N(0, 0.02^2) Linear weights at the release's width 512, 0.02 sqrt(512 / D) at width D;
+    zero biases; the audio projection N(0, 1 / D_ast); CLIP's logit scale 100, learnable."""
     torch.manual_seed(0)
-    spec = make_tiny_spec()
-    head = build_head("avigate", spec, SMALL)
+    spec = make_tiny_spec(clip_dim=width)
+    head = build_head("avigate", spec, dict(resampler_layers=1, fusion_layers=1))
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)
                and m is not head.audio_proj]
     weights = torch.cat([m.weight.detach().flatten() for m in linears])
-    assert float(weights.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(weights.std()) == pytest.approx(std, rel=0.05)
     assert all(m.bias is None or torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears)
     audio_std = float(head.audio_proj.weight.detach().std())
     assert audio_std == pytest.approx(spec.ast_dim ** -0.5, rel=0.1)

@@ -58,7 +58,9 @@ Initialisation (the code's, as far as it applies without CLIP weights):
 
 - Linear layers N(0, 0.02^2) with zero bias, LayerNorms 1 and 0: CLIP4Clip's ``init_weights``,
   which the code applies to the whole model before copying CLIP weights in; attention
-  in-projections keep PyTorch's xavier init, as in the code.
+  in-projections keep PyTorch's xavier init, as in the code. The 0.02 holds at the code's width
+  512; at another CLIP width D the Linear std is 0.02 sqrt(512 / D), so that a narrow head (the
+  demo's D = 32) starts with the activation scale of the code rather than 4x smaller weights.
 - The code copies self-attention and MLP weights of both transformers from CLIP text blocks 0-3
   and the frame position embedding from CLIP's text positional embedding; without CLIP weights
   in the cache these keep the N(0, 0.02^2) init (the frame positions, like the query positions,
@@ -83,6 +85,8 @@ Choices where the code cannot apply to cached features or where avr departs:
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +101,8 @@ from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, He
                                  RetrievalHead, State, symmetric_infonce)
 
 FUSED_WEIGHT = 0.05  # A.3, code-only: output = 0.05 fused + 0.95 (CLIP frames + position)
-INIT_STD = 0.02  # CLIP4Clip's initializer_range: Linear weights and embeddings
+INIT_STD = 0.02  # CLIP4Clip's initializer_range: Linear weights and position embeddings
+RELEASE_WIDTH = 512  # the CLIP width the release runs at, where Linear weights get INIT_STD
 LAYER_NORM_EPS = 1e-12  # the code's TF-style LayerNorm in the resampler and fusion layers
 
 
@@ -161,10 +166,11 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def init_linear_layers(module: nn.Module) -> None:
-    """CLIP4Clip's ``init_weights`` for a Linear layer: weight N(0, INIT_STD^2), bias 0."""
+def init_linear_layers(module: nn.Module, width: int) -> None:
+    """CLIP4Clip's ``init_weights`` for a Linear layer: weight N(0, std^2), bias 0, with std the
+    release's INIT_STD at its width, scaled as 1 / sqrt(width) at other widths."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=INIT_STD)
+        nn.init.normal_(module.weight, std=INIT_STD * math.sqrt(RELEASE_WIDTH / width))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -265,7 +271,7 @@ class Avigate(RetrievalHead):
         self.frame_position = nn.Parameter(torch.randn(spec.num_frames, width) * INIT_STD)
         self.fusion = nn.ModuleList(GatedFusionLayer(width, heads, config.dropout)
                                     for _ in range(config.fusion_layers))
-        self.apply(init_linear_layers)
+        self.apply(functools.partial(init_linear_layers, width=width))
         nn.init.normal_(self.audio_proj.weight, std=spec.ast_dim ** -0.5)
 
     # ---- video side ----------------------------------------------------------------------------

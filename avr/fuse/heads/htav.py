@@ -284,7 +284,7 @@ class HTAV(RetrievalHead):
         return {
             "spatial_keys": self.spatial_key(tokens) / math.sqrt(self.width),  # [V, F, S, W]
             "token_values": self.spatial_value(tokens),  # v_fs [V, F, S, W]
-            "frames": frames,
+            "frames": frames,  # c_f [V, F, Dc]
             "frame_keys": self.frame_key(frames),  # K_c c_f + b [V, F, W]
             "frame_mask": videos[schema.FRAME_MASK].bool(),  # [V, F]
             "audio_keys": self.audio_key(audio),  # [V, T, W]
