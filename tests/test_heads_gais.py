@@ -222,11 +222,11 @@ def test_support_loss_reuses_the_main_losss_weights(tiny_spec):
                                                   rel=1e-3)
 
 
-def test_logit_scale_is_clips_100_fixed_and_dual_softmax_uses_100(tiny_spec):
+def test_logit_scale_is_clips_100_fixed_and_dual_softmax_runs_at_100_without_temperature(tiny_spec):
     head = build_head("gais", tiny_spec)
     assert float(head.scale()) == pytest.approx(100.0, rel=1e-3)
     assert not isinstance(head.logit_scale, torch.nn.Parameter)
-    assert type(head).dsl_logit_scale == 100.0
+    assert type(head).dsl_logit_scale == 100.0 and type(head).dsl_temperature == 1.0
 
 
 def test_support_weight_zero_leaves_the_main_loss_alone(tiny_spec):

@@ -17,8 +17,9 @@ METHODS.md B.2-B.5:
   video's pooled embeddings.
 - Logit scale: CLIP's 100, fixed (``temperature=0.01``, ``learn_temperature=false``): the code
   multiplies by CLIP's ``logit_scale`` detached, so it never moves from CLIP's pretrained 100.
-  Its dual softmax also runs on cosines times 100 (``sims * softmax(100 * sims)``,
-  ``trainer_stochastic.py``), hence ``dsl_logit_scale = 100``.
+  Its dual softmax also runs on cosines times 100 with no further temperature
+  (``sims * np_softmax(sims * 100, axis=0)``, ``trainer_stochastic.py``), hence
+  ``dsl_logit_scale = 100`` and ``dsl_temperature = 1``.
 
 Choices where the sources leave room:
 
@@ -135,7 +136,9 @@ def frames_to_slots(time_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torc
 @register_head("gais")
 class Gais(RetrievalHead):
     Config = GaisConfig
-    dsl_logit_scale: ClassVar[float | None] = 100.0  # the code's sims * softmax(100 * sims)
+    # The code's dual softmax: sims * softmax(100 * sims), cosines times 100, no temperature.
+    dsl_logit_scale: ClassVar[float | None] = 100.0
+    dsl_temperature: ClassVar[float | None] = 1.0
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_TIME_TOKENS,
                     schema.HAS_AUDIO)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
