@@ -30,10 +30,7 @@ DEMO_TRAINING = dict(epochs=60, batch_size=16, lr=3e-3, warmup=0.0, weight_decay
 # - meanP, X-Pool and TEFAL start their learned logit scale at 20 rather than CLIP's 100: the
 #   tiny backbones are random, not CLIP, so their embeddings are not aligned at CLIP's scale, and
 #   from 100 these heads stay near chance in 60 epochs (X-Pool test R@1 4.9 against 11.1 from 20);
-# - AVIGATE keeps CLIP's logit scale at 100 and takes a larger step (its fused frames move the
-#   video only through a 5% residual). Its release trains the scale at lr 1e-7, where it stays at
-#   100; at the demo's lr it would drift to about 16 within the run, away from the scale its
-#   margins are tuned for;
+# - AVIGATE takes a larger step: its fused frames move the video only through a 5% residual;
 # - GAIS trains without dropout: the tiny random CLIP starts most positive pairs below zero
 #   cosine, so GAIS's positive-weighted loss (main and support terms) first learns from about 2
 #   pairs of a batch of 16; with dropout 0.3 as well, validation picks an early, undertrained
@@ -43,8 +40,7 @@ DEMO_HEAD_TRAINING = {
     "meanp": dict(head_options=WARM_START),
     "xpool": dict(head_options=WARM_START),
     "tefal": dict(head_options=WARM_START),
-    "avigate": dict(lr=1e-2, head_options=dict(resampler_layers=1, fusion_layers=1,
-                                               learn_temperature=False)),
+    "avigate": dict(lr=1e-2, head_options=dict(resampler_layers=1, fusion_layers=1)),
     "gais": dict(head_options=dict(dropout=0.0)),
     "htav": dict(head_options=dict(width=64)),
 }
