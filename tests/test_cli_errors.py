@@ -60,7 +60,7 @@ def test_a_usage_error_of_the_console_script_prints_the_short_usage_and_exits_2(
     (["train", "--lr", "0"], "Invalid value for '--lr': 0.0 must be > 0"),
     (["train", "--head", "clip4clip"], "unknown head 'clip4clip'; available: avigate"),
     (["train", "--pairs", "some"], "'some' is not one of one, all"),
-    (["train", "--fusion", "sum"], "'sum' is not one of add, late, concat, xattn, stack"),
+    (["train", "--fusion", "sum"], "'sum' is not one of add, late, score_sum, concat, xattn, stack"),
     (["train", "--device", "gpu"], "device 'gpu' is not known"),
     (["sweep", "--grid", "lr=1e-3", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["eval", "--split", "dev"], "'dev' is not one of test, val"),
