@@ -23,10 +23,10 @@ from avr import schema
 from avr.device import autocast
 from avr.fuse.data import random_split
 from avr.fuse.heads import build_head, head_class
-from avr.fuse.heads.base import chunked_scores, encode_in_chunks
+from avr.evaluate.score import score_split, score_states
 from avr.schema import AudioParams, BackboneInfo, CacheSpec
 
-# VATEX with the default backbones (DESIGN "Performance floors").
+# VATEX with the default backbones (the HGR split; BENCHMARKS.md has the figures).
 VATEX = dict(train_videos=25_991, test_videos=1_500, captions_per_video=10, frames=32)
 
 
@@ -106,7 +106,7 @@ def bench_train(head_name: str, *, scale: float, device: torch.device, batch_siz
 
 def bench_eval(head_name: str, *, scale: float, device: torch.device,
                reference_pairs: int = 2_000) -> list[Figure]:
-    """Score every (caption, video) pair of a VATEX-shaped test split with ``chunked_scores``,
+    """Score every (caption, video) pair of a VATEX-shaped test split with ``score_states``,
     against the straightforward per-pair loop that reference implementations run."""
     spec = vatex_spec()
     cls = head_class(head_name)
@@ -115,22 +115,18 @@ def bench_eval(head_name: str, *, scale: float, device: torch.device,
                         caption_names=cls.caption_inputs, device=device)
     head = build_head(head_name, spec).to(device).eval()
     captions = data.num_captions
+    states = score_split(head, data.videos, data.captions, device, out_device=device)
+    texts, encoded_videos = states.texts, states.videos
     with torch.no_grad(), autocast(device):
-        texts = encode_in_chunks(head.encode_texts, data.captions, device, chunk=4096)
-        states = encode_in_chunks(head.encode_videos, data.videos, device, chunk=256)
-
-        def chunked():
-            return chunked_scores(head, texts, states, out_device=device)
-
-        seconds = timed(chunked, device, repeat=2)
-
+        seconds = timed(lambda: score_states(head, texts, encoded_videos, out_device=device),
+                        device, repeat=2)
         pairs = min(reference_pairs, captions * videos)
 
         def per_pair():
             for p in range(pairs):
                 q, v = p % captions, p // captions % videos
                 head.score({k: t[q:q + 1] for k, t in texts.items()},
-                           {k: t[v:v + 1] for k, t in states.items()})
+                           {k: t[v:v + 1] for k, t in encoded_videos.items()})
 
         loop = timed(per_pair, device, repeat=1) * captions * videos / pairs
     full = seconds * (VATEX["test_videos"] / videos) ** 2

@@ -129,8 +129,8 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a store made with other settings."),
     seed: int = typer.Option(0, help="Seed of tiny backbones and of the demo clips."),
-    option: list[str] = typer.Option([], "--option", help="Dataset option key=value "
-                                                          "(msrvtt: train=7k, val_size=500)."),
+    option: list[str] = typer.Option([], "--opt", "--option", help="Dataset option key=value "
+                                     "(msrvtt: train=7k, val_size=500)."),
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", help="Run the chunks on this dask scheduler's workers "
                                   "(tcp://HOST:PORT); --out and --root must be reachable from "
@@ -147,7 +147,7 @@ def extract(
         return
     from avr.extract.backbones import BackboneNames
     from avr.extract.pipeline import ExtractConfig, extract as run_extract
-    from avr.fuse.options import parse_options
+    from avr.fuse.config import parse_options
 
     config = ExtractConfig(
         dataset=dataset, root=root, out=out, backbones=backbones,
@@ -332,7 +332,7 @@ def cache_break_lock(
 # ---- stage two: train and sweep --------------------------------------------------------------
 
 def _epoch_printer(progress, task):
-    def on_epoch(log):
+    def on_epoch(epoch, log):
         progress.update(task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
                         loss=log.loss, r1=log.val_r1)
 
@@ -367,7 +367,8 @@ def train(
                                              help="Stop after N epochs without a better val R@1."),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP, callback=device_option),
-    opt: list[str] = typer.Option([], "--opt", help="Any training or head option as key=value."),
+    opt: list[str] = typer.Option([], "--opt", "--option",
+                                  help="Any training or head option as key=value."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml with the same keys."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir",
                                            help="Where the run goes (default runs/<time>-<head>)."),
@@ -378,24 +379,27 @@ def train(
     Under torchrun every process trains its share of each batch; rank 0 reports."""
     from avr import schema
     from avr.fuse import distributed, trainer
-    from avr.fuse.options import train_config as train_config_of
+    from avr.fuse.config import resume_changes, train_config as train_config_of
     from avr.progress import progress_bar
 
     console.quiet = not distributed.is_main_process()
 
     extra = [f"{k}={v}" for k, v in (("temperature", temperature), ("dropout", dropout),
                                       ("fusion", fusion)) if v is not None]
+    flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device)
     if resume is not None:
+        changes = resume_changes(resume, {**flags, "temperature": temperature, "dropout": dropout,
+                                          "fusion": fusion, "config": config, "run_dir": run_dir},
+                                 opt)
         with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
                                           "{task.fields[r1]:.1f}") as progress:
             task = progress.add_task(f"resume {resume.name}", total=epochs, rate="", loss=0.0,
                                      r1=0.0)
-            result = trainer.resume(resume, epochs=epochs, cache_path=cache,
+            result = trainer.resume(resume, changes, cache_path=cache,
                                     on_epoch=_epoch_printer(progress, task))
         _print_train_result(result)
         return
-    flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device)
     train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
     cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
     schema.open_store(cache_path)  # a missing store is reported before anything is drawn
@@ -421,18 +425,20 @@ def sweep(
     grid: str = typer.Option(..., help='e.g. "lr=1e-4,3e-4 temperature=0.05,0.1 dropout=0.1,0.3"'),
     cache: str = typer.Option("cache", help="Feature cache: a path or a URL."),
     head: str = typer.Option("tefal", help="Head to sweep.", callback=head_option),
-    epochs: int = typer.Option(5, min=1),
-    batch_size: int = typer.Option(128, "--batch-size", min=2),
-    seed: int = typer.Option(42),
-    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
-    opt: list[str] = typer.Option([], "--opt", help="Fixed options as key=value."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per trial (default: avr "
+                                         "train's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
+                                             help="Batch (default: avr train's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default: avr train's)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP, callback=device_option),
+    opt: list[str] = typer.Option([], "--opt", "--option", help="Fixed options as key=value."),
     save_runs: bool = typer.Option(False, "--save-runs", help="Keep each trial's run dir."),
 ):
     """Train every configuration of a grid on one loaded cache; print a ranked table."""
     from rich.table import Table
 
     from avr import schema
-    from avr.fuse.options import parse_grid, train_config
+    from avr.fuse.config import parse_grid, train_config
     from avr.fuse.sweep import sweep as run_sweep, trial_configs
     from avr.progress import progress_bar
 
@@ -515,6 +521,8 @@ def eval_(
     index: Optional[str] = typer.Option(None, "--index", help="First-stage index for "
                                         "--rerank-k, a path or a URL (default: CACHE/index/ "
                                         "when built)."),
+    score_chunk: int = typer.Option(0, "--score-chunk", min=0, help="Videos per scoring block "
+                                    "(0: from the GPU's free memory; 64 on the CPU)."),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
 
@@ -524,7 +532,8 @@ def eval_(
 
     config = EvalConfig(split=split, dsl=dsl or dsl_temperature is not None,
                         dsl_temperature=dsl_temperature, qbnorm=qbnorm, rerank_k=rerank_k,
-                        modalities=modalities, device=device, report=report, index=index)
+                        modalities=modalities, device=device, report=report, index=index,
+                        score_chunk=score_chunk)
     result = evaluate_run(run, cache, config)
     console.print(_metrics_table(result))
     if result.missing_videos:

@@ -144,7 +144,7 @@ def _train(cache: Path, head: str, training: dict, seed: int, run_dir: Path,
                                       "{task.fields[r1]:.1f}") as progress:
         task = progress.add_task(head, total=epochs, rate="", loss=0.0, r1=0.0)
 
-        def on_epoch(log):
+        def on_epoch(epoch, log):
             progress.update(task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
                             loss=log.loss, r1=log.val_r1)
             remaining = log.seconds * (epochs - log.epoch)

@@ -135,7 +135,7 @@ class BackboneInfo:
 
 @dataclass(frozen=True)
 class AudioParams:
-    """Audio preprocessing, TEFAL/AST style (METHODS G, DESIGN 'The cache')."""
+    """Audio preprocessing, TEFAL/AST style (docs/methods.md G, docs/cache.md)."""
 
     sample_rate: int = 16_000
     num_mel_bins: int = 128

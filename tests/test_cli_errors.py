@@ -139,6 +139,11 @@ def test_a_bad_run_toml_is_one_line_naming_the_file(tmp_path, capsys, content, e
     (["sweep", "--head", "meanp", "--grid", "lr=1e-3,fast"], "--grid: lr = 'fast' must be a "
                                                             "number"),
     (["sweep", "--head", "meanp", "--grid", "warmup=0.1,3"], "warmup is a fraction"),
+    (["train", "--option", "epochs=five"], "--opt: epochs = 'five' must be a whole number"),
+    (["sweep", "--head", "meanp", "--grid", "lr=1e-3", "--option", "proj=1"],
+     "--opt: proj = 1 must be true or false"),
+    (["train", "--head", "htav", "--opt", "spans=1+x"], "--opt: spans = '1+x' must be whole "
+                                                        "numbers separated by + or ,"),
 ])
 def test_opt_and_grid_values_are_checked_before_any_work(capsys, args, expected):
     code, out, err = run_main(capsys, *args)

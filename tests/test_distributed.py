@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from avr.errors import AvrError
-from avr.fuse import checkpoint, distributed, trainer
+from avr.fuse import checkpoint, distributed, sampling, trainer
 from avr.fuse.data import load_split, random_split
 from avr.fuse.distributed import World
 from avr.fuse.heads import build_head
@@ -91,7 +91,7 @@ def test_an_interrupted_one_process_run_resumes_on_two_processes(store, one_proc
     class Stop(Exception):
         pass
 
-    def stop_after_two(log):
+    def stop_after_two(epoch, log):
         if log.epoch == 2:
             raise Stop
 
@@ -137,7 +137,7 @@ def step_gradients(head_name: str, world: World) -> dict[str, torch.Tensor]:
     rows = torch.randperm(12, generator=torch.Generator().manual_seed(1))[:10]
     counts = [6, 4] if world.is_distributed else [10]  # uneven parts: gathers pad and trim
     mine = rows[sum(counts[:world.rank]):sum(counts[:world.rank + 1])]
-    loss = trainer.batch_loss(head, data, mine, mine, counts, torch.device("cpu"), world)
+    loss, _ = trainer.batch_loss(head, data, mine, mine, counts, torch.device("cpu"), world)
     loss.backward()
     distributed.average_gradients(head.parameters(), world)
     return {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}
@@ -180,20 +180,20 @@ def test_a_rank_draws_from_its_loaded_shard_the_pairs_one_process_draws_for_it(s
     config = TrainConfig(pairs=pairs, shards=2)
     for rank in range(2):
         mine = load_split(store, "train", (), (), shard=(rank, 2))
-        videos, captions = trainer.held_shards(mine, config, 3, World(rank, 2))[0]
+        videos, captions = sampling.held_shards(mine, config, 3, World(rank, 2))[0]
         owned = torch.nonzero((full.caption_video >= 0)
                               & (full.caption_video % 2 == rank)).squeeze(1)
         assert mine.video_ids == full.video_ids[rank::2]
         assert mine.caption_text == [full.caption_text[i] for i in owned]
-        expected = trainer.shard_pairs(full.caption_video, rank, 2, pairs,
-                                       trainer.shard_generator(config, 3, rank))
+        expected = sampling.shard_pairs(full.caption_video, rank, 2, pairs,
+                                        sampling.shard_generator(config.seed, 3, rank))
         assert torch.equal(rank + 2 * videos, expected[0])
         assert torch.equal(owned[captions], expected[1])
 
 
 def test_a_global_batch_takes_an_equal_part_from_every_shard(store):
     full = load_split(store, "train", (), ())
-    batches = list(trainer.epoch_batches(full, TrainConfig(batch_size=16, shards=2), 0))
+    batches = list(sampling.epoch_batches(full, TrainConfig(batch_size=16, shards=2), 0))
     assert [counts for _, _, counts in batches] == [[8, 8], [8, 8], [8, 7]]
     for videos, captions, _ in batches:
         assert torch.equal(videos % 2, torch.tensor([0] * 8 + [1] * (len(videos) - 8)))
@@ -205,8 +205,9 @@ def test_a_global_batch_takes_an_equal_part_from_every_shard(store):
 def test_one_shard_draws_the_batches_of_one_shuffled_pair_list(store):
     full = load_split(store, "train", (), ())
     config = TrainConfig(batch_size=16)
-    videos, captions = trainer.epoch_pairs(full, "one", trainer.shard_generator(config, 2, 0))
-    batches = list(trainer.epoch_batches(full, config, 2))
+    videos, captions = sampling.draw_pairs(full.caption_video, "one",
+                                           sampling.shard_generator(config.seed, 2, 0))
+    batches = list(sampling.epoch_batches(full, config, 2))
     assert torch.equal(torch.cat([v for v, _, _ in batches]), videos)
     assert torch.equal(torch.cat([c for _, c, _ in batches]), captions)
     assert [len(v) for v, _, _ in batches] == [16, 16, 15]

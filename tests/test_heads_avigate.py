@@ -1,4 +1,4 @@
-"""AVIGATE head (METHODS.md A.2-A.5): shapes, masks, chunking, gates, margins, learning."""
+"""AVIGATE head (docs/methods.md A.2-A.5): shapes, masks, chunking, gates, margins, learning."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import torch.nn.functional as F
 
 from avr import schema
 from avr.errors import AvrError
-from avr.fuse import trainer
 from avr.fuse.heads import build_head
 from avr.fuse.heads.avigate import FUSED_WEIGHT, adaptive_margins, multi_grained_similarity
-from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, chunked_scores
-from avr.fuse.trainer import TrainConfig
+from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION
 from conftest import make_tiny_spec
-from stores import make_learnable_store
 
 SMALL = dict(resampler_layers=2, fusion_layers=2)
 
@@ -53,19 +50,6 @@ def test_states_and_scores_have_the_documented_shapes(head, tiny_spec):
     assert videos["video"].shape == (5, dim)
     assert videos["audio_gates"].shape == (5, 2 * SMALL["fusion_layers"])
     assert head.score(texts, videos).shape == (7, 5)
-
-
-def test_chunked_scores_equal_one_score_call(head, tiny_spec):
-    rows = video_rows(tiny_spec, 5)
-    rows[schema.FRAME_MASK][1, 3:] = False
-    rows[schema.HAS_AUDIO][2] = False
-    head.eval()
-    with torch.no_grad():
-        videos = head.encode_videos(rows)
-        texts = head.encode_texts(caption_rows(tiny_spec, 7))
-        whole = head.score(texts, videos)
-    chunked = chunked_scores(head, texts, videos, text_chunk=3, video_chunk=2)
-    torch.testing.assert_close(chunked, whole)
 
 
 def test_without_audio_gates_are_zero_and_frames_take_the_audio_free_path(head, tiny_spec):
@@ -112,7 +96,8 @@ def test_loss_is_finite_and_reaches_every_learnable_parameter(head, tiny_spec):
     loss, info = head.loss(head.encode_texts(caption_rows(tiny_spec, 6)),
                            head.encode_videos(video_rows(tiny_spec, 6)))
     loss.backward()
-    assert math.isfinite(info["loss"]) and 0.0 < info["margin_mean"] <= head.config.margin_cap
+    margin_mean = float(info["margin_mean"])
+    assert math.isfinite(float(info["loss"])) and 0.0 < margin_mean <= head.config.margin_cap
     missing = [name for name, p in head.named_parameters()
                if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
@@ -151,7 +136,7 @@ def test_margins_come_from_normalised_frames_plus_positions_as_released(head, ti
     expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
     torch.testing.assert_close(videos["visual_mean"], visual)
     torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-4)
-    assert info["margin_mean"] == pytest.approx(float(margins.sum() / 12), rel=1e-5)
+    assert float(info["margin_mean"]) == pytest.approx(float(margins.sum() / 12), rel=1e-5)
 
 
 def test_audio_tokens_are_the_cached_post_norm_tokens_projected():
@@ -231,16 +216,3 @@ def test_explain_gives_gates_and_frame_weights_per_pair(head, tiny_spec):
 def test_heads_that_do_not_divide_the_width_are_refused(tiny_spec):
     with pytest.raises(AvrError, match="num_heads=5 does not divide the CLIP width 32"):
         build_head("avigate", tiny_spec, {"num_heads": 5})
-
-
-def test_training_beats_chance_by_a_wide_margin(tmp_path, tiny_spec):
-    # The store's captions are an arbitrary linear map of their video's frames. AVIGATE has no
-    # text projection and re-maps the video side only through the 5% fused residual (A.3), so
-    # it needs more steps than meanP: 20 epochs at lr 1e-2, one layer per transformer.
-    store = make_learnable_store(tmp_path / "cache", tiny_spec, failed=(3,))
-    config = TrainConfig(head="avigate", head_options=dict(resampler_layers=1, fusion_layers=1),
-                         epochs=20, batch_size=16, lr=1e-2, warmup=0.0)
-    result = trainer.train(store, config, tmp_path / "run")
-    chance = 100.0 / 12
-    assert result.best_val_r1 > 4 * chance
-    assert result.best_val_r1 > result.history[0].val_r1  # learned, not only zero-shot luck

@@ -9,13 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from avr import schema
-from avr.fuse import trainer
 from avr.fuse.heads import build_head
-from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, chunked_scores
+from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION
 from avr.fuse.heads.gais import frames_to_slots
-from avr.fuse.trainer import TrainConfig
 from head_inputs import random_rows, randomize
-from stores import make_learnable_store
 
 
 @pytest.fixture
@@ -31,7 +28,7 @@ def inputs(head, spec, n_videos=5, n_captions=7):
 
 
 def direct_pair_score(head, text, frames, audio, frame_mask, has_audio):
-    """GAIS for one caption [D] and one video, fused frames built explicitly (METHODS B.2-B.4,
+    """GAIS for one caption [D] and one video, fused frames built explicitly (docs/methods.md B.2-B.4,
     inference): gate, u_f, X-Pool on u, cosine profile, radius, t + alpha r, cosine."""
     pool = head.pool
     gate_in = torch.cat([frames, audio, text.expand_as(frames)], dim=-1)
@@ -117,15 +114,6 @@ def test_no_frames_and_no_audio_give_finite_zero_scores(head, tiny_spec):
     assert torch.all(scores == 0)
 
 
-def test_chunked_scores_equal_one_score_call(head, tiny_spec):
-    videos, captions = inputs(head, tiny_spec)
-    texts, states = head.encode_texts(captions), head.encode_videos(videos)
-    with torch.no_grad():
-        whole = head.score(texts, states)
-    chunked = chunked_scores(head, texts, states, text_chunk=3, video_chunk=2)
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
-
-
 def test_the_gate_depends_on_the_query(head, tiny_spec):
     videos, captions = inputs(head, tiny_spec, n_videos=3, n_captions=2)
     gate = head.pair_terms(head.encode_texts(captions), head.encode_videos(videos)).gate
@@ -179,6 +167,7 @@ def test_loss_is_finite_with_the_support_term_and_every_parameter_learns(tiny_sp
     videos, captions = inputs(head, tiny_spec, n_videos=6, n_captions=6)
     loss, parts = head.loss(head.encode_texts(captions), head.encode_videos(videos))
     loss.backward()
+    parts = {name: float(value) for name, value in parts.items()}
     assert all(math.isfinite(parts[k]) for k in ("loss", "loss_main", "loss_support"))
     assert parts["loss"] == pytest.approx(parts["loss_main"] + 0.8 * parts["loss_support"],
                                           rel=1e-5)
@@ -218,8 +207,8 @@ def test_support_loss_reuses_the_main_losss_weights(tiny_spec):
     support_sim = cosine(support_text[:, None], terms.pooled)
     expected = weighted_ce(sim, w) + 0.8 * weighted_ce(support_sim, w)
     torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
-    assert parts["loss_support"] == pytest.approx(float(weighted_ce(support_sim, w).detach()),
-                                                  rel=1e-3)
+    support = float(weighted_ce(support_sim, w).detach())
+    assert float(parts["loss_support"]) == pytest.approx(support, rel=1e-3)
 
 
 def test_logit_scale_is_clips_100_fixed_and_dual_softmax_runs_at_100_without_temperature(tiny_spec):
@@ -233,7 +222,7 @@ def test_support_weight_zero_leaves_the_main_loss_alone(tiny_spec):
     head = build_head("gais", tiny_spec, {"support_weight": 0.0}).train()
     videos, captions = inputs(head, tiny_spec, n_videos=6, n_captions=6)
     loss, parts = head.loss(head.encode_texts(captions), head.encode_videos(videos))
-    assert "loss_support" not in parts and parts["loss"] == parts["loss_main"]
+    assert "loss_support" not in parts and float(parts["loss"]) == float(parts["loss_main"])
 
 
 def test_explain_gives_gates_and_frame_attention_of_each_pair(head, tiny_spec):
@@ -246,10 +235,3 @@ def test_explain_gives_gates_and_frame_attention_of_each_pair(head, tiny_spec):
     torch.testing.assert_close(explained[EXPLAIN_AUDIO_GATE][2], terms.gate[2, 2])
     torch.testing.assert_close(explained[EXPLAIN_FRAME_ATTENTION][3], terms.attention[3, 3])
     assert torch.all(explained[EXPLAIN_FRAME_ATTENTION][0, -2:] == 0)  # masked frames
-
-
-def test_training_beats_chance_by_a_wide_margin(tmp_path, tiny_spec):
-    store = make_learnable_store(tmp_path / "c", tiny_spec)
-    result = trainer.train(store, TrainConfig(head="gais", epochs=6, batch_size=16, lr=1e-2,
-                                              warmup=0.0), tmp_path / "run")
-    assert result.best_val_r1 > 4 * 100.0 / 12

@@ -12,8 +12,7 @@ from avr import schema
 from avr.errors import AvrError
 from avr.fuse import trainer
 from avr.fuse.heads import build_head, video_inputs
-from avr.fuse.heads.base import (EXPLAIN_AUDIO_ATTENTION, EXPLAIN_FRAME_ATTENTION,
-                                 chunked_scores)
+from avr.fuse.heads.base import EXPLAIN_AUDIO_ATTENTION, EXPLAIN_FRAME_ATTENTION
 from avr.fuse.heads.tefal import FUSIONS
 from avr.fuse.trainer import TrainConfig
 from head_inputs import random_rows, randomize
@@ -45,17 +44,6 @@ def test_every_fusion_scores_queries_by_videos(tiny_spec, fusion):
     videos, captions = inputs(head, tiny_spec)
     scores = head.score(head.encode_texts(captions), head.encode_videos(videos))
     assert scores.shape == (7, 5) and torch.isfinite(scores).all()
-
-
-@pytest.mark.parametrize("fusion", FUSIONS)
-def test_chunked_scores_equal_one_score_call(tiny_spec, fusion):
-    head = tefal(tiny_spec, fusion)
-    videos, captions = inputs(head, tiny_spec)
-    texts, states = head.encode_texts(captions), head.encode_videos(videos)
-    with torch.no_grad():
-        whole = head.score(texts, states)
-    chunked = chunked_scores(head, texts, states, text_chunk=3, video_chunk=2)
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
 def xpool_branch(block, text, tokens, mask=None):
@@ -219,7 +207,7 @@ def test_training_a_stack_run_never_loads_patch_tokens(tmp_path, tiny_spec, monk
     store = make_learnable_store(tmp_path / "c", tiny_spec)
     trainer.train(store, TrainConfig(head="tefal", head_options={"fusion": "stack"}, epochs=1,
                                      batch_size=16, warmup=0.0), tmp_path / "run")
-    trainer.resume(tmp_path / "run", epochs=2)
+    trainer.resume(tmp_path / "run", {"epochs": 2})
     evaluate_run(tmp_path / "run", config=EvalConfig(device="cpu"))
     assert len(loaded) == 5  # train + val, train + val again, test
     assert all(schema.AUDIO_PATCH_TOKENS not in names for names in loaded)
@@ -242,7 +230,7 @@ def test_loss_is_finite_and_every_parameter_gets_a_gradient(tiny_spec, fusion):
     videos, captions = inputs(head, tiny_spec, n_videos=6, n_captions=6)
     loss, parts = head.loss(head.encode_texts(captions), head.encode_videos(videos))
     loss.backward()
-    assert math.isfinite(parts["loss"])
+    assert math.isfinite(float(parts["loss"]))
     for name, param in head.named_parameters():
         if name.endswith("key.bias"):  # adds one logit to every token: softmax-invariant
             continue
@@ -268,10 +256,3 @@ def test_explain_gives_frame_and_audio_patch_attention(tiny_spec):
     assert torch.all(explained[EXPLAIN_FRAME_ATTENTION][0, -2:] == 0)  # masked frames
     assert torch.all(explained[EXPLAIN_AUDIO_ATTENTION][1] == 0)  # no audio track
     torch.testing.assert_close(explained[EXPLAIN_AUDIO_ATTENTION][0].sum(), torch.tensor(1.0))
-
-
-def test_training_beats_chance_by_a_wide_margin(tmp_path, tiny_spec):
-    store = make_learnable_store(tmp_path / "c", tiny_spec)
-    result = trainer.train(store, TrainConfig(head="tefal", epochs=6, batch_size=16, lr=1e-2,
-                                              warmup=0.0), tmp_path / "run")
-    assert result.best_val_r1 > 4 * 100.0 / 12

@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from avr import schema
-from avr.fuse import trainer
 from avr.fuse.blocks import TextConditionedPool
 from avr.fuse.heads import build_head
-from avr.fuse.heads.base import EXPLAIN_FRAME_ATTENTION, chunked_scores
-from avr.fuse.trainer import TrainConfig
+from avr.fuse.heads.base import EXPLAIN_FRAME_ATTENTION
 from head_inputs import random_rows, randomize
-from stores import make_learnable_store
 
 
 def direct_pool(block: TextConditionedPool, text, tokens, mask):
@@ -101,14 +98,6 @@ def test_score_is_queries_by_videos(head, tiny_spec):
     assert head.score(texts, videos).shape == (7, 5)
 
 
-def test_chunked_scores_equal_one_score_call(head, tiny_spec):
-    texts, videos = encode(head, tiny_spec)
-    with torch.no_grad():
-        whole = head.score(texts, videos)
-    chunked = chunked_scores(head, texts, videos, text_chunk=3, video_chunk=2)
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
-
-
 def test_a_video_without_valid_frames_scores_zero(head, tiny_spec):
     videos = random_rows(tiny_spec, head.video_inputs, 3)
     videos[schema.FRAME_MASK][2] = False
@@ -122,7 +111,7 @@ def test_loss_is_finite_and_every_parameter_gets_a_gradient(tiny_spec):
     texts, videos = encode(head, tiny_spec, n_videos=6, n_captions=6)
     loss, parts = head.loss(texts, videos)
     loss.backward()
-    assert math.isfinite(parts["loss"])
+    assert math.isfinite(float(parts["loss"]))
     for name, param in head.named_parameters():
         if name.endswith("key.bias"):  # adds one logit to every token: softmax-invariant
             continue
@@ -134,10 +123,3 @@ def test_explain_gives_each_caption_its_frame_attention(head, tiny_spec):
     attention = head.explain(texts, videos)[EXPLAIN_FRAME_ATTENTION]
     assert attention.shape == (4, tiny_spec.num_frames)
     torch.testing.assert_close(attention.sum(-1), torch.ones(4))
-
-
-def test_training_beats_chance_by_a_wide_margin(tmp_path, tiny_spec):
-    store = make_learnable_store(tmp_path / "c", tiny_spec)
-    result = trainer.train(store, TrainConfig(head="xpool", epochs=6, batch_size=16, lr=1e-2,
-                                              warmup=0.0), tmp_path / "run")
-    assert result.best_val_r1 > 4 * 100.0 / 12

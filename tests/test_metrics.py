@@ -1,4 +1,4 @@
-"""Retrieval metrics (METHODS.md F): ranks written out by hand, ties, failures, re-rankings."""
+"""Retrieval metrics (docs/methods.md F): ranks written out by hand, ties, failures, re-rankings."""
 
 from __future__ import annotations
 

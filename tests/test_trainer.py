@@ -13,9 +13,10 @@ import torch
 from avr.errors import AvrError, CacheMismatchError, RunError
 from avr.fuse import checkpoint, trainer
 from avr.fuse.data import load_split
-from avr.fuse.options import parse_grid, parse_options
+from avr.fuse.config import parse_grid, parse_options, split_options
 from avr.fuse.sweep import sweep
-from avr.fuse.trainer import TrainConfig, epoch_pairs
+from avr.fuse.sampling import draw_pairs
+from avr.fuse.trainer import TrainConfig
 from stores import make_learnable_store
 
 FAST = dict(head="meanp", epochs=6, batch_size=16, lr=3e-3, warmup=0.0)
@@ -59,7 +60,7 @@ def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_three(log):
+    def stop_after_three(epoch, log):
         if log.epoch == 3:
             raise Stop
 
@@ -80,7 +81,7 @@ def test_resume_refuses_a_cache_with_other_backbones(store, tmp_path, tiny_spec)
                                                            weights="random:7")})
     other = make_learnable_store(tmp_path / "other", other_spec)
     with pytest.raises(CacheMismatchError, match="backbone clip weights"):
-        trainer.resume(run, epochs=2, cache_path=other)
+        trainer.resume(run, {"epochs": 2}, cache_path=other)
 
 
 def test_a_run_directory_is_never_overwritten(store, tmp_path):
@@ -91,14 +92,14 @@ def test_a_run_directory_is_never_overwritten(store, tmp_path):
 
 def test_one_caption_per_video_per_epoch(store):
     data = load_split(store, "train", (), ())
-    videos, captions = epoch_pairs(data, "one", torch.Generator().manual_seed(0))
+    videos, captions = draw_pairs(data.caption_video, "one", torch.Generator().manual_seed(0))
     assert sorted(videos.tolist()) == list(range(data.num_videos))
     assert torch.equal(data.caption_video[captions], videos)
 
 
 def test_all_pairs_visits_every_caption_of_usable_videos(store):
     data = load_split(store, "train", (), ())
-    _, captions = epoch_pairs(data, "all", torch.Generator().manual_seed(0))
+    _, captions = draw_pairs(data.caption_video, "all", torch.Generator().manual_seed(0))
     usable = int((data.caption_video >= 0).sum())
     assert sorted(captions.tolist()) == sorted(np.flatnonzero(data.caption_video >= 0).tolist())
     assert len(captions) == usable < data.num_captions  # the failed video's captions are skipped
@@ -106,7 +107,7 @@ def test_all_pairs_visits_every_caption_of_usable_videos(store):
 
 def test_unknown_options_are_refused_with_the_choices():
     with pytest.raises(AvrError, match="unknown option 'lrr'"):
-        trainer.split_options({"lrr": 1.0}, "meanp")
+        split_options({"lrr": 1.0}, "meanp")
 
 
 def test_grid_is_the_cartesian_product_with_typed_values():

@@ -19,9 +19,10 @@ from avr import schema
 from avr.errors import AvrError
 from avr.evaluate import metrics, report
 from avr.fuse import checkpoint
-from avr.fuse.data import SplitTensors, load_split, split_video_rows
-from avr.fuse.heads.base import RetrievalHead, State, chunked_scores, encode_in_chunks
-from avr.device import autocast, resolve_device
+from avr.evaluate.score import score_captions, score_split
+from avr.fuse.data import SplitTensors, load_split, split_rows
+from avr.fuse.heads.base import RetrievalHead, State
+from avr.device import resolve_device
 
 MODALITIES = ("va", "v", "a")
 
@@ -36,8 +37,7 @@ class EvalConfig:
     modalities: str = "va"  # v: audio masked; a: frames masked
     device: str = "auto"
     amp: bool = True
-    video_chunk: int = 64
-    text_chunk: int = 2048
+    score_chunk: int = 0  # videos per scoring block; 0: chosen by avr.evaluate.score
     report: Path | None = None  # write report.md and plots here
     index: str | Path | None = None  # first-stage index for rerank_k (a path or a URL;
     # default <cache>/index/)
@@ -119,21 +119,6 @@ def mask_modalities(videos: dict[str, torch.Tensor], modalities: str, head: Retr
     return videos
 
 
-@torch.no_grad()
-def split_similarity(head: RetrievalHead, data: SplitTensors, device: torch.device,
-                     config: EvalConfig) -> tuple[np.ndarray, State, State]:
-    """Plain [captions, videos] scores (float32) and the encoded states."""
-    head.eval()
-    with autocast(device, config.amp):
-        videos = encode_in_chunks(head.encode_videos,
-                                  mask_modalities(data.videos, config.modalities, head), device,
-                                  chunk=256)
-        texts = encode_in_chunks(head.encode_texts, data.captions, device, chunk=4096)
-        sim = chunked_scores(head, texts, videos, text_chunk=config.text_chunk,
-                             video_chunk=config.video_chunk)
-    return sim.numpy(), texts, videos
-
-
 def cosines_of(head: RetrievalHead, sim: np.ndarray) -> np.ndarray:
     """Scores on the cosine scale that QB-Norm's beta = 20 assumes."""
     return sim / float(head.scale().detach()) if head.score_is_scaled else sim
@@ -173,10 +158,12 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     data = load_split(cache_path, config.split, video_names, head.caption_inputs)
     if data.num_videos == 0:
         raise AvrError(f"{cache_path}: the {config.split} split has no extracted videos")
-    sim, _, videos = split_similarity(head, data, device, config)
+    scores = score_split(head, mask_modalities(data.videos, config.modalities, head),
+                         data.captions, device, amp=config.amp, score_chunk=config.score_chunk)
+    sim, videos = scores.sim.numpy(), scores.videos
     caption_video = data.caption_video.cpu().numpy()
     n_videos = data.num_videos
-    # Videos that failed extraction still count: as failed v2t queries (METHODS F).
+    # Videos that failed extraction still count: as failed v2t queries (docs/methods.md F).
     all_videos = n_videos + len(data.missing_videos)
     result = EvalResult(run_dir, cache_path, head.name, config.split, config.modalities,
                         data.num_captions, n_videos, data.missing_videos,
@@ -210,17 +197,14 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     return result
 
 
-@torch.no_grad()
 def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State,
                           device: torch.device, config: EvalConfig) -> np.ndarray:
     """QB-Norm's query bank: training captions scored against the evaluated videos."""
     bank = load_split(cache_path, "train", (), head.caption_inputs)
     if bank.num_captions == 0:
         raise AvrError(f"{cache_path}: --qbnorm needs training captions as its query bank")
-    with autocast(device, config.amp):
-        texts = encode_in_chunks(head.encode_texts, bank.captions, device, chunk=4096)
-        return chunked_scores(head, texts, videos, text_chunk=config.text_chunk,
-                              video_chunk=config.video_chunk).numpy()
+    return score_captions(head, bank.captions, videos, device, amp=config.amp,
+                          score_chunk=config.score_chunk).sim.numpy()
 
 
 @torch.no_grad()
@@ -258,9 +242,9 @@ def rerank(sim: np.ndarray, cache_path: str | Path, split: str, k: int,
         _, top = flat.search(text, k)
     else:
         # The split's store rows in load_split's order (done rows, ascending) -> local rows.
-        split_rows = split_video_rows(schema.open_store(cache_path)[0], split)
+        done_rows = split_rows(schema.open_store(cache_path)[0], split).done
         _, store_rows = first_stage.search(split_index, text, k)
-        top = np.where(store_rows >= 0, np.searchsorted(split_rows, store_rows), -1)
+        top = np.where(store_rows >= 0, np.searchsorted(done_rows, store_rows), -1)
     first_stage_scores = text @ video.T
     # Shift the first stage below every head score so the re-ranked block comes first.
     out = first_stage_scores - (np.abs(first_stage_scores).max() + np.abs(sim).max() + 1.0) * 4

@@ -1,4 +1,4 @@
-"""Retrieval metrics and the two transductive re-rankings of ``avr eval`` (METHODS.md section F).
+"""Retrieval metrics and the two transductive re-rankings of ``avr eval`` (docs/methods.md F).
 
 Everything here is a pure function of a [captions, videos] similarity matrix ``sim`` and
 ``caption_video`` [Q], the video column of each caption's ground truth (-1 when that video
@@ -138,7 +138,7 @@ def caption_group_scores(sim: np.ndarray,
 
 def v2t_ranks(sim: ArrayLike, caption_video: ArrayLike, num_videos: int | None = None, *,
               ties: Ties = DEFAULT_TIES) -> np.ndarray:
-    """Rank of each video's own caption group among all caption groups (METHODS.md F).
+    """Rank of each video's own caption group among all caption groups (docs/methods.md F).
 
     ``sim`` [Q, V]; each caption group (the captions of one video) is scored by the max of its
     captions' similarities. One rank per video column that has captions (videos without

@@ -22,10 +22,10 @@ from avr import schema
 from avr.errors import AvrError
 from avr.evaluate import index as first_stage
 from avr.evaluate.evaluator import open_run, resolve_run
-from avr.fuse.data import split_video_rows
+from avr.evaluate.score import score_split
+from avr.fuse.data import split_rows
 from avr.integrity import read_rows
-from avr.fuse.heads.base import chunked_scores, encode_in_chunks
-from avr.device import autocast, resolve_device
+from avr.device import resolve_device
 from avr.schema import CacheSpec
 
 RANDOM_WEIGHTS = "random:"
@@ -90,35 +90,34 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
     caption = encode_query(backbones, query, tuple(dict.fromkeys(
         (*head.caption_inputs, schema.TEXT_EMBEDDINGS))), torch.float16)
     sentence = first_stage.normalised_queries(caption[schema.TEXT_EMBEDDINGS])
+    query_row = {n: caption[n] for n in head.caption_inputs}
     hits: list[Hit] = []
-    with autocast(torch_device, True):
-        texts = head.encode_texts({n: caption[n].to(torch_device) for n in head.caption_inputs})
-        for name in splits:
-            rows = split_video_rows(group, name)
-            split_index = saved.split(name) if saved is not None else None
-            if split_index is not None and (candidates is not None
-                                            or rows.size > EXHAUSTIVE_MAX_VIDEOS):
-                _, found = first_stage.search(split_index, sentence,
-                                              candidates or CANDIDATES_PER_HIT * k)
-                rows = np.sort(found[0][found[0] >= 0])
-            if rows.size == 0:
-                continue
-            scores = score_rows(head, texts, group, rows, torch_device)
-            order = np.argsort(-scores)[:k]
-            best = np.sort(rows[order])
-            id_of = dict(zip(best.tolist(), map(str, read_rows(group[schema.VIDEO_ID], best))))
-            captions_of = _captions_by_row(group, best)
-            hits += [Hit(id_of[row], name, float(score), captions_of.get(row, []))
-                     for row, score in zip(rows[order].tolist(), scores[order])]
+    for name in splits:
+        rows = split_rows(group, name).done
+        split_index = saved.split(name) if saved is not None else None
+        if split_index is not None and (candidates is not None
+                                        or rows.size > EXHAUSTIVE_MAX_VIDEOS):
+            _, found = first_stage.search(split_index, sentence,
+                                          candidates or CANDIDATES_PER_HIT * k)
+            rows = np.sort(found[0][found[0] >= 0])
+        if rows.size == 0:
+            continue
+        scores = score_rows(head, query_row, group, rows, torch_device)
+        order = np.argsort(-scores)[:k]
+        best = np.sort(rows[order])
+        id_of = dict(zip(best.tolist(), map(str, read_rows(group[schema.VIDEO_ID], best))))
+        captions_of = _captions_by_row(group, best)
+        hits += [Hit(id_of[row], name, float(score), captions_of.get(row, []))
+                 for row, score in zip(rows[order].tolist(), scores[order])]
     return sorted(hits, key=lambda h: -h.score)[:k]
 
 
-def score_rows(head, texts, group, rows: np.ndarray, device: torch.device) -> np.ndarray:
-    """The head's scores of one encoded query against store video ``rows`` (ascending): only
-    those rows of the arrays the head reads are loaded."""
+def score_rows(head, query_row: dict[str, torch.Tensor], group, rows: np.ndarray,
+               device: torch.device) -> np.ndarray:
+    """The head's scores of the query (one cached caption row) against store video ``rows``
+    (ascending): only those rows of the arrays the head reads are loaded."""
     inputs = {name: torch.from_numpy(read_rows(group[name], rows)) for name in head.video_inputs}
-    videos = encode_in_chunks(head.encode_videos, inputs, device, chunk=256)
-    return chunked_scores(head, texts, videos)[0].numpy()
+    return score_split(head, inputs, query_row, device).sim[0].numpy()
 
 
 def _captions_by_row(group, rows: np.ndarray) -> dict[int, list[str]]:

@@ -8,10 +8,10 @@ Every array of a store's video and caption rows (avr.schema) comes out of this m
   not L2-normalised; heads normalise where their paper does.
 - Swin (transformers ``SwinModel``): per frame, the output of each chosen stage *before* its
   patch merging (the maps ``SwinBackbone`` feeds an FPN: 96@56², 192@28², 384@14², 768@7² for
-  swin-tiny-224, METHODS (iii)), without LayerNorm, adaptive-average-pooled to a g x g grid
+  swin-tiny-224, docs/methods.md (iii)), without LayerNorm, adaptive-average-pooled to a g x g grid
   and flattened row-major to g² tokens.
 - AST (transformers ``ASTModel``): ``last_hidden_state`` after the final LayerNorm; tokens 0
-  and 1 are CLS and distillation, the rest are the 12 x 101 patches (METHODS "AST token
+  and 1 are CLS and distillation, the rest are the 12 x 101 patches (docs/methods.md "AST token
   count"). ``ASTPatchEmbeddings`` transposes the [T, F] fbank to [F, T] before its strided
   conv and flattens the [F', T'] output grid, so patch ``p = f * 101 + t``: frequency-major.
   The time-ordered sequence averages the 12 frequency patches of each of the 101 time steps.
@@ -43,7 +43,7 @@ from avr.errors import AvrError
 from avr.schema import AudioParams, BackboneInfo, CacheSpec
 
 # Captions of MSR-VTT and VATEX fit in 32 RoBERTa tokens; CLIP4Clip and X-Pool cut CLIP text at
-# the same length (``--max_words 32``, METHODS "Text").
+# the same length (``--max_words 32``, docs/methods.md "Text").
 ROBERTA_LEN = 32
 
 TINY_IMAGE_SIZE = 32

@@ -1,6 +1,6 @@
 """Media decoding: a video file -> F sampled RGB frames and an AST-style log-mel fbank.
 
-Frames (DESIGN "Datasets", CacheSpec.frame_sampling): F sample times at the centres of F equal
+Frames (CacheSpec.frame_sampling, docs/cache.md): F sample times at the centres of F equal
 segments of the video stream's duration; one sequential decoding pass keeps, for every sample
 time, the frame on screen at that time (the last frame presented at or before it; the first
 frame for a time before it). For a constant frame rate this is frame floor((k + 0.5) * N / F) of
@@ -9,7 +9,7 @@ video with fewer frames than F repeats frames (their mask stays True). Each kept
 resized so that its shorter side is S (bicubic, as CLIP's preprocessing) and centre-cropped to
 S x S.
 
-Audio (METHODS G, DESIGN "The cache"; TEFAL and AST): mono, 16 kHz through PyAV's resampler;
+Audio (docs/methods.md G, docs/cache.md; TEFAL and AST): mono, 16 kHz through PyAV's resampler;
 Kaldi-compatible log-mel fbank (htk_compat, hanning window, 128 mel bins, 25 ms window, dither
 0, no energy) with the adaptive frame shift f_shift_ms = n_samples * 1000 / (sr * L_tar), so the
 whole clip spans the L_tar = 1024 frames; padded with zeros or cut to exactly L_tar frames, then

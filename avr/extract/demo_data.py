@@ -1,5 +1,5 @@
 """The demo dataset: small real video files (H.264 + AAC) of moving shapes with sounds, and
-captions that name what is seen and heard (DESIGN "Datasets": demo).
+captions that name what is seen and heard (README, "`avr demo`").
 
 Every clip shows one coloured shape (circle, square, triangle, cross) moving one way (left to
 right, right to left, up, down, bouncing, spinning, orbiting, still) over a dark background, with

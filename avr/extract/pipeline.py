@@ -47,6 +47,7 @@ import torch
 from rich.markup import escape
 
 from avr import schema
+from avr.batching import map_batches
 from avr.device import resolve_device
 from avr.errors import AvrError, CacheMismatchError, DecodeError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
@@ -243,21 +244,8 @@ def _write_rows(group, layout: dict[str, schema.ArraySpec], start: int, stop: in
 
 # ---- encoding -------------------------------------------------------------------------------------
 
-def _batched(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], inputs: torch.Tensor,
-             batch: int) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, inputs.shape[0], batch):
-        for name, value in fn(inputs[start:start + batch]).items():
-            parts.setdefault(name, []).append(value.cpu())
-    return {name: torch.cat(values) for name, values in parts.items()}
-
-
 def encode_captions(backbones: Backbones, texts: list[str], batch: int) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(texts), batch):
-        for name, value in backbones.encode_text(texts[start:start + batch]).items():
-            parts.setdefault(name, []).append(value.cpu())
-    return {name: torch.cat(values) for name, values in parts.items()}
+    return map_batches(backbones.encode_text, texts, batch, out_device="cpu")
 
 
 def encode_clips(backbones: Backbones, clips: list, config: ExtractConfig,
@@ -265,12 +253,12 @@ def encode_clips(backbones: Backbones, clips: list, config: ExtractConfig,
     """Every video array (but ids, splits and done) for decoded ``clips``, rows in order."""
     frames = torch.from_numpy(np.stack([c.frames for c in clips]))  # [n, F, S, S, 3] uint8
     n, num_frames = frames.shape[:2]
-    per_frame = _batched(lambda x: backbones.encode_frames(x.to(device)),
-                         frames.flatten(0, 1), config.frame_batch)
+    per_frame = map_batches(lambda x: backbones.encode_frames(x.to(device)),
+                            frames.flatten(0, 1), config.frame_batch, out_device="cpu")
     out = {name: value.unflatten(0, (n, num_frames)) for name, value in per_frame.items()}
     fbank = torch.from_numpy(np.stack([c.fbank for c in clips]))  # [n, 1024, 128]
-    out.update(_batched(lambda x: backbones.encode_audio(x.to(device)), fbank,
-                        config.audio_batch))
+    out.update(map_batches(lambda x: backbones.encode_audio(x.to(device)), fbank,
+                           config.audio_batch, out_device="cpu"))
     out[schema.FRAME_MASK] = torch.from_numpy(np.stack([c.frame_mask for c in clips]))
     out[schema.HAS_AUDIO] = torch.tensor([c.has_audio for c in clips])
     return out

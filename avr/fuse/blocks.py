@@ -1,7 +1,7 @@
 """Building blocks that several heads share: X-Pool's text-conditioned pooling and its helpers.
 
 ``TextConditionedPool`` is X-Pool's ``Transformer`` as released (layer6ai-labs/xpool,
-``modules/transformer.py``; METHODS.md B.3 and E), which is also each of TEFAL's two
+``modules/transformer.py``; docs/methods.md B.3 and E), which is also each of TEFAL's two
 cross-attention blocks (TEFAL Eq. 1-3) and GAIS's pooling::
 
     t' = LN1(t),  U' = LN1(U)                      # one LayerNorm for the text and the tokens
@@ -11,7 +11,7 @@ cross-attention blocks (TEFAL Eq. 1-3) and GAIS's pooling::
 
 Every linear starts as the identity (weight eye, bias 0), as released.
 
-Retrieval splits the block in two (DESIGN.md, "One interface for every head"):
+Retrieval splits the block in two (docs/heads.md):
 
 - per video (``encode_tokens``): LN1 and the K/V projections of the tokens. W_o is folded into
   the values here: the attention weights of a row sum to one, so
@@ -20,7 +20,7 @@ Retrieval splits the block in two (DESIGN.md, "One interface for every head"):
 - per (query, video) pair (``pool_all_pairs``): logits ``einsum("qd,vnd->qvn")``, the masked
   softmax, the weighted sum, LN2, the residual linear and LN3. It materialises [Q, V, N] and
   [Q, V, D] for the rows it is given, so callers bound memory by calling it on chunks
-  (``base.chunked_scores`` does).
+  (``avr.evaluate.score.score_states`` does).
 
 Masking: a masked token gets -inf before the softmax; a row with no valid token at all (a video
 without frames, a clip without audio) gets zero attention weights and a zero pooled vector, so
@@ -68,7 +68,7 @@ class Pooled(NamedTuple):
 
 
 class TextConditionedPool(nn.Module):
-    """X-Pool's text-conditioned pooling block (METHODS.md B.3, E), split into a per-video and
+    """X-Pool's text-conditioned pooling block (docs/methods.md B.3, E), split into a per-video and
     a per-pair part. ``dim`` is the width of text and tokens; ``dropout`` is X-Pool's (0.3 for
     MSR-VTT/LSMDC, 0.4 for VATEX)."""
 

@@ -4,15 +4,20 @@ A run directory holds
     config.json        head name and options, training options, the identity of its cache
     best.safetensors   head weights at the best validation R@1 (never chosen on test)
     last.safetensors   head weights, optimizer and schedule state at the end of the last epoch
-    log.csv            one row per epoch
+    log.csv            one row per epoch (``EpochLog``; a column per loss part of the head)
     events.*           TensorBoard events
 
-Weights load from safetensors only (no pickle).
+``TrainState`` is what a run carries from epoch to epoch (head, optimizer, schedule, progress,
+history); ``save_last`` and ``load_last`` write and read it, so that a resumed run continues
+exactly where the last epoch ended. Weights load from safetensors only (no pickle).
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +112,103 @@ def load_head(run_dir: str | Path, which: str = "best", device: str | torch.devi
         raise RunError(f"{path} not found: the run has no {which} checkpoint yet")
     load_weights(head, path)
     return head.to(device).eval(), config
+
+
+# ---- a run in progress: TrainState, last.safetensors and log.csv ------------------------------
+
+@dataclass
+class EpochLog:
+    """One row of log.csv."""
+
+    epoch: int
+    loss: float
+    val_r1: float
+    lr: float
+    seconds: float
+    pairs_per_s: float
+    temperature: float
+    parts: dict[str, float] = field(default_factory=dict)  # the head's loss parts, epoch means
+
+    def row(self) -> dict[str, Any]:
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "parts"}
+        return {**row, **self.parts}
+
+
+LOG_COLUMNS = tuple(f.name for f in dataclasses.fields(EpochLog) if f.name != "parts")
+
+
+@dataclass
+class TrainState:
+    """Everything a run carries from one epoch to the next."""
+
+    head: RetrievalHead
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0  # epochs done
+    best_epoch: int = -1
+    best_r1: float = -1.0
+    history: list[EpochLog] = field(default_factory=list)
+
+    def save_last(self, run_dir: Path) -> None:
+        """last.safetensors: weights, optimizer moments, schedule, progress and the torch RNG."""
+        state = self.optimizer.state_dict()
+        tensors = {f"optim.{index}.{key}": torch.as_tensor(value)
+                   for index, values in state["state"].items() for key, value in values.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"epoch": str(self.epoch), "best_epoch": str(self.best_epoch),
+                "best_val_R1": str(self.best_r1),
+                "param_groups": json.dumps(state["param_groups"]),
+                "scheduler": json.dumps(self.scheduler.state_dict())}
+        tmp = run_dir / (LAST_FILE + ".tmp")
+        save_weights(self.head, tmp, extra=tensors, metadata=meta)
+        tmp.replace(run_dir / LAST_FILE)  # a kill never leaves a half-written last
+
+    def load_last(self, run_dir: Path) -> None:
+        """Continue from ``run_dir``'s last.safetensors and log.csv."""
+        from safetensors import safe_open
+
+        path = run_dir / LAST_FILE
+        if not path.exists():
+            raise RunError(f"{path} not found: nothing to resume")
+        extra = load_weights(self.head, path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in extra.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": json.loads(meta["param_groups"])})
+        self.scheduler.load_state_dict(json.loads(meta["scheduler"]))
+        torch.set_rng_state(extra["rng.torch"])
+        self.epoch, self.best_epoch = int(meta["epoch"]), int(meta["best_epoch"])
+        self.best_r1 = float(meta["best_val_R1"])
+        self.history = read_log(run_dir)
+
+
+def append_log(run_dir: Path, log: EpochLog) -> None:
+    """One row of log.csv; the columns are fixed by the file's first row."""
+    path = run_dir / LOG_FILE
+    row = log.row()
+    if path.exists():
+        with path.open(newline="") as handle:
+            columns = next(csv.reader(handle), list(row))
+    else:
+        columns = list(row)
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        if not path.stat().st_size:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_log(run_dir: Path) -> list[EpochLog]:
+    path = run_dir / LOG_FILE
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return [EpochLog(int(r["epoch"]), float(r["loss"]), float(r["val_r1"]), float(r["lr"]),
+                         float(r["seconds"]), float(r["pairs_per_s"]), float(r["temperature"]),
+                         {k: float(v) for k, v in r.items() if k not in LOG_COLUMNS and v})
+                for r in csv.DictReader(handle)]

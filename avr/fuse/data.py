@@ -72,10 +72,11 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     """Read ``split`` of the store at ``path``: only the arrays a head asks for; with
     ``shard=(index, count)`` only that shard's videos and their captions (module docstring)."""
     group, spec = schema.open_store(path, expect=expect)
-    in_split, done = _split_and_done(group, split)
+    rows = split_rows(group, split)
     all_ids = read_rows(group[schema.VIDEO_ID])
-    video_rows = np.flatnonzero(in_split & done)
-    missing = [str(v) for v in all_ids[in_split & ~done]]
+    video_rows = rows.done
+    missing = [str(v) for v in all_ids[rows.not_done]]
+    in_split = rows.in_split
     if shard is not None:
         index, count = shard
         video_rows = video_rows[index::count]
@@ -101,16 +102,20 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
                         missing)
 
 
-def _split_and_done(group, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per video row: whether it is in ``split``, and whether it is done."""
+@dataclass
+class SplitRows:
+    """Which store rows of videos belong to a split, and which of those are done."""
+
+    in_split: np.ndarray  # bool per store video row
+    done: np.ndarray  # store rows of the split's done videos, ascending (load_split's order)
+    not_done: np.ndarray  # store rows of the split's videos not (yet, or ever) extracted
+
+
+def split_rows(group, split: str) -> SplitRows:
+    """The video rows of ``split`` in the store ``group``, done and not done."""
     in_split = read_rows(group[schema.VIDEO_SPLIT]) == schema.split_code(split)
-    return in_split, read_rows(group[schema.VIDEO_DONE]).astype(bool)
-
-
-def split_video_rows(group, split: str) -> np.ndarray:
-    """Store rows of the done videos of ``split``, ascending (load_split's order)."""
-    in_split, done = _split_and_done(group, split)
-    return np.flatnonzero(in_split & done)
+    done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
+    return SplitRows(in_split, np.flatnonzero(in_split & done), np.flatnonzero(in_split & ~done))
 
 
 def _require_captions_done(path, split: str, group, caption_rows: np.ndarray) -> None:

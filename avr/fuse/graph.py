@@ -1,4 +1,4 @@
-"""Temporal graph network over token sequences (METHODS.md (iv)): HTAV's "Temporal RoBERTa
+"""Temporal graph network over token sequences (docs/methods.md (iv)): HTAV's "Temporal RoBERTa
 Graph Network" text encoder, made concrete as a stack of GCN or GAT layers on a fixed graph.
 
 Graph: one node per token; an edge joins tokens i and j when ``|i - j| <= window`` (the
@@ -15,7 +15,7 @@ graph is dense, [B, L, L]: cheap for L <= 64 and free of sparse batching.
       e_ij = LeakyReLU_0.2(a_src . W h_i + a_dst . W h_j)   # = a^T [W h_i ; W h_j]
       alpha_ij = softmax over neighbours j of i (e_ij),  h_i' = ELU(sum_j alpha_ij W h_j)
 
-Each layer is followed by a residual connection and LayerNorm (METHODS.md (iv)); padded
+Each layer is followed by a residual connection and LayerNorm (docs/methods.md (iv)); padded
 tokens come out as zeros. Self-loops on padded nodes keep every softmax row and every degree
 non-empty, so an all-padding sequence gives zeros, not NaN.
 """

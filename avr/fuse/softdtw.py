@@ -1,5 +1,5 @@
 """Soft-DTW (Cuturi & Blondel, "Soft-DTW: a Differentiable Loss Function for Time-Series",
-ICML 2017, arXiv 1703.01541) over a batch of cost matrices, in plain PyTorch (METHODS.md (ii)).
+ICML 2017, arXiv 1703.01541) over a batch of cost matrices, in plain PyTorch (docs/methods.md (ii)).
 
 For one pair with cost matrix Delta [n, m] (e.g. ``1 - cos(text_i, audio_j)``):
 
@@ -55,7 +55,7 @@ def soft_dtw(cost: torch.Tensor, gamma: float, row_lengths: torch.Tensor | None 
     """Soft-DTW value of each pair: ``R[n_p, m_p]`` of ``cost`` [P, N, M] -> [P].
 
     ``row_lengths`` / ``col_lengths`` [P] (integers in 1..N and 1..M; default: full) give each
-    pair's valid block. ``normalize`` divides by the path-length bound ``n_p + m_p`` (METHODS.md
+    pair's valid block. ``normalize`` divides by the path-length bound ``n_p + m_p`` (docs/methods.md
     (ii): soft-DTW is not bounded below; a length-normalised value compares across lengths).
     The gradient is the expected alignment (custom backward, Alg. 2), so training keeps only
     R, not the autograd graph of the wavefront.

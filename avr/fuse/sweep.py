@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from avr.device import resolve_device
-from avr.fuse.options import head_options, typed_options
-from avr.fuse.trainer import CacheData, TrainConfig, TrainResult, load_cache, split_options, train
+from avr.fuse.config import head_options, split_options
+from avr.fuse.fields import typed_fields
+from avr.fuse.trainer import (CacheData, TrainConfig, TrainResult, build_run, fit, load_cache,
+                              train)
 
 
 def trial_configs(base: TrainConfig, grid: list[dict[str, Any]]) -> list[TrainConfig]:
@@ -25,7 +27,7 @@ def trial_configs(base: TrainConfig, grid: list[dict[str, Any]]) -> list[TrainCo
         train_opts, head_opts = split_options(options, base.head)
         config = dataclasses.replace(
             base, head_options={**base.head_options, **head_options(base.head, head_opts, "--grid")},
-            **typed_options(TrainConfig, train_opts, "--grid"))
+            **typed_fields(TrainConfig, train_opts, "--grid"))
         config.validate()
         configs.append(config)
     return configs
@@ -44,7 +46,6 @@ def sweep(cache_path: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
     """Train every configuration of ``grid`` on one in-memory copy of the cache."""
     configs = trial_configs(base, grid)
     device = resolve_device(base.device)
-    configs = [trial_config(base, options) for options in grid]
     cache: CacheData = load_cache(cache_path, base.head, device,
                                   head_options=[config.head_options for config in configs])
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -52,8 +53,8 @@ def sweep(cache_path: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
     for index, (options, config) in enumerate(zip(grid, configs)):
         run_dir = None if runs_dir is None else runs_dir / f"sweep-{stamp}-{base.head}" / f"{index:03d}"
         started = time.perf_counter()
-        result = train(cache_path, config, run_dir, cache=cache) if run_dir else _train_in_memory(
-            cache_path, config, cache)
+        result = (train(cache_path, config, run_dir, cache=cache) if run_dir
+                  else _train_in_memory(config, cache))
         trial = Trial(options, result, time.perf_counter() - started)
         trials.append(trial)
         if on_trial is not None:
@@ -61,19 +62,6 @@ def sweep(cache_path: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
     return sorted(trials, key=lambda t: -t.result.best_val_r1)
 
 
-def trial_config(base: TrainConfig, options: dict[str, Any]) -> TrainConfig:
-    """``base`` with one grid point's options: trainer fields replaced, head options merged."""
-    train_opts, head_opts = split_options(options, base.head)
-    return dataclasses.replace(base, head_options={**base.head_options, **head_opts},
-                               **train_opts)
-
-
-def _train_in_memory(cache_path, config: TrainConfig, cache: CacheData) -> TrainResult:
-    from avr.fuse.heads import build_head
-    from avr.fuse.trainer import fit, seed_everything
-
+def _train_in_memory(config: TrainConfig, cache: CacheData) -> TrainResult:
     config.validate()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    head = build_head(config.head, cache.spec, config.head_options).to(device)
-    return fit(head, cache, config, device)
+    return fit(build_run(config, cache, resolve_device(config.device)))

@@ -1,4 +1,4 @@
-"""AVIGATE: audio-guided video representation with gated attention (METHODS.md A.1-A.5, A.8).
+"""AVIGATE: audio-guided video representation with gated attention (docs/methods.md A.1-A.5, A.8).
 
 Jeong, Park, Kim, Kwak, "Learning Audio-guided Video Representation with Gated Attention for
 Video-Text Retrieval", CVPR 2025 (arXiv 2504.02397); official code
@@ -262,7 +262,7 @@ class Avigate(RetrievalHead):
         width, heads = spec.clip_dim, config.num_heads
         if heads < 1 or width % heads:
             raise AvrError(f"avigate: num_heads={heads} does not divide the CLIP width {width}; "
-                           f"pass a divisor of {width} with --option num_heads=N")
+                           f"pass a divisor of {width} with --opt num_heads=N")
         self.audio_proj = nn.Linear(spec.ast_dim, width, bias=False)  # audio_projection
         self.queries = nn.Parameter(nn.init.orthogonal_(torch.empty(config.num_queries, width)))
         self.query_position = nn.Parameter(torch.randn(config.num_queries, width) * INIT_STD)
@@ -327,7 +327,7 @@ class Avigate(RetrievalHead):
                                         videos["frame_mask"], self.scale(),
                                         self.config.lse_lambda)
 
-    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A.5: symmetric cross-entropy with adaptive margins on the negative logits."""
         with torch.no_grad():
             text = texts["text"]
@@ -337,8 +337,7 @@ class Avigate(RetrievalHead):
         scale = self.scale()
         loss = symmetric_infonce(self.score(texts, videos) + scale * margins)
         off_diagonal = ~torch.eye(len(margins), dtype=torch.bool, device=margins.device)
-        return loss, {"loss": float(loss.detach()),
-                      "margin_mean": float(margins[off_diagonal].mean())}
+        return loss, {"loss": loss.detach(), "margin_mean": margins[off_diagonal].mean()}
 
     def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
         """Per pair: the gates of its video [P, 2L] and the log-sum-exp frame weights [P, F]."""

@@ -1,11 +1,11 @@
-"""The interface every fusion head implements (DESIGN.md, "One interface for every head").
+"""The interface every fusion head implements (docs/heads.md).
 
 Retrieval cost lives in the pairwise part, so a head splits its work in three:
 
 - ``encode_videos(videos) -> video state``: all that does not depend on the query; once per video.
 - ``encode_texts(captions) -> text state``: all that does not depend on the video; once per caption.
 - ``score(text state, video state) -> [Q, V]``: only the text-conditioned part. It never builds a
-  Q x V x D tensor for the whole split: eval calls it on chunks of rows (see ``chunked_scores``).
+  Q x V x D tensor for the whole split: callers score a split in blocks of rows (:mod:`avr.evaluate.score`).
 
 Inputs are dicts keyed by the array names of :mod:`avr.schema`, rows first, 16-bit floats as
 they sit in the cache; a head casts them to its parameter dtype. States are dicts of tensors,
@@ -131,14 +131,16 @@ class RetrievalHead(nn.Module):
         sim = self.score(texts, videos)
         return sim if self.score_is_scaled else sim * self.scale()
 
-    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss for a batch where caption i belongs to video i.
+    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss for a batch where caption i belongs to video i, and its named parts
+        (detached tensors, left on the device: the trainer averages them once per epoch and logs
+        each but ``loss`` as a column of log.csv).
 
         Default: symmetric InfoNCE (TEFAL Eq. 4-6, averaged rather than summed as CLIP and
         X-Pool do) with the learnable temperature. Heads with extra terms override it.
         """
         loss = symmetric_infonce(self.logits(texts, videos))
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
     # ---- introspection, for reports ---------------------------------------------------------
     def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
@@ -178,31 +180,3 @@ def slice_state(state: State, rows: slice | torch.Tensor) -> State:
 
 def state_rows(state: State) -> int:
     return next(iter(state.values())).shape[0]
-
-
-@torch.no_grad()
-def encode_in_chunks(encode, inputs: State, device: torch.device | str, chunk: int) -> State:
-    """``encode`` (a head's encode_videos or encode_texts) over row chunks of ``inputs``, each
-    moved to ``device`` on its own: memory holds one chunk's activations at a time."""
-    rows = state_rows(inputs)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, rows, chunk):
-        part = {k: v[start:start + chunk].to(device, non_blocking=True) for k, v in inputs.items()}
-        for name, value in encode(part).items():
-            parts.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in parts.items()}
-
-
-@torch.no_grad()
-def chunked_scores(head: RetrievalHead, texts: State, videos: State, *, text_chunk: int = 4096,
-                   video_chunk: int = 64, out_device: str | torch.device = "cpu") -> torch.Tensor:
-    """Score every (caption, video) pair in chunks: memory is bounded by one chunk's work."""
-    n_text, n_video = state_rows(texts), state_rows(videos)
-    sim = torch.empty(n_text, n_video, dtype=torch.float32, device=out_device)
-    for t0 in range(0, n_text, text_chunk):
-        text_part = slice_state(texts, slice(t0, t0 + text_chunk))
-        for v0 in range(0, n_video, video_chunk):
-            video_part = slice_state(videos, slice(v0, v0 + video_chunk))
-            block = head.score(text_part, video_part)
-            sim[t0:t0 + text_chunk, v0:v0 + video_chunk] = block.float().to(out_device)
-    return sim

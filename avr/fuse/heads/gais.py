@@ -1,7 +1,7 @@
 """GAIS: frame-level gated audio-visual fusion with semantic variance-scaled perturbation
 (Yang et al., arXiv 2508.01711; code of v1 "GAID": YangBowenn/GAID, a fork of T-MASS / X-Pool).
 
-METHODS.md B.2-B.5:
+docs/methods.md B.2-B.5:
 
 - FGF, frame-level gated fusion (B.2): per frame f, g_f = sigmoid(w^T [v_f; a_f; t] + b) and
   u_f = g_f a_f + (1 - g_f) v_f, with v_f the CLIP frame embedding, a_f the audio of that frame
@@ -25,7 +25,7 @@ Choices where the sources leave room:
 
 - The gate sees the *query*: it is computed per (caption, video) pair inside ``score``, never
   with the video's own caption (the released code gates each video with its paired caption at
-  test time too, a leak, METHODS.md B.2). The same holds for the SVSP radius, computed per pair
+  test time too, a leak, docs/methods.md B.2). The same holds for the SVSP radius, computed per pair
   at training and at test (the code uses the paired video in training and loops over candidates
   at test).
 - Audio per frame slot: GAIS pools Whisper features to F steps; here the AST time tokens
@@ -49,7 +49,7 @@ Cost. Fused frames depend on the pair, so a naive implementation would normalise
 Q x V x F x D fused tokens. Two rewrites keep the per-pair tensors at [Q, V, F] scalars plus
 the [Q, V, D] vectors the score needs (pooled video, radius, perturbed caption):
 
-- the gate is linear before the sigmoid (METHODS.md B.2): w^T[v; a; t] = (w_v v + w_a a + b)
+- the gate is linear before the sigmoid (docs/methods.md B.2): w^T[v; a; t] = (w_v v + w_a a + b)
   + w_t t, a per-video and a per-caption term;
 - LN rewrite: u = v + g d with d = a - v. With v_c, d_c the centred v, d (mean over D removed),
   LN1(u) = gamma * (v_c + g d_c) / sigma + beta, where
@@ -80,7 +80,7 @@ from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, He
 class GaisConfig(HeadConfig):
     temperature: float = 0.01  # CLIP's logit scale, 100 (B.5)
     learn_temperature: bool = False  # the code uses CLIP's logit_scale detached
-    support_weight: float = 0.8  # lambda_sup of the support-text loss (METHODS.md B.5)
+    support_weight: float = 0.8  # lambda_sup of the support-text loss (docs/methods.md B.5)
 
 
 class PairTerms(NamedTuple):
@@ -108,7 +108,7 @@ def positive_weights(diagonal: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_infonce(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with per-pair weights [B] summing to 1 (METHODS.md B.5)."""
+    """Symmetric InfoNCE with per-pair weights [B] summing to 1 (docs/methods.md B.5)."""
     target = torch.arange(logits.shape[0], device=logits.device)
     rows = F.cross_entropy(logits, target, reduction="none")
     cols = F.cross_entropy(logits.t(), target, reduction="none")
@@ -230,7 +230,7 @@ class Gais(RetrievalHead):
         norm_sq = videos["sq_ff"] + 2 * gate * videos["sq_fd"] + gate ** 2 * videos["sq_dd"]
         profile = dot * torch.rsqrt(norm_sq.clamp(min=1e-12)) * videos["mask"].to(dot.dtype)
         radius = torch.exp(self.radius(profile))  # [Q, V, D]
-        if "noise" in texts:  # training: eps' = alpha eps + (1 - alpha)
+        if self.training:  # eps' = alpha eps + (1 - alpha), eps drawn by encode_texts
             spread = (self.alpha * texts["noise"] + 1 - self.alpha)[:, None, :]
         else:  # inference: the deterministic single pass
             spread = self.alpha
@@ -242,12 +242,12 @@ class Gais(RetrievalHead):
         return pair_cosine(terms.text, terms.pooled)
 
     # ---- training ----------------------------------------------------------------------------
-    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, texts: State, videos: State) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = self.pair_terms(texts, videos)  # the batch is one chunk: [B, B, ...]
         sim = pair_cosine(terms.text, terms.pooled)
         weights = positive_weights(sim.diagonal().detach())  # one w_i for both terms (B.5)
         main = weighted_infonce(sim * self.scale(), weights)
-        total, parts = main, {"loss_main": float(main.detach())}
+        total, parts = main, {"loss_main": main.detach()}
         if self.config.support_weight > 0:
             text = texts["text"]  # [B, D]
             video_mean = terms.pooled.mean(0)  # v-bar_j: mean over the batch's captions [B, D]
@@ -258,8 +258,8 @@ class Gais(RetrievalHead):
                                        F.normalize(terms.pooled, dim=-1))
             support = weighted_infonce(support_sim * self.scale(), weights)
             total = main + self.config.support_weight * support
-            parts["loss_support"] = float(support.detach())
-        parts["loss"] = float(total.detach())
+            parts["loss_support"] = support.detach()
+        parts["loss"] = total.detach()
         return total, parts
 
     # ---- reports -----------------------------------------------------------------------------

@@ -1,16 +1,16 @@
 """HTAV: Hierarchical Temporal Audio-Video cross-attention fusion (Rashmi & Chethan, IJSSIS 2026,
-DOI 10.2478/ijssis-2026-0009; METHODS.md D, made concrete with (i)-(iv)).
+DOI 10.2478/ijssis-2026-0009; docs/methods.md D, made concrete with (i)-(iv)).
 
 The paper names its blocks (Eq. 1-15) without most of their equations and has no public code.
-Every choice below is ours, taken from METHODS.md (i)-(iv) where it offers one.
+Every choice below is ours, taken from docs/methods.md (i)-(iv) where it offers one.
 
-Video encoder, "Video Swin Feature Pyramid" (Eq. 1; METHODS (iii)), per video:
+Video encoder, "Video Swin Feature Pyramid" (Eq. 1; docs/methods.md (iii)), per video:
     the cached Swin stages swin_stage(k) [V, F, g_k^2, C_k] (stage 0 finest) go through a learned
     FPN: a lateral 1x1 map (Linear C_k -> width) per level, top-down nearest-neighbour
     upsample-and-add from the coarsest grid to the finest, a 3x3 output conv per level, plus a
     learned level embedding. Tokens of all levels form S = sum_k g_k^2 spatial tokens per frame.
     The CLIP frame embedding c_f [Dc] is each frame's base vector.
-Text encoder, "Temporal RoBERTa Graph Network" (Eq. 2, 9-10; METHODS (iv)), per caption:
+Text encoder, "Temporal RoBERTa Graph Network" (Eq. 2, 9-10; docs/methods.md (iv)), per caption:
     RoBERTa states -> LayerNorm + Linear -> TemporalGraph (GCN or GAT over sequential and
     windowed edges) = graph tokens G [L, width]. Token importance pi = masked softmax of a
     linear score of G. Summary h = LN(W_h t + sum_l pi_l G_l) with t the CLIP sentence
@@ -37,9 +37,9 @@ Audio encoder, "Audio Spectrogram LSTM" (Eq. 6-8), per video:
     ``lstm_layers`` layers) = audio steps A [V, 101, width].
 Audio-text block, "threshold-based dynamic time cross-attention" (Eq. 11-13):
     attention alpha_lt = softmax_t(q_a(G_l) . k_a(A_t) / sqrt(width)) (Eq. 11), then the learned
-    soft threshold of METHODS (i).1 (LTP-style): M = sigmoid((alpha - theta) / T),
+    soft threshold of docs/methods.md (i).1 (LTP-style): M = sigmoid((alpha - theta) / T),
     alpha~ = alpha M / sum_t alpha M, theta = sigmoid(rho) / N_k with one learned rho, and
-    T = THRESHOLD_TEMPERATURE / N_k (1e-3 for the 101 AST steps). Soft-DTW (METHODS (ii);
+    T = THRESHOLD_TEMPERATURE / N_k (1e-3 for the 101 AST steps). Soft-DTW (docs/methods.md (ii);
     avr.fuse.softdtw) between the caption's graph tokens and the audio steps with cost
     1 - cos(q_a(G_l), k_a(A_t)) and ``dtw_gamma`` gives the expected alignment E [L, 101]
     (a caption's length is the count of its RoBERTa mask, padding being at the end);
@@ -93,10 +93,10 @@ from avr.fuse.heads import base, register_head
 from avr.fuse.heads.base import HeadConfig, RetrievalHead, State, slice_state, state_rows
 from avr.fuse.softdtw import soft_dtw_alignment
 
-# A head declares its inputs per class; DESIGN.md guarantees >= 3 Swin stages in a cache (the
+# A head declares its inputs per class; docs/cache.md guarantees >= 3 Swin stages in a cache (the
 # extract default stores exactly 3), so the FPN reads stages 0-2.
 SWIN_LEVELS = 3
-THRESHOLD_TEMPERATURE = 0.1  # T * N_k of the soft threshold (METHODS (i).1: T ~ 1e-3 at N_k ~ 100)
+THRESHOLD_TEMPERATURE = 0.1  # T * N_k of the soft threshold (docs/methods.md (i).1: T ~ 1e-3 at N_k ~ 100)
 VIDEO_QUERIES = ("tokens", "summary")  # what queries the video: every graph token, or h alone
 PAIR_ELEMENTS = 1 << 27  # bound on (pairs x per-pair elements) of one block in ``score``
 EXPLAIN_BLOCK = 16  # pairs per block-diagonal evaluation in ``explain``
@@ -107,13 +107,13 @@ class HTAVConfig(HeadConfig):
     temperature: float = 0.01  # CLIP's logit scale, 100; the paper gives none
     learn_temperature: bool = True  # learnable from 100, clamped at 100 as CLIP's
     width: int = 256  # common width of FPN levels, graph tokens and audio steps (even)
-    graph: str = "gcn"  # "gcn" | "gat" (METHODS (iv))
+    graph: str = "gcn"  # "gcn" | "gat" (docs/methods.md (iv))
     graph_layers: int = 2
     graph_heads: int = 4  # GAT heads (graph="gat")
     window: int = 2  # windowed text edges |i - j| <= window (1: sequential only)
     spans: tuple[int, ...] = (1, 2, 4)  # temporal windows, in frames, of the frame attention
     video_queries: str = "tokens"  # "tokens": every graph token attends (Eq. 3-4) | "summary"
-    dtw_gamma: float = 0.1  # soft-DTW smoothing on 1 - cos costs (METHODS (ii))
+    dtw_gamma: float = 0.1  # soft-DTW smoothing on 1 - cos costs (docs/methods.md (ii))
     lstm_layers: int = 1
 
 
@@ -129,22 +129,9 @@ class PairEvidence(NamedTuple):
 
 # ---- pure functions ----------------------------------------------------------------------------
 
-def parse_spans(spans) -> tuple[int, ...]:
-    """Spans as a config gives them: (1, 2, 4), [1, 2, 4], 4, or a string "1,2,4" / "1+2+4"
-    (``--option spans=1+2+4``; a sweep grid already uses commas between values)."""
-    if isinstance(spans, str):
-        spans = spans.replace("+", ",").split(",")
-    elif isinstance(spans, int):
-        spans = (spans,)
-    try:
-        return tuple(int(span) for span in spans)
-    except (TypeError, ValueError):
-        raise AvrError(f"htav spans {spans!r}: give frame counts such as 1,2,4") from None
-
-
 def thresholded_attention(attention: torch.Tensor, threshold: torch.Tensor,
                           temperature: float) -> torch.Tensor:
-    """METHODS (i).1: M = sigmoid((A - theta) / T), A~ = A M / sum_k A M over the last axis.
+    """docs/methods.md (i).1: M = sigmoid((A - theta) / T), A~ = A M / sum_k A M over the last axis.
     Some key always has A >= 1 / N_k > theta, so the sum never vanishes."""
     kept = attention * torch.sigmoid((attention - threshold) / temperature)
     return kept / kept.sum(-1, keepdim=True).clamp(min=torch.finfo(kept.dtype).tiny)
@@ -187,7 +174,7 @@ def alignment_weighted_attention(attention: torch.Tensor, alignment: torch.Tenso
 # ---- the FPN over cached Swin stages -----------------------------------------------------------
 
 class SwinFPN(nn.Module):
-    """Feature Pyramid Network (Lin et al. 2017; METHODS (iii)) over per-frame Swin stages:
+    """Feature Pyramid Network (Lin et al. 2017; docs/methods.md (iii)) over per-frame Swin stages:
     lateral Linear to ``width``, top-down nearest upsample-and-add, 3x3 output conv per level.
     [V, F, g_k^2, C_k] per level -> [V, F, sum_k g_k^2, width]."""
 
@@ -221,7 +208,7 @@ class HTAV(RetrievalHead):
 
     def __init__(self, spec: schema.CacheSpec, config: HTAVConfig):
         super().__init__(spec, config)
-        width, spans = config.width, parse_spans(config.spans)
+        width, spans = config.width, tuple(config.spans)
         if width % 2:
             raise AvrError(f"htav width {width} must be even (two LSTM directions of width/2)")
         if not spans or min(spans) < 1:

@@ -1,8 +1,9 @@
 """TEFAL: text-conditioned feature alignment of audio and video (Ibrahimi et al., ICCV 2023).
 
-METHODS.md section C; the paper is in ``papers/tefal-text-conditioned-feature-alignment.txt``.
+docs/methods.md C (the paper: "Audio-Enhanced Text-to-Video Retrieval using Text-Conditioned
+Feature Alignment", ICCV 2023).
 Two independent text-conditioned cross-attention blocks, each X-Pool's block
-(``avr.fuse.blocks.TextConditionedPool``, METHODS.md B.3/E):
+(``avr.fuse.blocks.TextConditionedPool``, docs/methods.md B.3/E):
 
 - text -> frames: the CLIP sentence embedding attends over the F CLIP frame embeddings
   (Eq. 1-3, unprimed weights) -> E_{V|T};

@@ -1,6 +1,6 @@
 """X-Pool: text-conditioned pooling of CLIP frame embeddings (Gorti et al., CVPR 2022).
 
-METHODS.md B.3 and E. The caption's CLIP sentence embedding attends over the video's CLIP
+docs/methods.md B.3 and E. The caption's CLIP sentence embedding attends over the video's CLIP
 frame embeddings with one head (``avr.fuse.blocks.TextConditionedPool``: LN, attention, W_o,
 LN, residual linear + dropout, LN; identity init as released); the score is the cosine of the
 caption embedding with the video pooled for that caption. Video only: no audio is read.
@@ -8,7 +8,7 @@ caption embedding with the video pooled for that caption. Video only: no audio i
 Every (caption, video) pair is pooled with its own caption: per video, LN and the K/V
 projections of the frames are computed once (``encode_videos``); ``score`` runs the attention
 of each query with each video in chunks (X-Pool's own eval pools all pairs at once and runs out
-of memory on large test sets, METHODS.md E).
+of memory on large test sets, docs/methods.md E).
 
 Logit scale, as X-Pool's release (``modules/loss.py``, ``trainer/trainer.py``): starts at
 CLIP's pretrained 100 (temperature 0.01), learned, ``exp`` unclamped in the loss, clamped to

@@ -1,0 +1,131 @@
+"""Scoring a split: the one path from cached rows to a [captions, videos] similarity matrix.
+
+Every caller that scores more than one batch goes through here: the trainer's validation,
+`avr eval` (and QB-Norm's query bank), `avr search` and `avr bench eval`. The work is the
+head's three parts (``avr.fuse.heads.base``):
+
+1. ``encode_videos`` over the video rows and ``encode_texts`` over the caption rows, one batch
+   of rows at a time (``encode_rows``), each batch moved to the device on its own;
+2. ``score`` over blocks of (caption, video) pairs (``score_states``), each block written into
+   one float32 matrix, so memory holds one block's work whatever the split's size.
+
+How many rows go into each call is decided in one place, ``chunk_sizes``, with one user-facing
+knob: ``score_chunk``, the videos per scoring block (`avr eval --score-chunk`, the training
+option ``score_chunk``; 0 chooses it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from avr.batching import map_batches, row_count
+from avr.device import autocast
+from avr.fuse.heads.base import RetrievalHead, State, slice_state
+
+# Rows per encode call: an encoder's activations are per row, small beside the cached tokens.
+ENCODE_VIDEO_ROWS = 256
+ENCODE_TEXT_ROWS = 4096
+# Captions per scoring block, and videos per block when nothing else decides it.
+SCORE_TEXT_ROWS = 2048
+SCORE_VIDEO_ROWS = 64
+# On a GPU, a scoring block may use this fraction of the free memory.
+SCORE_MEMORY_FRACTION = 0.25
+# A block's work per (caption, video) pair, in float32 copies of the wider state row: a head's
+# score builds at most a few [Q, V, row] intermediates.
+PAIR_COPIES = 2
+
+
+@dataclass(frozen=True)
+class ChunkSizes:
+    """Captions and videos per call of ``head.score``."""
+
+    score_texts: int = SCORE_TEXT_ROWS
+    score_videos: int = SCORE_VIDEO_ROWS
+
+
+def chunk_sizes(device: torch.device, texts: State | None = None, videos: State | None = None,
+                score_chunk: int = 0) -> ChunkSizes:
+    """The chunk sizes for scoring ``texts`` against ``videos`` (encoded states) on ``device``.
+
+    ``score_chunk`` > 0 fixes the videos per scoring block. Otherwise, on a GPU, a block takes
+    as many videos as fit ``SCORE_MEMORY_FRACTION`` of the free memory at ``PAIR_COPIES``
+    float32 copies of the wider state row per pair; on the CPU it takes ``SCORE_VIDEO_ROWS``,
+    a fixed size, so that CPU scores never depend on what else the machine is doing.
+    """
+    if score_chunk > 0:
+        return ChunkSizes(score_videos=score_chunk)
+    if device.type != "cuda" or texts is None or videos is None:
+        return ChunkSizes()
+    free, _ = torch.cuda.mem_get_info(device)
+    row = max(_row_elements(texts), _row_elements(videos))
+    pair_bytes = PAIR_COPIES * 4 * row
+    fit = int(SCORE_MEMORY_FRACTION * free // (SCORE_TEXT_ROWS * pair_bytes))
+    return ChunkSizes(score_videos=max(1, min(fit, row_count(videos))))
+
+
+def _row_elements(state: State) -> int:
+    return sum(tensor[0].numel() for tensor in state.values())
+
+
+def encode_rows(encode, rows: State, device: torch.device, batch: int) -> State:
+    """``encode`` (a head's ``encode_videos`` or ``encode_texts``) over ``rows`` (cached arrays,
+    wherever they sit), ``batch`` rows at a time, each batch moved to ``device`` first."""
+    return map_batches(lambda part: encode({name: value.to(device, non_blocking=True)
+                                            for name, value in part.items()}), rows, batch)
+
+
+@torch.no_grad()
+def score_states(head: RetrievalHead, texts: State, videos: State, *, score_chunk: int = 0,
+                 chunks: ChunkSizes | None = None,
+                 out_device: str | torch.device = "cpu") -> torch.Tensor:
+    """``head.score`` of every (caption, video) pair of encoded states, block by block, as one
+    float32 [captions, videos] matrix on ``out_device``."""
+    device = next(iter(videos.values())).device
+    chunks = chunks or chunk_sizes(device, texts, videos, score_chunk)
+    n_text, n_video = row_count(texts), row_count(videos)
+    sim = torch.empty(n_text, n_video, dtype=torch.float32, device=out_device)
+    for t0 in range(0, n_text, chunks.score_texts):
+        t1 = t0 + chunks.score_texts
+        text_block = slice_state(texts, slice(t0, t1))
+        for v0 in range(0, n_video, chunks.score_videos):
+            v1 = v0 + chunks.score_videos
+            block = head.score(text_block, slice_state(videos, slice(v0, v1)))
+            sim[t0:t1, v0:v1] = block.float().to(out_device)
+    return sim
+
+
+@dataclass
+class SplitScores:
+    """The scores of a split and the states they came from (QB-Norm and reports reuse them)."""
+
+    sim: torch.Tensor  # [captions, videos] float32
+    texts: State
+    videos: State
+
+
+@torch.no_grad()
+def score_split(head: RetrievalHead, video_rows: State, caption_rows: State,
+                device: torch.device, *, amp: bool = True, score_chunk: int = 0,
+                out_device: str | torch.device = "cpu") -> SplitScores:
+    """Encode ``video_rows`` and ``caption_rows`` (cached arrays by name, rows first) with
+    ``head`` in eval mode on ``device``, and score every pair."""
+    head.eval()
+    with autocast(device, amp):
+        videos = encode_rows(head.encode_videos, video_rows, device, ENCODE_VIDEO_ROWS)
+    return score_captions(head, caption_rows, videos, device, amp=amp, score_chunk=score_chunk,
+                          out_device=out_device)
+
+
+@torch.no_grad()
+def score_captions(head: RetrievalHead, caption_rows: State, videos: State,
+                   device: torch.device, *, amp: bool = True, score_chunk: int = 0,
+                   out_device: str | torch.device = "cpu") -> SplitScores:
+    """Encode ``caption_rows`` and score them against ``videos``, already encoded: the second
+    half of ``score_split``, and QB-Norm's bank (training captions against evaluated videos)."""
+    head.eval()
+    with autocast(device, amp):
+        texts = encode_rows(head.encode_texts, caption_rows, device, ENCODE_TEXT_ROWS)
+        sim = score_states(head, texts, videos, score_chunk=score_chunk, out_device=out_device)
+    return SplitScores(sim, texts, videos)

@@ -1,0 +1,208 @@
+"""Training options: ``TrainConfig``, and how users write it (a ``run.toml``, flags, ``--opt
+key=value`` and sweep grids), merged here into one checked config.
+
+Every value is converted to the type its field declares (:mod:`avr.fuse.fields`), a head's
+options to the types of the head's ``Config`` fields, so ``epochs = "five"`` in a TOML file or
+``--opt epochs=five`` fails at once, naming where it came from, instead of deep in training;
+``--opt spans=1+2+4`` reaches HTAV as the tuple (1, 2, 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avr.device import resolve_device
+from avr.errors import AvrError
+from avr.files import InputFileError, read_text
+from avr.fuse.fields import typed_fields
+from avr.fuse.heads import head_class, make_config
+
+
+@dataclass
+class TrainConfig:
+    """Training options; every field can come from flags, from ``--config run.toml`` or a sweep."""
+
+    head: str = "tefal"
+    head_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    warmup: float = 0.1  # fraction of all steps spent in linear warmup, then cosine decay
+    grad_clip: float = 1.0
+    seed: int = 42
+    pairs: str = "one"  # "one": one random caption per video per epoch; "all": every caption
+    early_stop: int = 0  # stop after this many epochs without a better val R@1 (0: never)
+    shards: int = 1  # train video shards, each giving batch_size / shards pairs to every batch
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    score_chunk: int = 0  # videos per scoring block in validation; 0: chosen (avr.evaluate.score)
+
+    def validate(self) -> None:
+        if self.pairs not in ("one", "all"):
+            raise AvrError(f"pairs must be 'one' or 'all', not {self.pairs!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise AvrError("epochs must be >= 1 and batch size >= 2 (InfoNCE needs negatives)")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+            raise AvrError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0, "
+                           f"weight_decay ({self.weight_decay}) >= 0")
+        if not 0 <= self.warmup <= 1:
+            raise AvrError(f"warmup is a fraction of all steps, in [0, 1], not {self.warmup}")
+        if self.early_stop < 0 or self.score_chunk < 0:
+            raise AvrError(f"early_stop ({self.early_stop}) and score_chunk ({self.score_chunk}) "
+                           f"must be >= 0")
+        if self.shards < 1 or self.batch_size % self.shards:
+            raise AvrError(f"batch size {self.batch_size} must be a multiple of shards="
+                           f"{self.shards} (>= 1): every shard gives each batch the same number "
+                           f"of pairs")
+        make_config(self.head, self.head_options)  # unknown head options fail now, not later
+        resolve_device(self.device)  # an unknown or absent device fails now, not later
+
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# Training options that runs written by an older avr name otherwise in config.json.
+FORMER_NAMES = {"val_video_chunk": "score_chunk"}
+
+
+def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a run's config.json records (its ``train`` table), former names read."""
+    values = {FORMER_NAMES.get(k, k): v for k, v in saved.items()}
+    return TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
+
+
+# Options a resumed run may change: they decide how long and where it trains, not what it
+# learns at each step. Every other option is the run's own (``resume_changes`` refuses it).
+RESUMABLE = ("epochs", "early_stop", "device", "amp", "score_chunk")
+
+
+def split_options(options: dict[str, Any], head: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split flat ``key=value`` options into trainer fields and head options."""
+    head_fields = {f.name for f in dataclasses.fields(head_class(head).Config)}
+    train, head_opts = {}, {}
+    for key, value in options.items():
+        if key in head_fields:
+            head_opts[key] = value
+        elif key in TRAIN_FIELDS:
+            train[key] = value
+        else:
+            raise AvrError(f"unknown option {key!r}: not a training option "
+                           f"({', '.join(sorted(TRAIN_FIELDS - {'head', 'head_options'}))}) "
+                           f"nor an option of head {head!r} ({', '.join(sorted(head_fields))})")
+    return train, head_opts
+
+
+def parse_value(text: str) -> Any:
+    """``3e-4`` -> float, ``12`` -> int, ``true`` -> bool, anything else stays a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "fusion=concat"]`` -> ``{"lr": 1e-4, "fusion": "concat"}``."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AvrError(f"option {item!r} is not of the form key=value")
+        options[key.strip().replace("-", "_")] = parse_value(value)
+    return options
+
+
+def parse_grid(grid: str) -> list[dict[str, Any]]:
+    """Every combination of a grid such as ``"lr=1e-4,3e-4 temperature=0.05,0.1"``, in order."""
+    axes = []
+    for term in grid.split():
+        key, sep, values = term.partition("=")
+        if not sep or not values:
+            raise AvrError(f"grid term {term!r} is not of the form key=v1,v2,...")
+        axes.append([(key.replace("-", "_"), parse_value(v)) for v in values.split(",") if v])
+    if not axes:
+        raise AvrError("empty grid: give terms like \"lr=1e-4,3e-4 temperature=0.05,0.1\"")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def load_toml(path: Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """``run.toml`` as (training options, head options, cache location). Head options come
+    from a ``[head_options]`` (or ``[head_opts]``) table, or from a ``[head]`` table that also
+    holds the head's ``name``."""
+    if not path.is_file():
+        raise InputFileError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(read_text(path))
+    except tomllib.TOMLDecodeError as error:
+        raise InputFileError(f"{path}: not valid TOML: {error}") from None
+    options = {**_table(data, "head_options", path), **_table(data, "head_opts", path)}
+    if isinstance(data.get("head"), dict):
+        table = data.pop("head")
+        data["head"] = table.pop("name", TrainConfig.head)
+        options.update(table)
+    cache = data.pop("cache", None)
+    if cache is not None and not isinstance(cache, str):
+        raise InputFileError(f"{path}: cache = {cache!r} must be text (a path or a URL)")
+    unknown = sorted(set(data) - TRAIN_FIELDS)
+    if unknown:
+        raise InputFileError(f"{path}: unknown training option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(TRAIN_FIELDS - {'head_options'}))}")
+    return typed_fields(TrainConfig, data, str(path)), options, cache
+
+
+def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    table = data.pop(key, {})
+    if not isinstance(table, dict):
+        raise InputFileError(f"{path}: {key} must be a table ([{key}] with key = value lines)")
+    return table
+
+
+def train_config(config_file: Path | None, flags: dict[str, Any], opts: list[str]
+                 ) -> tuple[TrainConfig, str | None]:
+    """The checked TrainConfig of ``run.toml`` (if any), overridden by ``flags`` (None: not
+    given), overridden by ``--opt`` items; and the cache location the TOML file names."""
+    values: dict[str, Any] = {}
+    toml_head_options: dict[str, Any] = {}
+    cache = None
+    if config_file is not None:
+        values, toml_head_options, cache = load_toml(config_file)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    head = values.get("head", TrainConfig.head)
+    merged_head_options = head_options(head, toml_head_options, f"{config_file} [head_options]")
+    train_opts, head_opts = split_options(parse_options(opts), head)
+    values.update(typed_fields(TrainConfig, train_opts, "--opt"))
+    merged_head_options.update(head_options(head, head_opts, "--opt"))
+    config = TrainConfig(**values, head_options=merged_head_options)
+    config.validate()
+    return config, cache
+
+
+def resume_changes(run_dir: Path, flags: dict[str, Any], opts: list[str]) -> dict[str, Any]:
+    """The changes ``--resume RUN`` applies: the given ``flags`` (None: not given; keys are
+    option names, shown as --flag-name) and ``--opt`` items, all of which must be options a run
+    may change when it resumes (``trainer.RESUMABLE``). Any other is refused, named, with what
+    to do instead: a resumed run keeps its own learning rate, batch, head options and seed."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    options = parse_options(opts)
+    refused = [f"--{key.replace('_', '-')}" for key in given if key not in RESUMABLE]
+    refused += [f"--opt {key}" for key in options if key not in RESUMABLE]
+    if refused:
+        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in RESUMABLE if key in flags)
+        raise AvrError(f"--resume {run_dir} continues the run with its own settings; "
+                       f"{', '.join(refused)} would change what it learns: start a new run "
+                       f"instead (--run-dir). A resumed run takes {allowed}, --cache and "
+                       f"--opt {'/'.join(RESUMABLE)}")
+    return {**given, **typed_fields(TrainConfig, options, "--opt")}
+
+
+def head_options(head: str, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` converted to the types of head ``head``'s option fields."""
+    return typed_fields(head_class(head).Config, values, source)
