@@ -150,7 +150,7 @@ def extract(
     from avr.fuse.config import parse_options
 
     config = ExtractConfig(
-        dataset=dataset, root=root, out=out, backbones=backbones,
+        dataset=dataset, root=root, out=out, weights=backbones,
         names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
                             ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens),
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,

@@ -81,7 +81,7 @@ def run_demo(config: DemoConfig, console=None) -> DemoResult:
 
     say(f"[bold]1. extract[/]  avr extract --dataset demo --root {data} --out {cache} "
         f"--backbones tiny --seed {config.seed}")
-    summary = extract(ExtractConfig(dataset="demo", root=data, out=cache, backbones="tiny",
+    summary = extract(ExtractConfig(dataset="demo", root=data, out=cache, weights="tiny",
                                     seed=config.seed, workers=config.workers, device="cpu"),
                       console=console)
     say(f"   {summary.done}/{summary.videos} clips, {summary.captions} captions, "

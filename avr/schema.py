@@ -13,7 +13,10 @@ Video arrays (N rows)
     video_done            bool  [N]                 set only after every array of the row is written
     frame_embeddings      f16   [N, F, D_clip]      CLIP image embedding per frame (after projection)
     frame_mask            bool  [N, F]              False for padded frames of short videos
-    swin_stage{k}         f16   [N, F, g_k*g_k, C_k] Swin stage k feature map, adaptive-avg-pooled to g_k x g_k
+    swin_stage{k}         f16   [N, F, g_k*g_k, C_k] level k of the Swin pyramid: the k-th Swin
+                                                    stage the store keeps (Swin's stage 1 for k = 0
+                                                    with the default stages 1-3), adaptive-avg-
+                                                    pooled to g_k x g_k
     audio_patch_tokens    f16   [N, 1212, D_ast]    AST patch tokens (12 freq x 101 time, freq-major)
     audio_global_tokens   f16   [N, 2, D_ast]       AST CLS and distillation tokens
     audio_time_tokens     f16   [N, 101, D_ast]     patch tokens averaged over the 12 frequency rows
@@ -101,8 +104,10 @@ LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries sha
 INDEX_DIR = "index"  # `avr index build`'s first-stage index, by default inside the store
 
 
-def swin_stage(k: int) -> str:
-    """Name of the array holding Swin stage ``k`` (0-based)."""
+def swin_level(k: int) -> str:
+    """Name of the array holding level ``k`` of the Swin pyramid: the k-th (0-based) of the Swin
+    stages the store keeps, not Swin's stage k. The on-disk name says ``stage``, as every
+    store written so far spells it (docs/cache.md)."""
     return f"swin_stage{k}"
 
 
@@ -235,7 +240,7 @@ def array_layout(spec: CacheSpec, n_videos: int, n_captions: int, *,
         HAS_AUDIO: ((), np.bool_),
     }
     for k, (channels, grid) in enumerate(zip(spec.swin_channels, spec.swin_grids)):
-        per_video[swin_stage(k)] = ((F, grid * grid, channels), half)
+        per_video[swin_level(k)] = ((F, grid * grid, channels), half)
     per_caption: dict[str, tuple[tuple[int, ...], Any]] = {
         CAPTION_VIDEO: ((), np.int32),
         CAPTION_TEXT: ((), str),

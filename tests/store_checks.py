@@ -15,7 +15,7 @@ from avr.extract.pipeline import ExtractConfig
 def demo_extract_config(root: Path, out: Path | str, chunk_rows: int, **overrides
                         ) -> ExtractConfig:
     """The demo set with tiny backbones on the CPU, decoded in this process."""
-    values = dict(dataset="demo", root=root, out=out, backbones="tiny", workers=0,
+    values = dict(dataset="demo", root=root, out=out, weights="tiny", workers=0,
                   chunk_rows=chunk_rows, device="cpu")
     values.update(overrides)
     return ExtractConfig(**values)

@@ -62,7 +62,7 @@ def test_tiny_frames_give_clip_embeddings_and_pooled_swin_stages(tiny):
     out = tiny.encode_frames(random_frames(3, spec.image_size))
     expected = {schema.FRAME_EMBEDDINGS: (3, spec.clip_dim)}
     for k, (channels, grid) in enumerate(zip(spec.swin_channels, spec.swin_grids)):
-        expected[schema.swin_stage(k)] = (3, grid * grid, channels)
+        expected[schema.swin_level(k)] = (3, grid * grid, channels)
     assert {name: tuple(t.shape) for name, t in out.items()} == expected
     assert all(t.dtype == torch.float32 for t in out.values())
 
@@ -226,8 +226,8 @@ def test_other_swin_stages_change_channels_and_grids():
     backbones = load_backbones("tiny", BackboneNames(swin_stages=(0, 1, 3), swin_grids=(2, 2, 1)))
     assert backbones.spec_fields["swin_channels"] == (4, 8, 32)
     out = backbones.encode_frames(random_frames(1, 32))
-    assert out[schema.swin_stage(0)].shape == (1, 4, 4)
-    assert out[schema.swin_stage(2)].shape == (1, 1, 32)
+    assert out[schema.swin_level(0)].shape == (1, 4, 4)
+    assert out[schema.swin_level(2)].shape == (1, 1, 32)
 
 
 # ---- input checks -----------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_swin_tiny_architecture_has_four_stages_of_96_192_384_768():
                                        swin_grids=(4, 4, 2, 1)))
     assert backbones.spec_fields["swin_channels"] == (96, 192, 384, 768)
     out = backbones.encode_frames(random_frames(1, 32))  # resized 32 -> 224 for Swin
-    shapes = [tuple(out[schema.swin_stage(k)].shape) for k in range(4)]
+    shapes = [tuple(out[schema.swin_level(k)].shape) for k in range(4)]
     assert shapes == [(1, 16, 96), (1, 16, 192), (1, 4, 384), (1, 1, 768)]
 
 

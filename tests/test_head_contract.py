@@ -47,7 +47,7 @@ HEAD_NAMES = sorted(HEADS)
 
 def frame_arrays(spec) -> set[str]:
     """The video arrays with a row per frame, [N, F, ...], that ``frame_mask`` masks."""
-    return {schema.FRAME_EMBEDDINGS, *(schema.swin_stage(k) for k in range(spec.num_swin_stages))}
+    return {schema.FRAME_EMBEDDINGS, *(schema.swin_level(k) for k in range(spec.num_swin_stages))}
 
 
 def make(name: str, spec, **options):

@@ -206,7 +206,7 @@ def test_masked_frames_do_not_change_the_score(tiny_spec):
     texts, videos = encoded(head, data)
     with torch.no_grad():
         scores = head.score(texts, videos)
-        for name in (schema.FRAME_EMBEDDINGS, schema.swin_stage(0), schema.swin_stage(2)):
+        for name in (schema.FRAME_EMBEDDINGS, schema.swin_level(0), schema.swin_level(2)):
             data.videos[name][:, 4:] = 50.0
         changed = head.score(texts, head.encode_videos(data.videos))
     assert torch.allclose(scores, changed, atol=1e-6)
@@ -281,7 +281,7 @@ def reference_video_only_score(head, captions, videos, q, v):
         queries = [(graph[l], pi[l]) for l in range(len(pi)) if mask[0, l]]
     else:
         queries = [(summary, torch.tensor(1.0))]
-    stages = [videos[schema.swin_stage(k)][v:v + 1].float() for k in range(htav.SWIN_LEVELS)]
+    stages = [videos[schema.swin_level(k)][v:v + 1].float() for k in range(htav.SWIN_LEVELS)]
     tokens = (head.fpn(stages) + head.level_embedding[head.token_level])[0]  # [F, S, W]
     frames = videos[schema.FRAME_EMBEDDINGS][v].float()  # [F, Dc]
     frame_mask = videos[schema.FRAME_MASK][v]

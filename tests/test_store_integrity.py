@@ -259,7 +259,7 @@ def test_repair_then_extract_recomputes_exactly_the_damaged_rows(demo_root, stra
 
 def test_repair_of_one_chunk_leaves_the_others_done(demo_root, straight, tmp_path):
     out = Path(shutil.copytree(straight, tmp_path / "cache"))
-    truncate_chunk(out, schema.swin_stage(0), 1)
+    truncate_chunk(out, schema.swin_level(0), 1)
     assert avr_cli("cache", "verify", out, "--repair").returncode == 1
     done = read_store(out)[schema.VIDEO_DONE]
     assert np.flatnonzero(~done).tolist() == [2, 3]

@@ -22,7 +22,7 @@ import torch
 
 from avr.batching import map_batches, row_count
 from avr.device import autocast
-from avr.fuse.heads.base import RetrievalHead, State, slice_state
+from avr.fuse.heads.base import RetrievalHead, Rows, State, slice_state
 
 # Rows per encode call: an encoder's activations are per row, small beside the cached tokens.
 ENCODE_VIDEO_ROWS = 256
@@ -69,7 +69,7 @@ def _row_elements(state: State) -> int:
     return sum(tensor[0].numel() for tensor in state.values())
 
 
-def encode_rows(encode, rows: State, device: torch.device, batch: int) -> State:
+def encode_rows(encode, rows: Rows, device: torch.device, batch: int) -> State:
     """``encode`` (a head's ``encode_videos`` or ``encode_texts``) over ``rows`` (cached arrays,
     wherever they sit), ``batch`` rows at a time, each batch moved to ``device`` first."""
     return map_batches(lambda part: encode({name: value.to(device, non_blocking=True)
@@ -106,7 +106,7 @@ class SplitScores:
 
 
 @torch.no_grad()
-def score_split(head: RetrievalHead, video_rows: State, caption_rows: State,
+def score_split(head: RetrievalHead, video_rows: Rows, caption_rows: Rows,
                 device: torch.device, *, amp: bool = True, score_chunk: int = 0,
                 out_device: str | torch.device = "cpu") -> SplitScores:
     """Encode ``video_rows`` and ``caption_rows`` (cached arrays by name, rows first) with
@@ -119,7 +119,7 @@ def score_split(head: RetrievalHead, video_rows: State, caption_rows: State,
 
 
 @torch.no_grad()
-def score_captions(head: RetrievalHead, caption_rows: State, videos: State,
+def score_captions(head: RetrievalHead, caption_rows: Rows, videos: State,
                    device: torch.device, *, amp: bool = True, score_chunk: int = 0,
                    out_device: str | torch.device = "cpu") -> SplitScores:
     """Encode ``caption_rows`` and score them against ``videos``, already encoded: the second

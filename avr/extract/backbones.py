@@ -61,7 +61,7 @@ class BackboneNames:
     ``swin_stages`` picks stages of Swin's four (0-based; stage k has embed_dim * 2^k channels
     at 1/(4 * 2^k) of the input resolution); at least three, in increasing depth, for the FPN.
     Stage ``swin_stages[i]`` is pooled to ``swin_grids[i]`` x ``swin_grids[i]`` and stored as
-    ``schema.swin_stage(i)``. The defaults keep 192@28² -> 4x4, 384@14² -> 2x2, 768@7² -> 1x1.
+    ``schema.swin_level(i)``. The defaults keep 192@28² -> 4x4, 384@14² -> 2x2, 768@7² -> 1x1.
     """
 
     clip_model: str = "ViT-B-32"  # open_clip model name
@@ -251,7 +251,7 @@ class Backbones:
         # before its patch merging, [N, C_k, H_k, W_k].
         stage_maps = swin_out.reshaped_hidden_states[1:]
         for index, (stage, grid) in enumerate(zip(self.swin_stages, self.swin_grids)):
-            out[schema.swin_stage(index)] = pool_feature_map(stage_maps[stage], grid)
+            out[schema.swin_level(index)] = pool_feature_map(stage_maps[stage], grid)
         return out
 
     @torch.no_grad()

@@ -63,9 +63,9 @@ def worker_backbones(config: ExtractConfig) -> Backbones:
     """This process's backbones for ``config``, built on first use and kept for every later
     task (``device="auto"`` resolves to this worker's GPU when it has one)."""
     device = pipeline.resolve_device(config.device)
-    key = (config.backbones, config.names, config.seed, str(device))
+    key = (config.weights, config.names, config.seed, str(device))
     if key not in _BACKBONES:
-        _BACKBONES[key] = load_backbones(config.backbones, config.names, device=device,
+        _BACKBONES[key] = load_backbones(config.weights, config.names, device=device,
                                          seed=config.seed)
     return _BACKBONES[key]
 
@@ -174,7 +174,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
     started = time.perf_counter()
     with pipeline.hold_store_lock(config, console) as lock:
         index = pipeline.list_dataset(config, console)
-        spec_backbones = load_backbones(config.backbones, config.names, device="cpu",
+        spec_backbones = load_backbones(config.weights, config.names, device="cpu",
                                         seed=config.seed)
         out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)
         del spec_backbones

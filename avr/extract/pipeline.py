@@ -62,7 +62,7 @@ class ExtractConfig:
     dataset: str = "vatex"
     root: Path | None = None  # default data/<dataset>
     out: str | Path = Path("cache")  # a local path or an fsspec URL (s3://, gs://, file://)
-    backbones: str = "real"  # "real" (pretrained weights) | "tiny" (small random configs)
+    weights: str = "real"  # --backbones: "real" (pretrained weights) | "tiny" (random configs)
     names: BackboneNames = field(default_factory=BackboneNames)
     num_frames: int | None = None  # default: the dataset's (12 MSR-VTT, 32 VATEX)
     device: str = "auto"
@@ -274,7 +274,7 @@ def extract(config: ExtractConfig, *, console=None,
     with hold_store_lock(config, console) as lock:
         index = list_dataset(config, console)
         device = resolve_device(config.device)
-        backbones = load_backbones(config.backbones, config.names, device=device,
+        backbones = load_backbones(config.weights, config.names, device=device,
                                    seed=config.seed)
         out, group, spec, layout = open_extract_store(config, index, backbones)
 

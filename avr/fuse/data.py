@@ -162,4 +162,4 @@ def random_split(spec: CacheSpec, num_videos: int, captions_per_video: int = 1, 
 
 
 _FEATURES = set(schema.VIDEO_FEATURES) | set(schema.CAPTION_FEATURES) | {
-    schema.swin_stage(k) for k in range(8)}
+    schema.swin_level(k) for k in range(8)}

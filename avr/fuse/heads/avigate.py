@@ -98,7 +98,7 @@ from avr.errors import AvrError
 from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
-                                 RetrievalHead, State, symmetric_infonce)
+                                 RetrievalHead, Rows, State, symmetric_infonce)
 
 FUSED_WEIGHT = 0.05  # A.3, code-only: output = 0.05 fused + 0.95 (CLIP frames + position)
 INIT_STD = 0.02  # CLIP4Clip's initializer_range: Linear weights and position embeddings
@@ -301,7 +301,7 @@ class Avigate(RetrievalHead):
         gates = torch.cat([gates[..., 0], gates[..., 1]], 1)  # mha gates, then ffn gates
         return FUSED_WEIGHT * fused + (1.0 - FUSED_WEIGHT) * original, gates
 
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())  # [V, F, D]
         frame_mask = videos[schema.FRAME_MASK].bool()  # [V, F]
         has_audio = videos[schema.HAS_AUDIO].bool()  # [V]
@@ -317,7 +317,7 @@ class Avigate(RetrievalHead):
         }
 
     # ---- text side and pairs -------------------------------------------------------------------
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())
         return {"text": F.normalize(text, dim=-1)}  # [Q, D]
 

@@ -5,7 +5,8 @@ Retrieval cost lives in the pairwise part, so a head splits its work in three:
 - ``encode_videos(videos) -> video state``: all that does not depend on the query; once per video.
 - ``encode_texts(captions) -> text state``: all that does not depend on the video; once per caption.
 - ``score(text state, video state) -> [Q, V]``: only the text-conditioned part. It never builds a
-  Q x V x D tensor for the whole split: callers score a split in blocks of rows (:mod:`avr.evaluate.score`).
+  Q x V x D tensor for the whole split: callers score a split in blocks of rows
+  (:mod:`avr.evaluate.score`).
 
 Inputs are dicts keyed by the array names of :mod:`avr.schema`, rows first, 16-bit floats as
 they sit in the cache; a head casts them to its parameter dtype. States are dicts of tensors,
@@ -43,6 +44,9 @@ from avr import schema
 from avr.errors import AvrError
 from avr.schema import CacheSpec
 
+# Cached rows: a head's inputs, the arrays of avr.schema by name, rows first, as stored.
+Rows = dict[str, torch.Tensor]
+# Encoded state: what encode_videos / encode_texts return and score reads, rows first.
 State = dict[str, torch.Tensor]
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp on the log of the logit scale
@@ -99,17 +103,17 @@ class RetrievalHead(nn.Module):
         the class's ``video_inputs`` unless an option leaves some of them unused."""
         return cls.video_inputs
 
-    def hide_audio(self, videos: State) -> State:
+    def hide_audio(self, videos: Rows) -> Rows:
         """These video rows with their audio left out (`avr eval --modalities v`). Default: every
         clip marked as having no audio track, which a head that masks missing audio answers by
         leaving the audio out; a head that encodes missing audio (a zero fbank) overrides it."""
         return {**videos, schema.HAS_AUDIO: torch.zeros_like(videos[schema.HAS_AUDIO])}
 
     # ---- the three parts -------------------------------------------------------------------
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         raise NotImplementedError
 
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         raise NotImplementedError
 
     def score(self, texts: State, videos: State) -> torch.Tensor:

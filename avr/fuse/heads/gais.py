@@ -73,7 +73,7 @@ from avr import schema
 from avr.fuse.blocks import TextConditionedPool, identity_linear, masked_attention
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
-                                 RetrievalHead, State, slice_state, state_rows)
+                                 RetrievalHead, Rows, State, slice_state, state_rows)
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Gais(RetrievalHead):
         self.alpha = nn.Parameter(torch.tensor(0.5))  # SVSP blend
 
     # ---- per video ---------------------------------------------------------------------------
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         dtype = self.param_dtype()
         dim = self.spec.clip_dim
         frames = videos[schema.FRAME_EMBEDDINGS].to(dtype)  # v [V, F, D]
@@ -193,7 +193,7 @@ class Gais(RetrievalHead):
         return self.pool.out(self.pool.value(self.pool.norm_in.bias))
 
     # ---- per caption -------------------------------------------------------------------------
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         """Caption state; in training mode it also holds the SVSP noise eps ~ U(0, 1)^D."""
         text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())  # t [Q, D]
         _, _, w_text = self.gate.weight[0].split(self.spec.clip_dim)

@@ -5,7 +5,7 @@ The paper names its blocks (Eq. 1-15) without most of their equations and has no
 Every choice below is ours, taken from docs/methods.md (i)-(iv) where it offers one.
 
 Video encoder, "Video Swin Feature Pyramid" (Eq. 1; docs/methods.md (iii)), per video:
-    the cached Swin stages swin_stage(k) [V, F, g_k^2, C_k] (stage 0 finest) go through a learned
+    the cached Swin stages swin_level(k) [V, F, g_k^2, C_k] (stage 0 finest) go through a learned
     FPN: a lateral 1x1 map (Linear C_k -> width) per level, top-down nearest-neighbour
     upsample-and-add from the coarsest grid to the finest, a 3x3 output conv per level, plus a
     learned level embedding. Tokens of all levels form S = sum_k g_k^2 spatial tokens per frame.
@@ -90,7 +90,7 @@ from avr.errors import AvrError
 from avr.fuse.blocks import identity_linear, masked_attention
 from avr.fuse.graph import TemporalGraph
 from avr.fuse.heads import base, register_head
-from avr.fuse.heads.base import HeadConfig, RetrievalHead, State, slice_state, state_rows
+from avr.fuse.heads.base import HeadConfig, RetrievalHead, Rows, State, slice_state, state_rows
 from avr.fuse.softdtw import soft_dtw_alignment
 
 # A head declares its inputs per class; docs/cache.md guarantees >= 3 Swin stages in a cache (the
@@ -203,7 +203,7 @@ class HTAV(RetrievalHead):
 
     Config = HTAVConfig
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_TIME_TOKENS,
-                    schema.HAS_AUDIO, *(schema.swin_stage(k) for k in range(SWIN_LEVELS)))
+                    schema.HAS_AUDIO, *(schema.swin_level(k) for k in range(SWIN_LEVELS)))
     caption_inputs = (schema.TEXT_EMBEDDINGS, schema.ROBERTA_STATES, schema.ROBERTA_MASK)
 
     def __init__(self, spec: schema.CacheSpec, config: HTAVConfig):
@@ -261,9 +261,9 @@ class HTAV(RetrievalHead):
         nn.init.zeros_(self.readout.bias)
 
     # ---- per video -------------------------------------------------------------------------------
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         dtype = self.param_dtype()
-        stages = [videos[schema.swin_stage(k)].to(dtype) for k in range(SWIN_LEVELS)]
+        stages = [videos[schema.swin_level(k)].to(dtype) for k in range(SWIN_LEVELS)]
         tokens = self.fpn(stages) + self.level_embedding[self.token_level]  # [V, F, S, W]
         frames = videos[schema.FRAME_EMBEDDINGS].to(dtype)  # c_f [V, F, Dc]
         audio, _ = self.audio_lstm(self.audio_norm(videos[schema.AUDIO_TIME_TOKENS].to(dtype)))
@@ -280,7 +280,7 @@ class HTAV(RetrievalHead):
         }
 
     # ---- per caption -----------------------------------------------------------------------------
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         dtype = self.param_dtype()
         mask = captions[schema.ROBERTA_MASK].bool()  # [Q, L]
         tokens = self.graph(self.token_proj(captions[schema.ROBERTA_STATES].to(dtype)), mask)

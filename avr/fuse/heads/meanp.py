@@ -26,7 +26,7 @@ from torch import nn
 from avr import schema
 from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
-from avr.fuse.heads.base import HeadConfig, RetrievalHead, State
+from avr.fuse.heads.base import HeadConfig, RetrievalHead, Rows, State
 
 
 @dataclass
@@ -53,12 +53,12 @@ class MeanP(RetrievalHead):
         self.video_proj = identity_linear(dim) if config.proj else nn.Identity()
         self.text_proj = identity_linear(dim) if config.proj else nn.Identity()
 
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())
         pooled = masked_mean(frames, videos.get(schema.FRAME_MASK))  # [V, D]
         return {"video": F.normalize(self.video_proj(pooled), dim=-1)}
 
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())
         return {"text": F.normalize(self.text_proj(text), dim=-1)}
 

@@ -78,7 +78,7 @@ from avr.errors import AvrError
 from avr.fuse.blocks import TextConditionedPool, cosine_scores
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_ATTENTION, EXPLAIN_FRAME_ATTENTION, HeadConfig,
-                                 RetrievalHead, State)
+                                 RetrievalHead, Rows, State)
 
 FUSIONS = ("add", "late", "score_sum", "concat", "xattn", "stack")
 # Fusions whose audio is one embedding per clip (AST's CLS and distillation tokens), not the
@@ -133,7 +133,7 @@ class Tefal(RetrievalHead):
         if self.fusion == "xattn":
             self.fusion_pool = TextConditionedPool(dim, config.dropout)
 
-    def hide_audio(self, videos: State) -> State:
+    def hide_audio(self, videos: Rows) -> Rows:
         return {**videos, schema.AUDIO_HIDDEN: torch.ones_like(videos[schema.HAS_AUDIO])}
 
     # ---- per video, per caption ------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Tefal(RetrievalHead):
         tokens = videos[schema.AUDIO_GLOBAL_TOKENS].to(self.param_dtype())  # [V, 2, Da]
         return self.audio_proj(tokens.mean(1))
 
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())  # [V, F, D]
         frame_mask = videos[schema.FRAME_MASK].bool()  # [V, F]
         present = self.audio_present(videos)  # [V]
@@ -170,7 +170,7 @@ class Tefal(RetrievalHead):
         return {**state, "audio_keys": audio_keys, "audio_values": audio_values,
                 "audio_present": present}
 
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())  # [Q, D]
         state = {"text": text, "video_query": self.video_pool.encode_query(text)}
         if self.fusion not in GLOBAL_AUDIO_FUSIONS:

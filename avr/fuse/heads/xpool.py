@@ -24,7 +24,7 @@ import torch
 from avr import schema
 from avr.fuse.blocks import TextConditionedPool, cosine_scores
 from avr.fuse.heads import register_head
-from avr.fuse.heads.base import EXPLAIN_FRAME_ATTENTION, HeadConfig, RetrievalHead, State
+from avr.fuse.heads.base import EXPLAIN_FRAME_ATTENTION, HeadConfig, RetrievalHead, Rows, State
 
 
 @register_head("xpool")
@@ -37,12 +37,12 @@ class XPool(RetrievalHead):
         super().__init__(spec, config)
         self.pool = TextConditionedPool(spec.clip_dim, config.dropout)
 
-    def encode_videos(self, videos: State) -> State:
+    def encode_videos(self, videos: Rows) -> State:
         frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())  # [V, F, D]
         keys, values = self.pool.encode_tokens(frames)
         return {"keys": keys, "values": values, "mask": videos[schema.FRAME_MASK].bool()}
 
-    def encode_texts(self, captions: State) -> State:
+    def encode_texts(self, captions: Rows) -> State:
         text = captions[schema.TEXT_EMBEDDINGS].to(self.param_dtype())  # [Q, D]
         return {"text": text, "query": self.pool.encode_query(text)}
 
