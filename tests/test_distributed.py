@@ -47,7 +47,7 @@ def torchrun(*args: str, cwd: Path) -> None:
 
 
 def losses(run: Path) -> list[float]:
-    return [h.loss for h in trainer.read_log(run)]
+    return [h.loss for h in checkpoint.read_log(run)]
 
 
 def assert_same_weights(run_a: Path, run_b: Path, name: str, atol: float = 1e-5) -> None:
@@ -80,8 +80,8 @@ def test_two_gloo_processes_train_the_same_run_as_one_process(store, one_process
              cwd=tmp_path)
     assert checkpoint.read_config(run)["train"]["shards"] == 2  # taken from WORLD_SIZE
     assert losses(run) == pytest.approx(losses(one_process_run), abs=1e-5)
-    assert ([h.val_r1 for h in trainer.read_log(run)]
-            == [h.val_r1 for h in trainer.read_log(one_process_run)])
+    assert ([h.val_r1 for h in checkpoint.read_log(run)]
+            == [h.val_r1 for h in checkpoint.read_log(one_process_run)])
     assert_same_weights(run, one_process_run, "last.safetensors")
     assert_same_weights(run, one_process_run, "best.safetensors")
 
