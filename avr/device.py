@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from avr.errors import AvrError
@@ -25,3 +28,17 @@ def autocast(device: torch.device, amp: bool = True):
     if device.type == "cuda" and amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` intra-op threads, then restore the number there was. The CPU
+    kernels split their sums by thread, so the thread count decides the last bits of a result
+    (and, over hundreds of steps, which epoch a run keeps): fixing it makes runs repeat across
+    machines with different numbers of cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from avr.device import intra_op_threads
 from avr.schema import AudioParams, BackboneInfo, CacheSpec
 
 
@@ -41,7 +41,5 @@ def tiny_spec() -> CacheSpec:
 def one_thread():
     """Run a test on one intra-op thread (for many ops on tiny tensors, where handing work
     between threads costs more than it saves)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
