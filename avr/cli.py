@@ -345,10 +345,13 @@ def train(
                                                    "cache/)."),
     head: Optional[str] = typer.Option(None, help="meanp | xpool | tefal | avigate | gais | htav "
                                                   "(default: tefal).", callback=head_option),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default 5)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default 5; more on a small "
+                                                           "train split)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
-                                             help="Batch (default 128)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4).",
+                                             help="Batch (default 128; less on a small train "
+                                                  "split)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4; 3e-3 on a store "
+                                                  "of random backbones).",
                                        callback=positive_option),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0),
     warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
@@ -403,11 +406,15 @@ def train(
     train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
     cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
     schema.open_store(cache_path)  # a missing store is reported before anything is drawn
+    # What `trainer.train` will resolve the unset schedule to, shown before anything else.
+    resolved, schedule = trainer.schedule_for_store(cache_path, train_config)
+    if schedule is not None:
+        console.print(schedule, markup=False, highlight=False)
     run_dir = run_dir or trainer.default_run_dir(train_config.head)
     console.print(f"training [bold]{train_config.head}[/] on {cache_path} -> {run_dir}")
     with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
                                       "{task.fields[r1]:.1f}") as progress:
-        task = progress.add_task(train_config.head, total=train_config.epochs, rate="", loss=0.0,
+        task = progress.add_task(train_config.head, total=resolved.epochs, rate="", loss=0.0,
                                  r1=0.0)
         result = trainer.train(cache_path, train_config, run_dir,
                                on_epoch=_epoch_printer(progress, task))
@@ -438,6 +445,7 @@ def sweep(
     from rich.table import Table
 
     from avr import schema
+    from avr.fuse import trainer
     from avr.fuse.config import parse_grid, train_config
     from avr.fuse.sweep import sweep as run_sweep, trial_configs
     from avr.progress import progress_bar
@@ -447,6 +455,9 @@ def sweep(
                                       device=device), opt)
     trial_configs(base, trials_grid)  # every trial's options are checked before any training
     schema.open_store(cache)
+    _, schedule = trainer.schedule_for_store(cache, base)
+    if schedule is not None:
+        console.print(schedule, markup=False, highlight=False)
     with progress_bar(console, fields="best val R@1 {task.fields[best]:.1f}") as progress:
         task = progress.add_task(f"sweep {head}", total=len(trials_grid), rate="", best=0.0)
         best = [0.0]

@@ -23,15 +23,26 @@ from avr.fuse.fields import typed_fields
 from avr.fuse.heads import head_class, make_config
 
 
+# What an unset epochs, batch size and learning rate become on a split large enough for them: the
+# papers' schedule (X-Pool, TEFAL, CLIP4Clip on VATEX and MSR-VTT). ``trainer.resolve_schedule``
+# departs from it on a small split or on features of random backbones.
+PAPER_SCHEDULE: dict[str, Any] = dict(epochs=5, batch_size=128, lr=1e-4)
+MIN_BATCHES_PER_EPOCH = 4  # a batch is at most about a quarter of the split: epochs differ
+MIN_STEPS = 250  # optimizer steps a default schedule gives at least (MSR-VTT 7k: 275 at 5 x 128)
+SCRATCH_LR = 3e-3  # a head that learns an alignment from scratch (random backbones)
+
+
 @dataclass
 class TrainConfig:
-    """Training options; every field can come from flags, from ``--config run.toml`` or a sweep."""
+    """Training options; every field can come from flags, from ``--config run.toml`` or a sweep.
+    ``epochs``, ``batch_size`` and ``lr`` left None are chosen by ``trainer.resolve_schedule``
+    from the store; a value the user gives is never changed."""
 
     head: str = "tefal"
     head_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-4
+    epochs: int | None = None  # None: 5, more on a small split
+    batch_size: int | None = None  # None: 128, less on a small split
+    lr: float | None = None  # None: 1e-4, more on features of random backbones
     weight_decay: float = 0.2
     warmup: float = 0.1  # fraction of all steps spent in linear warmup, then cosine decay
     grad_clip: float = 1.0
@@ -46,9 +57,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.pairs not in ("one", "all"):
             raise AvrError(f"pairs must be 'one' or 'all', not {self.pairs!r}")
-        if self.epochs < 1 or self.batch_size < 2:
+        if (self.epochs or 1) < 1 or (self.batch_size or 2) < 2:
             raise AvrError("epochs must be >= 1 and batch size >= 2 (InfoNCE needs negatives)")
-        if not self.lr > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
+        if not (self.lr or 1) > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
             raise AvrError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0, "
                            f"weight_decay ({self.weight_decay}) >= 0")
         if not 0 <= self.warmup <= 1:
@@ -56,7 +67,7 @@ class TrainConfig:
         if self.early_stop < 0 or self.score_chunk < 0:
             raise AvrError(f"early_stop ({self.early_stop}) and score_chunk ({self.score_chunk}) "
                            f"must be >= 0")
-        if self.shards < 1 or self.batch_size % self.shards:
+        if self.shards < 1 or (self.batch_size or self.shards) % self.shards:
             raise AvrError(f"batch size {self.batch_size} must be a multiple of shards="
                            f"{self.shards} (>= 1): every shard gives each batch the same number "
                            f"of pairs")

@@ -118,6 +118,14 @@ def split_rows(group, split: str) -> SplitRows:
     return SplitRows(in_split, np.flatnonzero(in_split & done), np.flatnonzero(in_split & ~done))
 
 
+def split_size(group, split: str) -> tuple[int, int]:
+    """(videos, captions) of ``split`` that training reads: its done videos and their captions."""
+    rows = split_video_rows(group, split)
+    in_split = np.zeros(len(read_rows(group[schema.VIDEO_DONE])), dtype=bool)
+    in_split[rows] = True
+    return len(rows), int(in_split[read_rows(group[schema.CAPTION_VIDEO])].sum())
+
+
 def _require_captions_done(path, split: str, group, caption_rows: np.ndarray) -> None:
     """Caption features are read only once they are extracted: a caption row not done (an
     extract that has not finished, or rows a repair marked for recomputation) would read as

@@ -17,7 +17,7 @@ from avr.device import resolve_device
 from avr.fuse.config import head_options, split_options
 from avr.fuse.fields import typed_fields
 from avr.fuse.trainer import (CacheData, TrainConfig, TrainResult, build_run, fit, load_cache,
-                              train)
+                              schedule_for_store, train)
 
 
 def trial_configs(base: TrainConfig, grid: list[dict[str, Any]]) -> list[TrainConfig]:
@@ -44,7 +44,7 @@ def sweep(cache_path: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
           runs_dir: Path | None = None,
           on_trial: Callable[[int, Trial], None] | None = None) -> list[Trial]:
     """Train every configuration of ``grid`` on one in-memory copy of the cache."""
-    configs = trial_configs(base, grid)
+    configs = [schedule_for_store(cache_path, config)[0] for config in trial_configs(base, grid)]
     device = resolve_device(base.device)
     cache: CacheData = load_cache(cache_path, base.head, device,
                                   head_options=[config.head_options for config in configs])

@@ -39,9 +39,10 @@ from avr.errors import AvrError, RunError
 from avr.evaluate.score import score_split
 from avr.device import autocast, resolve_device
 from avr.fuse import checkpoint, distributed
-from avr.fuse.config import RESUMABLE, TrainConfig, saved_train_config
+from avr.fuse.config import (MIN_BATCHES_PER_EPOCH, MIN_STEPS, PAPER_SCHEDULE, RESUMABLE,
+                             SCRATCH_LR, TrainConfig, saved_train_config)
 from avr.fuse.checkpoint import EpochLog, TrainState
-from avr.fuse.data import SplitTensors, load_split
+from avr.fuse.data import SplitTensors, load_split, split_size
 from avr.fuse.distributed import World
 from avr.fuse.sampling import epoch_batches, steps_per_epoch
 from avr.fuse.heads import build_head, head_class, video_inputs
@@ -57,6 +58,77 @@ def check_world(config: TrainConfig, world: World) -> None:
                        f"processes: pass --opt shards={world.size}, or start "
                        f"--nproc-per-node {config.shards} (a run with shards=N trains the same "
                        f"on one process or on N)")
+
+
+def resolve_schedule(config: TrainConfig, spec: schema.CacheSpec, videos: int, captions: int
+                     ) -> tuple[TrainConfig, str | None]:
+    """``config`` with the epochs, batch size and learning rate the user left unset chosen for a
+    train split of ``videos`` videos and ``captions`` captions, and one line saying how and why
+    they depart from the papers' 5 epochs of batch 128 at lr 1e-4 (None where they do not):
+
+    - batch: the largest power of two up to 128 that gives an epoch at least
+      ``MIN_BATCHES_PER_EPOCH`` batches (so 128 from 385 train videos on);
+    - epochs: 5, or as many as give the optimizer ``MIN_STEPS`` steps at that batch;
+    - lr: 1e-4 on CLIP's features, where a head fine-tunes an alignment CLIP already has;
+      ``SCRATCH_LR`` on a store extracted with random backbones (``--backbones tiny``), whose
+      features are aligned by nothing: there the head learns the alignment from scratch.
+    """
+    unset = [name for name in PAPER_SCHEDULE if getattr(config, name) is None]
+    if not unset:
+        return config, None
+    batch = config.batch_size or schedule_batch_size(videos, config.shards)
+    steps = math.ceil((videos if config.pairs == "one" else captions) / batch)
+    epochs = config.epochs or max(PAPER_SCHEDULE["epochs"], math.ceil(MIN_STEPS / max(1, steps)))
+    scratch = random_backbones(spec)
+    lr = config.lr or (SCRATCH_LR if scratch else PAPER_SCHEDULE["lr"])
+    resolved = dataclasses.replace(config, epochs=epochs, batch_size=batch, lr=lr)
+    return resolved, _schedule_note(resolved, unset, videos, scratch)
+
+
+def schedule_for_store(cache_path: str | Path, config: TrainConfig
+                       ) -> tuple[TrainConfig, str | None]:
+    """``resolve_schedule`` for the train split of the store at ``cache_path``."""
+    if all(getattr(config, name) is not None for name in PAPER_SCHEDULE):
+        return config, None
+    group, spec = schema.open_store(schema.store_location(cache_path))
+    return resolve_schedule(config, spec, *split_size(group, "train"))
+
+
+def schedule_batch_size(videos: int, shards: int = 1) -> int:
+    """The largest power of two up to the papers' 128 that leaves an epoch of ``videos`` videos
+    at least ``MIN_BATCHES_PER_EPOCH`` batches; at least 2 and a multiple of ``shards``."""
+    batch = PAPER_SCHEDULE["batch_size"]
+    while batch > 2 and math.ceil(videos / batch) < MIN_BATCHES_PER_EPOCH:
+        batch //= 2
+    return max(batch - batch % shards, shards, 2)
+
+
+def random_backbones(spec: schema.CacheSpec) -> bool:
+    """Whether the store's CLIP features come from a randomly initialised CLIP."""
+    clip = spec.backbones.get("clip")
+    return clip is not None and clip.weights.startswith("random:")
+
+
+def _schedule_note(config: TrainConfig, unset: list[str], videos: int, scratch: bool
+                   ) -> str | None:
+    departs = [name for name in unset if getattr(config, name) != PAPER_SCHEDULE[name]]
+    reasons = []
+    sized = [name for name in ("batch_size", "epochs") if name in departs]
+    if sized:
+        values = {"batch_size": f"batch {config.batch_size}", "epochs": f"{config.epochs} epochs"}
+        papers = {"batch_size": str(PAPER_SCHEDULE["batch_size"]),
+                  "epochs": str(PAPER_SCHEDULE["epochs"])}
+        reasons.append(
+            f"small train split ({videos} videos): {', '.join(values[n] for n in sized)} instead "
+            f"of {' / '.join(papers[n] for n in sized)}, so that an epoch has at least "
+            f"{MIN_BATCHES_PER_EPOCH} batches and the run at least {MIN_STEPS} optimizer steps")
+    if "lr" in departs and scratch:
+        reasons.append(f"lr {config.lr:g} instead of {PAPER_SCHEDULE['lr']:g}, because the "
+                       f"store's CLIP is random: the head learns an alignment from scratch "
+                       f"instead of fine-tuning CLIP's")
+    if not reasons:
+        return None
+    return "; ".join(reasons) + " (flags set any of them)"
 
 
 def seed_everything(seed: int) -> None:
@@ -317,11 +389,13 @@ def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = No
             config = dataclasses.replace(config, shards=world.size)
             config.validate()
         check_world(config, world)
+        config, schedule = schedule_for_store(cache_path, config)
+        config.validate()
         cache = cache or load_cache(cache_path, config.head, device, world,
                                     head_options=[config.head_options])
         run = build_run(config, cache, device, world, run_dir=new_run_dir(run_dir, config, world))
         if world.is_main:
-            checkpoint.write_config(run.run_dir, run_config(cache_path, run))
+            checkpoint.write_config(run.run_dir, run_config(cache_path, run, schedule))
         return fit(run, on_epoch)
 
 
@@ -337,13 +411,15 @@ def new_run_dir(run_dir: Path | None, config: TrainConfig, world: World) -> Path
     return run_dir
 
 
-def run_config(cache_path, run: Run) -> dict[str, Any]:
-    """config.json of a new run."""
+def run_config(cache_path, run: Run, schedule: str | None) -> dict[str, Any]:
+    """config.json of a new run; ``schedule`` says why its epochs, batch size or lr depart from
+    the papers' (``resolve_schedule``), or is None."""
     head = run.state.head
     return {
         "head": run.config.head,
         "head_options": head.config_dict(),
-        "train": dataclasses.asdict(run.config),
+        "train": dataclasses.asdict(run.config),  # as resolved: every value the run used
+        "schedule": schedule,
         "cache": {"path": schema.location_text(cache_path),
                   "identity": schema.cache_identity(run.cache.spec)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
