@@ -6,26 +6,16 @@ cost per case)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from avr.cli import app
+from console import run_avr
 from stores import make_learnable_store
 
 TRACEBACK_MARKS = ("Traceback", "╭─ Traceback", "File \"")
-
-
-def run_avr(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("avr")
-    assert script.exists(), f"the avr console script is not installed beside {sys.executable}"
-    return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True,
-                          timeout=120, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(Path.cwd()), "COLUMNS": "200"})
 
 
 def assert_usage_error(done: subprocess.CompletedProcess, *expected: str) -> None:
