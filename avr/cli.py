@@ -409,7 +409,7 @@ def train(
     # What `trainer.train` will resolve the unset schedule to, shown before anything else.
     resolved, schedule = trainer.schedule_for_store(cache_path, train_config)
     if schedule is not None:
-        console.print(schedule, markup=False, highlight=False)
+        console.print(schedule, markup=False, highlight=False, soft_wrap=True)
     run_dir = run_dir or trainer.default_run_dir(train_config.head)
     console.print(f"training [bold]{train_config.head}[/] on {cache_path} -> {run_dir}")
     with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
@@ -457,7 +457,7 @@ def sweep(
     schema.open_store(cache)
     _, schedule = trainer.schedule_for_store(cache, base)
     if schedule is not None:
-        console.print(schedule, markup=False, highlight=False)
+        console.print(schedule, markup=False, highlight=False, soft_wrap=True)
     with progress_bar(console, fields="best val R@1 {task.fields[best]:.1f}") as progress:
         task = progress.add_task(f"sweep {head}", total=len(trials_grid), rate="", best=0.0)
         best = [0.0]

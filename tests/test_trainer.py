@@ -160,7 +160,8 @@ def test_the_schedule_never_changes_what_the_user_set(tiny_spec):
     assert trainer.resolve_schedule(given, tiny_spec, 56, 112) == (given, None)
     config, note = trainer.resolve_schedule(TrainConfig(batch_size=32), tiny_spec, 56, 112)
     assert (config.batch_size, config.epochs) == (32, 125)
-    assert note.startswith("small train split (56 videos): 125 epochs instead of 5, so")
+    assert note.startswith("small train split (56 videos): 125 epochs instead of 5, so that the "
+                           "run has at least 250 optimizer steps; lr 0.003")
 
 
 def test_the_schedule_batch_is_a_multiple_of_the_shards():

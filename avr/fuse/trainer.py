@@ -112,23 +112,23 @@ def random_backbones(spec: schema.CacheSpec) -> bool:
 def _schedule_note(config: TrainConfig, unset: list[str], videos: int, scratch: bool
                    ) -> str | None:
     departs = [name for name in unset if getattr(config, name) != PAPER_SCHEDULE[name]]
+    sized = {"batch_size": (f"batch {config.batch_size}", str(PAPER_SCHEDULE["batch_size"]),
+                            f"an epoch has at least {MIN_BATCHES_PER_EPOCH} batches"),
+             "epochs": (f"{config.epochs} epochs", str(PAPER_SCHEDULE["epochs"]),
+                        f"the run has at least {MIN_STEPS} optimizer steps")}
+    changed = [sized[name] for name in sized if name in departs]
     reasons = []
-    sized = [name for name in ("batch_size", "epochs") if name in departs]
-    if sized:
-        values = {"batch_size": f"batch {config.batch_size}", "epochs": f"{config.epochs} epochs"}
-        papers = {"batch_size": str(PAPER_SCHEDULE["batch_size"]),
-                  "epochs": str(PAPER_SCHEDULE["epochs"])}
-        reasons.append(
-            f"small train split ({videos} videos): {', '.join(values[n] for n in sized)} instead "
-            f"of {' / '.join(papers[n] for n in sized)}, so that an epoch has at least "
-            f"{MIN_BATCHES_PER_EPOCH} batches and the run at least {MIN_STEPS} optimizer steps")
+    if changed:
+        values, papers, goals = zip(*changed)
+        reasons.append(f"small train split ({videos} videos): {', '.join(values)} instead of "
+                       f"{' / '.join(papers)}, so that {' and '.join(goals)}")
     if "lr" in departs and scratch:
         reasons.append(f"lr {config.lr:g} instead of {PAPER_SCHEDULE['lr']:g}, because the "
                        f"store's CLIP is random: the head learns an alignment from scratch "
                        f"instead of fine-tuning CLIP's")
     if not reasons:
         return None
-    return "; ".join(reasons) + " (flags set any of them)"
+    return "; ".join(reasons) + " (--epochs, --batch-size and --lr set them)"
 
 
 def seed_everything(seed: int) -> None:
