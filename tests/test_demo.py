@@ -7,9 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from avr.demo import AUDIO_ONLY, DemoConfig, run_demo
+from avr.device import intra_op_threads
+from avr.evaluate.evaluator import EvalConfig, evaluate_run
+from avr.fuse import checkpoint
+from console import run_avr
 
 AUDIO_HEADS = ("tefal", "avigate", "gais", "htav")
 
@@ -67,3 +72,38 @@ def test_a_rerun_reuses_the_cache_and_a_budget_skips_optional_heads_only(tmp_pat
     quick = run_demo(DemoConfig(workdir=tmp_path, budget_s=1.0, heads=("xpool", "tefal", "htav")))
     assert quick.extract.done_now == 0
     assert [r.head for r in quick.rows] == ["xpool", "tefal"] and quick.skipped == ["htav"]
+
+
+
+def test_the_demo_table_does_not_depend_on_the_thread_count(tmp_path, demo):
+    for part in ("data", "cache"):
+        shutil.copytree(demo.extract.out.parent / part, tmp_path / part)
+    # Threads other than those the module's demo ran on, as on a machine with more cores.
+    with intra_op_threads(torch.get_num_threads() + 1):
+        again = run_demo(DemoConfig(workdir=tmp_path, heads=("xpool",)))
+    first = next(r for r in demo.rows if r.head == "xpool")
+    assert again.rows[0].result.metrics == first.result.metrics
+    best = "runs/xpool/" + checkpoint.BEST_FILE
+    assert (tmp_path / best).read_bytes() == (demo.extract.out.parent / best).read_bytes()
+
+# The video-only heads see only twins in the demo's train split (every train clip shares its
+# pixels with others), and stay at chance R@1 on its test split at the default schedule (scale
+# 100 or 14.3, one caption or every caption per epoch: test R@1 2.1-6.2); the demo's own
+# settings (scale 20, every caption, weight decay 0.01) reach 8.3-12.5.
+VIDEO_ONLY_AT_CHANCE = pytest.mark.xfail(
+    strict=True, reason="meanP and X-Pool stay near chance R@1 on the demo at the default schedule")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("head", [pytest.param("meanp", marks=VIDEO_ONLY_AT_CHANCE),
+                                  pytest.param("xpool", marks=VIDEO_ONLY_AT_CHANCE),
+                                  "tefal", "avigate", "gais", "htav"])
+def test_train_with_only_a_head_learns_on_the_demo_cache(demo, head, tmp_path):
+    done = run_avr("train", "--cache", demo.extract.out, "--head", head, cwd=tmp_path,
+                   timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith(
+        "small train split (56 videos): batch 16, 63 epochs instead of 128 / 5")
+    (run,) = (tmp_path / "runs").iterdir()
+    result = evaluate_run(run, config=EvalConfig(device="cpu"))
+    assert result.metrics["t2v"]["R1"] >= 2 * 100.0 / result.num_videos  # twice chance
