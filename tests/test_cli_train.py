@@ -45,7 +45,7 @@ def test_train_resume_applies_what_it_can_and_refuses_what_changes_the_run(tmp_p
     store = make_learnable_store(tmp_path / "cache", tiny_spec)
     run = tmp_path / "run"
     main(["train", "--cache", str(store), "--head", "meanp", "--epochs", "1", "--batch-size", "16",
-          "--run-dir", str(run)])
+          "--lr", "2e-3", "--run-dir", str(run)])
     refused = run_avr("train", "--resume", run, "--epochs", "3", "--lr", "0.1", "--opt",
                       "proj=false")
     assert_one_line_error(refused, "--lr", "--opt proj", "start a new run")
@@ -55,7 +55,7 @@ def test_train_resume_applies_what_it_can_and_refuses_what_changes_the_run(tmp_p
     assert done.returncode == 0, done.stderr
     saved = json.loads((run / "config.json").read_text())["train"]
     assert (saved["epochs"], saved["early_stop"], saved["score_chunk"]) == (2, 5, 3)
-    assert saved["lr"] == pytest.approx(1e-4) and saved["batch_size"] == 16
+    assert saved["lr"] == pytest.approx(2e-3) and saved["batch_size"] == 16
     assert len((run / "log.csv").read_text().splitlines()) == 3
 
 

@@ -120,10 +120,10 @@ def split_rows(group, split: str) -> SplitRows:
 
 def split_size(group, split: str) -> tuple[int, int]:
     """(videos, captions) of ``split`` that training reads: its done videos and their captions."""
-    rows = split_video_rows(group, split)
-    in_split = np.zeros(len(read_rows(group[schema.VIDEO_DONE])), dtype=bool)
-    in_split[rows] = True
-    return len(rows), int(in_split[read_rows(group[schema.CAPTION_VIDEO])].sum())
+    rows = split_rows(group, split)
+    done = np.zeros(len(rows.in_split), dtype=bool)
+    done[rows.done] = True
+    return len(rows.done), int(done[read_rows(group[schema.CAPTION_VIDEO])].sum())
 
 
 def _require_captions_done(path, split: str, group, caption_rows: np.ndarray) -> None:
