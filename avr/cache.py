@@ -5,7 +5,9 @@ file, is a local path or a URL (``s3://``, ``gs://``, ``file://``).
 The summary lists the chunks under done rows that are absent (a listing, no chunk read: `avr
 cache verify` reads them all); the export fails on damage with the array, chunk and rows, as
 every read of rows does (``avr.integrity``); dask arrays are checked for absent chunks when
-opened, and a chunk that fails its checksum fails the computation that reads it."""
+opened, and a chunk that fails its checksum fails the computation that reads it. Arrays a store
+leaves unwritten on purpose (`avr bench store --arrays/--heads`) are listed as such by the
+summary and left out of the export and of the dask arrays."""
 
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     for name in sorted(schema.array_layout(spec, 0, 0)):
         array = group[name]
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
-                        "chunks": list(array.chunks), "stored_bytes": stored_bytes(schema.store_member(path, name))}
+                        "chunks": list(array.chunks),
+                        "stored_bytes": stored_bytes(schema.store_member(path, name)),
+                        "unwritten": schema.unwritten_by(array) is not None}
     failures = list(group.attrs.get(schema.ATTR_FAILURES, []))
     return {
         "path": str(path),
@@ -50,6 +54,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
                           "frame_sampling": spec.frame_sampling, "audio": vars(spec.audio),
                           "dtype": spec.dtype},
         "failures": failures,
+        "unwritten": dict(group.attrs.get(schema.ATTR_UNWRITTEN, {})),
         "absent_chunks": [d.to_json() for d in integrity.absent_under_done_rows(group, spec)],
     }
 
@@ -93,6 +98,8 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
     with h5py.File(out, "w") as h5:
         for name in schema.array_layout(spec, 0, 0):
             array = group[name]
+            if schema.unwritten_by(array) is not None:
+                continue
             counting = integrity.rows_that_count(name, array, done)
             if array.dtype.kind in "OTU":  # variable-length strings
                 values = [str(v) for v in integrity.read_region(array, 0, array.shape[0],
@@ -122,6 +129,8 @@ def open_dask(path: str | Path) -> dict[str, Any]:
     done = integrity.done_rows(group)
     arrays = {}
     for name in schema.array_layout(spec, 0, 0):
+        if schema.unwritten_by(group[name]) is not None:
+            continue
         integrity.require_stored(group[name], integrity.rows_that_count(name, group[name], done))
         array = zarr.open_array(str(schema.store_member(path, name)), mode="r")
         arrays[name] = da.from_zarr(array)

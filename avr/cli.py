@@ -207,10 +207,12 @@ def cache_info(
         console.print(f"[red]{len(info['absent_chunks'])} chunks under done rows are absent[/] "
                       f"(first: {info['absent_chunks'][0]['array']} rows "
                       f"{info['absent_chunks'][0]['rows']}); run `avr cache verify {path}`")
+    _print_unwritten(info["unwritten"])
     table = Table("array", "shape", "dtype", "chunks", "MB on disk")
     for name, array in info["arrays"].items():
         table.add_row(name, " x ".join(map(str, array["shape"])), array["dtype"],
-                      " x ".join(map(str, array["chunks"])), f"{array['stored_bytes'] / 1e6:,.2f}")
+                      " x ".join(map(str, array["chunks"])),
+                      "unwritten" if array["unwritten"] else f"{array['stored_bytes'] / 1e6:,.2f}")
     console.print(table)
     backbones = Table("role", "model", "weights", "library")
     for role, backbone in info["backbones"].items():
@@ -266,6 +268,17 @@ def cache_verify(
         raise typer.Exit(1)
 
 
+def _print_unwritten(unwritten: dict[str, str]) -> None:
+    """The arrays a store leaves unwritten on purpose, grouped by the command that did."""
+    by_command: dict[str, list[str]] = {}
+    for name, command in unwritten.items():
+        by_command.setdefault(command, []).append(name)
+    for command, names in by_command.items():
+        console.print(f"[yellow]{len(names)} arrays left unwritten on purpose[/] by `{escape(command)}` "
+                      f"(not damage; runs that read them are refused): {', '.join(names)}",
+                      highlight=False, soft_wrap=True)
+
+
 def _print_verify_report(report) -> None:
     from rich.table import Table
 
@@ -282,6 +295,7 @@ def _print_verify_report(report) -> None:
                       f"written without checksums[/]: absent and undecodable chunks are found "
                       f"there, silently altered bytes are not (`avr extract --overwrite` "
                       f"rewrites the store with them)")
+    _print_unwritten(report.unwritten)
     if report.clean:
         done = ", ".join(f"{kind}s {len(report.done[kind])}/{report.rows[kind]} done"
                          for kind in report.rows)
@@ -327,6 +341,14 @@ def cache_break_lock(
         console.print(f"{path}: no lock to remove")
     else:
         console.print(f"removed the lock of {path} held by {holder.describe()}")
+
+
+def _require_head_arrays(cache: str, head: str, *options: dict) -> None:
+    """Refuse a store that leaves an array the head reads unwritten on purpose."""
+    from avr.fuse.heads import head_class, video_inputs
+    from avr.integrity import require_arrays_written
+
+    require_arrays_written(cache, (*video_inputs(head, *options), *head_class(head).caption_inputs))
 
 
 # ---- stage two: train and sweep --------------------------------------------------------------
@@ -405,7 +427,8 @@ def train(
         return
     train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
     cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
-    schema.open_store(cache_path)  # a missing store is reported before anything is drawn
+    # a missing store, or one without the head's arrays, is reported before anything is drawn
+    _require_head_arrays(cache_path, train_config.head, train_config.head_options)
     # What `trainer.train` will resolve the unset schedule to, shown before anything else.
     resolved, schedule = trainer.schedule_for_store(cache_path, train_config)
     if schedule is not None:
@@ -453,8 +476,8 @@ def sweep(
     trials_grid = parse_grid(grid)
     base, _ = train_config(None, dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed,
                                       device=device), opt)
-    trial_configs(base, trials_grid)  # every trial's options are checked before any training
-    schema.open_store(cache)
+    configs = trial_configs(base, trials_grid)  # every option is checked before any training
+    _require_head_arrays(cache, head, *(config.head_options for config in configs))
     _, schedule = trainer.schedule_for_store(cache, base)
     if schedule is not None:
         console.print(schedule, markup=False, highlight=False, soft_wrap=True)
@@ -648,46 +671,162 @@ def demo(
 
 
 
-@app.command()
-def bench(
-    what: str = typer.Argument(..., help="train | eval | cache | extract",
-                               callback=_one_of("train", "eval", "cache", "extract")),
-    head: str = typer.Option("tefal", help="Head for train/eval.", callback=head_option),
-    scale: float = typer.Option(1.0, help="Fraction of VATEX's rows (per-row shapes stay).",
-                                callback=positive_option),
-    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
-    gigabytes: float = typer.Option(4.0, help="cache: store size to read.",
-                                    callback=positive_option),
-    cache: Optional[str] = typer.Option(None, help="cache: read this store's train audio "
-                                                   "tokens (a path or a URL) instead of "
-                                                   "writing a store of --gigabytes."),
-    clips: int = typer.Option(8, min=1, help="extract: generated 10 s 360p clips."),
-    workers: int = typer.Option(2, min=0, help="extract: decode processes."),
-    steps: Optional[int] = typer.Option(None, min=1, help="train: time this many steps and "
-                                                          "extrapolate the epoch."),
-):
-    """Measure a stage on VATEX-shaped work beside the straightforward way (BENCHMARKS.md)."""
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Measure a stage on VATEX-shaped work beside the straightforward way "
+                             "(BENCHMARKS.md), or write a VATEX-shaped store from a generator.")
+app.add_typer(bench_app, name="bench")
+
+
+def _bench_device(device: str):
+    """The torch device and its name as BENCHMARKS.md records it."""
     import platform
 
     import torch
 
-    from avr import bench as benches
     from avr.device import resolve_device
 
     torch_device = resolve_device(device)
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
-    if what == "train":
-        figures = benches.bench_train(head, scale=scale, device=torch_device, steps=steps)
-    elif what == "eval":
-        figures = benches.bench_eval(head, scale=scale, device=torch_device)
-    elif what == "cache":
-        figures = benches.bench_cache(gigabytes=gigabytes, device=torch_device, store=cache)
-    else:
-        figures = benches.bench_extract(clips=clips, device=torch_device, workers=workers)
-    console.print(f"[bold]avr bench {what}[/] on {name}, scale {scale}")
+    return torch_device, name
+
+
+def _print_figures(what: str, name: str, scale: float | None, figures) -> None:
+    console.print(f"[bold]avr bench {what}[/] on {name}" + (f", scale {scale}" if scale else ""))
     for figure in figures:
         console.print(figure.line(), markup=False, highlight=False, soft_wrap=True)
+
+
+SCALE_HELP = "Fraction of VATEX's rows (per-row shapes stay)."
+
+
+@bench_app.command("train")
+def bench_train(
+    head: str = typer.Option("tefal", help="Head to train.", callback=head_option),
+    scale: float = typer.Option(1.0, help=SCALE_HELP, callback=positive_option),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+    steps: Optional[int] = typer.Option(None, min=1, help="Time this many steps and "
+                                                          "extrapolate the epoch."),
+):
+    """One training epoch of a head on device-resident VATEX-shaped tokens."""
+    from avr import bench as benches
+
+    torch_device, name = _bench_device(device)
+    _print_figures("train", name, scale, benches.bench_train(head, scale=scale,
+                                                             device=torch_device, steps=steps))
+
+
+@bench_app.command("eval")
+def bench_eval(
+    head: str = typer.Option("tefal", help="Head to score with.", callback=head_option),
+    scale: float = typer.Option(1.0, help=SCALE_HELP, callback=positive_option),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+):
+    """Score a VATEX-shaped test split in chunks, beside one pair at a time."""
+    from avr import bench as benches
+
+    torch_device, name = _bench_device(device)
+    _print_figures("eval", name, scale, benches.bench_eval(head, scale=scale,
+                                                           device=torch_device))
+
+
+@bench_app.command("cache")
+def bench_cache(
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+    gigabytes: float = typer.Option(4.0, help="Store size to write and read.",
+                                    callback=positive_option),
+    cache: Optional[str] = typer.Option(None, help="Read this store's train audio tokens (a "
+                                                   "path or a URL) instead of writing a store "
+                                                   "of --gigabytes."),
+):
+    """Read a store's audio tokens into memory, beside a raw read of the same bytes."""
+    from avr import bench as benches
+
+    torch_device, name = _bench_device(device)
+    _print_figures("cache", name, None, benches.bench_cache(gigabytes=gigabytes,
+                                                            device=torch_device, store=cache))
+
+
+@bench_app.command("extract")
+def bench_extract(
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
+    clips: int = typer.Option(8, min=1, help="Generated 10 s 360p clips."),
+    workers: int = typer.Option(2, min=0, help="Decode processes."),
+):
+    """Decode generated clips in one process and in a pool; run real-size backbones."""
+    from avr import bench as benches
+
+    torch_device, name = _bench_device(device)
+    _print_figures("extract", name, None, benches.bench_extract(clips=clips, device=torch_device,
+                                                                workers=workers))
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _head_list(value: str) -> None:
+    from avr.fuse.heads import head_class
+
+    if not _names(value):
+        raise AvrError("name at least one head")
+    for name in _names(value):
+        head_class(name)
+
+
+def _array_list(value: str) -> None:
+    from avr.extract.generated import check_arrays, generated_spec
+
+    if not _names(value):
+        raise AvrError("name at least one array")
+    check_arrays(generated_spec(0), _names(value))
+
+
+@bench_app.command("store")
+def bench_store(
+    videos: int = typer.Option(..., "--videos", min=3, help="Videos to generate (VATEX: 28,991)."),
+    out: str = typer.Option(..., "--out", help="The store to write or resume: a path or a URL."),
+    captions_per_video: int = typer.Option(10, "--captions-per-video", min=1),
+    seed: int = typer.Option(0, help="Seed of the latent world."),
+    arrays: Optional[str] = typer.Option(None, "--arrays", help="Write only these feature "
+                                         "arrays (comma-separated); the others are recorded as "
+                                         "unwritten.", callback=_checked(_array_list)),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Write only the arrays these "
+                                        "heads read (comma-separated, e.g. xpool,gais).",
+                                        callback=_checked(_head_list)),
+    val_videos: Optional[int] = typer.Option(None, "--val-videos", min=1,
+                                             help="Default: VATEX's share (1,500 of 28,991)."),
+    test_videos: Optional[int] = typer.Option(None, "--test-videos", min=1,
+                                              help="Default: VATEX's share (1,500 of 28,991)."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1,
+                                             help="Video rows per chunk and per write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with other "
+                                                              "settings."),
+    shapes: str = typer.Option("vatex", "--shapes", hidden=True, callback=_one_of("vatex", "tiny"),
+                               help="tiny: the tiny backbones' widths, for tests."),
+):
+    """Write a store with VATEX's per-row shapes straight from a generator: topics, captions
+    near their video's frames, twins only audio tells apart (README "Generated stores")."""
+    from avr.extract.generated import GeneratorSettings, arrays_for_heads, write_generated_store
+
+    if arrays is not None and heads is not None:
+        raise typer.BadParameter("give --arrays or --heads, not both", param_hint="'--arrays'")
+    chosen = (tuple(_names(arrays)) if arrays is not None
+              else arrays_for_heads(_names(heads)) if heads is not None else None)
+    settings = GeneratorSettings(videos=videos, captions_per_video=captions_per_video,
+                                 seed=seed, val_videos=val_videos, test_videos=test_videos,
+                                 shapes=shapes, arrays=chosen,
+                                 heads=tuple(_names(heads)) if heads is not None else None)
+    summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
+                                    console=console)
+    seconds = max(summary["seconds"], 1e-9)
+    console.print(f"[bold]{escape(summary['out'])}[/]: {summary['videos']:,} videos, "
+                  f"{summary['captions']:,} captions; {summary['written_bytes'] / 1e9:,.2f} GB "
+                  f"written ({summary['written_bytes'] / 1e6 / seconds:,.1f} MB/s), "
+                  f"{summary['bytes_on_disk'] / 1e9:,.2f} GB on disk; {summary['seconds']:.1f} s")
+    if summary["unwritten"]:
+        console.print(f"left unwritten: {', '.join(summary['unwritten'])}", highlight=False,
+                      soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

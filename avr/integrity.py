@@ -12,6 +12,10 @@ zeros, so a healthy store costs no lookup there; listing the keys before every r
 a walk over every chunk file (``benchmarks/store_integrity.py``). ``require_stored`` (a
 listing, no read) checks rows that are not read: `avr cache info`, dask arrays, verify.
 
+An array a store leaves unwritten on purpose (``schema.ATTR_UNWRITTEN``: `avr bench store
+--arrays/--heads`) holds no chunk and is no damage: reading it fails with that reason
+(``UnwrittenArrayError``), info and verify list it apart.
+
 Which absent chunks are damage: avr stores every chunk it writes (``schema._zarr``), so in an
 array written with checksums an absent chunk under done rows is damage. Stores written before
 checksums skipped chunks equal to the fill value (a chunk of ``has_audio = False`` rows, of
@@ -72,6 +76,32 @@ class DamagedStoreError(AvrError):
             f"recomputation by the next `avr extract`")
 
 
+class UnwrittenArrayError(AvrError):
+    """A read of an array that the store leaves unwritten on purpose."""
+
+    def __init__(self, store: str, array: str, command: str):
+        self.array = array
+        super().__init__(
+            f"{store}: array {array} was left unwritten on purpose by `{command}`; write a store "
+            f"that has it: the same command with {array} in --arrays, or with --heads naming "
+            f"every head you will run")
+
+
+def require_written(array) -> None:
+    """Raise UnwrittenArrayError when ``array`` is left unwritten on purpose."""
+    command = schema.unwritten_by(array)
+    if command is not None:
+        raise UnwrittenArrayError(store_text(array), array.basename, command)
+
+
+def require_arrays_written(location: str | Path, names) -> None:
+    """Raise UnwrittenArrayError for the first of arrays ``names`` that the store at
+    ``location`` leaves unwritten on purpose (a run checks this before it starts)."""
+    group, _ = schema.open_store(location)
+    for name in names:
+        require_written(group[name])
+
+
 # ---- chunks of one array ---------------------------------------------------------------------
 
 def chunk_rows(array) -> int:
@@ -104,7 +134,7 @@ def has_checksum(array) -> bool:
 def every_chunk_is_stored(array) -> bool:
     """Whether an absent chunk of ``array`` under rows that count is damage (module
     docstring)."""
-    if array.basename in schema.DONE_MASKS.values():
+    if array.basename in schema.DONE_MASKS.values() or schema.unwritten_by(array) is not None:
         return False
     return has_checksum(array) or array.dtype.kind == "f"
 
@@ -177,7 +207,9 @@ def read_rows(array, rows: np.ndarray | None = None, *,
               must_be_stored: np.ndarray | None = None) -> np.ndarray:
     """Rows ``rows`` (ascending store rows; None: every row) of ``array``. Raises
     DamagedStoreError when a chunk read fails its checksum or to decode, or when a chunk under
-    ``must_be_stored`` (rows among ``rows``; default: all of them) is absent."""
+    ``must_be_stored`` (rows among ``rows``; default: all of them) is absent, and
+    UnwrittenArrayError when the store leaves the array unwritten on purpose."""
+    require_written(array)
     rows = np.arange(array.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
     try:
         values = _read(array, rows)
@@ -251,7 +283,7 @@ def absent_under_done_rows(group, spec: schema.CacheSpec) -> list[ChunkDamage]:
     done = done_rows(group)
     damage: list[ChunkDamage] = []
     for name in schema.array_layout(spec, 0, 0):
-        array = group[name]
+        array = group[name]  # an array left unwritten on purpose has no chunk to miss
         damage += absent_chunks(array, rows_that_count(name, array, done))
     return damage
 
@@ -277,6 +309,7 @@ class VerifyReport:
     store: str
     damage: list[ChunkDamage] = field(default_factory=list)
     missing_arrays: list[str] = field(default_factory=list)
+    unwritten: dict[str, str] = field(default_factory=dict)  # name -> command that left it out
     arrays: int = 0
     chunks: int = 0  # chunks checked
     bytes: int = 0  # decoded bytes checked
@@ -322,6 +355,7 @@ class VerifyReport:
             "without_checksum": self.without_checksum,
             "damage": [d.to_json() for d in self.damage],
             "missing_arrays": self.missing_arrays,
+            "unwritten": self.unwritten,
             "damaged_rows": self.damaged_rows(),
             "damaged_videos": self.damaged_video_ids(),
             "unrepairable": [d.to_json() for d in self.unrepairable],
@@ -344,9 +378,14 @@ def verify_store(location: str | Path, *, console=None) -> VerifyReport:
     arrays = {}
     for name in schema.array_layout(spec, 0, 0):
         try:
-            arrays[name] = group[name]
+            array = group[name]
         except KeyError:  # its zarr.json is gone
             report.missing_arrays.append(name)
+            continue
+        if schema.unwritten_by(array) is not None:  # nothing stored, nothing to check
+            report.unwritten[name] = schema.unwritten_by(array)
+        else:
+            arrays[name] = array
     report.arrays = len(arrays)
     report.without_checksum = [name for name, array in arrays.items() if not has_checksum(array)]
     _verify_done_masks(arrays, report)

@@ -39,7 +39,9 @@ Head inputs that are not stored (set on the video rows a head encodes, never wri
                                                     clip's audio; the head leaves audio out
 
 Attributes: ``schema_version``, ``spec`` (CacheSpec: dataset, every backbone with weights tag and
-library version, every preprocessing parameter), ``splits``, ``created``, ``failures``.
+library version, every preprocessing parameter), ``splits``, ``created``, ``failures``; a store
+written by `avr bench store` also has ``generator`` (its settings) and, when it leaves feature
+arrays out on purpose, ``unwritten`` (on the root and on each such array, see ATTR_UNWRITTEN).
 
 Integrity: every array is written with the Zarr v3 ``crc32c`` codec (a checksum of each stored
 chunk, checked on read) and every chunk a writer writes is stored, even one equal to the fill
@@ -98,6 +100,11 @@ ATTR_SPEC = "spec"
 ATTR_SPLITS = "splits"
 ATTR_CREATED = "created"
 ATTR_FAILURES = "failures"
+# Arrays a store leaves unwritten on purpose (`avr bench store --arrays/--heads`): on the root,
+# {name: the command that left it out}; on each such array, the same command. Zarr keeps no
+# chunk for them; a read of one fails with that reason, never as damage.
+ATTR_UNWRITTEN = "unwritten"
+ATTR_GENERATOR = "generator"  # a generated store's settings and command (avr.extract.generated)
 
 FAILURES_FILE = "failures.jsonl"
 LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries share the prefix
@@ -425,12 +432,15 @@ def clear_store(location: str | Path) -> None:
 
 def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
                  caption_video: list[int] | np.ndarray, caption_text: list[str],
-                 caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None):
+                 caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None,
+                 unwritten: dict[str, str] | None = None, attrs: dict[str, Any] | None = None):
     """Create a new store at ``path`` (a local path or a URL, see ``store_location``) in place
     of whatever is there but its lock. Every array is pre-allocated at its final size (zarr
     forbids safe concurrent resizes; writers fill row ranges) and the ids, splits and captions
     are written. The root's attributes, the schema version among them, are written last: until
     then the store is unfinished and a kill leaves nothing a reader takes for a store.
+    ``unwritten`` maps the feature arrays the writer leaves out on purpose to the command that
+    left them out (ATTR_UNWRITTEN); ``attrs`` are further root attributes.
     Returns the zarr group."""
     zarr = _zarr()
     clear_store(path)
@@ -438,14 +448,16 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
     group = zarr.create_group(str(store_location(path)), zarr_format=3)
     compressors = _compressors()
     layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
+    unwritten = dict(unwritten or {})
     for name, arr in layout.items():
         chunks = (arr.chunk_rows, *arr.shape[1:])
+        marks = {ATTR_UNWRITTEN: unwritten[name]} if name in unwritten else None
         if arr.dtype is str:
             group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str,
-                               compressors=compressors)
+                               compressors=compressors, attributes=marks)
         else:
             group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
-                               compressors=compressors, fill_value=0)
+                               compressors=compressors, fill_value=0, attributes=marks)
     split_index = {s: i for i, s in enumerate(SPLITS)}
     group[VIDEO_ID][:] = np.asarray(video_ids, dtype=object)
     group[VIDEO_SPLIT][:] = np.asarray([split_index[s] for s in video_splits], dtype=np.int8)
@@ -459,6 +471,8 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
         ATTR_SPLITS: list(SPLITS),
         ATTR_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ATTR_FAILURES: [],
+        **({ATTR_UNWRITTEN: unwritten} if unwritten else {}),
+        **(attrs or {}),
     })
 
 
@@ -491,6 +505,11 @@ def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = 
         if diffs:
             raise CacheMismatchError(f"{path} does not match:\n  " + "\n  ".join(diffs))
     return group, spec
+
+
+def unwritten_by(array) -> str | None:
+    """The command that left ``array`` unwritten on purpose, or None for a written array."""
+    return array.attrs.get(ATTR_UNWRITTEN)
 
 
 def split_code(split: str) -> int:

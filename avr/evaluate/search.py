@@ -41,9 +41,13 @@ class Hit:
 
 def backbones_for_spec(spec: CacheSpec, device: torch.device):
     """The backbones that wrote a store with ``spec``: pretrained ones by their recorded names
-    and tags, or the seeded tiny configs when the store was made with ``--backbones tiny``."""
+    and tags, the seeded tiny configs when the store was made with ``--backbones tiny``, or
+    the generator's encoder for a store from `avr bench store`."""
     from avr.extract.backbones import BackboneNames, load_backbones
+    from avr.extract.generated import encoder_for_spec, is_generated
 
+    if is_generated(spec):
+        return encoder_for_spec(spec)
     clip = spec.backbones["clip"]
     if clip.weights.startswith(RANDOM_WEIGHTS):
         return load_backbones("tiny", BackboneNames(swin_grids=spec.swin_grids), device=device,

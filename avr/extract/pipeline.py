@@ -222,7 +222,7 @@ def _row_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
 
-def _to_numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
     if dtype == np.bool_:
         return tensor.bool().cpu().numpy()
     return tensor.float().cpu().numpy().astype(dtype)
@@ -366,7 +366,7 @@ def commit_caption_chunk(group, layout, backbones: Backbones, config: ExtractCon
     texts = read_rows(group[schema.CAPTION_TEXT], np.arange(start, stop))
     encoded = encode_captions(backbones, list(texts), config.text_batch)
     rows = np.arange(start, stop)
-    values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+    values = {name: to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
     lock.check()
     _write_rows(group, layout, start, stop, rows, values, region_is_fresh=True)
     group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
@@ -402,7 +402,7 @@ def commit_video_chunk(group, layout, backbones: Backbones, config: ExtractConfi
         tick = time.perf_counter()
         encoded = encode_clips(backbones, [d.clip for d in good], config, backbones.device)
         good_rows = np.asarray([d.row for d in good])
-        values = {name: _to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
+        values = {name: to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
         lock.check()
         _write_rows(group, layout, start, stop, good_rows, values, not done_region.any())
         region = done_region.copy()

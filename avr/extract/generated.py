@@ -1,0 +1,654 @@
+"""`avr bench store`: a store in the real schema written straight from a generator.
+
+For users without backbone weights or a dataset, and for scale tests: every array has the
+per-row shape `avr extract` writes with its default backbones on VATEX (32 CLIP ViT-B/32 frames
+of 512, Swin-T stages 1-3 pooled to 4x4, 2x2 and 1x1 (192, 384, 768 channels), 1,212 AST patch
+tokens of 768 in 12 frequency x 101 time order, 2 AST global tokens, 101 AST time tokens, 32
+CLIP text tokens of 512, 32 RoBERTa tokens of 768), in fp16, with the same chunking, crc32c
+checksums, done masks and writer's lock as an extract. Nothing is decoded or encoded by a
+network: features come from a seeded latent world.
+
+The latent world (what a head can learn)
+    Words are pseudo-words (``tokame``), each with a fixed random unit vector in CLIP space
+    derived from its text (``GeneratedEncoder.word_vector``). A video is drawn from one of
+    ~sqrt(N) latent *topics*: it has the topic's word, two *object* words from the topic's pool
+    of twelve and one *detail* word shared with about three other videos, plus one of 24
+    *sound* words. Its frames are the topic vector plus each object/detail vector during a
+    window of about half the frames, a per-video appearance vector and per-frame noise; the
+    Swin stages are fixed random projections of the same frame content with spatial noise. Its
+    AST patch tokens are a shared background token, plus the sound's vector mapped to AST
+    space by a fixed random matrix under a per-sound frequency profile and a per-video on/off
+    envelope over time, a weaker topic component and token noise; the time tokens are the
+    patch tokens averaged over frequency (as extract computes them), the global tokens their
+    mean plus noise. A video without an audio track (5% of single videos) has only background
+    and noise there, ``has_audio`` False.
+
+    A caption is text: "a tokame scene with ravido and sulepa while a bonugi sound plays"
+    (templates vary, a random non-empty subset of the video's object and detail words is
+    named). Its features are a pure function of its text (``GeneratedEncoder.encode_text``):
+    the CLIP sentence embedding is the normalised weighted sum of its word vectors (template
+    words weigh a quarter), CLIP token states the word vectors in token order between a start
+    token and an end token holding the sentence embedding, RoBERTa states a fixed projection of
+    the word vectors; so captions lie near their video's frames, `avr search` encodes a query
+    the same way, and videos of one topic are hard negatives of each other.
+
+    Twins: a share of videos (``twin_share``, default 20%) come in pairs with the same topic,
+    words and identical frames but different sounds, always in the same split; every caption of
+    a twin names its sound and is tagged "audio_only" (only audio can decide, as the demo's
+    twins). Of the other videos, each caption names the sound with probability 1/2 (tag "") or
+    only the sight (tag "visual").
+
+Splits follow VATEX's proportions (25,991 train, 1,500 val, 1,500 test of 28,991) unless the
+val and test sizes are given. Rows are ordered train, val, test as a dataset listing is.
+
+Writing is chunk by chunk along the store's own chunks (memory holds one chunk of rows), the
+done masks last; a killed run is resumed by running the same command again (rows marked done
+are kept), and a store made with other settings is refused unless ``overwrite``. Arrays left out
+with ``arrays`` are created without a chunk and recorded as unwritten (``schema.ATTR_UNWRITTEN``
+on the root and on the array): reading them fails with that reason, `avr cache info` and `avr
+cache verify` say so rather than call it damage.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avr import __version__, schema
+from avr.errors import AvrError, CacheMismatchError
+from avr.extract.backbones import ast_time_tokens
+from avr.extract.pipeline import (to_numpy, pending_caption_chunks, pending_video_chunks,
+                                  store_bytes)
+from avr.integrity import read_rows
+from avr.lock import StoreLock
+from avr.schema import AudioParams, BackboneInfo, CacheSpec
+
+GENERATOR_LIBRARY = "avr-generator"  # BackboneInfo.library of every generated store's backbones
+WEIGHTS_PREFIX = "generated:"  # BackboneInfo.weights: "generated:<seed>"
+VATEX_SPLITS = {"train": 25_991, "val": 1_500, "test": 1_500}
+TWIN_SHARE = 0.2
+NO_AUDIO_SHARE = 0.05
+OBJECTS_PER_TOPIC = 12
+VIDEOS_PER_DETAIL = 4
+SOUNDS = 24
+TEMPLATE_WEIGHT = 0.25  # weight of a template word in the sentence embedding
+TEMPLATES = ("a {topic} scene with {things}", "{things} in a {topic} scene",
+             "the {topic} shows {things}", "someone films {things} at a {topic}")
+SOUND_CLAUSE = "while a {sound} sound plays"
+TEMPLATE_WORDS = frozenset(" ".join((*TEMPLATES, SOUND_CLAUSE, "and")).replace("{", " ")
+                           .replace("}", " ").split()) - {"topic", "things", "sound"}
+SYLLABLES = ("ka", "to", "mi", "re", "su", "no", "pa", "li", "ve", "do", "ra", "gu", "be",
+             "si", "fo", "ze")
+START_TOKEN, END_TOKEN = "<start>", "<end>"
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+def generated_spec(seed: int, shapes: str = "vatex") -> CacheSpec:
+    """The spec of a generated store: "vatex" gives the real per-row shapes of `avr extract`
+    with its default backbones on VATEX; "tiny" (for tests) the widths of the tiny backbones
+    and 12 x 20 AST patches."""
+    names = {"clip": "ViT-B-32", "swin": "microsoft/swin-tiny-patch4-window7-224",
+             "ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "roberta": "roberta-base"}
+    backbones = {role: BackboneInfo(name, f"{WEIGHTS_PREFIX}{seed}", GENERATOR_LIBRARY,
+                                    __version__) for role, name in names.items()}
+    if shapes == "vatex":
+        widths = dict(num_frames=32, clip_dim=512, clip_text_len=32,
+                      swin_channels=(192, 384, 768), ast_dim=768, roberta_dim=768, roberta_len=32)
+    elif shapes == "tiny":
+        widths = dict(num_frames=8, clip_dim=32, clip_text_len=12, swin_channels=(8, 16, 32),
+                      ast_dim=24, ast_time_patches=20, roberta_dim=24, roberta_len=12)
+    else:
+        raise AvrError(f"shapes {shapes!r}: one of vatex, tiny")
+    return CacheSpec(dataset="generated", image_size=224, swin_grids=(4, 2, 1),
+                     backbones=backbones, audio=AudioParams(), **widths)
+
+
+def is_generated(spec: CacheSpec) -> bool:
+    return spec.backbones["clip"].library == GENERATOR_LIBRARY
+
+
+def encoder_for_spec(spec: CacheSpec) -> GeneratedEncoder:
+    """The encoder that wrote a generated store (its seed is in the weights tag): what `avr
+    search` encodes a query with."""
+    return GeneratedEncoder(spec, int(spec.backbones["clip"].weights[len(WEIGHTS_PREFIX):]))
+
+
+def feature_arrays(spec: CacheSpec) -> tuple[str, ...]:
+    """The arrays a generated store may leave unwritten: every feature array."""
+    return tuple(name for name in schema.array_layout(spec, 0, 0)
+                 if name not in schema.INDEX_ARRAYS and name not in schema.DONE_MASKS.values())
+
+
+# Read by runs whatever their head: eval (frame and audio masks for --modalities), index build,
+# eval --rerank-k and search (mean-pooled frames, CLIP sentence embeddings). All small.
+READ_BY_EVERY_RUN = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.HAS_AUDIO,
+                     schema.TEXT_EMBEDDINGS)
+
+
+def arrays_for_heads(heads: Iterable[str]) -> tuple[str, ...]:
+    """Every array any configuration of ``heads`` reads, and those every run reads."""
+    from avr.fuse.heads import head_class
+
+    names: dict[str, None] = dict.fromkeys(READ_BY_EVERY_RUN)
+    for name in heads:
+        cls = head_class(name)
+        names.update(dict.fromkeys(cls.video_inputs))
+    for name in heads:
+        names.update(dict.fromkeys(head_class(name).caption_inputs))
+    return tuple(names)
+
+
+def check_arrays(spec: CacheSpec, arrays: Iterable[str]) -> tuple[str, ...]:
+    """``arrays`` in the store's order, refused when one is not a feature array."""
+    known = feature_arrays(spec)
+    unknown = [name for name in arrays if name not in known]
+    if unknown:
+        raise AvrError(f"--arrays: {', '.join(unknown)} is not a feature array; choose from "
+                       f"{', '.join(known)}")
+    wanted = set(arrays)
+    return tuple(name for name in known if name in wanted)
+
+
+# ---- the latent world ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Everything that decides a generated store's content (recorded in its attrs)."""
+
+    videos: int
+    captions_per_video: int = 10
+    seed: int = 0
+    val_videos: int | None = None  # default: VATEX's proportion
+    test_videos: int | None = None
+    shapes: str = "vatex"
+    arrays: tuple[str, ...] | None = None  # None: every array
+    heads: tuple[str, ...] | None = None  # the heads ``arrays`` were chosen for, if any
+
+    def split_sizes(self) -> dict[str, int]:
+        total = sum(VATEX_SPLITS.values())
+        val = (self.val_videos if self.val_videos is not None
+               else max(1, round(self.videos * VATEX_SPLITS["val"] / total)))
+        test = (self.test_videos if self.test_videos is not None
+                else max(1, round(self.videos * VATEX_SPLITS["test"] / total)))
+        if val + test >= self.videos:
+            raise AvrError(f"--videos {self.videos} leaves no train videos beside {val} val and "
+                           f"{test} test videos; generate more videos")
+        return {"train": self.videos - val - test, "val": val, "test": test}
+
+    def to_attrs(self) -> dict:
+        data = asdict(self)
+        for key in ("arrays", "heads"):
+            data[key] = list(data[key]) if data[key] is not None else None
+        return data
+
+    def command(self, out: str | Path) -> str:
+        """The `avr bench store` command line that writes this store at ``out``."""
+        parts = [f"avr bench store --videos {self.videos} --out {out}"]
+        defaults = GeneratorSettings(self.videos)
+        for key in ("captions_per_video", "seed", "val_videos", "test_videos", "shapes"):
+            if getattr(self, key) != getattr(defaults, key):
+                parts.append(f"--{key.replace('_', '-')} {getattr(self, key)}")
+        if self.heads is not None:
+            parts.append(f"--heads {','.join(self.heads)}")
+        elif self.arrays is not None:
+            parts.append(f"--arrays {','.join(self.arrays)}")
+        return " ".join(parts)
+
+
+@dataclass
+class Plan:
+    """The latent content of every video and caption row (small: no features)."""
+
+    video_ids: list[str]
+    video_splits: list[str]
+    topic: np.ndarray  # [N]
+    words: np.ndarray  # [N, 3] word indices: two objects and a detail
+    sound: np.ndarray  # [N]
+    has_audio: np.ndarray  # [N] bool
+    look: np.ndarray  # [N]: the row whose frames this row shows (twins share one)
+    caption_video: np.ndarray  # [M]
+    caption_text: list[str]
+    caption_tags: list[str]
+
+
+class Vocabulary:
+    """Pseudo-words of the world: topics, their objects, details, sounds, each a unique text."""
+
+    def __init__(self, videos: int, seed: int):
+        self.topics = max(4, round(np.sqrt(videos)))
+        self.details = max(8, videos // VIDEOS_PER_DETAIL)
+        total = self.topics * (1 + OBJECTS_PER_TOPIC) + self.details + SOUNDS
+        self.digits = 4
+        while len(SYLLABLES) ** self.digits < 4 * total:
+            self.digits += 1
+        self.space = len(SYLLABLES) ** self.digits
+        self.offset = int(np.random.default_rng([seed, 0]).integers(self.space))
+
+    def word(self, index: int) -> str:
+        """A bijection of indices onto syllable strings (an odd multiplier mod 16^digits)."""
+        code = (index * 40_503 + self.offset) % self.space
+        out = []
+        for _ in range(self.digits):
+            code, digit = divmod(code, len(SYLLABLES))
+            out.append(SYLLABLES[digit])
+        return "".join(out)
+
+    def topic(self, t: int) -> str:
+        return self.word(t)
+
+    def obj(self, t: int, k: int) -> str:
+        return self.word(self.topics + t * OBJECTS_PER_TOPIC + k)
+
+    def detail(self, d: int) -> str:
+        return self.word(self.topics * (1 + OBJECTS_PER_TOPIC) + d)
+
+    def sound(self, s: int) -> str:
+        return self.word(self.topics * (1 + OBJECTS_PER_TOPIC) + self.details + s)
+
+
+def make_plan(settings: GeneratorSettings) -> Plan:
+    """Topics, words, sounds, twins, splits and caption texts of every row (module docstring)."""
+    rng = np.random.default_rng([settings.seed, 1])
+    vocab = Vocabulary(settings.videos, settings.seed)
+    sizes = settings.split_sizes()
+    groups = _groups(settings.videos, rng)
+    split_of_group = _assign_splits(groups, sizes)
+    order = [g for split in schema.SPLITS for g, s in enumerate(split_of_group) if s == split]
+    n = settings.videos
+    topic = np.empty(n, dtype=np.int64)
+    words = np.empty((n, 3), dtype=np.int64)
+    sound = np.empty(n, dtype=np.int64)
+    has_audio = np.ones(n, dtype=bool)
+    look = np.empty(n, dtype=np.int64)
+    splits: list[str] = []
+    twin = np.zeros(n, dtype=bool)
+    row = 0
+    for g in order:
+        size = groups[g]
+        t = int(rng.integers(vocab.topics))
+        objects = rng.choice(OBJECTS_PER_TOPIC, 2, replace=False)
+        detail = int(rng.integers(vocab.details))
+        sounds = rng.choice(SOUNDS, size, replace=False)
+        for member in range(size):
+            topic[row], sound[row], look[row] = t, sounds[member], row - member
+            words[row] = (objects[0], objects[1], detail)
+            twin[row] = size > 1
+            splits.append(split_of_group[g])
+            row += 1
+    singles = np.flatnonzero(~twin)
+    silent = rng.choice(singles, int(round(NO_AUDIO_SHARE * len(singles))), replace=False)
+    has_audio[silent] = False
+    caption_video, texts, tags = _captions(settings, vocab, topic, words, sound, has_audio, twin,
+                                           rng)
+    return Plan([f"gen{r:07d}" for r in range(n)], splits, topic, words, sound, has_audio, look,
+                caption_video, texts, tags)
+
+
+def _groups(videos: int, rng: np.random.Generator) -> list[int]:
+    """Sizes of the groups of rows sharing a look: pairs of twins and single videos, shuffled."""
+    pairs = int(round(TWIN_SHARE * videos / 2))
+    sizes = [2] * pairs + [1] * (videos - 2 * pairs)
+    return [sizes[i] for i in rng.permutation(len(sizes))]
+
+
+def _assign_splits(groups: list[int], sizes: dict[str, int]) -> list[str]:
+    """A split per group so that each split gets its size exactly (twins stay together)."""
+    need = {"test": sizes["test"], "val": sizes["val"]}
+    out = []
+    for size in groups:
+        split = next((s for s in ("test", "val") if 0 < size <= need[s]), "train")
+        if split != "train":
+            need[split] -= size
+        out.append(split)
+    if any(need.values()):  # only pairs of twins were left to fill a split of odd size
+        raise AvrError(f"cannot split {len(groups)} look groups into {sizes}; give other "
+                       f"--val-videos/--test-videos")
+    return out
+
+
+def _captions(settings: GeneratorSettings, vocab: Vocabulary, topic, words, sound, has_audio,
+              twin, rng: np.random.Generator) -> tuple[np.ndarray, list[str], list[str]]:
+    texts, tags = [], []
+    for row in range(settings.videos):
+        t = int(topic[row])
+        things = [vocab.obj(t, int(words[row, 0])), vocab.obj(t, int(words[row, 1])),
+                  vocab.detail(int(words[row, 2]))]
+        for _ in range(settings.captions_per_video):
+            chosen = [things[i] for i in np.sort(rng.choice(3, int(rng.integers(1, 4)),
+                                                            replace=False))]
+            text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(
+                topic=vocab.topic(t), things=" and ".join(chosen))
+            if twin[row]:
+                tag = "audio_only"
+            elif has_audio[row] and rng.random() < 0.5:
+                tag = ""
+            else:
+                tag = "visual"
+            if tag != "visual":
+                text += " " + SOUND_CLAUSE.format(sound=vocab.sound(int(sound[row])))
+            texts.append(text)
+            tags.append(tag)
+    caption_video = np.repeat(np.arange(settings.videos), settings.captions_per_video)
+    return caption_video.astype(np.int32), texts, tags
+
+
+# ---- features --------------------------------------------------------------------------------
+
+class GeneratedEncoder:
+    """The generator's frozen "backbones": word vectors and fixed projections of one seed.
+
+    ``encode_text`` is what the captions of the store hold and what `avr search` runs on a
+    query; ``encode_videos`` writes the video arrays of planned rows."""
+
+    def __init__(self, spec: CacheSpec, seed: int):
+        self.spec = spec
+        self.seed = seed
+        self._vectors: dict[str, torch.Tensor] = {}
+        rng = np.random.default_rng([seed, 4])
+        d = spec.clip_dim
+
+        def normal(*shape: int) -> torch.Tensor:
+            return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+
+        self.audio_map = normal(d, spec.ast_dim) / np.sqrt(d)
+        self.roberta_map = normal(d, spec.roberta_dim) / np.sqrt(d)
+        self.swin_maps = [normal(d, c) / np.sqrt(d) for c in spec.swin_channels]
+        self.background = normal(spec.ast_dim)
+        self.clip_positions = 0.1 * normal(spec.clip_text_len, d) / np.sqrt(d)
+        self.roberta_positions = 0.1 * normal(spec.roberta_len, spec.roberta_dim) / np.sqrt(
+            spec.roberta_dim)
+        self.sound_profiles = normal(SOUNDS, spec.ast_freq_patches).exp()
+
+    def word_vector(self, word: str) -> torch.Tensor:
+        """A unit vector in CLIP space, a fixed function of the word's text and the seed."""
+        vector = self._vectors.get(word)
+        if vector is None:
+            rng = np.random.default_rng([self.seed, 3, zlib.crc32(word.encode())])
+            vector = torch.from_numpy(rng.standard_normal(self.spec.clip_dim, dtype=np.float32))
+            vector /= vector.norm()
+            self._vectors[word] = vector
+        return vector
+
+    # ---- text ------------------------------------------------------------------------------
+    def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> the five caption arrays, as ``Backbones.encode_text`` returns them."""
+        spec = self.spec
+        m = len(texts)
+        sentence = torch.zeros(m, spec.clip_dim)
+        clip_states = torch.zeros(m, spec.clip_text_len, spec.clip_dim)
+        clip_mask = torch.zeros(m, spec.clip_text_len, dtype=torch.bool)
+        roberta_words = torch.zeros(m, spec.roberta_len, spec.clip_dim)
+        roberta_mask = torch.zeros(m, spec.roberta_len, dtype=torch.bool)
+        start = self.word_vector(START_TOKEN)
+        end = self.word_vector(END_TOKEN)
+        for i, text in enumerate(texts):
+            words = text.lower().split()
+            vectors = (torch.stack([self.word_vector(w) for w in words]) if words
+                       else torch.zeros(0, spec.clip_dim))
+            weights = torch.tensor([TEMPLATE_WEIGHT if w in TEMPLATE_WORDS else 1.0
+                                    for w in words])
+            total = weights @ vectors if words else end
+            sentence[i] = total / total.norm().clamp_min(1e-6)
+            kept = vectors[:spec.clip_text_len - 2]  # CLIP keeps its end token when it cuts
+            length = len(kept) + 2
+            clip_states[i, 0], clip_states[i, 1:length - 1], clip_states[i, length - 1] = (
+                start, kept, sentence[i])
+            clip_mask[i, :length] = True
+            kept = vectors[:spec.roberta_len - 2]
+            length = len(kept) + 2
+            roberta_words[i, 0], roberta_words[i, 1:length - 1], roberta_words[i, length - 1] = (
+                start, kept, end)
+            roberta_mask[i, :length] = True
+        clip_states += self.clip_positions * clip_mask[..., None]
+        roberta = ((roberta_words.reshape(-1, spec.clip_dim) @ self.roberta_map)
+                   .reshape(m, spec.roberta_len, -1) + self.roberta_positions * roberta_mask[..., None])
+        return {
+            schema.TEXT_EMBEDDINGS: sentence,
+            schema.TEXT_TOKEN_STATES: clip_states,
+            schema.TEXT_TOKEN_MASK: clip_mask,
+            schema.ROBERTA_STATES: roberta,
+            schema.ROBERTA_MASK: roberta_mask,
+        }
+
+    # ---- videos ----------------------------------------------------------------------------
+    def encode_videos(self, plan: Plan, vocab: Vocabulary, rows: np.ndarray,
+                      names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The video arrays ``names`` (float32 or bool tensors) of planned ``rows``. Noise comes
+        from a generator per row (per look for what twins share), so a row's features do not
+        depend on the chunking."""
+        names = set(names)
+        spec = self.spec
+        looks = [int(plan.look[r]) for r in rows]
+        content = torch.stack([self._frame_content(plan, vocab, look) for look in looks])
+        out: dict[str, torch.Tensor] = {}
+        if schema.FRAME_EMBEDDINGS in names:
+            noise = torch.stack([torch.randn(content.shape[1:], generator=self._gen(2, look))
+                                 for look in looks])
+            out[schema.FRAME_EMBEDDINGS] = content + 0.3 * noise / np.sqrt(spec.clip_dim)
+        if schema.FRAME_MASK in names:
+            out[schema.FRAME_MASK] = torch.ones(content.shape[:2], dtype=torch.bool)
+        for k, (projection, grid) in enumerate(zip(self.swin_maps, spec.swin_grids)):
+            if schema.swin_stage(k) in names:
+                out[schema.swin_stage(k)] = self._swin(content, projection, grid, looks, k)
+        if {schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS,
+                schema.AUDIO_TIME_TOKENS} & names:
+            patches = self._audio_patches(plan, vocab, rows)
+            if schema.AUDIO_PATCH_TOKENS in names:
+                out[schema.AUDIO_PATCH_TOKENS] = patches
+            if schema.AUDIO_TIME_TOKENS in names:
+                out[schema.AUDIO_TIME_TOKENS] = ast_time_tokens(
+                    patches, spec.ast_freq_patches, spec.ast_time_patches)
+            if schema.AUDIO_GLOBAL_TOKENS in names:
+                noise = torch.stack([torch.randn(2, spec.ast_dim, generator=self._gen(6, int(r)))
+                                     for r in rows])
+                out[schema.AUDIO_GLOBAL_TOKENS] = patches.mean(1, keepdim=True) + 0.1 * noise
+        if schema.HAS_AUDIO in names:
+            out[schema.HAS_AUDIO] = torch.from_numpy(plan.has_audio[rows])
+        return out
+
+    def _gen(self, kind: int, row: int) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, kind, row]).generate_state(2, np.uint64)
+        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+    def _frame_content(self, plan: Plan, vocab: Vocabulary, look: int) -> torch.Tensor:
+        """[F, D] frames before noise: topic always, each word during its window, appearance.
+        A function of the look, so twins show the same frames."""
+        rng = np.random.default_rng([self.seed, 1, look])
+        frames = self.spec.num_frames
+        t = int(plan.topic[look])
+        words = [vocab.obj(t, int(plan.words[look, 0])), vocab.obj(t, int(plan.words[look, 1])),
+                 vocab.detail(int(plan.words[look, 2]))]
+        content = self.word_vector(vocab.topic(t)).repeat(frames, 1)
+        for word in words:
+            length = max(1, int(round(frames * rng.uniform(0.35, 0.65))))
+            start = int(rng.integers(frames - length + 1))
+            content[start:start + length] += 1.4 * self.word_vector(word)
+        appearance = torch.from_numpy(rng.standard_normal(self.spec.clip_dim, dtype=np.float32))
+        return content + 0.5 * appearance / appearance.norm()
+
+    def _swin(self, content: torch.Tensor, projection: torch.Tensor, grid: int, looks: list[int],
+              k: int) -> torch.Tensor:
+        """[n, F, g*g, C]: the frame content projected, weighted per cell, with spatial noise."""
+        n, frames, _ = content.shape
+        cells, channels = grid * grid, projection.shape[1]
+        base = (content.reshape(n * frames, -1) @ projection).reshape(n, frames, 1, channels)
+        gains = torch.stack([0.5 + torch.rand(1, cells, 1, generator=self._gen(10 + k, look))
+                             for look in looks])
+        noise = torch.stack([torch.randn(frames, cells, channels,
+                                         generator=self._gen(20 + k, look)) for look in looks])
+        return base * gains + 0.5 * noise
+
+    def _audio_patches(self, plan: Plan, vocab: Vocabulary, rows: np.ndarray) -> torch.Tensor:
+        """[n, 12 * 101, D_ast] in AST's frequency-major order."""
+        spec = self.spec
+        freq, steps, dim = spec.ast_freq_patches, spec.ast_time_patches, spec.ast_dim
+        tokens = torch.stack([torch.randn(freq, steps, dim, generator=self._gen(5, int(r)))
+                              for r in rows])
+        tokens = tokens.mul_(1.0 / np.sqrt(dim)).add_(0.5 * self.background / np.sqrt(dim))
+        sounds = torch.stack([self.word_vector(vocab.sound(int(plan.sound[r]))) for r in rows])
+        topics = torch.stack([self.word_vector(vocab.topic(int(plan.topic[r]))) for r in rows])
+        for i, row in enumerate(rows):
+            if not plan.has_audio[row]:
+                continue
+            rng = np.random.default_rng([self.seed, 5, int(row)])
+            envelope = np.repeat(rng.random(-(-steps // 10)) < 0.7, 10)[:steps]
+            envelope[int(rng.integers(steps))] = True  # never all off
+            profile = self.sound_profiles[int(plan.sound[row])]
+            weight = 2.0 * (profile / profile.mean())[:, None] * torch.from_numpy(envelope)[None]
+            tokens[i] += weight[..., None] * (sounds[i] @ self.audio_map)
+            tokens[i] += 0.3 * (topics[i] @ self.audio_map)
+        return tokens.reshape(len(rows), freq * steps, dim)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overwrite: bool = False,
+                          chunk_rows: int | None = None, console=None,
+                          on_chunk: Callable[[int, int], None] | None = None) -> dict:
+    """Write (or resume) the generated store at ``out``; ``chunk_rows`` sets the video rows per
+    chunk of a new store (default: the schema's, about 8 MB). Returns a summary: rows, bytes written
+    (uncompressed), bytes on disk, seconds, and the arrays left unwritten."""
+    started = time.perf_counter()
+    spec = generated_spec(settings.seed, settings.shapes)
+    written = check_arrays(spec, settings.arrays if settings.arrays is not None
+                           else feature_arrays(spec))
+    unwritten = tuple(name for name in feature_arrays(spec) if name not in written)
+    location = schema.store_location(out)
+    with StoreLock(location) as lock:
+        plan = make_plan(settings)
+        group = _prepare(location, spec, settings, plan, unwritten, overwrite,
+                         settings.command(out), chunk_rows)
+        layout = schema.array_layout(spec, settings.videos, len(plan.caption_text),
+                                     video_chunk_rows=group[schema.VIDEO_DONE].chunks[0])
+        encoder = GeneratedEncoder(spec, settings.seed)
+        vocab = Vocabulary(settings.videos, settings.seed)
+        nbytes = 0
+        with _WriteProgress(console) as progress:
+            nbytes += _write_captions(group, layout, encoder, written, lock, progress)
+            nbytes += _write_videos(group, layout, encoder, plan, vocab, written, lock, progress,
+                                    on_chunk)
+    seconds = time.perf_counter() - started
+    return {"out": str(location), "videos": settings.videos, "captions": len(plan.caption_text),
+            "written_bytes": nbytes, "bytes_on_disk": store_bytes(location),
+            "seconds": seconds, "unwritten": list(unwritten)}
+
+
+def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
+             unwritten: tuple[str, ...], overwrite: bool, command: str,
+             chunk_rows: int | None):
+    """Open the store for resuming when it was generated with the same settings; else create
+    it (replacing an unfinished one, or any avr store with ``overwrite``)."""
+    if overwrite:
+        schema.clear_store(location)
+    condition = schema.store_condition(location)
+    if condition == "foreign":
+        raise AvrError(f"{location} exists and is not an avr store; choose another --out")
+    if condition == "complete":
+        group, _ = schema.open_store(location, mode="r+")
+        found = group.attrs.get(schema.ATTR_GENERATOR, {}).get("settings")
+        if found == settings.to_attrs():
+            return group
+        what = ("a store `avr bench store` did not write" if found is None else
+                f"a store generated with other settings ({found})")
+        raise CacheMismatchError(f"{location} holds {what}; pass --overwrite to replace it, "
+                                 f"or choose another --out")
+    generator = {"settings": settings.to_attrs(), "command": command}
+    return schema.create_store(location, spec, plan.video_ids, plan.video_splits,
+                               plan.caption_video, plan.caption_text, plan.caption_tags,
+                               unwritten={name: command for name in unwritten},
+                               video_chunk_rows=chunk_rows,
+                               attrs={schema.ATTR_GENERATOR: generator})
+
+
+def _write_chunk(group, layout, start: int, stop: int, values: dict[str, torch.Tensor]) -> int:
+    """Whole-chunk assignments of every array in ``values`` (cast to the store's dtype as
+    extract does); returns the bytes written."""
+    nbytes = 0
+    for name, value in values.items():
+        array = to_numpy(value, layout[name].dtype)
+        group[name][start:stop] = array
+        nbytes += array.nbytes
+    return nbytes
+
+
+def _write_captions(group, layout, encoder: GeneratedEncoder, written: tuple[str, ...],
+                    lock: StoreLock, progress: _WriteProgress) -> int:
+    names = [n for n in written if schema.rows_of(n) == "caption"]
+    pending = pending_caption_chunks(group)
+    task = progress.add("captions", sum(stop - start for start, stop in pending))
+    nbytes = 0
+    for start, stop in pending:
+        texts = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], np.arange(start, stop))]
+        encoded = encoder.encode_text(texts)
+        lock.check()
+        chunk_bytes = _write_chunk(group, layout, start, stop, {n: encoded[n] for n in names})
+        group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
+        nbytes += chunk_bytes
+        progress.advance(task, stop - start, chunk_bytes)
+    return nbytes
+
+
+def _write_videos(group, layout, encoder: GeneratedEncoder, plan: Plan, vocab: Vocabulary,
+                  written: tuple[str, ...], lock: StoreLock, progress: _WriteProgress,
+                  on_chunk) -> int:
+    names = [n for n in written if schema.rows_of(n) == "video"]
+    done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
+    pending = pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
+    task = progress.add("videos", sum(stop - start for start, stop, _ in pending))
+    nbytes = 0
+    for start, stop, _ in pending:
+        values = encoder.encode_videos(plan, vocab, np.arange(start, stop), names)
+        lock.check()
+        chunk_bytes = _write_chunk(group, layout, start, stop, values)
+        group[schema.VIDEO_DONE][start:stop] = True  # after every array of the rows
+        nbytes += chunk_bytes
+        progress.advance(task, stop - start, chunk_bytes)
+        if on_chunk is not None:
+            on_chunk(start, stop)
+    return nbytes
+
+
+class _WriteProgress:
+    """Rows written of the total per kind, MB/s (uncompressed) and ETA; silent without a
+    console."""
+
+    def __init__(self, console):
+        self.bar = None
+        if console is not None:
+            from avr.progress import progress_bar
+
+            self.bar = progress_bar(console)
+        self.started: dict[int, list[float]] = {}
+
+    def __enter__(self) -> _WriteProgress:
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def add(self, description: str, total: int) -> int | None:
+        if self.bar is None or total == 0:
+            return None
+        task = self.bar.add_task(description, total=total, rate="")
+        self.started[task] = [time.perf_counter(), 0.0]
+        return task
+
+    def advance(self, task: int | None, rows: int, nbytes: int) -> None:
+        if self.bar is None or task is None:
+            return
+        from avr.progress import rate_text
+
+        started = self.started[task]
+        started[1] += nbytes
+        rate = rate_text(started[1] / 1e6, time.perf_counter() - started[0], "MB")
+        self.bar.update(task, advance=rows, rate=rate)
