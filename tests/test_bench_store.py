@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import zarr
@@ -139,6 +140,9 @@ def test_heads_leave_other_arrays_unwritten_and_runs_needing_them_are_refused(tm
     assert not list((store / schema.AUDIO_PATCH_TOKENS).rglob("c/*"))  # no chunk at all
     verify = ok(run_avr("cache", "verify", store))
     assert "clean" in verify.stdout and "left unwritten on purpose" in verify.stdout
+    in_process("cache", "export", store, tmp_path / "export.h5")
+    with h5py.File(tmp_path / "export.h5") as h5:
+        assert schema.FRAME_EMBEDDINGS in h5 and schema.AUDIO_PATCH_TOKENS not in h5
     refused = run_avr("train", "--cache", store, "--head", "tefal", "--device", "cpu",
                       "--run-dir", tmp_path / "run")
     assert_one_line_error(refused, str(store), "array audio_patch_tokens",
