@@ -20,8 +20,8 @@ from avr.extract.generated import (GeneratedEncoder, GeneratorSettings, Vocabula
 from avr.fuse.quantize import cosine_fidelity, quantize
 
 ARRAYS = (schema.FRAME_EMBEDDINGS, schema.AUDIO_PATCH_TOKENS, schema.AUDIO_TIME_TOKENS,
-          schema.AUDIO_GLOBAL_TOKENS, schema.swin_stage(0), schema.swin_stage(1),
-          schema.swin_stage(2))
+          schema.AUDIO_GLOBAL_TOKENS, schema.swin_level(0), schema.swin_level(1),
+          schema.swin_level(2))
 
 
 def main() -> None:

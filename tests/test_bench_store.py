@@ -131,7 +131,7 @@ def test_heads_leave_other_arrays_unwritten_and_runs_needing_them_are_refused(tm
     info = cache_info(store)
     assert set(info["unwritten"]) == {
         schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS, schema.AUDIO_TIME_TOKENS,
-        schema.swin_stage(0), schema.swin_stage(1), schema.swin_stage(2),
+        schema.swin_level(0), schema.swin_level(1), schema.swin_level(2),
         schema.TEXT_TOKEN_STATES, schema.TEXT_TOKEN_MASK, schema.ROBERTA_STATES,
         schema.ROBERTA_MASK}
     assert "--heads xpool" in info["unwritten"][schema.AUDIO_PATCH_TOKENS]
@@ -167,7 +167,7 @@ def test_real_shapes(tmp_path):
     assert shapes[schema.AUDIO_PATCH_TOKENS] == (6, 1212, 768)
     assert shapes[schema.AUDIO_TIME_TOKENS] == (6, 101, 768)
     assert shapes[schema.AUDIO_GLOBAL_TOKENS] == (6, 2, 768)
-    assert [shapes[schema.swin_stage(k)] for k in range(3)] == [
+    assert [shapes[schema.swin_level(k)] for k in range(3)] == [
         (6, 32, 16, 192), (6, 32, 4, 384), (6, 32, 1, 768)]
     assert shapes[schema.TEXT_TOKEN_STATES] == (12, 32, 512)
     assert shapes[schema.ROBERTA_STATES] == (12, 32, 768)

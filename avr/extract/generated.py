@@ -435,8 +435,8 @@ class GeneratedEncoder:
         if schema.FRAME_MASK in names:
             out[schema.FRAME_MASK] = torch.ones(content.shape[:2], dtype=torch.bool)
         for k, (projection, grid) in enumerate(zip(self.swin_maps, spec.swin_grids)):
-            if schema.swin_stage(k) in names:
-                out[schema.swin_stage(k)] = self._swin(content, projection, grid, looks, k)
+            if schema.swin_level(k) in names:
+                out[schema.swin_level(k)] = self._swin(content, projection, grid, looks, k)
         if {schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS,
                 schema.AUDIO_TIME_TOKENS} & names:
             patches = self._audio_patches(plan, vocab, rows)
