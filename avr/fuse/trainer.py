@@ -377,10 +377,11 @@ def train_epoch(head: RetrievalHead, data: SplitTensors, config: TrainConfig, op
 def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torch.device, *,
         run_dir: Path | None = None, start_epoch: int = 0, optimizer=None, scheduler=None,
         best: tuple[int, float] = (-1, -1.0), history: list[EpochLog] | None = None,
-        on_epoch: Callable[[EpochLog], None] | None = None,
+        on_epoch: Callable[[EpochLog], bool | None] | None = None,
         world: World = distributed.SINGLE) -> TrainResult:
     """Train ``head`` from ``start_epoch`` to ``config.epochs``; checkpoints go to ``run_dir``.
-    On several ranks only rank 0 validates, writes ``run_dir`` and calls ``on_epoch``."""
+    ``on_epoch`` sees each epoch's log; it returns True to stop after that epoch (a sweep's
+    pruner). On several ranks only rank 0 validates, writes ``run_dir`` and calls ``on_epoch``."""
     total_steps = steps_per_epoch(cache.train, config, world, device) * config.epochs
     if optimizer is None:
         optimizer, scheduler = make_optimizer(head, config, total_steps)
@@ -418,8 +419,9 @@ def fit(head: RetrievalHead, cache: CacheData, config: TrainConfig, device: torc
                 for key in ("loss", "val_r1", "lr", "temperature", "pairs_per_s"):
                     writer.add_scalar(key, getattr(log, key), epoch + 1)
                 writer.flush()
-        if on_epoch is not None and world.is_main:
-            on_epoch(log)
+        stop = bool(on_epoch(log)) if on_epoch is not None and world.is_main else False
+        if distributed.broadcast_object(stop, world):
+            break
         if config.early_stop and epoch + 1 - best_epoch >= config.early_stop:
             break
     if writer is not None:
@@ -510,7 +512,7 @@ def default_run_dir(head: str, runs_dir: Path = checkpoint.DEFAULT_RUNS_DIR) -> 
 
 def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = None, *,
           cache: CacheData | None = None,
-          on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[EpochLog], bool | None] | None = None) -> TrainResult:
     """Train a new run of ``config.head`` on the store at ``cache_path`` (on every rank when
     started by torchrun; a new run left at ``shards=1`` takes one shard per rank)."""
     config.validate()
@@ -556,7 +558,7 @@ def _run_config(cache_path, config: TrainConfig, cache: CacheData, head: Retriev
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, cache_path: str | Path | None = None,
-           on_epoch: Callable[[EpochLog], None] | None = None) -> TrainResult:
+           on_epoch: Callable[[EpochLog], bool | None] | None = None) -> TrainResult:
     """Continue a run from its last checkpoint (to ``epochs`` if given, else its own total), in
     one process or on as many ranks as the run has shards: either composes the same batches."""
     run_dir = Path(run_dir)
