@@ -447,6 +447,9 @@ def sweep(
     opt: list[str] = typer.Option([], "--opt", help="Fixed options as key=value."),
     save_runs: bool = typer.Option(False, "--save-runs", help="Keep every trial's weights "
                                                              "(default: the best trial's)."),
+    parallel: int = typer.Option(1, min=1, help="Trials trained at once by this worker, as one "
+                                                "stacked model where only lr, weight decay, "
+                                                "warmup, seed or temperature differ."),
 ):
     """Search training and head options on an Optuna study; one loaded cache per worker."""
     import time
@@ -467,7 +470,7 @@ def sweep(
     console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} "
                   f"({plan.size()} trials{', pruned' if plan.prune else ''}) on {plan.cache}; "
                   f"study {study_storage.url}")
-    _run_sweep_worker(name, study, study_storage, plan, out_dir)
+    _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel)
     rows = sweeps.finished_rows(study)
     _print_sweep_table(name, plan, rows)
     paths = [sweeps.write_trials_csv(study, out_dir), *sweeps.write_plots(study, out_dir)]
@@ -481,7 +484,7 @@ def sweep(
                   + f"; browse the study with `optuna-dashboard {study_storage.url}`")
 
 
-def _run_sweep_worker(name, study, study_storage, plan, out_dir) -> None:
+def _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel) -> None:
     from avr.fuse import sweep as sweeps
     from avr.progress import progress_bar
 
@@ -501,7 +504,8 @@ def _run_sweep_worker(name, study, study_storage, plan, out_dir) -> None:
             progress.update(task, advance=1, best=best[0], now=f"trial {row.number} {row.state}")
 
         sweeps.run_worker(name, study, study_storage, plan, out_dir,
-                          sweeps.SweepCallbacks(on_epoch=on_epoch, on_trial_end=on_trial_end))
+                          sweeps.SweepCallbacks(on_epoch=on_epoch, on_trial_end=on_trial_end),
+                          parallel=parallel)
 
 
 def _print_sweep_table(name, plan, rows) -> None:

@@ -41,8 +41,8 @@ from avr.errors import AvrError
 from avr.fuse import checkpoint
 from avr.fuse.heads import head_class
 from avr.fuse.options import Axis, grid_points, head_options, parse_search_space, typed_options
-from avr.fuse.trainer import (TRAIN_FIELDS, CacheData, EpochLog, TrainConfig, load_cache,
-                              split_options, train)
+from avr.fuse.trainer import (TRAIN_FIELDS, CacheData, EpochLog, TrainConfig, TrainResult,
+                              load_cache, split_options, train)
 from avr.lock import _process_runs, machine_identity
 
 SEARCHES = ("grid", "random", "tpe")
@@ -278,7 +278,8 @@ def make_sampler(plan: SweepPlan, trials_before: int):
         return GridSampler(space, seed=seed)
     if plan.search == "random":
         return optuna.samplers.RandomSampler(seed=seed + trials_before)
-    return optuna.samplers.TPESampler(seed=seed + trials_before)
+    # The constant liar counts running trials as bad ones: workers and --parallel asks spread.
+    return optuna.samplers.TPESampler(seed=seed + trials_before, constant_liar=True)
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -424,8 +425,9 @@ class CacheByHead:
 
 
 def run_worker(name: str, study, storage, plan: SweepPlan, out_dir: Path,
-               callbacks: SweepCallbacks = SweepCallbacks()) -> None:
-    """Train trials of the study until none is left to start; write trials.csv after each."""
+               callbacks: SweepCallbacks = SweepCallbacks(), parallel: int = 1) -> None:
+    """Train trials of the study until none is left to start, ``parallel`` at a time (stacked
+    where their options allow, :mod:`avr.fuse.stacked`); write trials.csv after each round."""
     from avr.device import resolve_device
 
     caches = CacheByHead(plan, resolve_device(plan.base.device))
@@ -433,52 +435,96 @@ def run_worker(name: str, study, storage, plan: SweepPlan, out_dir: Path,
     with Heartbeat(storage) as heartbeat:
         while True:
             release_dead_trials(study, storage)
-            if not work_left(study, plan):
+            asked = []
+            while len(asked) < parallel and work_left(study, plan):
+                asked.append(study.ask())
+                heartbeat.trial_ids.add(asked[-1]._trial_id)
+            if not asked:
                 break
-            trial = study.ask()
-            heartbeat.trial_ids.add(trial._trial_id)
             try:
-                _run_trial(trial, study, plan, out_dir, worker, caches, callbacks)
+                _run_trials([_start(trial, plan, out_dir, worker, callbacks) for trial in asked],
+                            study, plan, caches, callbacks)
             finally:
-                heartbeat.trial_ids.discard(trial._trial_id)
+                heartbeat.trial_ids.difference_update(trial._trial_id for trial in asked)
             write_trials_csv(study, out_dir)
 
 
-def _run_trial(trial, study, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
-               caches: CacheByHead, callbacks: SweepCallbacks) -> None:
+@dataclass
+class _Running:
+    """A trial this worker trains: its Optuna trial, config and run directory."""
+
+    trial: Any
+    config: TrainConfig
+    run_dir: Path
+    pruned: bool = False
+
+
+def _start(trial, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
+           callbacks: SweepCallbacks) -> _Running:
     options = suggest(trial, plan)
-    config = trial_config(plan.base, options)
     run_dir = out_dir / f"trial-{trial.number:04d}"
     trial.set_user_attr("worker", worker)
     trial.set_user_attr("run_dir", str(run_dir))
     callbacks.on_trial_start(trial.number, options)
-    pruned = False
+    return _Running(trial, trial_config(plan.base, options), run_dir)
 
+
+def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks):
+    """The trial's ``on_epoch``: report val R@1 to the study; True when the pruner stops it."""
     def on_epoch(log: EpochLog) -> bool:
-        nonlocal pruned
-        trial.report(log.val_r1, log.epoch)
-        callbacks.on_epoch(trial.number, log)
+        running.trial.report(log.val_r1, log.epoch)
+        callbacks.on_epoch(running.trial.number, log)
         # A trial pruned after its last epoch has trained in full: it completes.
-        pruned = plan.prune and log.epoch < config.epochs and trial.should_prune()
-        return pruned
+        running.pruned = (plan.prune and log.epoch < running.config.epochs
+                          and running.trial.should_prune())
+        return running.pruned
 
-    cache = caches(config.head)
-    started = time.perf_counter()
-    try:
-        result = train(plan.cache, config, run_dir, cache=cache, on_epoch=on_epoch)
-    except AvrError as error:
-        trial.set_user_attr("error", str(error))
-        trial.set_user_attr("seconds", time.perf_counter() - started)
+    return on_epoch
+
+
+def _run_trials(trials: list[_Running], study, plan: SweepPlan, caches: CacheByHead,
+                callbacks: SweepCallbacks) -> None:
+    """Train ``trials``: each stacked group together, a trial alone on its own."""
+    from avr.fuse import stacked
+
+    for group in stacked.groups([running.config for running in trials]):
+        members = [trials[i] for i in group]
+        cache = caches(members[0].config.head)
+        started = time.perf_counter()
+        try:
+            if len(members) == 1:
+                only = members[0]
+                results = [train(plan.cache, only.config, only.run_dir, cache=cache,
+                                 on_epoch=_reporter(only, plan, callbacks))]
+            else:
+                reporters = [_reporter(running, plan, callbacks) for running in members]
+                results = stacked.train_stacked(
+                    plan.cache, [r.config for r in members], [r.run_dir for r in members],
+                    cache, on_epoch=lambda k, log: reporters[k](log))
+        except AvrError as error:
+            for running in members:
+                _tell(study, running, None, time.perf_counter() - started, callbacks,
+                      error=str(error))
+            continue
+        for running, result in zip(members, results):
+            _tell(study, running, result, time.perf_counter() - started, callbacks)
+
+
+def _tell(study, running: _Running, result: TrainResult | None, seconds: float,
+          callbacks: SweepCallbacks, error: str | None = None) -> None:
+    """Record a trial's end in the study: failed (``error``), pruned or complete."""
+    trial = running.trial
+    trial.set_user_attr("seconds", seconds)
+    if result is None:
+        trial.set_user_attr("error", error)
         study.tell(trial, state=TrialState.FAIL)
-        callbacks.on_trial_end(trial_row(study.trials[trial.number]))
-        return
-    trial.set_user_attr("seconds", time.perf_counter() - started)
-    trial.set_user_attr("epochs", len(result.history))
-    trial.set_user_attr("best_epoch", result.best_epoch)
-    if pruned:
-        study.tell(trial, state=TrialState.PRUNED)
     else:
-        study.tell(trial, result.best_val_r1)
+        trial.set_user_attr("epochs", len(result.history))
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        if running.pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, result.best_val_r1)
     callbacks.on_trial_end(trial_row(study.trials[trial.number]))
 
 
