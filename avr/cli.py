@@ -467,9 +467,10 @@ def sweep(
     study_storage = sweeps.open_storage(url)
     study = sweeps.open_study(name, plan, study_storage)
     out_dir = sweeps.sweep_dir(name)
-    console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} "
-                  f"({plan.size()} trials{', pruned' if plan.prune else ''}) on {plan.cache}; "
-                  f"study {study_storage.url}")
+    size = plan.size()
+    console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} ({size} "
+                  f"trial{'s' * (size != 1)}{', pruned' if plan.prune else ''}) on {plan.cache};"
+                  f" study {study_storage.url}")
     _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel)
     rows = sweeps.finished_rows(study)
     _print_sweep_table(name, plan, rows)

@@ -55,7 +55,7 @@ def test_options_that_change_shapes_or_modules_split_the_groups():
     configs = configs_of("tefal")
     configs.append(TrainConfig(head="tefal", head_options={"dropout": 0.1}))
     configs.append(TrainConfig(head="tefal", head_options={"fusion": "concat", "dropout": 0.0}))
-    configs.append(TrainConfig(head="avigate"))  # its own loss: alone
+    configs.append(TrainConfig(head="avigate"))  # one trial at a time
     configs.append(TrainConfig(head="avigate"))
     assert stacked.groups(configs) == [[0, 1, 2], [3], [4], [5], [6]]
 
@@ -74,17 +74,18 @@ def test_sweep_parallel_trains_the_trials_a_one_at_a_time_sweep_trains(tmp_path,
     store = make_learnable_store(tmp_path / "cache", tiny_spec)
     args = ["sweep", "--cache", store, "--head", "xpool", "--batch-size", "16", "--epochs", "2",
             "--opt", "dropout=0", "--save-runs", "--grid", "lr=1e-3,3e-3 temperature=0.05"]
-    for name, parallel in (("one", "1"), ("four", "2")):
+    for name, parallel in (("one", "1"), ("two", "2")):
         done = run_avr(*args, "--name", name, "--parallel", parallel, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
     sweeps_dir = tmp_path / "runs" / "sweeps"
     rows = {}
-    for name in ("one", "four"):
+    for name in ("one", "two"):
         with (sweeps_dir / name / "trials.csv").open() as handle:
             rows[name] = {(r["lr"], r["temperature"]): r for r in csv.DictReader(handle)}
-    assert rows["one"].keys() == rows["four"].keys() and len(rows["one"]) == 2
-    for point, row in rows["four"].items():
-        assert row["state"] == "complete" and row["best_val_r1"] == rows["one"][point]["best_val_r1"]
+    assert rows["one"].keys() == rows["two"].keys() and len(rows["one"]) == 2
+    for point, row in rows["two"].items():
+        assert row["state"] == "complete"
+        assert row["best_val_r1"] == rows["one"][point]["best_val_r1"]
         alone = sweeps_dir / "one" / f"trial-{int(rows['one'][point]['trial']):04d}"
-        together = sweeps_dir / "four" / f"trial-{int(row['trial']):04d}"
+        together = sweeps_dir / "two" / f"trial-{int(row['trial']):04d}"
         assert max_difference(together, alone) < 1e-4

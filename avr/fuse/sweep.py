@@ -36,6 +36,7 @@ from typing import Any, Callable
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from avr.errors import AvrError
 from avr.fuse import checkpoint
@@ -221,7 +222,8 @@ def open_storage(url: str) -> RDBStorage:
     try:
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                           grace_period=GRACE_S, heartbeat_stale_trial_callback=retry)
-    except (optuna.exceptions.StorageInternalError, ValueError, ImportError) as error:
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError, ValueError,
+            ImportError) as error:
         raise AvrError(f"--storage {url}: cannot open it as an Optuna database: {error}") from None
 
 
@@ -391,6 +393,12 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
+    def add(self, trial_id: int) -> None:
+        """Beat for this trial from now on; the first beat at once, so that a worker lost in
+        its first seconds leaves a trial that goes stale."""
+        self.storage.record_heartbeat(trial_id)
+        self.trial_ids.add(trial_id)
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             for trial_id in list(self.trial_ids):
@@ -438,7 +446,7 @@ def run_worker(name: str, study, storage, plan: SweepPlan, out_dir: Path,
             asked = []
             while len(asked) < parallel and work_left(study, plan):
                 asked.append(study.ask())
-                heartbeat.trial_ids.add(asked[-1]._trial_id)
+                heartbeat.add(asked[-1]._trial_id)
             if not asked:
                 break
             try:

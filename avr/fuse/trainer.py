@@ -311,14 +311,16 @@ def make_optimizer(head: RetrievalHead, config: TrainConfig, total_steps: int):
         {"params": no_decay, "weight_decay": 0.0},
     ], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     warmup_steps = int(config.warmup * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
 
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's factor at ``step``: linear warmup, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def steps_per_epoch(data: SplitTensors, config: TrainConfig, world: World = distributed.SINGLE,
