@@ -504,7 +504,7 @@ def _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel) -> No
             best[0] = max(best[0], row.best_val_r1)
             progress.update(task, advance=1, best=best[0], now=f"trial {row.number} {row.state}")
 
-        sweeps.run_worker(name, study, study_storage, plan, out_dir,
+        sweeps.run_worker(study, study_storage, plan, out_dir,
                           sweeps.SweepCallbacks(on_epoch=on_epoch, on_trial_end=on_trial_end),
                           parallel=parallel)
 

@@ -195,7 +195,7 @@ def test_a_trial_of_a_dead_worker_is_retried_with_its_options(store, tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     orphan.set_user_attr("worker", {**sweeps.worker_identity(), "pid": gone.pid})
-    sweeps.run_worker("d", study, storage, plan, tmp_path / "d")
+    sweeps.run_worker(study, storage, plan, tmp_path / "d")
     states = [(t.state.name, t.params["lr"]) for t in study.trials]
     assert states[0] == ("FAIL", lr) and states[1] == ("COMPLETE", lr)
     assert len(states) == 3 and states[2][0] == "COMPLETE"

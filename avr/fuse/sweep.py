@@ -17,6 +17,9 @@ A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING in 
 next worker to look fails it and queues a copy with the same options (Optuna's
 RetryHeartbeatStaleTrialCallback; for a grid, the same grid point): at once when the dead worker
 ran on this machine (its pid is gone), after ``GRACE_S`` without a heartbeat otherwise.
+
+``--parallel K`` has a worker ask for K trials at once and train them side by side, as one
+stacked model where their options allow (:mod:`avr.fuse.stacked`).
 """
 
 from __future__ import annotations
@@ -432,7 +435,7 @@ class CacheByHead:
         return self.loaded[head]
 
 
-def run_worker(name: str, study, storage, plan: SweepPlan, out_dir: Path,
+def run_worker(study, storage, plan: SweepPlan, out_dir: Path,
                callbacks: SweepCallbacks = SweepCallbacks(), parallel: int = 1) -> None:
     """Train trials of the study until none is left to start, ``parallel`` at a time (stacked
     where their options allow, :mod:`avr.fuse.stacked`); write trials.csv after each round."""
