@@ -452,53 +452,116 @@ def _print_train_result(result) -> None:
 
 @app.command()
 def sweep(
-    grid: str = typer.Option(..., help='e.g. "lr=1e-4,3e-4 temperature=0.05,0.1 dropout=0.1,0.3"'),
-    cache: str = typer.Option("cache", help="Feature cache: a path or a URL."),
-    head: str = typer.Option("tefal", help="Head to sweep.", callback=head_option),
+    grid: Optional[str] = typer.Option(
+        None, help='Searched options: lists and ranges, e.g. "lr=1e-5:1e-3:log '
+                   'temperature=0.02:0.1 fusion=add,concat" (head=xpool,tefal searches heads). '
+                   'Needed to start a sweep; a worker joining one takes the stored grid.'),
+    search: Optional[str] = typer.Option(None, help="grid (every combination of lists; the "
+                                                    "default) | random | tpe.",
+                                         callback=_one_of("grid", "random", "tpe")),
+    trials: Optional[int] = typer.Option(None, min=1, help="Configurations to train (random, "
+                                                           "tpe), over all workers."),
+    name: Optional[str] = typer.Option(None, help="The study: runs/sweeps/<name>/ (default "
+                                                  "<head>-<time>). Start it again to resume or "
+                                                  "to add a worker."),
+    storage: Optional[str] = typer.Option(None, help="Optuna database URL (default sqlite:///"
+                                                     "runs/sweeps/<name>/study.db)."),
+    prune: bool = typer.Option(False, "--prune", help="Stop hopeless trials early (Hyperband "
+                                                      "over epochs of val R@1)."),
+    cache: Optional[str] = typer.Option(None, help="Feature cache: a path or a URL (default "
+                                                   "cache)."),
+    head: Optional[str] = typer.Option(None, help="Head to sweep (default tefal).",
+                                       callback=head_option),
     epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per trial (default: avr "
                                          "train's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
                                              help="Batch (default: avr train's)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (default: avr train's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of every trial and of the sampler "
+                                                  "(default 42)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP, callback=device_option),
     opt: list[str] = typer.Option([], "--opt", "--option", help="Fixed options as key=value."),
-    save_runs: bool = typer.Option(False, "--save-runs", help="Keep each trial's run dir."),
+    save_runs: bool = typer.Option(False, "--save-runs", help="Keep every trial's weights "
+                                                             "(default: the best trial's)."),
+    parallel: int = typer.Option(1, min=1, help="Trials trained at once by this worker, as one "
+                                                "stacked model where only lr, weight decay, "
+                                                "warmup, seed or temperature differ."),
 ):
-    """Train every configuration of a grid on one loaded cache; print a ranked table."""
-    from rich.table import Table
+    """Search training and head options on an Optuna study; one loaded cache per worker."""
+    import time
 
     from avr import schema
-    from avr.fuse import trainer
-    from avr.fuse.config import parse_grid, train_config
-    from avr.fuse.sweep import sweep as run_sweep, trial_configs
-    from avr.progress import progress_bar
+    from avr.fuse import sweep as sweeps, trainer
 
-    trials_grid = parse_grid(grid)
-    base, _ = train_config(None, dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed,
-                                      device=device), opt)
-    configs = trial_configs(base, trials_grid)  # every option is checked before any training
-    _require_head_arrays(cache, head, *(config.head_options for config in configs))
-    _, schedule = trainer.schedule_for_store(cache, base)
+    flags = dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed, device=device)
+    if name is None:
+        name = f"{head or 'tefal'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    url = sweeps.storage_url(name, storage)
+    plan = sweeps.resolve_plan(name, sweeps.stored_plan(name, url), grid=grid, search=search,
+                               trials=trials, prune=prune, cache=cache, flags=flags, opts=opt)
+    schema.open_store(plan.cache)  # a missing store is reported before anything is drawn
+    if "head=" not in plan.grid:
+        _require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
+    _, schedule = trainer.schedule_for_store(plan.cache, plan.base)
     if schedule is not None:
         console.print(schedule, markup=False, highlight=False, soft_wrap=True)
-    with progress_bar(console, fields="best val R@1 {task.fields[best]:.1f}") as progress:
-        task = progress.add_task(f"sweep {head}", total=len(trials_grid), rate="", best=0.0)
-        best = [0.0]
+    study_storage = sweeps.open_storage(url)
+    study = sweeps.open_study(name, plan, study_storage)
+    out_dir = sweeps.sweep_dir(name)
+    size = plan.size()
+    console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} ({size} "
+                  f"trial{'s' * (size != 1)}{', pruned' if plan.prune else ''}) on {plan.cache};"
+                  f" study {study_storage.url}")
+    _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel)
+    rows = sweeps.finished_rows(study)
+    _print_sweep_table(name, plan, rows)
+    paths = [sweeps.write_trials_csv(study, out_dir), *sweeps.write_plots(study, out_dir)]
+    if not save_runs:
+        sweeps.drop_weights_of_others(study)
+    best = next((row for row in rows if row.state == "complete"), None)
+    if best is not None:
+        console.print(f"best: trial {best.number}, val R@1 {best.best_val_r1:.1f}, run "
+                      f"{best.run_dir} (avr eval --run {best.run_dir})")
+    console.print("wrote " + ", ".join(str(path) for path in paths)
+                  + f"; browse the study with `optuna-dashboard {study_storage.url}`")
 
-        def on_trial(index, trial):
-            best[0] = max(best[0], trial.result.best_val_r1)
-            progress.update(task, advance=1, best=best[0],
-                            rate=f"{trial.seconds:.1f} s/trial")
 
-        trials = run_sweep(cache, base, trials_grid, Path("runs") if save_runs else None,
-                           on_trial=on_trial)
-    table = Table(title=f"sweep: {head} on {cache}")
-    for column in ("rank", "options", "val R@1", "best epoch", "s/trial"):
+def _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel) -> None:
+    from avr.fuse import sweep as sweeps
+    from avr.progress import progress_bar
+
+    done = len([row for row in sweeps.finished_rows(study) if row.state != "failed"])
+    with progress_bar(console, fields="{task.fields[now]}  best val R@1 "
+                                      "{task.fields[best]:.1f}") as progress:
+        task = progress.add_task(f"sweep {name}", total=plan.size(), completed=min(done,
+                                 plan.size()), rate="", now="", best=0.0)
+        best = [max((r.best_val_r1 for r in sweeps.finished_rows(study)), default=0.0)]
+
+        def on_epoch(number, log):
+            progress.update(task, now=f"trial {number} epoch {log.epoch} R@1 {log.val_r1:.1f}",
+                            rate=f"{log.pairs_per_s:,.0f} pairs/s")
+
+        def on_trial_end(row):
+            best[0] = max(best[0], row.best_val_r1)
+            progress.update(task, advance=1, best=best[0], now=f"trial {row.number} {row.state}")
+
+        sweeps.run_worker(study, study_storage, plan, out_dir,
+                          sweeps.SweepCallbacks(on_epoch=on_epoch, on_trial_end=on_trial_end),
+                          parallel=parallel)
+
+
+def _print_sweep_table(name, plan, rows) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep {name}: {plan.base.head if 'head=' not in plan.grid else 'heads'}"
+                        f" on {plan.cache}")
+    for column in ("rank", "trial", "state", "options", "val R@1", "best epoch", "epochs",
+                   "s/trial"):
         table.add_column(column)
-    for rank, trial in enumerate(trials, 1):
-        options = " ".join(f"{k}={v}" for k, v in trial.options.items())
-        table.add_row(str(rank), options, f"{trial.result.best_val_r1:.1f}",
-                      str(trial.result.best_epoch), f"{trial.seconds:.1f}")
+    for rank, row in enumerate(rows, 1):
+        options = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.options.items())
+        table.add_row(str(rank), str(row.number), row.state, options, f"{row.best_val_r1:.1f}",
+                      str(row.best_epoch or "-"), str(row.epochs), f"{row.seconds:.1f}")
     console.print(table)
 
 

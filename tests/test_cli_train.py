@@ -1,4 +1,4 @@
-"""`avr train` and `avr sweep` from the command line."""
+"""`avr train` from the command line (`avr sweep`: tests/test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -62,11 +62,3 @@ def test_train_resume_applies_what_it_can_and_refuses_what_changes_the_run(tmp_p
 def test_train_reports_a_missing_cache_without_a_traceback(tmp_path, capsys):
     assert run_cli("train", "--cache", str(tmp_path / "nowhere"), "--head", "meanp") == 2
     assert "no avr cache here" in capsys.readouterr().err
-
-
-def test_sweep_prints_a_ranked_table(tmp_path, tiny_spec, capsys):
-    store = make_learnable_store(tmp_path / "cache", tiny_spec)
-    main(["sweep", "--cache", str(store), "--head", "meanp", "--epochs", "1", "--batch-size", "16",
-          "--grid", "lr=1e-3,3e-3"])
-    out = capsys.readouterr().out
-    assert "lr=0.001" in out and "lr=0.003" in out and "val R@1" in out

@@ -13,8 +13,7 @@ import torch
 from avr.errors import AvrError, CacheMismatchError, RunError
 from avr.fuse import checkpoint, trainer
 from avr.fuse.data import load_split
-from avr.fuse.config import parse_grid, parse_options, split_options
-from avr.fuse.sweep import sweep
+from avr.fuse.config import parse_options, split_options
 from avr.fuse.sampling import draw_pairs
 from avr.fuse.trainer import TrainConfig
 from stores import make_learnable_store
@@ -109,22 +108,6 @@ def test_unknown_options_are_refused_with_the_choices():
     with pytest.raises(AvrError, match="unknown option 'lrr'"):
         split_options({"lrr": 1.0}, "meanp")
 
-
-def test_grid_is_the_cartesian_product_with_typed_values():
-    grid = parse_grid("lr=1e-4,3e-4 temperature=0.05,0.1 pairs=one")
-    assert len(grid) == 4
-    assert grid[1] == {"lr": 1e-4, "temperature": 0.1, "pairs": "one"}
-    assert parse_options(["proj=false", "epochs=3"]) == {"proj": False, "epochs": 3}
-
-
-def test_sweep_ranks_trials_by_val_recall(store):
-    base = TrainConfig(**{**FAST, "epochs": 2})
-    trials = sweep(store, base, parse_grid("lr=1e-5,3e-3"))
-    assert [t.options["lr"] for t in trials] == [3e-3, 1e-5]
-    assert trials[0].result.best_val_r1 > trials[1].result.best_val_r1
-
-
-# ---- the default schedule ----------------------------------------------------------------------
 
 def pretrained_spec(tiny_spec):
     clip = dataclasses.replace(tiny_spec.backbones["clip"], weights="openai")

@@ -131,17 +131,77 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def parse_grid(grid: str) -> list[dict[str, Any]]:
-    """Every combination of a grid such as ``"lr=1e-4,3e-4 temperature=0.05,0.1"``, in order."""
+@dataclass(frozen=True)
+class Axis:
+    """One searched option of a sweep: listed ``values``, or a numeric range [low, high], on a
+    log scale or with a ``step``."""
+
+    name: str
+    values: tuple[Any, ...] = ()
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+
+    @property
+    def is_range(self) -> bool:
+        return self.low is not None
+
+    def text(self) -> str:
+        if not self.is_range:
+            return f"{self.name}={','.join(str(v) for v in self.values)}"
+        tail = ":log" if self.log else f":{self.step}" if self.step is not None else ""
+        return f"{self.name}={self.low}:{self.high}{tail}"
+
+
+def parse_search_space(text: str) -> list[Axis]:
+    """The axes of ``--grid``: space-separated terms, each ``key=v1,v2,...`` (a list) or
+    ``key=low:high`` (a range; ``low:high:log`` on a log scale, ``low:high:STEP`` in steps),
+    e.g. ``"lr=1e-5:1e-3:log temperature=0.02:0.1 fusion=add,concat"``. Keys are unchecked
+    here (``avr.fuse.sweep`` checks them against the trainer and the head)."""
     axes = []
-    for term in grid.split():
+    for term in text.split():
         key, sep, values = term.partition("=")
-        if not sep or not values:
-            raise AvrError(f"grid term {term!r} is not of the form key=v1,v2,...")
-        axes.append([(key.replace("-", "_"), parse_value(v)) for v in values.split(",") if v])
+        if not sep or not key or not values:
+            raise AvrError(f"--grid: term {term!r} is not of the form key=v1,v2,... or "
+                           f"key=low:high[:log]")
+        name = key.strip().replace("-", "_")
+        if name in (axis.name for axis in axes):
+            raise AvrError(f"--grid: {name} is given twice")
+        axes.append(_range_axis(name, values) or
+                    Axis(name, tuple(parse_value(v) for v in values.split(",") if v)))
     if not axes:
-        raise AvrError("empty grid: give terms like \"lr=1e-4,3e-4 temperature=0.05,0.1\"")
-    return [dict(combo) for combo in itertools.product(*axes)]
+        raise AvrError("--grid is empty: give terms like \"lr=1e-4,3e-4 temperature=0.02:0.1\"")
+    return axes
+
+
+def _range_axis(name: str, text: str) -> Axis | None:
+    """``low:high[:log|:STEP]`` as an Axis, or None when ``text`` is not a numeric range."""
+    parts = [parse_value(part) for part in text.split(":")]
+    numeric = [isinstance(p, (int, float)) and not isinstance(p, bool) for p in parts]
+    if len(parts) < 2 or not all(numeric[:2]):
+        return None
+    low, high = parts[:2]
+    if len(parts) > 3 or (len(parts) == 3 and parts[2] != "log" and not numeric[2]):
+        raise AvrError(f"--grid: {name}={text} is not a range low:high, low:high:log or "
+                       f"low:high:STEP")
+    if not low < high:
+        raise AvrError(f"--grid: {name}={text}: low must be below high")
+    log = len(parts) == 3 and parts[2] == "log"
+    if log and not low > 0:
+        raise AvrError(f"--grid: {name}={text}: a log range needs low > 0")
+    step = parts[2] if len(parts) == 3 and not log else None
+    return Axis(name, low=low, high=high, log=log, step=step)
+
+
+def grid_points(axes: list[Axis]) -> list[dict[str, Any]]:
+    """Every combination of listed axes, in order (the first axis varies slowest)."""
+    ranges = [axis.text() for axis in axes if axis.is_range]
+    if ranges:
+        raise AvrError(f"--search grid takes lists of values, not ranges ({' '.join(ranges)}): "
+                       f"list the values, or use --search random or tpe")
+    return [dict(zip((a.name for a in axes), combo))
+            for combo in itertools.product(*(a.values for a in axes))]
 
 
 def load_toml(path: Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
@@ -176,13 +236,17 @@ def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     return table
 
 
-def train_config(config_file: Path | None, flags: dict[str, Any], opts: list[str]
-                 ) -> tuple[TrainConfig, str | None]:
-    """The checked TrainConfig of ``run.toml`` (if any), overridden by ``flags`` (None: not
-    given), overridden by ``--opt`` items; and the cache location the TOML file names."""
+def train_config(config_file: Path | None, flags: dict[str, Any], opts: list[str], *,
+                 start: TrainConfig | None = None) -> tuple[TrainConfig, str | None]:
+    """The checked TrainConfig of ``run.toml`` (if any; else ``start``, else the defaults),
+    overridden by ``flags`` (None: not given), overridden by ``--opt`` items; and the cache
+    location the TOML file names."""
     values: dict[str, Any] = {}
     toml_head_options: dict[str, Any] = {}
     cache = None
+    if start is not None:
+        values = {k: v for k, v in dataclasses.asdict(start).items() if k != "head_options"}
+        toml_head_options = dict(start.head_options)
     if config_file is not None:
         values, toml_head_options, cache = load_toml(config_file)
     values.update({k: v for k, v in flags.items() if v is not None})

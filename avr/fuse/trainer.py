@@ -225,14 +225,16 @@ def make_optimizer(head: RetrievalHead, config: TrainConfig, total_steps: int):
         {"params": no_decay, "weight_decay": 0.0},
     ], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     warmup_steps = int(config.warmup * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
 
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's factor at ``step``: linear warmup, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -414,17 +416,24 @@ def new_run_dir(run_dir: Path | None, config: TrainConfig, world: World) -> Path
 def run_config(cache_path, run: Run, schedule: str | None) -> dict[str, Any]:
     """config.json of a new run; ``schedule`` says why its epochs, batch size or lr depart from
     the papers' (``resolve_schedule``), or is None."""
-    head = run.state.head
+    return run_config_dict(cache_path, run.config, schedule, run.cache.spec, run.state.head,
+                           run.world)
+
+
+def run_config_dict(cache_path, config: TrainConfig, schedule: str | None,
+                    spec: schema.CacheSpec, head: RetrievalHead, world: World) -> dict[str, Any]:
+    """config.json of a new run of ``head`` trained with ``config`` (also a sweep's stacked
+    trials, which build their heads themselves)."""
     return {
-        "head": run.config.head,
+        "head": config.head,
         "head_options": head.config_dict(),
-        "train": dataclasses.asdict(run.config),  # as resolved: every value the run used
+        "train": dataclasses.asdict(config),  # as resolved: every value the run used
         "schedule": schedule,
         "cache": {"path": schema.location_text(cache_path),
-                  "identity": schema.cache_identity(run.cache.spec)},
+                  "identity": schema.cache_identity(spec)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
-        "world_size": run.world.size,  # the global batch is batch_size whatever the world size
+        "world_size": world.size,  # the global batch is batch_size whatever the world size
     }
 
 

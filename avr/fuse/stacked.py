@@ -1,0 +1,268 @@
+"""Several trials of one head trained side by side as one stacked model (``avr sweep --parallel``).
+
+Trials whose options change no shape of the head (lr, weight decay, warmup, gradient clip,
+seed, early stop, the initial temperature) share one set of modules: their parameters are
+stacked along a new first dimension (``torch.func.stack_module_state``), one batch step is
+``vmap`` over the trials of ``grad_and_value`` of the head's loss run through
+``functional_call``, and one AdamW step updates the stacked parameters with each trial's own
+learning rate, schedule, weight decay and gradient clip. The batch's rows are gathered once for
+every trial (trials of one seed draw the same batches).
+
+Each trial is what ``avr.fuse.trainer.train`` makes of it alone, step for step: its head is
+built after seeding with its own seed, batches come from ``epoch_batches``, the update is
+torch's AdamW (betas 0.9, 0.98, eps 1e-6, no decay on biases, norms and the logit scale) after
+``clip_grad_norm_``, the learned logit scale is clamped after each step, and validation,
+``config.json``, ``best.safetensors`` and ``log.csv`` are the trainer's. With dropout, each
+trial draws its own masks (``randomness="different"``), not the ones it draws alone; with
+dropout 0 a stacked trial's weights match its solo run to float rounding. A stacked trial's run
+directory has no ``last.safetensors``: it holds no optimizer of its own to resume.
+
+MeanP, X-Pool and TEFAL stack; the other heads run one trial at a time (``stackable``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from avr.device import autocast, resolve_device
+from avr.errors import RunError
+from avr.fuse import checkpoint, distributed
+from avr.fuse.heads import build_head
+from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, symmetric_infonce
+from avr.evaluate import metrics
+from avr.evaluate.score import score_split
+from avr.fuse.checkpoint import EpochLog
+from avr.fuse.config import TrainConfig
+from avr.fuse.sampling import epoch_batches, steps_per_epoch
+from avr.fuse.trainer import (CacheData, TrainResult, _to, lr_factor, run_config_dict,
+                              seed_everything)
+
+# Options a stacked group may differ in: none of them changes a shape or a module attribute.
+STACKED_TRAIN_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "seed", "early_stop")
+STACKED_HEAD_OPTIONS = ("temperature",)
+BETAS, EPS = (0.9, 0.98), 1e-6  # make_optimizer's AdamW
+STACKABLE_HEADS = ("meanp", "xpool", "tefal")
+
+
+def stackable(head: str) -> bool:
+    """Whether trials of ``head`` train stacked: the heads whose stacked trials are tested to
+    match their solo runs (tests/test_stacked.py). AVIGATE and GAIS have losses of their own
+    that read values out of tensors, which vmap cannot; HTAV (LSTM, soft-DTW) is not verified
+    under vmap yet. Their trials train one at a time."""
+    return head in STACKABLE_HEADS
+
+
+def group_key(config: TrainConfig) -> str:
+    """Trials with one key train as one stacked group. With ``pairs="all"`` the seed is part of
+    it: batches of two seeds may then keep different numbers of distinct videos."""
+    train = {k: v for k, v in dataclasses.asdict(config).items()
+             if k not in STACKED_TRAIN_OPTIONS and k != "head_options"}
+    if config.pairs == "all":
+        train["seed"] = config.seed
+    head = {k: v for k, v in config.head_options.items() if k not in STACKED_HEAD_OPTIONS}
+    return repr((sorted(train.items()), sorted(head.items())))
+
+
+def groups(configs: list[TrainConfig]) -> list[list[int]]:
+    """Indices of ``configs`` by stacked group, in order; a head that cannot stack gives each
+    trial a group of its own."""
+    by_key: dict[str, list[int]] = {}
+    for index, config in enumerate(configs):
+        key = group_key(config) if stackable(config.head) else f"alone {index}"
+        by_key.setdefault(key, []).append(index)
+    return list(by_key.values())
+
+
+class _PairLoss(nn.Module):
+    """The head's training loss on a batch of pairs as ``forward``, for ``functional_call``."""
+
+    def __init__(self, head: RetrievalHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, videos, captions) -> torch.Tensor:
+        head = self.head
+        return symmetric_infonce(head.logits(head.encode_texts(captions),
+                                             head.encode_videos(videos)))
+
+
+@dataclass
+class _Trial:
+    config: TrainConfig
+    head: RetrievalHead  # its own module: initialised with its seed, holds it for validation
+    run_dir: Path
+    warmup_steps: int
+    history: list[EpochLog] = dataclasses.field(default_factory=list)
+    best: tuple[int, float] = (-1, -1.0)
+    active: bool = True
+
+
+class StackedAdamW:
+    """torch's AdamW (as ``make_optimizer`` sets it) over stacked parameters [K, ...]: trial k
+    steps with its own lr (times its warmup + cosine factor), weight decay and gradient clip."""
+
+    def __init__(self, params: dict[str, torch.Tensor], trials: list[_Trial], total_steps: int):
+        self.params = params
+        self.trials = trials
+        self.total_steps = total_steps
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.step_count = 0
+        device = next(iter(params.values())).device
+        self.base_lr = torch.tensor([t.config.lr for t in trials], device=device)
+        self.weight_decay = torch.tensor([t.config.weight_decay for t in trials], device=device)
+        self.grad_clip = torch.tensor([t.config.grad_clip for t in trials], device=device)
+
+    def lr(self) -> torch.Tensor:
+        """Each trial's lr at this step, as ``make_optimizer``'s LambdaLR sets it."""
+        factors = [lr_factor(self.step_count, t.warmup_steps, self.total_steps)
+                   for t in self.trials]
+        return self.base_lr * torch.tensor(factors, device=self.base_lr.device)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+        """One step; trials not ``active`` (pruned, stopped early) keep their state."""
+        norms = torch.stack([g.reshape(len(g), -1).float().norm(dim=1) for g in grads.values()], 1)
+        clip = (self.grad_clip / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_
+        lr = self.lr()
+        self.step_count += 1
+        beta1, beta2 = BETAS
+        bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+        for name, param in self.params.items():
+            shape = (-1,) + (1,) * (param.ndim - 1)
+            grad = grads[name] * clip.view(shape).to(grads[name].dtype)
+            decays = param.ndim > 2 and "logit_scale" not in name  # ndim of one trial's >= 2
+            new_param = param * (1 - lr * self.weight_decay).view(shape) if decays else param
+            exp_avg = self.exp_avg[name].lerp(grad, 1 - beta1)
+            exp_avg_sq = self.exp_avg_sq[name] * beta2 + (1 - beta2) * grad * grad
+            denom = exp_avg_sq.sqrt() / math.sqrt(bias2) + EPS
+            new_param = new_param - (lr / bias1).view(shape) * exp_avg / denom
+            keep = active.view(shape)
+            param.copy_(torch.where(keep, new_param, param))
+            self.exp_avg[name] = torch.where(keep, exp_avg, self.exp_avg[name])
+            self.exp_avg_sq[name] = torch.where(keep, exp_avg_sq, self.exp_avg_sq[name])
+            if name.endswith("logit_scale"):
+                param.clamp_(max=LOGIT_SCALE_MAX)  # CLIP's clamp, after the step
+
+
+def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], cache: CacheData,
+                  on_epoch: Callable[[int, EpochLog], bool | None] | None = None
+                  ) -> list[TrainResult]:
+    """Train ``configs`` (one stacked group: ``group_key`` equal, ``stackable`` head) together;
+    trial k's run goes to ``run_dirs[k]``. ``on_epoch(k, log)`` returning True stops trial k."""
+    first = configs[0]
+    device = resolve_device(first.device)
+    data = cache.train
+    total_steps = steps_per_epoch(data, first) * first.epochs
+    trials = []
+    for config, run_dir in zip(configs, run_dirs):
+        config.validate()
+        seed_everything(config.seed)  # each head starts as it would alone
+        head = build_head(config.head, cache.spec, config.head_options).to(device)
+        if (run_dir / checkpoint.CONFIG_FILE).exists():
+            raise RunError(f"{run_dir} already holds a run; choose another directory")
+        checkpoint.write_config(run_dir, run_config_dict(cache_path, config, None, cache.spec,
+                                                         head, distributed.SINGLE))
+        trials.append(_Trial(config, head, run_dir, int(config.warmup * total_steps)))
+    trainable = {name for name, p in trials[0].head.named_parameters() if p.requires_grad}
+    stacked, buffers = stack_module_state([_PairLoss(t.head) for t in trials])
+    params = {k: v.detach() for k, v in stacked.items() if k[len("head."):] in trainable}
+    buffers.update({k: v.detach() for k, v in stacked.items() if k not in params})  # frozen
+    optimizer = StackedAdamW(params, trials, total_steps)
+    model = _PairLoss(trials[0].head)
+    shared = len({t.config.seed for t in trials}) == 1  # one batch order for every trial
+
+    def loss_of(trial_params, trial_buffers, videos, captions):
+        return functional_call(model, (trial_params, trial_buffers), (videos, captions))
+
+    step = vmap(grad_and_value(loss_of), in_dims=(0, 0, None if shared else 0,
+                                                  None if shared else 0),
+                randomness="different")
+    started = time.perf_counter()
+    for epoch in range(first.epochs):
+        active = torch.tensor([t.active for t in trials], device=device)
+        if not active.any():
+            break
+        epoch_start = time.perf_counter()
+        model.train()
+        losses, seen = [], 0
+        for batch in _stacked_batches(data, [t.config for t in trials], epoch, shared, device):
+            videos, captions, pairs = batch
+            with autocast(device, first.amp):
+                grads, loss = step(params, buffers, videos, captions)
+            optimizer.step(grads, active)
+            losses.append(loss.detach())
+            seen += pairs
+        train_seconds = time.perf_counter() - epoch_start
+        mean_loss = torch.stack(losses).float().mean(0) if losses else None
+        lr = optimizer.lr()
+        for k, trial in enumerate(trials):
+            if not trial.active:
+                continue
+            _load_trial(trial.head, params, buffers, k)
+            _validate(trial, epoch, float(mean_loss[k]) if mean_loss is not None else math.nan,
+                      float(lr[k]), time.perf_counter() - epoch_start,
+                      seen / max(train_seconds, 1e-9), cache, device)
+            stop = on_epoch is not None and on_epoch(k, trial.history[-1])
+            early = trial.config.early_stop and epoch + 1 - trial.best[0] >= \
+                trial.config.early_stop
+            trial.active = not (stop or early)
+    seconds = time.perf_counter() - started
+    return [TrainResult(t.run_dir, t.best[0], t.best[1], t.history, seconds, data.num_videos)
+            for t in trials]
+
+
+def _stacked_batches(data, configs: list[TrainConfig], epoch: int, shared: bool,
+                     device: torch.device):
+    """Each step's (videos, captions, pairs per trial): gathered once when every trial draws the
+    same batch, else stacked along a first trial dimension."""
+    if shared:
+        for video_rows, caption_rows, counts in epoch_batches(data, configs[0], epoch):
+            yield _gather(data, video_rows, caption_rows, device) + (sum(counts),)
+        return
+    for steps in zip(*(epoch_batches(data, c, epoch) for c in configs)):
+        gathered = [_gather(data, v, c, device) for v, c, _ in steps]
+        videos = {k: torch.stack([g[0][k] for g in gathered]) for k in gathered[0][0]}
+        captions = {k: torch.stack([g[1][k] for g in gathered]) for k in gathered[0][1]}
+        yield videos, captions, sum(steps[0][2])
+
+
+def _gather(data, video_rows: torch.Tensor, caption_rows: torch.Tensor, device: torch.device):
+    rows_device = data.caption_video.device
+    return (_to(data.video_rows(video_rows.to(rows_device)), device),
+            _to(data.caption_rows(caption_rows.to(rows_device)), device))
+
+
+@torch.no_grad()
+def _load_trial(head: RetrievalHead, params: dict[str, torch.Tensor],
+                buffers: dict[str, torch.Tensor], k: int) -> None:
+    """Copy trial k's slice of the stacked state into its own head module."""
+    state = {name[len("head."):]: value[k] for name, value in {**params, **buffers}.items()}
+    head.load_state_dict(state, strict=False)
+
+
+def _validate(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
+              pairs_per_s: float, cache: CacheData, device: torch.device) -> None:
+    """The trainer's end of epoch for one trial: val R@1, the best checkpoint, the log."""
+    config = trial.config
+    val = cache.val
+    sim = score_split(trial.head, val.videos, val.captions, device, amp=config.amp,
+                      score_chunk=config.score_chunk).sim
+    val_r1 = metrics.metrics_from_ranks(metrics.t2v_ranks(sim, val.caption_video.cpu()))["R1"]
+    log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s,
+                   float(1.0 / trial.head.scale().detach()))
+    trial.history.append(log)
+    if val_r1 > trial.best[1]:
+        trial.best = (epoch + 1, val_r1)
+        checkpoint.save_weights(trial.head, trial.run_dir / checkpoint.BEST_FILE,
+                                metadata={"epoch": str(epoch + 1), "val_R1": str(val_r1)})
+    checkpoint.append_log(trial.run_dir, log)

@@ -1,0 +1,91 @@
+"""Trials trained side by side as one stacked model match the same trials trained alone."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from avr.fuse import stacked, trainer
+from avr.fuse.trainer import TrainConfig
+from stores import make_learnable_store
+from test_sweep import run_avr
+
+# Options that change no shape: one stacked group. Dropout 0: stacked trials draw their own masks.
+VARIANTS = [dict(lr=3e-3, warmup=0.0, seed=42, weight_decay=0.2, temperature=0.05),
+            dict(lr=1e-3, warmup=0.3, seed=7, weight_decay=0.0, temperature=0.02),
+            dict(lr=2e-3, warmup=0.1, seed=42, weight_decay=0.05, temperature=0.1)]
+
+
+def configs_of(head: str, epochs: int = 3) -> list[TrainConfig]:
+    options = {} if head == "meanp" else {"dropout": 0.0}
+    return [TrainConfig(head=head, epochs=epochs, batch_size=16, device="cpu",
+                        head_options={**options, "temperature": v["temperature"]},
+                        **{k: x for k, x in v.items() if k != "temperature"})
+            for v in VARIANTS]
+
+
+def max_difference(first, second) -> float:
+    a, b = load_file(str(first / "best.safetensors")), load_file(str(second / "best.safetensors"))
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("head", ["meanp", "xpool", "tefal"])
+def test_each_stacked_trial_matches_its_solo_run(tmp_path, tiny_spec, head):
+    store = make_learnable_store(tmp_path / "cache", tiny_spec)
+    configs = configs_of(head)
+    assert len(stacked.groups(configs)) == 1
+    cache = trainer.load_cache(store, head, torch.device("cpu"),
+                               head_options=[c.head_options for c in configs])
+    together = stacked.train_stacked(store, configs, [tmp_path / f"stacked{k}" for k in range(3)],
+                                     cache)
+    for k, config in enumerate(configs):
+        alone = trainer.train(store, config, tmp_path / f"alone{k}", cache=cache)
+        assert [round(h.loss, 4) for h in together[k].history] == \
+            [round(h.loss, 4) for h in alone.history]
+        assert together[k].best_epoch == alone.best_epoch
+        assert max_difference(tmp_path / f"stacked{k}", tmp_path / f"alone{k}") < 1e-4
+        assert (tmp_path / f"stacked{k}" / "config.json").exists()
+
+
+def test_options_that_change_shapes_or_modules_split_the_groups():
+    configs = configs_of("tefal")
+    configs.append(TrainConfig(head="tefal", head_options={"dropout": 0.1}))
+    configs.append(TrainConfig(head="tefal", head_options={"fusion": "concat", "dropout": 0.0}))
+    configs.append(TrainConfig(head="avigate"))  # one trial at a time
+    configs.append(TrainConfig(head="avigate"))
+    assert stacked.groups(configs) == [[0, 1, 2], [3], [4], [5], [6]]
+
+
+def test_a_stacked_trial_stops_alone_when_pruned(tmp_path, tiny_spec):
+    store = make_learnable_store(tmp_path / "cache", tiny_spec)
+    configs = configs_of("meanp")
+    cache = trainer.load_cache(store, "meanp", torch.device("cpu"))
+    results = stacked.train_stacked(store, configs, [tmp_path / f"t{k}" for k in range(3)], cache,
+                                    on_epoch=lambda k, log: k == 1 and log.epoch == 1)
+    assert [len(r.history) for r in results] == [3, 1, 3]
+    assert len((tmp_path / "t1" / "log.csv").read_text().splitlines()) == 2
+
+
+def test_sweep_parallel_trains_the_trials_a_one_at_a_time_sweep_trains(tmp_path, tiny_spec):
+    store = make_learnable_store(tmp_path / "cache", tiny_spec)
+    args = ["sweep", "--cache", store, "--head", "xpool", "--batch-size", "16", "--epochs", "2",
+            "--opt", "dropout=0", "--save-runs", "--grid", "lr=1e-3,3e-3 temperature=0.05"]
+    for name, parallel in (("one", "1"), ("two", "2")):
+        done = run_avr(*args, "--name", name, "--parallel", parallel, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    sweeps_dir = tmp_path / "runs" / "sweeps"
+    rows = {}
+    for name in ("one", "two"):
+        with (sweeps_dir / name / "trials.csv").open() as handle:
+            rows[name] = {(r["lr"], r["temperature"]): r for r in csv.DictReader(handle)}
+    assert rows["one"].keys() == rows["two"].keys() and len(rows["one"]) == 2
+    for point, row in rows["two"].items():
+        assert row["state"] == "complete"
+        assert row["best_val_r1"] == rows["one"][point]["best_val_r1"]
+        alone = sweeps_dir / "one" / f"trial-{int(rows['one'][point]['trial']):04d}"
+        together = sweeps_dir / "two" / f"trial-{int(row['trial']):04d}"
+        assert max_difference(together, alone) < 1e-4
