@@ -90,7 +90,7 @@ def test_the_trainer_clamps_after_every_step_a_scale_pushed_past_100(store, tmp_
     def loss_wanting_a_larger_scale(self, texts, videos):
         anchor = sum(p.sum() for p in self.parameters()) * 0.0  # every parameter in the graph
         loss = anchor - self.logit_scale
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
     monkeypatch.setattr(MeanP, "loss", loss_wanting_a_larger_scale)
     result = trainer.train(store, TrainConfig(head="meanp", epochs=2, batch_size=16, lr=1e-2,
