@@ -38,18 +38,15 @@ from avr.errors import RunError
 from avr.fuse import checkpoint, distributed
 from avr.fuse.heads import build_head
 from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, symmetric_infonce
-from avr.evaluate import metrics
-from avr.evaluate.score import score_split
 from avr.fuse.checkpoint import EpochLog
 from avr.fuse.config import TrainConfig
 from avr.fuse.sampling import epoch_batches, steps_per_epoch
-from avr.fuse.trainer import (CacheData, TrainResult, _to, lr_factor, run_config_dict,
-                              seed_everything)
+from avr.fuse.trainer import (ADAMW_BETAS, ADAMW_EPS, CacheData, TrainResult, _to, lr_factor,
+                              run_config_dict, seed_everything, val_recall_at_1)
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
 STACKED_TRAIN_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "seed", "early_stop")
 STACKED_HEAD_OPTIONS = ("temperature",)
-BETAS, EPS = (0.9, 0.98), 1e-6  # make_optimizer's AdamW
 STACKABLE_HEADS = ("meanp", "xpool", "tefal")
 
 
@@ -135,7 +132,7 @@ class StackedAdamW:
         clip = (self.grad_clip / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_
         lr = self.lr()
         self.step_count += 1
-        beta1, beta2 = BETAS
+        beta1, beta2 = ADAMW_BETAS
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
         for name, param in self.params.items():
             shape = (-1,) + (1,) * (param.ndim - 1)
@@ -144,7 +141,7 @@ class StackedAdamW:
             new_param = param * (1 - lr * self.weight_decay).view(shape) if decays else param
             exp_avg = self.exp_avg[name].lerp(grad, 1 - beta1)
             exp_avg_sq = self.exp_avg_sq[name] * beta2 + (1 - beta2) * grad * grad
-            denom = exp_avg_sq.sqrt() / math.sqrt(bias2) + EPS
+            denom = exp_avg_sq.sqrt() / math.sqrt(bias2) + ADAMW_EPS
             new_param = new_param - (lr / bias1).view(shape) * exp_avg / denom
             keep = active.view(shape)
             param.copy_(torch.where(keep, new_param, param))
@@ -253,11 +250,7 @@ def _load_trial(head: RetrievalHead, params: dict[str, torch.Tensor],
 def _validate(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
               pairs_per_s: float, cache: CacheData, device: torch.device) -> None:
     """The trainer's end of epoch for one trial: val R@1, the best checkpoint, the log."""
-    config = trial.config
-    val = cache.val
-    sim = score_split(trial.head, val.videos, val.captions, device, amp=config.amp,
-                      score_chunk=config.score_chunk).sim
-    val_r1 = metrics.metrics_from_ranks(metrics.t2v_ranks(sim, val.caption_video.cpu()))["R1"]
+    val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config)
     log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s,
                    float(1.0 / trial.head.scale().detach()))
     trial.history.append(log)

@@ -49,6 +49,7 @@ from avr.fuse.heads import build_head, head_class, video_inputs
 from avr.fuse.heads.base import RetrievalHead
 
 DEFAULT_CACHE = Path("cache")
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # stacked sweep trials step with the same
 
 
 def check_world(config: TrainConfig, world: World) -> None:
@@ -223,7 +224,7 @@ def make_optimizer(head: RetrievalHead, config: TrainConfig, total_steps: int):
     optimizer = torch.optim.AdamW([
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-    ], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    ], lr=config.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
     warmup_steps = int(config.warmup * total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
@@ -338,13 +339,18 @@ def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
 
 
 def validate(run: Run) -> float:
+    """Val text-to-video R@1 of the run's head."""
+    return val_recall_at_1(run.state.head, run.cache.val, run.device, run.config)
+
+
+def val_recall_at_1(head: RetrievalHead, val: SplitTensors, device: torch.device,
+                    config: TrainConfig) -> float:
     """Val text-to-video R@1 in percent, by the conventions of `avr eval`
     (:mod:`avr.evaluate.metrics`: failed videos count as misses, ties are not wins)."""
     from avr.evaluate import metrics
 
-    val = run.cache.val
-    sim = score_split(run.state.head, val.videos, val.captions, run.device,
-                      amp=run.config.amp, score_chunk=run.config.score_chunk).sim
+    sim = score_split(head, val.videos, val.captions, device, amp=config.amp,
+                      score_chunk=config.score_chunk).sim
     return metrics.metrics_from_ranks(metrics.t2v_ranks(sim, val.caption_video.cpu()))["R1"]
 
 
