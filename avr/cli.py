@@ -496,16 +496,18 @@ def sweep(
     if name is None:
         name = f"{head or 'tefal'}-{time.strftime('%Y%m%d-%H%M%S')}"
     url = sweeps.storage_url(name, storage)
-    plan = sweeps.resolve_plan(name, sweeps.stored_plan(name, url), grid=grid, search=search,
-                               trials=trials, prune=prune, cache=cache, flags=flags, opts=opt)
-    schema.open_store(plan.cache)  # a missing store is reported before anything is drawn
-    if "head=" not in plan.grid:
-        _require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
-    _, schedule = trainer.schedule_for_store(plan.cache, plan.base)
+    with sweeps.opening(url):  # workers started together create the study once
+        plan = sweeps.resolve_plan(name, sweeps.stored_plan(name, url), grid=grid,
+                                   search=search, trials=trials, prune=prune, cache=cache,
+                                   flags=flags, opts=opt)
+        schema.open_store(plan.cache)  # a missing store is reported before anything is drawn
+        if "head=" not in plan.grid:
+            _require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
+        _, schedule = trainer.schedule_for_store(plan.cache, plan.base)
+        study_storage = sweeps.open_storage(url)
+        study = sweeps.open_study(name, plan, study_storage)
     if schedule is not None:
         console.print(schedule, markup=False, highlight=False, soft_wrap=True)
-    study_storage = sweeps.open_storage(url)
-    study = sweeps.open_study(name, plan, study_storage)
     out_dir = sweeps.sweep_dir(name)
     size = plan.size()
     console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} ({size} "

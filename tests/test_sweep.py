@@ -201,6 +201,33 @@ def test_a_trial_of_a_dead_worker_is_retried_with_its_options(store, tmp_path):
     assert len(states) == 3 and states[2][0] == "COMPLETE"
 
 
+def _open_at_once(url, barrier, results):
+    barrier.wait()  # every process opens the new database at the same moment
+    try:
+        with sweeps.opening(url):
+            optuna.create_study(study_name="s", storage=sweeps.open_storage(url),
+                                load_if_exists=True)
+        results.put("ok")
+    except Exception as error:  # noqa: BLE001 - the message is what the test reports
+        results.put(repr(error))
+
+
+def test_workers_started_at_once_create_the_study_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    url = f"sqlite:///{tmp_path / 'sweeps' / 's' / 'study.db'}"
+    barrier, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_open_at_once, args=(url, barrier, results))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [results.get(timeout=5) for _ in workers] == ["ok"] * 4
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
+
+
 def test_two_processes_share_one_study(store, tmp_path):
     args = ["sweep", "--cache", store, *TINY, "--epochs", "12", "--name", "two",
             "--grid", "lr=1e-4,2e-4,5e-4,1e-3,2e-3,3e-3 proj=true,false"]

@@ -24,8 +24,10 @@ stacked model where their options allow (:mod:`avr.fuse.stacked`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -216,6 +218,26 @@ def storage_url(name: str, storage: str | None, sweeps_dir: Path = SWEEPS_DIR) -
     return f"sqlite:///{(sweep_dir(name, sweeps_dir) / STUDY_FILE).resolve()}"
 
 
+@contextlib.contextmanager
+def opening(url: str):
+    """Held while a worker reads, creates or joins the study at ``url``: two workers started
+    together would otherwise both create the tables of a new SQLite file (one fails with "table
+    studies already exists") or both store the plan. The guard is a file lock beside a SQLite
+    file; for a server database (PostgreSQL, MySQL) :func:`open_storage` instead opens again
+    once when another worker made the tables meanwhile."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(url.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".open-lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_storage(url: str) -> RDBStorage:
     """The Optuna database at ``url``, with heartbeats (a SQLite file and its folder are made)."""
     quiet_optuna()
@@ -224,9 +246,18 @@ def open_storage(url: str) -> RDBStorage:
     # SQLite serialises writers; a worker waits for another's write rather than failing.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
-    try:
+    def connect():
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                           grace_period=GRACE_S, heartbeat_stale_trial_callback=retry)
+
+    try:
+        try:
+            return connect()
+        except SQLAlchemyError as error:
+            if "already exists" not in str(error):
+                raise
+            time.sleep(1.0)  # another worker was creating the tables: they are there now
+            return connect()
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError, ValueError,
             ImportError) as error:
         raise AvrError(f"--storage {url}: cannot open it as an Optuna database: {error}") from None
