@@ -49,13 +49,17 @@ def parallel(cache: str, out: Path, epochs: int) -> None:
         for row in trials(out, name):
             by_point.setdefault((row["lr"], row["temperature"]), []).append(
                 out / "runs" / "sweeps" / name / f"trial-{int(row['trial']):04d}")
-    worst = 0.0
-    for alone, together in by_point.values():
+    differences = {}
+    for point, (alone, together) in by_point.items():
         a = load_file(str(alone / "best.safetensors"))
         b = load_file(str(together / "best.safetensors"))
-        worst = max(worst, max(float((a[k] - b[k]).abs().max()) for k in a))
+        differences[point] = max(float((a[k] - b[k]).abs().max()) for k in a)
+    within = sum(d <= 1e-4 for d in differences.values())
     print(f"xpool 16 configs x {epochs} epochs: --parallel 1 {one:.1f} s, --parallel 16 "
-          f"{sixteen:.1f} s, ratio {sixteen / one:.1%}; largest weight difference {worst:.2e}")
+          f"{sixteen:.1f} s, ratio {sixteen / one:.1%}; largest weight difference "
+          f"{max(differences.values()):.2e}, {within} of {len(differences)} trials within 1e-4")
+    for (lr, temperature), difference in sorted(differences.items()):
+        print(f"  lr {lr} temperature {temperature}: {difference:.2e}")
 
 
 def prune(cache: str, out: Path, epochs: int) -> None:
