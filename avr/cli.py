@@ -353,12 +353,31 @@ def _require_head_arrays(cache: str, head: str, *options: dict) -> None:
 
 # ---- stage two: train and sweep --------------------------------------------------------------
 
-def _epoch_printer(progress, task):
-    def on_epoch(epoch, log):
-        progress.update(task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
-                        loss=log.loss, r1=log.val_r1)
+BUDGET_HELP = ("GB of cached arrays held on the host and the device (default: what fits, with "
+               "headroom); a train split beyond it streams from the store.")
+RESIDENT_HELP = ("fp16: token arrays held as stored (default) | int8: with a per-token fp16 "
+                 "scale, dequantized per batch on the device (about half the bytes).")
 
-    return on_epoch
+
+class _TrainProgress:
+    """A run's first lines and its bar: the bar's task starts once the cache is loaded and the
+    residency plan printed, so a store or budget that cannot train draws nothing."""
+
+    def __init__(self, progress, description: str, epochs: int | None, intro: str | None = None):
+        self.progress, self.description, self.epochs, self.intro = (progress, description,
+                                                                    epochs, intro)
+        self.task = None
+
+    def on_plan(self, plan) -> None:
+        if self.intro is not None:
+            console.print(self.intro)
+        console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
+        self.task = self.progress.add_task(self.description, total=self.epochs, rate="",
+                                           loss=0.0, r1=0.0)
+
+    def on_epoch(self, epoch, log) -> None:
+        self.progress.update(self.task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
+                             loss=log.loss, r1=log.val_r1)
 
 
 @app.command()
@@ -392,6 +411,10 @@ def train(
                                              help="Stop after N epochs without a better val R@1."),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP, callback=device_option),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP,
+                                                  callback=positive_option),
+    resident: Optional[str] = typer.Option(None, "--resident", help=RESIDENT_HELP,
+                                           callback=_one_of("fp16", "int8")),
     opt: list[str] = typer.Option([], "--opt", "--option",
                                   help="Any training or head option as key=value."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml with the same keys."),
@@ -412,17 +435,17 @@ def train(
     extra = [f"{k}={v}" for k, v in (("temperature", temperature), ("dropout", dropout),
                                       ("fusion", fusion)) if v is not None]
     flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device)
+                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device,
+                 memory_budget=memory_budget, resident=resident)
     if resume is not None:
         changes = resume_changes(resume, {**flags, "temperature": temperature, "dropout": dropout,
                                           "fusion": fusion, "config": config, "run_dir": run_dir},
                                  opt)
         with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
                                           "{task.fields[r1]:.1f}") as progress:
-            task = progress.add_task(f"resume {resume.name}", total=epochs, rate="", loss=0.0,
-                                     r1=0.0)
-            result = trainer.resume(resume, changes, cache_path=cache,
-                                    on_epoch=_epoch_printer(progress, task))
+            shown = _TrainProgress(progress, f"resume {resume.name}", epochs)
+            result = trainer.resume(resume, changes, cache_path=cache, on_epoch=shown.on_epoch,
+                                    on_plan=shown.on_plan)
         _print_train_result(result)
         return
     train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
@@ -434,13 +457,13 @@ def train(
     if schedule is not None:
         console.print(schedule, markup=False, highlight=False, soft_wrap=True)
     run_dir = run_dir or trainer.default_run_dir(train_config.head)
-    console.print(f"training [bold]{train_config.head}[/] on {cache_path} -> {run_dir}")
     with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
                                       "{task.fields[r1]:.1f}") as progress:
-        task = progress.add_task(train_config.head, total=resolved.epochs, rate="", loss=0.0,
-                                 r1=0.0)
-        result = trainer.train(cache_path, train_config, run_dir,
-                               on_epoch=_epoch_printer(progress, task))
+        shown = _TrainProgress(progress, train_config.head, resolved.epochs,
+                               f"training [bold]{train_config.head}[/] on {cache_path} -> "
+                               f"{run_dir}")
+        result = trainer.train(cache_path, train_config, run_dir, on_epoch=shown.on_epoch,
+                               on_plan=shown.on_plan)
     _print_train_result(result)
 
 
@@ -479,6 +502,10 @@ def sweep(
     seed: Optional[int] = typer.Option(None, help="Seed of every trial and of the sampler "
                                                   "(default 42)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP, callback=device_option),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP,
+                                                  callback=positive_option),
+    resident: Optional[str] = typer.Option(None, "--resident", help=RESIDENT_HELP,
+                                           callback=_one_of("fp16", "int8")),
     opt: list[str] = typer.Option([], "--opt", "--option", help="Fixed options as key=value."),
     save_runs: bool = typer.Option(False, "--save-runs", help="Keep every trial's weights "
                                                              "(default: the best trial's)."),
@@ -492,7 +519,8 @@ def sweep(
     from avr import schema
     from avr.fuse import sweep as sweeps, trainer
 
-    flags = dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed, device=device)
+    flags = dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                 memory_budget=memory_budget, resident=resident)
     if name is None:
         name = f"{head or 'tefal'}-{time.strftime('%Y%m%d-%H%M%S')}"
     url = sweeps.storage_url(name, storage)
@@ -622,6 +650,13 @@ def eval_(
                                         "when built)."),
     score_chunk: int = typer.Option(0, "--score-chunk", min=0, help="Videos per scoring block "
                                     "(0: from the GPU's free memory; 64 on the CPU)."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="GB of cached "
+                                                  "arrays held (default: what fits); a split "
+                                                  "beyond it is read from the store in batches.",
+                                                  callback=positive_option),
+    resident: str = typer.Option("fp16", "--resident", help="fp16: token arrays as stored "
+                                 "(default, also for a run trained with int8) | int8.",
+                                 callback=_one_of("fp16", "int8")),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
 
@@ -632,8 +667,14 @@ def eval_(
     config = EvalConfig(split=split, dsl=dsl or dsl_temperature is not None,
                         dsl_temperature=dsl_temperature, qbnorm=qbnorm, rerank_k=rerank_k,
                         modalities=modalities, device=device, report=report, index=index,
-                        score_chunk=score_chunk)
+                        score_chunk=score_chunk, memory_budget=memory_budget, resident=resident)
     result = evaluate_run(run, cache, config)
+    if result.residency["tokens"] == "store" or resident == "int8":
+        held = ("read from the store a batch of rows at a time"
+                if result.residency["tokens"] == "store" else "held in memory")
+        console.print(f"{split} split ({result.residency['bytes'] / 1e9:.2f} GB, tokens "
+                      f"{resident}) {held}; budget {result.residency['budget_bytes'] / 1e9:.2f} "
+                      f"GB ({result.residency['budget_source']})", highlight=False)
     console.print(_metrics_table(result))
     if result.missing_videos:
         console.print(f"[yellow]{len(result.missing_videos)} {split} videos failed extraction; "

@@ -137,7 +137,8 @@ def step_gradients(head_name: str, world: World) -> dict[str, torch.Tensor]:
     rows = torch.randperm(12, generator=torch.Generator().manual_seed(1))[:10]
     counts = [6, 4] if world.is_distributed else [10]  # uneven parts: gathers pad and trim
     mine = rows[sum(counts[:world.rank]):sum(counts[:world.rank + 1])]
-    loss, _ = trainer.batch_loss(head, data, mine, mine, counts, torch.device("cpu"), world)
+    loss, _ = trainer.batch_loss(head, data.video_rows(mine), data.caption_rows(mine), counts,
+                                 torch.device("cpu"), world)
     loss.backward()
     distributed.average_gradients(head.parameters(), world)
     return {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}

@@ -41,8 +41,8 @@ def test_int8_tokens_keep_their_direction_in_about_half_the_bytes(tokens, name):
 def test_rows_move_quantized_and_dequantize_alike(tokens):
     q = quantize(tokens[schema.FRAME_EMBEDDINGS])
     rows = torch.tensor([5, 1])
-    assert torch.equal(q.rows(rows).dequantize(), q.dequantize()[rows])
-    assert q.rows(rows).nbytes() * 4 == q.nbytes()
+    assert torch.equal(q[rows].dequantize(), q.dequantize()[rows])
+    assert q[rows].nbytes() * 4 == q.nbytes()
 
 
 def test_zero_tokens_stay_zero_and_extremes_are_exact():

@@ -21,6 +21,7 @@ from avr.evaluate import metrics, report
 from avr.fuse import checkpoint
 from avr.evaluate.score import score_captions, score_split
 from avr.fuse.data import SplitTensors, load_split, split_rows
+from avr.fuse.residency import split_fits
 from avr.fuse.heads.base import RetrievalHead, State
 from avr.device import resolve_device
 
@@ -41,6 +42,8 @@ class EvalConfig:
     report: Path | None = None  # write report.md and plots here
     index: str | Path | None = None  # first-stage index for rerank_k (a path or a URL;
     # default <cache>/index/)
+    memory_budget: float | None = None  # GB; a split beyond it is read from the store in batches
+    resident: str = "fp16"  # token arrays held as stored, or int8 (dequantized per batch)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class EvalResult:
     caption_video: np.ndarray | None = None
     seconds: float = 0.0
     report: Path | None = None
+    residency: dict[str, Any] = field(default_factory=dict)  # where the split's tokens were held
 
     def to_json(self) -> dict[str, Any]:
         return {"t2v": self.metrics["t2v"], "v2t": self.metrics["v2t"],
@@ -69,6 +73,7 @@ class EvalResult:
                 "modalities": self.modalities, "num_captions": self.num_captions,
                 "num_videos": self.num_videos, "missing_videos": self.missing_videos,
                 "ties": metrics.DEFAULT_TIES, "seconds": round(self.seconds, 3),
+                "residency": self.residency,
                 **({"dsl": self.dsl} if self.dsl is not None else {})}
 
 
@@ -155,7 +160,11 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     run_dir = resolve_run(run)
     head, run_config, cache_path = open_run(run_dir, cache, device)
     video_names = tuple(dict.fromkeys((*head.video_inputs, schema.FRAME_MASK, schema.HAS_AUDIO)))
-    data = load_split(cache_path, config.split, video_names, head.caption_inputs)
+    fits, size, budget, source = split_fits(cache_path, config.split, video_names,
+                                            head.caption_inputs, config.resident, device,
+                                            config.memory_budget)
+    data = load_split(cache_path, config.split, video_names, head.caption_inputs,
+                      resident=config.resident, tokens_in_store=not fits)
     if data.num_videos == 0:
         raise AvrError(f"{cache_path}: the {config.split} split has no extracted videos")
     scores = score_split(head, mask_modalities(data.videos, config.modalities, head),
@@ -168,7 +177,10 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     result = EvalResult(run_dir, cache_path, head.name, config.split, config.modalities,
                         data.num_captions, n_videos, data.missing_videos,
                         metrics.retrieval_metrics(sim, caption_video, all_videos),
-                        sim=sim.astype(np.float32), caption_video=caption_video)
+                        sim=sim.astype(np.float32), caption_video=caption_video,
+                        residency={"tokens": "memory" if fits else "store",
+                                   "bytes": size.bytes, "budget_bytes": budget,
+                                   "budget_source": source, "resident": config.resident})
 
     if config.dsl:
         result.dsl = dsl_settings(head, config)

@@ -22,6 +22,7 @@ import torch
 
 from avr.batching import map_batches, row_count
 from avr.device import autocast
+from avr.fuse.quantize import on_device
 from avr.fuse.heads.base import RetrievalHead, Rows, State, slice_state
 
 # Rows per encode call: an encoder's activations are per row, small beside the cached tokens.
@@ -71,9 +72,9 @@ def _row_elements(state: State) -> int:
 
 def encode_rows(encode, rows: Rows, device: torch.device, batch: int) -> State:
     """``encode`` (a head's ``encode_videos`` or ``encode_texts``) over ``rows`` (cached arrays,
-    wherever they sit), ``batch`` rows at a time, each batch moved to ``device`` first."""
-    return map_batches(lambda part: encode({name: value.to(device, non_blocking=True)
-                                            for name, value in part.items()}), rows, batch)
+    wherever they sit: on a device, int8 on the host, or still in the store), ``batch`` rows at a
+    time, each batch read, moved to ``device`` and dequantized first."""
+    return map_batches(lambda part: encode(on_device(part, device)), rows, batch)
 
 
 @torch.no_grad()

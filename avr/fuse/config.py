@@ -19,6 +19,7 @@ from typing import Any
 from avr.device import resolve_device
 from avr.errors import AvrError
 from avr.files import InputFileError, read_text
+from avr.fuse.data import RESIDENT
 from avr.fuse.fields import typed_fields
 from avr.fuse.heads import head_class, make_config
 
@@ -53,6 +54,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     score_chunk: int = 0  # videos per scoring block in validation; 0: chosen (avr.evaluate.score)
+    # GB of cached arrays held on the host and on the device; None: what fits, with headroom.
+    # Splits that do not fit are streamed from the store (avr.fuse.residency).
+    memory_budget: float | None = None
+    resident: str = "fp16"  # token arrays held as stored, or "int8" with a per-token fp16 scale
+    shuffle_buffer: int = 0  # pairs in a streamed split's shuffle buffer; 0: chosen by the budget
 
     def validate(self) -> None:
         if self.pairs not in ("one", "all"):
@@ -64,6 +70,12 @@ class TrainConfig:
                            f"weight_decay ({self.weight_decay}) >= 0")
         if not 0 <= self.warmup <= 1:
             raise AvrError(f"warmup is a fraction of all steps, in [0, 1], not {self.warmup}")
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise AvrError(f"memory_budget is in GB and must be > 0, not {self.memory_budget}")
+        if self.resident not in RESIDENT:
+            raise AvrError(f"resident must be {' or '.join(RESIDENT)}, not {self.resident!r}")
+        if self.shuffle_buffer < 0:
+            raise AvrError(f"shuffle_buffer must be >= 0 pairs, not {self.shuffle_buffer}")
         if self.early_stop < 0 or self.score_chunk < 0:
             raise AvrError(f"early_stop ({self.early_stop}) and score_chunk ({self.score_chunk}) "
                            f"must be >= 0")
@@ -88,7 +100,7 @@ def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
 
 # Options a resumed run may change: they decide how long and where it trains, not what it
 # learns at each step. Every other option is the run's own (``resume_changes`` refuses it).
-RESUMABLE = ("epochs", "early_stop", "device", "amp", "score_chunk")
+RESUMABLE = ("epochs", "early_stop", "device", "amp", "score_chunk", "memory_budget")
 
 
 def split_options(options: dict[str, Any], head: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,6 +8,12 @@ A training process of several can load one shard of a split (``shard=(index, cou
 usable videos whose position in the split is ``index`` modulo ``count``, and their captions, in
 store order. A shard leaves out the captions of failed videos (they never train).
 
+With ``resident="int8"`` the token arrays are held as int8 with a per-token scale
+(:mod:`avr.fuse.quantize`), read and quantized a block at a time so that the 16-bit split is never
+whole in memory. With ``tokens_in_store=True`` the token arrays stay in the store as ``StoreRows``
+and are read a batch of rows at a time by whoever slices them (evaluation of a split larger than
+the memory budget); their masks and every smaller array are read at once.
+
 Every read goes through ``avr.integrity.read_rows``: a chunk under the rows read that is absent
 or fails its checksum stops the load with the array, chunk and rows named, never zeros.
 """
@@ -22,8 +28,13 @@ import torch
 
 from avr import schema
 from avr.errors import AvrError
-from avr.integrity import read_rows
+from avr.fuse.quantize import Held, QuantizedTokens, held_bytes, is_token_array, quantize
+from avr.integrity import chunk_rows, read_rows
 from avr.schema import CacheSpec
+
+RESIDENT = ("fp16", "int8")  # how token arrays are held: as the store keeps them, or int8
+# Rows of 16-bit tokens read before each is quantized: bounds the 16-bit (and float32) copy.
+QUANTIZE_BLOCK_BYTES = 64 << 20
 
 
 @dataclass
@@ -31,8 +42,8 @@ class SplitTensors:
     split: str
     spec: CacheSpec
     video_ids: list[str]
-    videos: dict[str, torch.Tensor]  # array name -> [N, ...], rows = usable videos of the split
-    captions: dict[str, torch.Tensor]  # array name -> [M, ...], rows = captions of the split
+    videos: dict[str, Held | StoreRows]  # array name -> [N, ...], rows = usable videos
+    captions: dict[str, Held | StoreRows]  # array name -> [M, ...], rows = captions of the split
     caption_video: torch.Tensor  # long [M]: row in ``videos``, -1 when its video failed
     caption_text: list[str]
     caption_tags: list[str] = field(default_factory=list)  # "" when untagged
@@ -46,31 +57,70 @@ class SplitTensors:
     def num_captions(self) -> int:
         return len(self.caption_text)
 
-    def video_rows(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    def video_rows(self, rows: torch.Tensor | slice) -> dict[str, Held]:
         return {name: t[rows] for name, t in self.videos.items()}
 
-    def caption_rows(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    def caption_rows(self, rows: torch.Tensor | slice) -> dict[str, Held]:
         return {name: t[rows] for name, t in self.captions.items()}
 
     def to(self, device: str | torch.device) -> SplitTensors:
         def move(tensors):
-            return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+            return {k: v if isinstance(v, StoreRows) else v.to(device, non_blocking=True)
+                    for k, v in tensors.items()}
 
         return SplitTensors(self.split, self.spec, self.video_ids, move(self.videos),
                             move(self.captions), self.caption_video.to(device), self.caption_text,
                             self.caption_tags, self.missing_videos)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (*self.videos.values(), *self.captions.values()))
+        """Bytes held in memory (arrays left in the store count nothing)."""
+        return sum(held_bytes(t) for t in (*self.videos.values(), *self.captions.values())
+                   if not isinstance(t, StoreRows))
+
+
+class StoreRows:
+    """Rows of one store array, read (and quantized, with ``resident="int8"``) when sliced: a
+    split's token arrays left in the store, read a batch at a time by the scoring loop."""
+
+    def __init__(self, array, rows: np.ndarray, resident: str = "fp16"):
+        self.array, self.rows, self.resident = array, rows, resident
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> Held:
+        wanted = self.rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else index]
+        order = np.argsort(wanted, kind="stable")  # the store is read in ascending rows
+        held = read_held(self.array, wanted[order], self.resident)
+        return held[torch.from_numpy(np.argsort(order))]
+
+
+def read_held(array, rows: np.ndarray, resident: str = "fp16") -> Held:
+    """Rows ``rows`` (ascending) of a store array as memory holds them: token arrays with
+    ``resident="int8"`` quantized a block of rows at a time, everything else as stored."""
+    if resident != "int8" or not is_token_array(array.shape, array.dtype):
+        return torch.from_numpy(read_rows(array, rows))
+    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+    block = max(1, QUANTIZE_BLOCK_BYTES // row_bytes // chunk_rows(array)) * chunk_rows(array)
+    values = torch.empty((len(rows), *array.shape[1:]), dtype=torch.int8)
+    scales = torch.empty((len(rows), *array.shape[1:-1], 1), dtype=torch.float16)
+    for start in range(0, len(rows), block):
+        part = quantize(torch.from_numpy(read_rows(array, rows[start:start + block])))
+        values[start:start + block], scales[start:start + block] = part.values, part.scales
+    return QuantizedTokens(values, scales)
 
 
 def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
                caption_names: tuple[str, ...], *, device: str | torch.device = "cpu",
-               expect: CacheSpec | None = None, shard: tuple[int, int] | None = None
-               ) -> SplitTensors:
+               expect: CacheSpec | None = None, shard: tuple[int, int] | None = None,
+               resident: str = "fp16", tokens_in_store: bool = False) -> SplitTensors:
     """Read ``split`` of the store at ``path``: only the arrays a head asks for; with
-    ``shard=(index, count)`` only that shard's videos and their captions (module docstring)."""
+    ``shard=(index, count)`` only that shard's videos and their captions; token arrays held as
+    ``resident`` says, or left in the store with ``tokens_in_store`` (module docstring)."""
     group, spec = schema.open_store(path, expect=expect)
     rows = split_rows(group, split)
     all_ids = read_rows(group[schema.VIDEO_ID])
@@ -93,10 +143,14 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     caption_text = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], caption_rows)]
     caption_tags = [str(t) for t in read_rows(group[schema.CAPTION_TAG], caption_rows)]
 
-    videos = {name: torch.from_numpy(read_rows(group[name], video_rows)).to(device)
-              for name in video_names}
-    captions = {name: torch.from_numpy(read_rows(group[name], caption_rows)).to(device)
-                for name in caption_names}
+    def held(name: str, rows: np.ndarray) -> Held | StoreRows:
+        array = group[name]
+        if tokens_in_store and is_token_array(array.shape, array.dtype):
+            return StoreRows(array, rows, resident)
+        return read_held(array, rows, resident).to(device)
+
+    videos = {name: held(name, video_rows) for name in video_names}
+    captions = {name: held(name, caption_rows) for name in caption_names}
     return SplitTensors(split, spec, [str(v) for v in all_ids[video_rows]], videos, captions,
                         torch.from_numpy(caption_video).to(device), caption_text, caption_tags,
                         missing)

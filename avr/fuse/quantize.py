@@ -9,15 +9,18 @@ within the rounding of its largest component: the error of each component is at 
 the cosine of a token with its dequantized copy is at least about 1 - D (s/2)^2 / (2 |x|^2);
 ``cosine_fidelity`` measures it (benchmarks/quantize_tokens.py, BENCHMARKS.md).
 
-Only float token arrays are quantized (masks and flags stay as they are). A token of zeros
-keeps scale 0 and dequantizes to zeros. This module is the codec and its measurement; the
-loaders do not use it yet.
+Only token arrays are quantized (``is_token_array``: float arrays of rows of tokens, at least
+[rows, tokens, D]); masks, flags and one-vector-per-row embeddings stay as they are. A token of
+zeros keeps scale 0 and dequantizes to zeros. The trainer's ``--resident int8`` keeps the cached
+token arrays this way (:mod:`avr.fuse.residency`); ``on_device`` is where a batch of rows,
+quantized or not, meets the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 INT8_MAX = 127
@@ -38,9 +41,23 @@ class QuantizedTokens:
         return (self.values.numel() * self.values.element_size()
                 + self.scales.numel() * self.scales.element_size())
 
-    def rows(self, index: torch.Tensor | slice) -> QuantizedTokens:
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | slice | int) -> QuantizedTokens:
         """These rows, still quantized (what a batch moves to the device)."""
         return QuantizedTokens(self.values[index], self.scales[index])
+
+    def clone(self) -> QuantizedTokens:
+        return QuantizedTokens(self.values.clone(), self.scales.clone())
+
+    def pin_memory(self) -> QuantizedTokens:
+        return QuantizedTokens(self.values.pin_memory(), self.scales.pin_memory())
+
+    @staticmethod
+    def stack(rows: list[QuantizedTokens]) -> QuantizedTokens:
+        return QuantizedTokens(torch.stack([r.values for r in rows]),
+                               torch.stack([r.scales for r in rows]))
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> QuantizedTokens:
         return QuantizedTokens(self.values.to(device, non_blocking=non_blocking),
@@ -48,6 +65,39 @@ class QuantizedTokens:
 
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         return self.values.to(dtype) * self.scales.to(dtype)
+
+
+Held = "torch.Tensor | QuantizedTokens"  # an array's rows as memory holds them
+
+
+def is_token_array(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether an array of this shape (rows first) and numpy dtype holds tokens that
+    ``--resident int8`` quantizes: float rows of several D-vectors (frames, patches, text
+    tokens, Swin stages), not one vector per row."""
+    return len(shape) >= 3 and np.issubdtype(np.dtype(dtype), np.floating)
+
+
+def held_bytes(value: Held) -> int:
+    """Bytes of an array's rows as held in memory."""
+    if isinstance(value, QuantizedTokens):
+        return value.nbytes()
+    return value.numel() * value.element_size()
+
+
+def stack_rows(rows: list[Held]) -> Held:
+    """Single rows (of one array) stacked into a batch, quantized or not."""
+    if isinstance(rows[0], QuantizedTokens):
+        return QuantizedTokens.stack(rows)
+    return torch.stack(rows)
+
+
+def on_device(rows: dict[str, Held], device: torch.device,
+              dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A batch of rows moved to ``device``; quantized tokens move as int8 and are dequantized
+    there to ``dtype`` (the store's 16-bit floats)."""
+    return {name: value.to(device, non_blocking=True).dequantize(dtype)
+            if isinstance(value, QuantizedTokens) else value.to(device, non_blocking=True)
+            for name, value in rows.items()}
 
 
 def quantize(tokens: torch.Tensor) -> QuantizedTokens:

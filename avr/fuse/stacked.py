@@ -34,14 +34,16 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from avr.device import autocast, resolve_device
-from avr.errors import RunError
+from avr.errors import AvrError, RunError
 from avr.fuse import checkpoint, distributed
 from avr.fuse.heads import build_head
 from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, symmetric_infonce
 from avr.fuse.checkpoint import EpochLog
 from avr.fuse.config import TrainConfig
+from avr.fuse.quantize import on_device
+from avr.fuse.residency import StreamedSplit
 from avr.fuse.sampling import epoch_batches, steps_per_epoch
-from avr.fuse.trainer import (ADAMW_BETAS, ADAMW_EPS, CacheData, TrainResult, _to, lr_factor,
+from avr.fuse.trainer import (ADAMW_BETAS, ADAMW_EPS, CacheData, TrainResult, lr_factor,
                               run_config_dict, seed_everything, val_recall_at_1)
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
@@ -159,6 +161,9 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
     first = configs[0]
     device = resolve_device(first.device)
     data = cache.train
+    if isinstance(data, StreamedSplit):
+        raise AvrError("stacked trials (--parallel > 1) read a resident train split; this one "
+                       "is streamed from the store: raise --memory-budget, or --parallel 1")
     total_steps = steps_per_epoch(data, first) * first.epochs
     trials = []
     for config, run_dir in zip(configs, run_dirs):
@@ -168,7 +173,7 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
         if (run_dir / checkpoint.CONFIG_FILE).exists():
             raise RunError(f"{run_dir} already holds a run; choose another directory")
         checkpoint.write_config(run_dir, run_config_dict(cache_path, config, None, cache.spec,
-                                                         head, distributed.SINGLE))
+                                                         head, distributed.SINGLE, cache.plan))
         trials.append(_Trial(config, head, run_dir, int(config.warmup * total_steps)))
     trainable = {name for name, p in trials[0].head.named_parameters() if p.requires_grad}
     stacked, buffers = stack_module_state([_PairLoss(t.head) for t in trials])
@@ -235,8 +240,8 @@ def _stacked_batches(data, configs: list[TrainConfig], epoch: int, shared: bool,
 
 def _gather(data, video_rows: torch.Tensor, caption_rows: torch.Tensor, device: torch.device):
     rows_device = data.caption_video.device
-    return (_to(data.video_rows(video_rows.to(rows_device)), device),
-            _to(data.caption_rows(caption_rows.to(rows_device)), device))
+    return (on_device(data.video_rows(video_rows.to(rows_device)), device),
+            on_device(data.caption_rows(caption_rows.to(rows_device)), device))
 
 
 @torch.no_grad()

@@ -465,7 +465,7 @@ class CacheByHead:
                         and axis.name in _head_fields(head) for v in axis.values]
             base = self.plan.base.head_options if head == self.plan.base.head else {}
             self.loaded[head] = load_cache(self.plan.cache, head, self.device, head_options=[
-                {**base, **variant} for variant in variants or [{}]])
+                {**base, **variant} for variant in variants or [{}]], config=self.plan.base)
         return self.loaded[head]
 
 

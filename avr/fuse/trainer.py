@@ -3,11 +3,12 @@
 Read it top to bottom:
 
 - ``train`` (a new run) and ``resume`` (a run's last checkpoint) load the cache once
-  (``load_cache``) and call ``build_run``, which builds the head, the optimizer and the schedule
+  (``load_cache``, where :mod:`avr.fuse.residency` plans what is held on the device, on the host
+  or streamed from the store) and call ``build_run``, which builds the head, the optimizer and the schedule
   into a ``checkpoint.TrainState``; a sweep calls ``build_run`` on its shared cache too.
-- ``fit`` loops over epochs: ``train_epoch`` steps through the batches that
+- ``fit`` loops over epochs: ``train_epoch`` steps through the batches of ``epoch_rows``: those
   :mod:`avr.fuse.sampling` draws (one random caption per video, or every caption with
-  ``pairs="all"``), ``validate`` scores val through :mod:`avr.evaluate.score`, and the best
+  ``pairs="all"``) from a resident split, or those a streamed split reads, ``validate`` scores val through :mod:`avr.evaluate.score`, and the best
   checkpoint by val text-to-video R@1 is kept (never the test split). ``on_epoch(epoch, log)``
   sees every epoch and stops the run by returning True.
 
@@ -29,6 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +46,8 @@ from avr.fuse.config import (MIN_BATCHES_PER_EPOCH, MIN_STEPS, PAPER_SCHEDULE, R
 from avr.fuse.checkpoint import EpochLog, TrainState
 from avr.fuse.data import SplitTensors, load_split, split_size
 from avr.fuse.distributed import World
+from avr.fuse.quantize import Held, on_device
+from avr.fuse.residency import ResidencyPlan, StreamedSplit, plan_residency
 from avr.fuse.sampling import epoch_batches, steps_per_epoch
 from avr.fuse.heads import build_head, head_class, video_inputs
 from avr.fuse.heads.base import RetrievalHead
@@ -143,38 +147,51 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class CacheData:
     """The train and val splits of a store, loaded once (shared by every trial of a sweep).
-    On a rank of several: its shard of train, and val on rank 0 only (it alone validates)."""
+    On a rank of several: its shard of train, and val on rank 0 only (it alone validates).
+    ``plan`` says where they are held: train resident or streamed from the store, val resident
+    or its tokens read from the store at each validation."""
 
     path: Path
     spec: schema.CacheSpec
-    train: SplitTensors
+    train: SplitTensors | StreamedSplit
     val: SplitTensors | None
+    plan: ResidencyPlan | None = None
 
 
 def load_cache(path: str | Path, head: str, device: torch.device,
                world: World = distributed.SINGLE, *,
-               head_options: list[dict[str, Any]] | None = None) -> CacheData:
+               head_options: list[dict[str, Any]] | None = None,
+               config: TrainConfig | None = None,
+               saved_residency: dict[str, Any] | None = None) -> CacheData:
     """Load train (this rank's shard of it) and val with the arrays ``head`` needs when built
-    with any of ``head_options`` (default: its default options): on ``device`` when they fit."""
+    with any of ``head_options`` (default: its default options), held as the residency plan for
+    ``config``'s memory budget and ``resident`` says (``saved_residency``: a resumed run's)."""
+    config = config or TrainConfig(head=head)
     cls = head_class(head)
     videos = video_inputs(head, *(head_options or [{}]))
     path = schema.store_location(path)
+    plan = plan_residency(path, config, device, videos, cls.caption_inputs, world,
+                          saved=saved_residency)
     shard = (world.rank, world.size) if world.is_distributed else None
-    splits = {"train": load_split(path, "train", videos, cls.caption_inputs, shard=shard)}
+    if plan.train.mode == "streamed":
+        train = StreamedSplit(path, videos, cls.caption_inputs, config.resident, plan.stream)
+    else:
+        train = load_split(path, "train", videos, cls.caption_inputs, shard=shard,
+                           resident=config.resident)
+    splits = {"train": train}
     if world.is_main:
-        splits["val"] = load_split(path, "val", videos, cls.caption_inputs)
+        splits["val"] = load_split(path, "val", videos, cls.caption_inputs,
+                                   resident=config.resident,
+                                   tokens_in_store=plan.val.mode == "streamed")
     for split, data in splits.items():
         if data.num_videos == 0:
             where = f"shard {world.rank} of {world.size} of " if split == "train" and shard else ""
             raise AvrError(f"{path}: {where}the {split} split has no extracted videos")
-    needed = sum(s.nbytes() for s in splits.values())
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if needed < 0.8 * free:
-            splits = {k: v.to(device) for k, v in splits.items()}
-        else:  # keep on the host, pinned, and move each batch
-            splits = {k: _pin(v) for k, v in splits.items()}
-    return CacheData(path, splits["train"].spec, splits["train"], splits.get("val"))
+    if plan.train.mode == "device":
+        splits = {k: v.to(device) for k, v in splits.items()}
+    elif device.type == "cuda":  # held on the host, pinned, and each batch moved
+        splits = {k: _pin(v) for k, v in splits.items() if isinstance(v, SplitTensors)}
+    return CacheData(path, train.spec, splits["train"], splits.get("val"), plan)
 
 
 def _pin(data: SplitTensors) -> SplitTensors:
@@ -295,9 +312,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, dict[str, float], int]:
     optimizer, scheduler = run.state.optimizer, run.state.scheduler
     head.train()
     losses, part_sums, seen = [], {}, 0
-    for videos, captions, counts in epoch_batches(data, config, epoch, run.world, device):
+    for videos, captions, counts in epoch_rows(data, config, epoch, run.world, device):
         with autocast(device, config.amp):
-            loss, parts = batch_loss(head, data, videos, captions, counts, device, run.world)
+            loss, parts = batch_loss(head, videos, captions, counts, device, run.world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(head.parameters(), run.world)
@@ -318,24 +335,34 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, dict[str, float], int]:
     return mean_loss, {name: float(mean) for name, mean in zip(names, means)}, seen
 
 
-def batch_loss(head: RetrievalHead, data: SplitTensors, video_rows: torch.Tensor,
-               caption_rows: torch.Tensor, counts: list[int], device: torch.device,
-               world: World) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+Rows = dict[str, Held]  # a batch's rows of each array, as held (quantized or not)
+
+
+def epoch_rows(data: SplitTensors | StreamedSplit, config: TrainConfig, epoch: int,
+               world: World, device: torch.device) -> Iterator[tuple[Rows, Rows, list[int]]]:
+    """The epoch's batches as (video rows, caption rows, rows per shard): gathered from a
+    resident split in ``epoch_batches`` order, or read by a streamed one in its own."""
+    if isinstance(data, StreamedSplit):
+        yield from data.batches(config, epoch)
+        return
+    rows_device = data.caption_video.device
+    for videos, captions, counts in epoch_batches(data, config, epoch, world, device):
+        yield (data.video_rows(videos.to(rows_device)), data.caption_rows(captions.to(rows_device)),
+               counts)
+
+
+def batch_loss(head: RetrievalHead, videos: Rows, captions: Rows, counts: list[int],
+               device: torch.device, world: World
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss (and its parts) of one global batch of pairs. Alone: encode and score the batch.
     On several ranks: encode this rank's rows (``counts[r]`` on rank r), gather the states of the
     whole batch, score all of it."""
-    rows_device = data.caption_video.device
-    videos = _to(data.video_rows(video_rows.to(rows_device)), device)
-    captions = _to(data.caption_rows(caption_rows.to(rows_device)), device)
+    videos, captions = on_device(videos, device), on_device(captions, device)
     texts, video_state = head.encode_texts(captions), head.encode_videos(videos)
     if world.is_distributed:
         texts = distributed.gather_state(texts, counts, world)
         video_state = distributed.gather_state(video_state, counts, world)
     return head.loss(texts, video_state)
-
-
-def _to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def validate(run: Run) -> float:
@@ -387,8 +414,13 @@ def default_run_dir(head: str, runs_dir: Path = checkpoint.DEFAULT_RUNS_DIR) -> 
     return run_dir
 
 
+# Called with a run's residency plan once the cache is loaded, before the first epoch.
+PlanCallback = Callable[[ResidencyPlan], None]
+
+
 def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = None, *,
-          cache: CacheData | None = None, on_epoch: EpochCallback | None = None) -> TrainResult:
+          cache: CacheData | None = None, on_epoch: EpochCallback | None = None,
+          on_plan: PlanCallback | None = None) -> TrainResult:
     """Train a new run of ``config.head`` on the store at ``cache_path`` (on every rank when
     started by torchrun; a new run left at ``shards=1`` takes one shard per rank)."""
     config.validate()
@@ -400,11 +432,17 @@ def train(cache_path: str | Path, config: TrainConfig, run_dir: Path | None = No
         config, schedule = schedule_for_store(cache_path, config)
         config.validate()
         cache = cache or load_cache(cache_path, config.head, device, world,
-                                    head_options=[config.head_options])
+                                    head_options=[config.head_options], config=config)
+        _announce(cache, world, on_plan)
         run = build_run(config, cache, device, world, run_dir=new_run_dir(run_dir, config, world))
         if world.is_main:
             checkpoint.write_config(run.run_dir, run_config(cache_path, run, schedule))
         return fit(run, on_epoch)
+
+
+def _announce(cache: CacheData, world: World, on_plan: PlanCallback | None) -> None:
+    if on_plan is not None and world.is_main and cache.plan is not None:
+        on_plan(cache.plan)
 
 
 def new_run_dir(run_dir: Path | None, config: TrainConfig, world: World) -> Path:
@@ -423,13 +461,14 @@ def run_config(cache_path, run: Run, schedule: str | None) -> dict[str, Any]:
     """config.json of a new run; ``schedule`` says why its epochs, batch size or lr depart from
     the papers' (``resolve_schedule``), or is None."""
     return run_config_dict(cache_path, run.config, schedule, run.cache.spec, run.state.head,
-                           run.world)
+                           run.world, run.cache.plan)
 
 
 def run_config_dict(cache_path, config: TrainConfig, schedule: str | None,
-                    spec: schema.CacheSpec, head: RetrievalHead, world: World) -> dict[str, Any]:
+                    spec: schema.CacheSpec, head: RetrievalHead, world: World,
+                    plan: ResidencyPlan | None) -> dict[str, Any]:
     """config.json of a new run of ``head`` trained with ``config`` (also a sweep's stacked
-    trials, which build their heads themselves)."""
+    trials, which build their heads themselves); ``residency``: where its arrays were held."""
     return {
         "head": config.head,
         "head_options": head.config_dict(),
@@ -440,12 +479,13 @@ def run_config_dict(cache_path, config: TrainConfig, schedule: str | None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
         "world_size": world.size,  # the global batch is batch_size whatever the world size
+        "residency": plan.to_json() if plan is not None else None,
     }
 
 
 def resume(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
-           cache_path: str | Path | None = None,
-           on_epoch: EpochCallback | None = None) -> TrainResult:
+           cache_path: str | Path | None = None, on_epoch: EpochCallback | None = None,
+           on_plan: PlanCallback | None = None) -> TrainResult:
     """Continue a run from its last checkpoint, with ``changes`` to its ``RESUMABLE`` options
     (``epochs``: train to that many), in one process or on as many ranks as the run has shards:
     either composes the same batches."""
@@ -464,8 +504,10 @@ def resume(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
         check_world(config, world)
         cache_path = schema.store_location(cache_path or saved["cache"]["path"])
         cache = load_cache(cache_path, config.head, device, world,
-                           head_options=[config.head_options])
+                           head_options=[config.head_options], config=config,
+                           saved_residency=saved.get("residency"))
         checkpoint.check_cache(saved, cache.spec, cache_path)
+        _announce(cache, world, on_plan)
         run = build_run(config, cache, device, world, run_dir=run_dir, resume=True)
         if run.state.epoch >= config.epochs:
             raise RunError(f"{run_dir} already trained {run.state.epoch} of {config.epochs} "

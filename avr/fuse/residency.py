@@ -1,0 +1,410 @@
+"""Where a run's cached arrays live: the residency plan, and the train split streamed from the
+store when it fits nowhere.
+
+``plan_residency`` decides, per run, from the bytes of the arrays the head reads (as held:
+16-bit as stored, or int8 tokens with ``resident="int8"``) and a memory budget:
+
+- ``device``: train and val fit the budget on the device (on the CPU the device is the host);
+- ``host``: they fit on the host (CUDA only); each batch moves to the device, pinned;
+- ``streamed``: the train split is read from the Zarr store during the epoch (``StreamedSplit``);
+  val stays resident when it fits beside the stream, else it too is read from the store, a batch
+  of rows at a time, at every validation.
+
+The budget (``memory_budget`` GB, ``--memory-budget``) caps the cached tensors held; by default
+it is what fits with headroom: ``GPU_SHARE`` of the free GPU memory for the device, ``HOST_SHARE``
+of the available RAM for the host.
+
+Streaming. The split's videos are read a whole Zarr chunk of video rows at a time (every video
+array shares one chunking), with the captions an epoch pairs with them, on ``read_ahead``
+background threads a bounded number of chunks ahead of use. An epoch's order is a function of
+(seed, epoch) alone (``StreamedSplit.epoch_order``): the chunks in a random order; within each
+chunk its pairs drawn as the resident sampler draws them (one random caption per video, or every
+caption); the pairs pass through a shuffle buffer of ``buffer_pairs`` (each arriving pair takes
+the place of a random one, which leaves), and what leaves is cut into batches, each video at most
+once per batch. So a batch mixes pairs from the chunks of the last ``buffer_pairs`` pairs, not
+from the whole split; every row is read once per epoch; memory holds the buffer, the chunks read
+ahead and one batch (``StreamSettings.held_bytes``). A resumed run recomputes its epoch's order
+from (seed, epoch) and the buffer size it recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avr import schema
+from avr.errors import AvrError
+from avr.fuse.data import _require_captions_done, read_held, split_rows, split_size
+from avr.fuse.distributed import World
+from avr.fuse.quantize import Held, is_token_array, stack_rows
+from avr.fuse.sampling import distinct_videos, draw_pairs
+from avr.integrity import chunk_rows, read_rows
+
+GPU_SHARE = 0.8  # of the free GPU memory, by default, for the device-resident splits
+HOST_SHARE = 0.5  # of the available RAM, by default, for the host-resident splits
+READ_AHEAD = 2  # chunks read ahead of use, on as many threads
+BUFFER_BATCHES = 8  # the shuffle buffer, by default, in batches (less when the budget is tight)
+GB = 1e9
+
+
+@dataclass
+class SplitResidency:
+    mode: str  # device | host | streamed
+    bytes: int  # the split's arrays as held (int8 tokens with resident="int8")
+    videos: int
+    captions: int
+
+
+@dataclass
+class StreamSettings:
+    chunk_videos: int  # video rows per Zarr chunk
+    chunk_bytes: int  # one chunk's videos and the captions read with them, 16-bit
+    read_ahead: int  # chunks read ahead of use, on as many threads
+    buffer_pairs: int  # the shuffle buffer
+    held_bytes: int  # what streaming holds at most: read-ahead + buffer + one batch
+
+
+@dataclass
+class ResidencyPlan:
+    train: SplitResidency
+    val: SplitResidency | None  # None on a rank that does not validate
+    budget_bytes: int
+    budget_source: str  # "--memory-budget", or how the default was chosen
+    resident: str  # fp16 | int8
+    device: str
+    stream: StreamSettings | None = None
+
+    def describe(self) -> str:
+        """The plan in one line, as a run prints it."""
+        budget = f"a budget of {size_text(self.budget_bytes)} ({self.budget_source})"
+        tokens = "tokens int8" if self.resident == "int8" else "tokens 16-bit as stored"
+        if self.train.mode != "streamed":
+            return (f"residency: train and val on the {self.train.mode} ({self.device}), "
+                    f"{size_text(self.held_bytes())} of {budget}; {tokens}")
+        s = self.stream
+        val = ""
+        if self.val is not None:
+            val = (f"; val ({size_text(self.val.bytes)}) "
+                   + ("streamed too, a batch of rows at a time" if self.val.mode == "streamed"
+                      else f"resident on the {self.val.mode}"))
+        return (f"residency: train streamed from the store ({size_text(self.train.bytes)} > "
+                f"{budget}; {tokens}): chunks of {s.chunk_videos} videos "
+                f"({size_text(s.chunk_bytes)}) read {s.read_ahead} ahead, shuffle buffer "
+                f"{s.buffer_pairs} pairs, at most {size_text(s.held_bytes)} held{val}")
+
+    def held_bytes(self) -> int:
+        return self.train.bytes + (self.val.bytes if self.val else 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def size_text(nbytes: int) -> str:
+    for unit, scale in (("GB", GB), ("MB", 1e6)):
+        if nbytes >= 0.1 * scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1e3:.1f} kB"
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+def memory_budget(device: torch.device, memory_budget: float | None) -> tuple[int, int, str]:
+    """(device budget, host budget, where they come from) in bytes: ``memory_budget`` GB for
+    both, no more than fits on the device; by default what fits with headroom."""
+    import psutil
+
+    host = int(HOST_SHARE * psutil.virtual_memory().available)
+    on_device = host
+    if device.type == "cuda":
+        on_device = int(GPU_SHARE * torch.cuda.mem_get_info(device)[0])
+    if memory_budget is not None:
+        given = int(memory_budget * GB)
+        return min(given, on_device), given, "--memory-budget"
+    source = (f"{GPU_SHARE:.0%} of free GPU memory, {HOST_SHARE:.0%} of available RAM"
+              if device.type == "cuda" else f"{HOST_SHARE:.0%} of available RAM")
+    return on_device, host, source
+
+
+def plan_residency(path: str | Path, config, device: torch.device, video_names: tuple[str, ...],
+                   caption_names: tuple[str, ...], world: World, *,
+                   saved: dict[str, Any] | None = None) -> ResidencyPlan:
+    """The plan of a run of ``config`` (a TrainConfig) reading these arrays of the store at
+    ``path`` (module docstring). ``saved``: the ``residency`` a resumed run recorded, whose
+    train order (resident, or streamed with its shuffle buffer) it keeps."""
+    group, _ = schema.open_store(path)
+    sizes = StoreSizes(group, video_names, caption_names, config.resident)
+    train = sizes.split("train", "device")
+    val = sizes.split("val", "device") if world.is_main else None
+    on_device, host, source = memory_budget(device, config.memory_budget)
+    plan = ResidencyPlan(train, val, host, source, config.resident, str(device))
+    needed = plan.held_bytes()
+    saved_mode = (saved or {}).get("train", {}).get("mode", "device")
+    if saved_mode != "streamed" and needed <= on_device:
+        plan.budget_bytes = on_device
+        return plan
+    if saved_mode != "streamed" and device.type == "cuda" and needed <= host:
+        train.mode = "host"
+        if val is not None:
+            val.mode = "host"
+        return plan
+    if saved is not None and saved_mode != "streamed":
+        raise AvrError(f"this run trained with its train split resident ({needed / GB:.2f} GB "
+                       f"with val), which the budget of {host / GB:.2f} GB ({source}) cannot "
+                       f"hold: resume it with --memory-budget {needed / GB * 1.05:.2f} or more "
+                       f"(streaming would change the order its epochs draw pairs in)")
+    if world.is_distributed or config.shards > 1:
+        raise AvrError(f"the train split ({train.bytes / GB:.2f} GB) does not fit the budget of "
+                       f"{host / GB:.2f} GB ({source}) and a run of several shards cannot "
+                       f"stream it: raise --memory-budget, or train with shards=1 in one process")
+    train.mode = "streamed"
+    buffer = (saved or {}).get("stream", {}).get("buffer_pairs")
+    plan.stream = sizes.stream_settings(config, host, val, buffer)
+    if val is not None:
+        resident = "host" if device.type == "cuda" else "device"
+        val.mode = resident if sizes.val_fits(host, plan.stream, val) else "streamed"
+    plan.budget_bytes = host
+    return plan
+
+
+class StoreSizes:
+    """Bytes of the arrays a run reads, per row as held, from the store's metadata."""
+
+    def __init__(self, group, video_names, caption_names, resident: str):
+        self.group, self.resident = group, resident
+        self.video_row = sum(self._row(group[n]) for n in video_names)
+        self.caption_row = sum(self._row(group[n]) for n in caption_names)
+        self.video_row16 = sum(self._row(group[n], 16) for n in video_names)
+        self.caption_row16 = sum(self._row(group[n], 16) for n in caption_names)
+        self.chunk_videos = chunk_rows(group[schema.VIDEO_DONE])
+
+    def _row(self, array, bits: int | None = None) -> int:
+        shape = array.shape[1:]
+        values = int(np.prod(shape))
+        if bits is None and self.resident == "int8" and is_token_array(array.shape, array.dtype):
+            return values + 2 * int(np.prod(shape[:-1]))  # an int8 per value, fp16 per token
+        return values * array.dtype.itemsize
+
+    def split(self, split: str, mode: str) -> SplitResidency:
+        videos, captions = split_size(self.group, split)
+        return SplitResidency(mode, videos * self.video_row + captions * self.caption_row,
+                              videos, captions)
+
+    def stream_settings(self, config, budget: int, val: SplitResidency | None,
+                        buffer_pairs: int | None) -> StreamSettings:
+        """Read-ahead and shuffle buffer that fit ``budget`` (with val beside them if it fits);
+        an error when not even one chunk and one batch do."""
+        batch = config.batch_size or 128
+        videos, captions = split_size(self.group, "train")
+        captions_read = 1 if config.pairs == "one" else max(1, round(captions / max(videos, 1)))
+        chunk_pairs = self.chunk_videos * captions_read
+        chunk_bytes = self.chunk_videos * (self.video_row16 + captions_read * self.caption_row16)
+        pair = self.video_row + self.caption_row
+        batch_bytes = batch * (self.video_row16 + self.caption_row16)
+        fixed = batch_bytes + chunk_pairs * pair  # one batch, and the arriving chunk's rows
+
+        def held(read_ahead, buffer):
+            return read_ahead * chunk_bytes + fixed + buffer * pair
+
+        least = held(1, buffer_pairs or 0)
+        if least > budget:
+            what = (f"one chunk of the train split ({self.chunk_videos} videos, "
+                    f"{size_text(chunk_bytes)} read) and one batch ({batch} pairs, "
+                    f"{size_text(batch_bytes)})")
+            if buffer_pairs:
+                what += f" and the run's shuffle buffer of {buffer_pairs} pairs"
+            raise AvrError(f"--memory-budget {budget / GB:.3g} GB cannot hold {what}: give at "
+                           f"least {least / GB * 1.01:.3g} GB")
+        room = budget - (val.bytes if val is not None and held(1, 0) + val.bytes <= budget
+                         else 0)
+        read_ahead = READ_AHEAD if held(READ_AHEAD, 0) <= room else 1
+        if buffer_pairs is None:
+            wanted = config.shuffle_buffer or BUFFER_BATCHES * batch
+            buffer_pairs = int(max(0, min(wanted, (room - held(read_ahead, 0)) // pair)))
+            if config.shuffle_buffer and buffer_pairs < config.shuffle_buffer:
+                raise AvrError(f"shuffle_buffer={config.shuffle_buffer} pairs do not fit the "
+                               f"budget of {budget / GB:.3g} GB beside the read-ahead "
+                               f"({buffer_pairs} do): raise --memory-budget or lower it")
+        return StreamSettings(self.chunk_videos, chunk_bytes, read_ahead, buffer_pairs,
+                              held(read_ahead, buffer_pairs))
+
+    @staticmethod
+    def val_fits(budget: int, stream: StreamSettings, val: SplitResidency) -> bool:
+        return stream.held_bytes + val.bytes <= budget
+
+
+def split_fits(path: str | Path, split: str, video_names: tuple[str, ...],
+               caption_names: tuple[str, ...], resident: str, device: torch.device,
+               budget_gb: float | None) -> tuple[bool, SplitResidency, int, str]:
+    """Whether ``split``'s arrays, held as ``resident`` says, fit the memory budget (the
+    host's: evaluation reads rows from wherever they are held); with its size and the budget."""
+    group, _ = schema.open_store(path)
+    size = StoreSizes(group, video_names, caption_names, resident).split(split, "host")
+    _, host, source = memory_budget(device, budget_gb)
+    return size.bytes <= host, size, host, source
+
+
+# ---- the streamed train split ------------------------------------------------------------------
+
+@dataclass
+class EpochOrder:
+    """One streamed epoch: the chunks in reading order, and each batch's (video rows, caption
+    rows) with how many chunks must have arrived before it."""
+
+    chunks: list[int]
+    batches: list[tuple[np.ndarray, np.ndarray]]
+    ready: list[int]
+
+
+class StreamedSplit:
+    """The train split read from the store during each epoch (module docstring). Holds only its
+    row indices; ``batches`` yields an epoch's batches of rows as ``epoch_batches`` + gathering
+    would, from chunks read on background threads."""
+
+    split = "train"
+
+    def __init__(self, path: str | Path, video_names: tuple[str, ...],
+                 caption_names: tuple[str, ...], resident: str, stream: StreamSettings):
+        self.group, self.spec = schema.open_store(path)
+        self.video_names, self.caption_names = video_names, caption_names
+        self.resident, self.stream = resident, stream
+        self.video_store_rows = split_rows(self.group, "train").done
+        caption_video_all = read_rows(self.group[schema.CAPTION_VIDEO])
+        store_to_local = np.full(self.group[schema.VIDEO_DONE].shape[0], -1, dtype=np.int64)
+        store_to_local[self.video_store_rows] = np.arange(len(self.video_store_rows))
+        local = store_to_local[caption_video_all]
+        self.caption_store_rows = np.flatnonzero(local >= 0)
+        if caption_names:
+            _require_captions_done(path, "train", self.group, self.caption_store_rows)
+        self.caption_video = torch.from_numpy(local[self.caption_store_rows])
+        self.video_ids = [str(v) for v in read_rows(self.group[schema.VIDEO_ID],
+                                                    self.video_store_rows)]
+        chunk_of = self.video_store_rows // chunk_rows(self.group[schema.VIDEO_DONE])
+        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
+        self.chunk_bounds = list(zip(starts, np.r_[starts[1:], len(chunk_of)]))
+        by_video = np.argsort(self.caption_video.numpy(), kind="stable")
+        edges = np.searchsorted(self.caption_video.numpy()[by_video],
+                                [b for b, _ in self.chunk_bounds] + [len(chunk_of)])
+        self.chunk_captions = [np.sort(by_video[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.video_store_rows)
+
+    def epoch_order(self, config, epoch: int) -> EpochOrder:
+        """The epoch's chunks and batches, from (seed, epoch) and the shuffle buffer alone."""
+        rng = np.random.default_rng([config.seed, epoch])
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        chunks = rng.permutation(len(self.chunk_bounds)).tolist()
+        buffer: list[tuple[int, int, int]] = []
+        out: list[tuple[int, int, int]] = []  # (video, caption, chunks arrived before it)
+        size = self.stream.buffer_pairs
+        for arrived, chunk in enumerate(chunks, 1):
+            captions = self.chunk_captions[chunk]
+            videos, picked = draw_pairs(self.caption_video[captions], config.pairs, generator)
+            for pair in zip(videos.tolist(), captions[picked.numpy()].tolist()):
+                if len(buffer) < size:
+                    buffer.append((*pair, arrived))
+                    continue
+                if size:
+                    slot = int(rng.integers(size))
+                    pair, buffer[slot] = buffer[slot][:2], (*pair, arrived)
+                out.append((*pair, arrived))
+        out += [(v, c, len(chunks)) for k in rng.permutation(len(buffer))
+                for v, c, _ in [buffer[k]]]
+        batches, ready = [], []
+        for start in range(0, len(out), config.batch_size):
+            part = np.asarray(out[start:start + config.batch_size], dtype=np.int64)
+            videos, captions = distinct_videos(torch.from_numpy(part[:, 0]),
+                                               torch.from_numpy(part[:, 1]))
+            if len(videos) >= 2:
+                batches.append((videos.numpy(), captions.numpy()))
+                ready.append(int(part[:, 2].max()))
+        return EpochOrder(chunks, batches, ready)
+
+    def batches(self, config, epoch: int) -> Iterator[tuple[dict[str, Held], dict[str, Held],
+                                                            list[int]]]:
+        """The epoch's batches as (video arrays, caption arrays, [pairs]), each row read once:
+        a chunk's rows that the epoch uses are kept until their last batch has gone."""
+        order = self.epoch_order(config, epoch)
+        uses = Counter(v for videos, _ in order.batches for v in videos.tolist())
+        wanted = np.zeros(len(self.caption_video), dtype=bool)
+        for _, captions in order.batches:
+            wanted[captions] = True
+        held_videos: dict[int, dict[str, Held]] = {}
+        held_captions: dict[int, dict[str, Held]] = {}
+        with ChunkReader(self, order.chunks, wanted) as reader:
+            for (videos, captions), ready in zip(order.batches, order.ready):
+                while reader.arrived < ready:
+                    video_rows, video_arrays, caption_rows, caption_arrays = reader.next()
+                    held_videos.update(_rows_of(video_rows, video_arrays, uses))
+                    held_captions.update(_rows_of(caption_rows, caption_arrays))
+                yield (_stacked([held_videos[v] for v in videos.tolist()]),
+                       _stacked([held_captions.pop(c) for c in captions.tolist()]),
+                       [len(videos)])
+                for v in videos.tolist():
+                    uses[v] -= 1
+                    if not uses[v]:
+                        del held_videos[v]
+
+    def read_chunk(self, chunk: int, wanted_captions: np.ndarray
+                   ) -> tuple[np.ndarray, dict[str, Held], np.ndarray, dict[str, Held]]:
+        """A chunk's video rows and the wanted captions of its videos, as held."""
+        start, stop = self.chunk_bounds[chunk]
+        captions = self.chunk_captions[chunk]
+        captions = captions[wanted_captions[captions]]
+        videos = {name: read_held(self.group[name], self.video_store_rows[start:stop],
+                                  self.resident) for name in self.video_names}
+        texts = {name: read_held(self.group[name], self.caption_store_rows[captions],
+                                 self.resident) for name in self.caption_names}
+        return np.arange(start, stop), videos, captions, texts
+
+
+class ChunkReader:
+    """Chunks of a streamed split read in ``chunks`` order on background threads, at most
+    ``read_ahead`` ahead of the one in use."""
+
+    def __init__(self, split: StreamedSplit, chunks: list[int], wanted_captions: np.ndarray):
+        self.split, self.chunks, self.wanted = split, chunks, wanted_captions
+        self.pool = ThreadPoolExecutor(split.stream.read_ahead, thread_name_prefix="avr-stream")
+        self.pending: deque[Future] = deque()
+        self.submitted = self.arrived = 0
+
+    def __enter__(self) -> ChunkReader:
+        self._top_up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+    def _top_up(self) -> None:
+        while len(self.pending) < self.split.stream.read_ahead and \
+                self.submitted < len(self.chunks):
+            self.pending.append(self.pool.submit(self.split.read_chunk,
+                                                 self.chunks[self.submitted], self.wanted))
+            self.submitted += 1
+
+    def next(self):
+        chunk = self.pending.popleft().result()
+        self.arrived += 1
+        self._top_up()
+        return chunk
+
+
+def _rows_of(rows: np.ndarray, arrays: dict[str, Held], keep: Counter | None = None
+             ) -> dict[int, dict[str, Held]]:
+    """Each row of a chunk on its own (copies, so the chunk's memory goes), those in ``keep``."""
+    return {int(row): {name: value[i].clone() for name, value in arrays.items()}
+            for i, row in enumerate(rows.tolist()) if keep is None or keep[row]}
+
+
+def _stacked(rows: list[dict[str, Held]]) -> dict[str, Held]:
+    return {name: stack_rows([row[name] for row in rows]) for name in rows[0]} if rows else {}
