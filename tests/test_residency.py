@@ -26,6 +26,7 @@ from avr.fuse.config import saved_train_config
 from avr.fuse.data import load_split
 from avr.fuse.heads import head_class, video_inputs
 from console import run_avr
+from test_bench_store import ok
 from test_cli_errors import assert_one_line_error
 
 TINY = ("--shapes", "tiny")
@@ -33,11 +34,6 @@ TRAIN = ("--head", "tefal", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3"
          "--device", "cpu")
 TESTS = Path(__file__).parent
 STREAM_BUDGET = "0.00025"  # GB: below the tiny store's train split, above a chunk and a batch
-
-
-def ok(done):
-    assert done.returncode == 0, (done.stdout, done.stderr)
-    return done
 
 
 @pytest.fixture(scope="module")

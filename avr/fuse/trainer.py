@@ -53,6 +53,8 @@ from avr.fuse.heads import build_head, head_class, video_inputs
 from avr.fuse.heads.base import RetrievalHead
 
 DEFAULT_CACHE = Path("cache")
+# What a run written before residency plans did: both splits resident, drawn by epoch_batches.
+RESIDENT_BEFORE_PLANS = {"train": {"mode": "device"}}
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-6  # stacked sweep trials step with the same
 
 
@@ -505,7 +507,7 @@ def resume(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
         cache_path = schema.store_location(cache_path or saved["cache"]["path"])
         cache = load_cache(cache_path, config.head, device, world,
                            head_options=[config.head_options], config=config,
-                           saved_residency=saved.get("residency"))
+                           saved_residency=saved.get("residency") or RESIDENT_BEFORE_PLANS)
         checkpoint.check_cache(saved, cache.spec, cache_path)
         _announce(cache, world, on_plan)
         run = build_run(config, cache, device, world, run_dir=run_dir, resume=True)
