@@ -80,6 +80,11 @@ def test_a_run_prints_and_records_its_plan_resident_when_it_fits(store, tmp_path
     assert plan["budget_source"].endswith("of available RAM")
     # the train split's bytes as held: every array tefal reads, of the 24 train videos
     assert plan["train"]["videos"] == 24 and plan["train"]["bytes"] > 0
+    # resumed under a budget it no longer fits, it is refused rather than streamed in another
+    # order
+    done = run_avr("train", "--resume", tmp_path / "run", "--epochs", "4", "--memory-budget",
+                   STREAM_BUDGET)
+    assert_one_line_error(done, "trained with its train split resident", "--memory-budget")
 
 
 def test_a_budget_below_the_train_split_streams_it_and_says_so(streamed_run):
