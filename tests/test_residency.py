@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from avr.device import intra_op_threads
 from avr.fuse import residency, trainer
 from avr.fuse.config import saved_train_config
 from avr.fuse.data import load_split
@@ -34,6 +35,20 @@ TRAIN = ("--head", "tefal", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3"
          "--device", "cpu")
 TESTS = Path(__file__).parent
 STREAM_BUDGET = "0.00025"  # GB: below the tiny store's train split, above a chunk and a batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_everywhere():
+    """Every avr process of this module and the in-process run on one intra-op thread: the CPU
+    kernels' sums, hence the weights' last bits, depend on the thread count."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with intra_op_threads(1):
+        yield
+    if before is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +81,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-6), name
+        assert torch.equal(wa[name], wb[name]), name
 
 
 def test_a_run_prints_and_records_its_plan_resident_when_it_fits(store, tmp_path):
