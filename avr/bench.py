@@ -102,6 +102,114 @@ def bench_train(head_name: str, *, scale: float, device: torch.device, batch_siz
                    "extrapolated" if videos != VATEX["train_videos"] else "")]
 
 
+def bench_train_store(store: str, head_name: str, *, device: torch.device, batch_size: int = 128,
+                      steps: int | None = None, memory_budget: float | None = None,
+                      resident: str = "fp16", seed: int = 0) -> list[Figure]:
+    """Train ``head_name`` on the train split of ``store`` as ``avr train`` would under
+    ``memory_budget`` and ``resident`` (one epoch, or its first ``steps`` batches): the
+    residency plan, pairs and bytes per second, peak memory. A streamed split is also read on its
+    own, beside a raw sequential read of the same chunk files, both from a cold page cache."""
+    import resource
+
+    from avr.fuse import trainer
+    from avr.fuse.residency import StreamedSplit
+    from avr.fuse.trainer import TrainConfig
+
+    config = TrainConfig(head=head_name, epochs=1, batch_size=batch_size, lr=1e-4, seed=seed,
+                         device=str(device), memory_budget=memory_budget, resident=resident)
+    config.validate()
+    location = schema.store_location(store)
+    start = time.perf_counter()
+    cache = trainer.load_cache(location, head_name, device, config=config)
+    load_seconds = time.perf_counter() - start
+    plan, train = cache.plan, cache.train
+    figures = [Figure(f"plan: train {plan.train.mode}, val {plan.val.mode}",
+                      plan.train.bytes / 1e9, "GB", plan.describe()),
+               Figure("load (plan, row index, resident arrays)", load_seconds, "s")]
+    pair_bytes = _pair_bytes(location, head_name)
+    if isinstance(train, StreamedSplit):
+        files = _chunk_files(location, train)
+        if files:
+            on_disk = sum(f.stat().st_size for f in files)
+            _drop_page_cache(*files)
+            seconds, pairs = _read_stream(train, config, steps)
+            _drop_page_cache(*files)
+            raw = _read_files(files)
+            figures += [
+                Figure("stream read alone (no training)", on_disk / 1e6 / seconds,
+                       "MB/s", f"of {on_disk / 1e6:.1f} MB of stored chunks: {pairs} pairs, "
+                       f"{pairs / seconds:.0f} pairs/s, "
+                       f"{pairs * pair_bytes / 1e6 / seconds:.1f} MB/s decoded"),
+                Figure("raw sequential read of the same chunk files", on_disk / 1e6 / raw,
+                       "MB/s", f"the stream reaches {100 * raw / seconds:.0f}% of it")]
+    run = trainer.build_run(config, cache, device)
+    start = time.perf_counter()
+    _, _, pairs = trainer.train_epoch(run, 0, max_batches=steps)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    figures += [Figure(f"train {head_name}: {pairs} pairs", pairs / seconds, "pairs/s",
+                       f"{pairs * pair_bytes / 1e6 / seconds:.1f} MB/s of rows trained on "
+                       f"(16-bit), {seconds:.1f} s"),
+                Figure("peak resident memory (RSS) of this process", peak / 1e9, "GB")]
+    if device.type == "cuda":
+        figures.append(Figure("peak GPU memory allocated",
+                              torch.cuda.max_memory_allocated(device) / 1e9, "GB"))
+    return figures
+
+
+def _pair_bytes(location, head_name: str) -> int:
+    """Bytes (16-bit, as stored) of one train pair of ``head_name``: a video's rows of the arrays
+    it reads and a caption's."""
+    from avr.fuse.heads import video_inputs
+
+    group, _ = schema.open_store(location)
+    names = (*video_inputs(head_name), *head_class(head_name).caption_inputs)
+    return sum(int(np.prod(group[name].shape[1:])) * group[name].dtype.itemsize
+               for name in names)
+
+
+def _read_stream(train, config, steps: int | None) -> tuple[float, int]:
+    """Seconds and pairs of reading an epoch (or its first ``steps`` batches) of a streamed
+    split, rows assembled into batches but not trained on."""
+    start = time.perf_counter()
+    pairs = 0
+    for number, (_, _, counts) in enumerate(train.batches(config, 0), 1):
+        pairs += sum(counts)
+        if steps and number >= steps:
+            break
+    return time.perf_counter() - start, pairs
+
+
+def _chunk_files(location, train) -> list[Path]:
+    """The chunk files of a local store that a streamed train split reads (every chunk of its
+    arrays that holds train rows); empty for a store at a URL."""
+    root = Path(str(location))
+    if not root.is_dir():
+        return []
+    group, _ = schema.open_store(location)
+    files = []
+    for names, rows in ((train.video_names, train.video_store_rows),
+                        (train.caption_names, train.caption_store_rows)):
+        for name in names:
+            array = group[name]
+            chunks = {int(c) for c in np.unique(np.asarray(rows) // array.chunks[0])}
+            folder = root / name / "c"
+            files += [f for f in sorted(folder.rglob("*")) if f.is_file()
+                      and int(f.relative_to(folder).parts[0]) in chunks]
+    return files
+
+
+def _read_files(files: list[Path], block: int = 16 << 20) -> float:
+    """Seconds to read ``files`` one after another, in blocks."""
+    start = time.perf_counter()
+    for file in files:
+        with file.open("rb", buffering=0) as handle:
+            while handle.read(block):
+                pass
+    return time.perf_counter() - start
+
+
 # ---- evaluation ---------------------------------------------------------------------------------
 
 def bench_eval(head_name: str, *, scale: float, device: torch.device,

@@ -811,15 +811,36 @@ def bench_train(
     head: str = typer.Option("tefal", help="Head to train.", callback=head_option),
     scale: float = typer.Option(1.0, help=SCALE_HELP, callback=positive_option),
     device: str = typer.Option("auto", help=DEVICE_HELP, callback=device_option),
-    steps: Optional[int] = typer.Option(None, min=1, help="Time this many steps and "
-                                                          "extrapolate the epoch."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Time this many steps (and "
+                                                          "extrapolate the epoch without "
+                                                          "--cache)."),
+    cache: Optional[str] = typer.Option(None, help="Train on this store's train split (a path "
+                                                   "or a URL) as `avr train` would, instead of "
+                                                   "device-resident random tokens."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP,
+                                                  callback=positive_option),
+    resident: str = typer.Option("fp16", "--resident", help=RESIDENT_HELP,
+                                 callback=_one_of("fp16", "int8")),
+    batch_size: int = typer.Option(128, "--batch-size", min=2),
 ):
-    """One training epoch of a head on device-resident VATEX-shaped tokens."""
+    """One training epoch of a head: on device-resident VATEX-shaped tokens, or with --cache on
+    a store under a memory budget (plan, pairs/s, bytes/s, peak memory; a streamed split also
+    beside a raw read of its chunk files)."""
     from avr import bench as benches
 
     torch_device, name = _bench_device(device)
-    _print_figures("train", name, scale, benches.bench_train(head, scale=scale,
-                                                             device=torch_device, steps=steps))
+    if cache is None:
+        if memory_budget is not None or resident != "fp16":
+            raise AvrError("--memory-budget and --resident apply to a store: give --cache")
+        figures = benches.bench_train(head, scale=scale, device=torch_device, steps=steps,
+                                      batch_size=batch_size)
+        _print_figures("train", name, scale, figures)
+        return
+    _require_head_arrays(cache, head, {})
+    figures = benches.bench_train_store(cache, head, device=torch_device, batch_size=batch_size,
+                                        steps=steps, memory_budget=memory_budget,
+                                        resident=resident)
+    _print_figures(f"train --cache {cache}", name, None, figures)
 
 
 @bench_app.command("eval")

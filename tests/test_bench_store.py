@@ -218,3 +218,35 @@ def test_bench_store_checks_its_options(tmp_path, args, expected):
     result = CliRunner().invoke(app, base + args, env={"COLUMNS": "200"})
     assert result.exit_code == 2 and expected in result.stderr, result.output
     assert not (tmp_path / "s").exists()
+
+
+def figure_names(stdout: str) -> list[str]:
+    return [line.split("  ")[0] for line in stdout.splitlines()[1:]]
+
+
+def test_bench_train_on_a_store_streams_under_a_budget(tmp_path):
+    path = tmp_path / "store"
+    ok(run_avr("bench", "store", "--videos", "120", "--out", path, "--val-videos", "8",
+               "--test-videos", "8", "--chunk-rows", "8", *TINY))
+    train = ("bench", "train", "--cache", path, "--head", "tefal", "--device", "cpu",
+             "--batch-size", "8")
+    streamed = ok(run_avr(*train, "--memory-budget", "0.0008", "--steps", "4")).stdout
+    assert figure_names(streamed)[:3] == ["plan: train streamed, val device",
+                                          "load (plan, row index, resident arrays)",
+                                          "stream read alone (no training)"]
+    assert "raw sequential read of the same chunk files" in streamed
+    assert "train tefal: 32 pairs" in streamed  # --steps 4 batches of 8
+    assert "peak resident memory (RSS) of this process" in streamed
+    resident = ok(run_avr(*train, "--resident", "int8")).stdout
+    assert figure_names(resident)[0] == "plan: train device, val device"
+    assert "tokens int8" in resident and "stream read" not in resident
+    assert "train tefal: 104 pairs" in resident  # the whole epoch: 104 train videos, batch 8
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--memory-budget", "1"), "--memory-budget and --resident apply to a store: give --cache"),
+    (("--cache", "nowhere"), "nowhere"),
+])
+def test_bench_train_checks_its_options(tmp_path, args, expected):
+    done = run_avr("bench", "train", "--device", "cpu", *args, cwd=tmp_path)
+    assert_one_line_error(done, expected)

@@ -25,6 +25,7 @@ the whole global batch; rank 0 alone loads val, validates and writes the run. On
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import time
@@ -307,14 +308,17 @@ def fit(run: Run, on_epoch: EpochCallback | None = None) -> TrainResult:
                        time.perf_counter() - started, run.cache.train.num_videos)
 
 
-def train_epoch(run: Run, epoch: int) -> tuple[float, dict[str, float], int]:
-    """One pass over the epoch's batches; returns (mean loss, mean of each of the head's loss
-    parts, pairs seen by all ranks). Losses stay on the device until the epoch ends."""
+def train_epoch(run: Run, epoch: int, max_batches: int | None = None
+                ) -> tuple[float, dict[str, float], int]:
+    """One pass over the epoch's batches (its first ``max_batches`` when given: ``avr bench
+    train``); returns (mean loss, mean of each of the head's loss parts, pairs seen by all ranks).
+    Losses stay on the device until the epoch ends."""
     config, head, data, device = run.config, run.state.head, run.cache.train, run.device
     optimizer, scheduler = run.state.optimizer, run.state.scheduler
     head.train()
     losses, part_sums, seen = [], {}, 0
-    for videos, captions, counts in epoch_rows(data, config, epoch, run.world, device):
+    batches = epoch_rows(data, config, epoch, run.world, device)
+    for videos, captions, counts in itertools.islice(batches, max_batches):
         with autocast(device, config.amp):
             loss, parts = batch_loss(head, videos, captions, counts, device, run.world)
         optimizer.zero_grad(set_to_none=True)
