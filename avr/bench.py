@@ -107,8 +107,9 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
                       resident: str = "fp16", seed: int = 0) -> list[Figure]:
     """Train ``head_name`` on the train split of ``store`` as ``avr train`` would under
     ``memory_budget`` and ``resident`` (one epoch, or its first ``steps`` batches): the
-    residency plan, pairs and bytes per second, peak memory. A streamed split is also read on its
-    own, beside a raw sequential read of the same chunk files, both from a cold page cache."""
+    residency plan, pairs and bytes per second, peak memory. A streamed split's whole epoch is
+    also read on its own, beside a raw sequential read of the same chunk files, both from a cold
+    page cache (as far as the kernel lets go of them)."""
     import resource
 
     from avr.fuse import trainer
@@ -132,7 +133,7 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
         if files:
             on_disk = sum(f.stat().st_size for f in files)
             _drop_page_cache(*files)
-            seconds, pairs = _read_stream(train, config, steps)
+            seconds, pairs = _read_stream(train, config)
             _drop_page_cache(*files)
             raw = _read_files(files)
             figures += [
@@ -169,15 +170,11 @@ def _pair_bytes(location, head_name: str) -> int:
                for name in names)
 
 
-def _read_stream(train, config, steps: int | None) -> tuple[float, int]:
-    """Seconds and pairs of reading an epoch (or its first ``steps`` batches) of a streamed
-    split, rows assembled into batches but not trained on."""
+def _read_stream(train, config) -> tuple[float, int]:
+    """Seconds and pairs of reading a whole epoch of a streamed split (every chunk it holds,
+    as the raw read beside it), rows assembled into batches but not trained on."""
     start = time.perf_counter()
-    pairs = 0
-    for number, (_, _, counts) in enumerate(train.batches(config, 0), 1):
-        pairs += sum(counts)
-        if steps and number >= steps:
-            break
+    pairs = sum(sum(counts) for _, _, counts in train.batches(config, 0))
     return time.perf_counter() - start, pairs
 
 
