@@ -161,13 +161,14 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
 
 def _pair_bytes(location, head_name: str) -> int:
     """Bytes (16-bit, as stored) of one train pair of ``head_name``: a video's rows of the arrays
-    it reads and a caption's."""
+    it reads and a caption's, as the residency plan counts them."""
     from avr.fuse.heads import video_inputs
+    from avr.fuse.residency import StoreSizes
 
     group, _ = schema.open_store(location)
-    names = (*video_inputs(head_name), *head_class(head_name).caption_inputs)
-    return sum(int(np.prod(group[name].shape[1:])) * group[name].dtype.itemsize
-               for name in names)
+    sizes = StoreSizes(group, video_inputs(head_name), head_class(head_name).caption_inputs,
+                       "fp16")
+    return sizes.video_row16 + sizes.caption_row16
 
 
 def _read_stream(train, config) -> tuple[float, int]:
