@@ -48,16 +48,8 @@ class QuantizedTokens:
         """These rows, still quantized (what a batch moves to the device)."""
         return QuantizedTokens(self.values[index], self.scales[index])
 
-    def clone(self) -> QuantizedTokens:
-        return QuantizedTokens(self.values.clone(), self.scales.clone())
-
     def pin_memory(self) -> QuantizedTokens:
         return QuantizedTokens(self.values.pin_memory(), self.scales.pin_memory())
-
-    @staticmethod
-    def stack(rows: list[QuantizedTokens]) -> QuantizedTokens:
-        return QuantizedTokens(torch.stack([r.values for r in rows]),
-                               torch.stack([r.scales for r in rows]))
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> QuantizedTokens:
         return QuantizedTokens(self.values.to(device, non_blocking=non_blocking),
@@ -82,13 +74,6 @@ def held_bytes(value: Held) -> int:
     if isinstance(value, QuantizedTokens):
         return value.nbytes()
     return value.numel() * value.element_size()
-
-
-def stack_rows(rows: list[Held]) -> Held:
-    """Single rows (of one array) stacked into a batch, quantized or not."""
-    if isinstance(rows[0], QuantizedTokens):
-        return QuantizedTokens.stack(rows)
-    return torch.stack(rows)
 
 
 def on_device(rows: dict[str, Held], device: torch.device,

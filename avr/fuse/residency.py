@@ -22,8 +22,10 @@ chunk its pairs drawn as the resident sampler draws them (one random caption per
 caption); the pairs pass through a shuffle buffer of ``buffer_pairs`` (each arriving pair takes
 the place of a random one, which leaves), and what leaves is cut into batches, each video at most
 once per batch. So a batch mixes pairs from the chunks of the last ``buffer_pairs`` pairs, not
-from the whole split; every row is read once per epoch; memory holds the buffer, the chunks read
-ahead and one batch (``StreamSettings.held_bytes``). A resumed run recomputes its epoch's order
+from the whole split; every row is read once per epoch; memory holds the buffer's rows, the chunks
+read ahead and two batches (``StreamSettings.held_bytes``). The rows held sit in slots allocated once
+per epoch for the most rows the epoch's order ever holds at once (``RowSlots``), so assembling a
+batch is one gather per array rather than an allocation per row. A resumed run recomputes its epoch's order
 from (seed, epoch) and the buffer size it recorded.
 """
 
@@ -43,14 +45,16 @@ from avr import schema
 from avr.errors import AvrError
 from avr.fuse.data import _require_captions_done, read_held, split_rows, split_size
 from avr.fuse.distributed import World
-from avr.fuse.quantize import Held, is_token_array, stack_rows
+from avr.fuse.quantize import Held, QuantizedTokens, is_token_array
 from avr.fuse.sampling import distinct_videos, draw_pairs
 from avr.integrity import chunk_rows, read_rows
 
 GPU_SHARE = 0.8  # of the free GPU memory, by default, for the device-resident splits
 HOST_SHARE = 0.5  # of the available RAM, by default, for the host-resident splits
-READ_AHEAD = 2  # chunks read ahead of use, on as many threads
+READ_AHEAD = 2  # reads ahead of use, on as many threads
+READ_BYTES = 64 * 2**20  # a read takes this much of the store's chunks, when the budget has room
 BUFFER_BATCHES = 8  # the shuffle buffer, by default, in batches (less when the budget is tight)
+BATCH_RING = 2  # batches a streamed epoch gathers into in turn (``RowSlots``)
 GB = 1e9
 
 
@@ -66,9 +70,10 @@ class SplitResidency:
 class StreamSettings:
     chunk_videos: int  # video rows per Zarr chunk
     chunk_bytes: int  # one chunk's videos and the captions read with them, 16-bit
-    read_ahead: int  # chunks read ahead of use, on as many threads
+    read_ahead: int  # reads ahead of use, on as many threads
     buffer_pairs: int  # the shuffle buffer
-    held_bytes: int  # what streaming holds at most: read-ahead + buffer + one batch
+    held_bytes: int  # what streaming holds at most: read-ahead + buffer + two batches
+    chunks_per_read: int = 1  # chunks, consecutive in the epoch's order, read in one call
 
 
 @dataclass
@@ -96,7 +101,8 @@ class ResidencyPlan:
                       else f"resident on the {self.val.mode}"))
         return (f"residency: train streamed from the store ({size_text(self.train.bytes)} > "
                 f"{budget}; {tokens}): chunks of {s.chunk_videos} videos "
-                f"({size_text(s.chunk_bytes)}) read {s.read_ahead} ahead, shuffle buffer "
+                f"({size_text(s.chunk_bytes)}) read {s.chunks_per_read} at a time, "
+                f"{s.read_ahead} reads ahead, shuffle buffer "
                 f"{s.buffer_pairs} pairs, at most {size_text(s.held_bytes)} held{val}")
 
     def held_bytes(self) -> int:
@@ -198,8 +204,11 @@ class StoreSizes:
 
     def stream_settings(self, config, budget: int, val: SplitResidency | None,
                         buffer_pairs: int | None) -> StreamSettings:
-        """Read-ahead and shuffle buffer that fit ``budget`` (with val beside them if it fits);
-        an error when not even one chunk and one batch do."""
+        """Read size, read-ahead and shuffle buffer that fit ``budget`` (with val beside them if
+        it fits); an error when not even one chunk and two batches do. A read takes several
+        chunks (up to ``READ_BYTES``) where that leaves the shuffle buffer its room: each store
+        call has a fixed cost (small arrays such as masks cost as much to fetch as a chunk of
+        tokens), which a read of several chunks pays once, decoding them side by side."""
         batch = config.batch_size or 128
         videos, captions = split_size(self.group, "train")
         captions_read = 1 if config.pairs == "one" else max(1, round(captions / max(videos, 1)))
@@ -207,32 +216,37 @@ class StoreSizes:
         chunk_bytes = self.chunk_videos * (self.video_row16 + captions_read * self.caption_row16)
         pair = self.video_row + self.caption_row
         batch_bytes = batch * (self.video_row16 + self.caption_row16)
-        fixed = batch_bytes + chunk_pairs * pair  # one batch, and the arriving chunk's rows
 
-        def held(read_ahead, buffer):
-            return read_ahead * chunk_bytes + fixed + buffer * pair
+        def held(read_ahead, buffer, per_read=1):  # reads in flight, the rows of the one
+            return (read_ahead * per_read * chunk_bytes  # arriving, the buffer, two batches
+                    + per_read * chunk_pairs * pair + buffer * pair + BATCH_RING * batch_bytes)
 
         least = held(1, buffer_pairs or 0)
         if least > budget:
             what = (f"one chunk of the train split ({self.chunk_videos} videos, "
-                    f"{size_text(chunk_bytes)} read) and one batch ({batch} pairs, "
-                    f"{size_text(batch_bytes)})")
+                    f"{size_text(chunk_bytes)} read) and two batches ({batch} pairs, "
+                    f"{size_text(batch_bytes)} each)")
             if buffer_pairs:
                 what += f" and the run's shuffle buffer of {buffer_pairs} pairs"
             raise AvrError(f"--memory-budget {budget / GB:.3g} GB cannot hold {what}: give at "
                            f"least {least / GB * 1.01:.3g} GB")
         room = budget - (val.bytes if val is not None and held(1, 0) + val.bytes <= budget
                          else 0)
-        read_ahead = READ_AHEAD if held(READ_AHEAD, 0) <= room else 1
+        wanted = buffer_pairs if buffer_pairs is not None else \
+            config.shuffle_buffer or BUFFER_BATCHES * batch
+        kept_for_buffer = min(wanted * pair, room // 2)
+        per_read = max(1, READ_BYTES // max(chunk_bytes, 1))
+        while per_read > 1 and held(READ_AHEAD, 0, per_read) + kept_for_buffer > room:
+            per_read //= 2
+        read_ahead = READ_AHEAD if held(READ_AHEAD, buffer_pairs or 0, per_read) <= room else 1
         if buffer_pairs is None:
-            wanted = config.shuffle_buffer or BUFFER_BATCHES * batch
-            buffer_pairs = int(max(0, min(wanted, (room - held(read_ahead, 0)) // pair)))
+            buffer_pairs = int(max(0, min(wanted, (room - held(read_ahead, 0, per_read)) // pair)))
             if config.shuffle_buffer and buffer_pairs < config.shuffle_buffer:
                 raise AvrError(f"shuffle_buffer={config.shuffle_buffer} pairs do not fit the "
                                f"budget of {budget / GB:.3g} GB beside the read-ahead "
                                f"({buffer_pairs} do): raise --memory-budget or lower it")
         return StreamSettings(self.chunk_videos, chunk_bytes, read_ahead, buffer_pairs,
-                              held(read_ahead, buffer_pairs))
+                              held(read_ahead, buffer_pairs, per_read), per_read)
 
     @staticmethod
     def val_fits(budget: int, stream: StreamSettings, val: SplitResidency) -> bool:
@@ -331,49 +345,73 @@ class StreamedSplit:
     def batches(self, config, epoch: int) -> Iterator[tuple[dict[str, Held], dict[str, Held],
                                                             list[int]]]:
         """The epoch's batches as (video arrays, caption arrays, [pairs]), each row read once:
-        a chunk's rows that the epoch uses are kept until their last batch has gone."""
+        an arriving chunk's rows that the epoch uses are copied into free slots of ``RowSlots``
+        (a chunk's memory goes as soon as it is copied) and stay until their last batch. A
+        batch's tensors are reused for the batch after the next: use or copy them before."""
         order = self.epoch_order(config, epoch)
         uses = Counter(v for videos, _ in order.batches for v in videos.tolist())
         wanted = np.zeros(len(self.caption_video), dtype=bool)
         for _, captions in order.batches:
             wanted[captions] = True
-        held_videos: dict[int, dict[str, Held]] = {}
-        held_captions: dict[int, dict[str, Held]] = {}
+        most_videos, most_captions = self._most_held(order, uses, wanted)
+        videos_held = RowSlots(most_videos, max((len(v) for v, _ in order.batches), default=0))
+        captions_held = RowSlots(most_captions, max((len(c) for _, c in order.batches), default=0))
         with ChunkReader(self, order.chunks, wanted) as reader:
             for (videos, captions), ready in zip(order.batches, order.ready):
                 while reader.arrived < ready:
                     video_rows, video_arrays, caption_rows, caption_arrays = reader.next()
-                    held_videos.update(_rows_of(video_rows, video_arrays, uses))
-                    held_captions.update(_rows_of(caption_rows, caption_arrays))
-                yield (_stacked([held_videos[v] for v in videos.tolist()]),
-                       _stacked([held_captions.pop(c) for c in captions.tolist()]),
-                       [len(videos)])
+                    used = np.asarray([uses[v] > 0 for v in video_rows.tolist()], dtype=bool)
+                    videos_held.put(video_rows[used], video_arrays, np.flatnonzero(used))
+                    captions_held.put(caption_rows, caption_arrays)
+                yield videos_held.take(videos), captions_held.take(captions), [len(videos)]
+                captions_held.release(captions)
                 for v in videos.tolist():
                     uses[v] -= 1
-                    if not uses[v]:
-                        del held_videos[v]
+                videos_held.release([v for v in set(videos.tolist()) if not uses[v]])
 
-    def read_chunk(self, chunk: int, wanted_captions: np.ndarray
-                   ) -> tuple[np.ndarray, dict[str, Held], np.ndarray, dict[str, Held]]:
-        """A chunk's video rows and the wanted captions of its videos, as held."""
-        start, stop = self.chunk_bounds[chunk]
-        captions = self.chunk_captions[chunk]
+    def _most_held(self, order: EpochOrder, uses: Counter, wanted: np.ndarray) -> tuple[int, int]:
+        """The most video rows and caption rows held at once during the epoch ``order``."""
+        remaining = Counter(uses)
+        videos = captions = most_videos = most_captions = arrived = 0
+        for (batch_videos, batch_captions), ready in zip(order.batches, order.ready):
+            while arrived < ready:  # as ChunkReader delivers them: a read at a time
+                for chunk in order.chunks[arrived:arrived + self.stream.chunks_per_read]:
+                    start, stop = self.chunk_bounds[chunk]
+                    videos += sum(1 for v in range(start, stop) if remaining[v])
+                    captions += int(wanted[self.chunk_captions[chunk]].sum())
+                arrived += self.stream.chunks_per_read
+            most_videos, most_captions = max(most_videos, videos), max(most_captions, captions)
+            captions -= len(batch_captions)
+            for v in batch_videos.tolist():
+                remaining[v] -= 1
+                videos -= remaining[v] == 0
+        return most_videos, most_captions
+
+    def read_chunks(self, chunks: list[int], wanted_captions: np.ndarray
+                    ) -> tuple[np.ndarray, dict[str, Held], np.ndarray, dict[str, Held]]:
+        """The video rows of ``chunks`` and the wanted captions of their videos, as held, each
+        array in one store call (rows ascending)."""
+        videos = np.sort(np.concatenate([np.arange(*self.chunk_bounds[c]) for c in chunks]))
+        captions = np.sort(np.concatenate([self.chunk_captions[c] for c in chunks]))
         captions = captions[wanted_captions[captions]]
-        videos = {name: read_held(self.group[name], self.video_store_rows[start:stop],
-                                  self.resident) for name in self.video_names}
-        texts = {name: read_held(self.group[name], self.caption_store_rows[captions],
-                                 self.resident) for name in self.caption_names}
-        return np.arange(start, stop), videos, captions, texts
+        video_arrays = {name: read_held(self.group[name], self.video_store_rows[videos],
+                                        self.resident) for name in self.video_names}
+        caption_arrays = {name: read_held(self.group[name], self.caption_store_rows[captions],
+                                          self.resident) for name in self.caption_names}
+        return videos, video_arrays, captions, caption_arrays
 
 
 class ChunkReader:
-    """Chunks of a streamed split read in ``chunks`` order on background threads, at most
-    ``read_ahead`` ahead of the one in use."""
+    """Chunks of a streamed split read in ``chunks`` order on background threads,
+    ``chunks_per_read`` at a time, at most ``read_ahead`` reads ahead of the one in use;
+    ``arrived`` counts the chunks delivered."""
 
     def __init__(self, split: StreamedSplit, chunks: list[int], wanted_captions: np.ndarray):
-        self.split, self.chunks, self.wanted = split, chunks, wanted_captions
+        per_read = split.stream.chunks_per_read
+        self.reads = [chunks[k:k + per_read] for k in range(0, len(chunks), per_read)]
+        self.split, self.wanted = split, wanted_captions
         self.pool = ThreadPoolExecutor(split.stream.read_ahead, thread_name_prefix="avr-stream")
-        self.pending: deque[Future] = deque()
+        self.pending: deque[tuple[int, Future]] = deque()
         self.submitted = self.arrived = 0
 
     def __enter__(self) -> ChunkReader:
@@ -381,30 +419,100 @@ class ChunkReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        for future in self.pending:
+        for _, future in self.pending:
             future.cancel()
         self.pool.shutdown(wait=True)
 
     def _top_up(self) -> None:
         while len(self.pending) < self.split.stream.read_ahead and \
-                self.submitted < len(self.chunks):
-            self.pending.append(self.pool.submit(self.split.read_chunk,
-                                                 self.chunks[self.submitted], self.wanted))
+                self.submitted < len(self.reads):
+            read = self.reads[self.submitted]
+            self.pending.append((len(read), self.pool.submit(self.split.read_chunks, read,
+                                                             self.wanted)))
             self.submitted += 1
 
     def next(self):
-        chunk = self.pending.popleft().result()
-        self.arrived += 1
+        count, future = self.pending.popleft()
+        rows = future.result()
+        self.arrived += count
         self._top_up()
-        return chunk
+        return rows
 
 
-def _rows_of(rows: np.ndarray, arrays: dict[str, Held], keep: Counter | None = None
-             ) -> dict[int, dict[str, Held]]:
-    """Each row of a chunk on its own (copies, so the chunk's memory goes), those in ``keep``."""
-    return {int(row): {name: value[i].clone() for name, value in arrays.items()}
-            for i, row in enumerate(rows.tolist()) if keep is None or keep[row]}
+class RowSlots:
+    """Rows of a streamed split between the chunk that brings them and their last batch: one
+    tensor per array of ``capacity`` rows and a free list of its slots, and ``BATCH_RING``
+    batches of ``batch_rows`` rows that batches are gathered into in turn, all allocated at the
+    first chunk. A chunk's rows are copied in with one indexed copy per array and a batch is
+    gathered with one ``index_select`` into memory already mapped: fresh tensors of a batch's
+    size would be mapped anew for each batch, and filling new pages costs more than the copy.
+    So a batch's tensors are valid until the batch after the next is taken."""
+
+    def __init__(self, capacity: int, batch_rows: int):
+        self.capacity, self.batch_rows = capacity, batch_rows
+        self.arrays: dict[str, Held] = {}
+        self.ring: list[dict[str, Held]] = [{} for _ in range(BATCH_RING)]
+        self.taken = 0
+        self.free = list(range(capacity - 1, -1, -1))
+        self.slot: dict[int, int] = {}  # row of the split -> its slot
+
+    def put(self, rows: np.ndarray, arrays: dict[str, Held], picked: np.ndarray | None = None
+            ) -> None:
+        """Rows ``rows`` of the split, from ``arrays`` (``picked`` of their rows, default all)."""
+        if not len(rows):
+            return
+        if len(rows) > len(self.free):
+            raise RuntimeError(f"{len(rows)} rows arrive with {len(self.free)} of "
+                               f"{self.capacity} slots free")
+        slots = torch.tensor([self.free.pop() for _ in range(len(rows))])
+        self.slot.update(zip(rows.tolist(), slots.tolist()))
+        source = None if picked is None or len(picked) == _rows(arrays) else \
+            torch.from_numpy(picked)
+        for name, value in arrays.items():
+            if name not in self.arrays:
+                self.arrays[name] = _map_parts(value, lambda part: part.new_empty(
+                    (self.capacity, *part.shape[1:])))
+                for batch in self.ring:
+                    batch[name] = _map_parts(value, lambda part: part.new_empty(
+                        (self.batch_rows, *part.shape[1:])))
+            chosen = value if source is None else _map_parts(
+                value, lambda part: part.index_select(0, source))
+            _copy_rows(self.arrays[name], slots, chosen)
+
+    def take(self, rows: np.ndarray) -> dict[str, Held]:
+        """A batch of these rows, gathered into the ring's next batch."""
+        slots = torch.tensor([self.slot[r] for r in rows.tolist()])
+        batch = self.ring[self.taken % BATCH_RING]
+        self.taken += 1
+        return {name: _gather_parts(value, slots, batch[name])
+                for name, value in self.arrays.items()}
+
+    def release(self, rows) -> None:
+        self.free.extend(self.slot.pop(int(r)) for r in rows)
 
 
-def _stacked(rows: list[dict[str, Held]]) -> dict[str, Held]:
-    return {name: stack_rows([row[name] for row in rows]) for name in rows[0]} if rows else {}
+def _rows(arrays: dict[str, Held]) -> int:
+    return len(next(iter(arrays.values())))
+
+
+def _map_parts(value: Held, fn) -> Held:
+    """``fn`` applied to each tensor of a held array (both parts of quantized tokens)."""
+    if isinstance(value, QuantizedTokens):
+        return QuantizedTokens(fn(value.values), fn(value.scales))
+    return fn(value)
+
+
+def _gather_parts(value: Held, slots: torch.Tensor, into: Held) -> Held:
+    """Rows ``slots`` of ``value`` gathered into the first rows of ``into``."""
+    if isinstance(value, QuantizedTokens):
+        return QuantizedTokens(_gather_parts(value.values, slots, into.values),
+                               _gather_parts(value.scales, slots, into.scales))
+    return torch.index_select(value, 0, slots, out=into[:len(slots)])
+
+
+def _copy_rows(into: Held, slots: torch.Tensor, rows: Held) -> None:
+    if isinstance(into, QuantizedTokens):
+        into.values.index_copy_(0, slots, rows.values)
+        into.scales.index_copy_(0, slots, rows.scales)
+    else:
+        into.index_copy_(0, slots, rows)
