@@ -107,6 +107,7 @@ def test_a_budget_below_the_train_split_streams_it_and_says_so(streamed_run):
     line = stdout.splitlines()[1]
     assert line.startswith("residency: train streamed from the store"), stdout
     assert "--memory-budget" in line and "shuffle buffer" in line and "val (" in line
+    assert "at a time, recomputed in backward" in line
     plan = residency_of(run)
     assert plan["train"]["mode"] == "streamed"
     assert plan["train"]["bytes"] > plan["budget_bytes"] >= plan["stream"]["held_bytes"]
@@ -129,7 +130,10 @@ def test_streamed_training_ends_with_the_weights_of_resident_training_fed_its_ba
             yield torch.from_numpy(videos), torch.from_numpy(captions), [len(videos)]
 
     monkeypatch.setattr(trainer, "epoch_batches", streamed_order)
-    resident = dataclasses.replace(config, memory_budget=None)
+    # the same steps: the budget's blocks of videos (recomputed in backward) on both sides
+    assert saved["residency"]["step_videos"] > 0
+    resident = dataclasses.replace(config, memory_budget=None,
+                                   video_block=saved["residency"]["step_videos"])
     trainer.train(store, resident, tmp_path / "resident")
     assert residency_of(tmp_path / "resident")["train"]["mode"] == "device"
     assert_same_weights(run, tmp_path / "resident")
@@ -243,3 +247,22 @@ def test_a_sweep_takes_the_budget_as_an_option(store, tmp_path):
     configs = list((tmp_path / "runs" / "sweeps" / "budget").rglob("config.json"))
     assert configs and all(json.loads(p.read_text())["residency"]["train"]["mode"] ==
                            "streamed" for p in configs)
+
+
+def test_a_video_block_for_a_head_with_a_loss_of_its_own_is_refused_in_one_line(store, tmp_path):
+    done = run_avr("train", "--cache", store, "--head", "gais", "--epochs", "1", "--device",
+                   "cpu", "--opt", "video_block=2", "--run-dir", tmp_path / "run")
+    assert_one_line_error(done, "video_block: gais's loss", "a block at a time")
+
+
+def test_eval_within_a_tiny_budget_scores_as_with_room_qbnorm_included(streamed_run, tmp_path):
+    run, _ = streamed_run
+    results = []
+    for args in ((), ("--memory-budget", "0.00001")):
+        out = tmp_path / f"eval{len(args)}.json"
+        ok(run_avr("eval", "--run", run, "--device", "cpu", "--qbnorm", "--json", out, *args))
+        results.append(json.loads(out.read_text()))
+    for key in ("t2v", "v2t"):
+        assert results[1][key] == pytest.approx(results[0][key], abs=1e-6)
+    assert results[1]["variants"]["qbnorm"]["t2v"] == pytest.approx(
+        results[0]["variants"]["qbnorm"]["t2v"], abs=1e-6)

@@ -21,7 +21,7 @@ from avr.evaluate import metrics, report
 from avr.fuse import checkpoint
 from avr.evaluate.score import score_captions, score_split
 from avr.fuse.data import SplitTensors, load_split, split_rows
-from avr.fuse.residency import split_fits
+from avr.fuse.residency import GB, WORK_SHARE, split_fits
 from avr.fuse.heads.base import RetrievalHead, State
 from avr.device import resolve_device
 
@@ -167,9 +167,12 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
                       resident=config.resident, tokens_in_store=not fits)
     if data.num_videos == 0:
         raise AvrError(f"{cache_path}: the {config.split} split has no extracted videos")
-    scores = score_split(head, mask_modalities(data.videos, config.modalities, head),
-                         data.captions, device, amp=config.amp, score_chunk=config.score_chunk)
-    sim, videos = scores.sim.numpy(), scores.videos
+    work_bytes = (None if config.memory_budget is None
+                  else int(WORK_SHARE * config.memory_budget * GB))
+    video_rows = mask_modalities(data.videos, config.modalities, head)
+    scores = score_split(head, video_rows, data.captions, device, amp=config.amp,
+                         score_chunk=config.score_chunk, work_bytes=work_bytes)
+    sim = scores.sim.numpy()
     caption_video = data.caption_video.cpu().numpy()
     n_videos = data.num_videos
     # Videos that failed extraction still count: as failed v2t queries (docs/methods.md F).
@@ -187,7 +190,8 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
         result.variants["dsl"] = dual_softmax_variant(head, sim, caption_video, all_videos,
                                                       result.dsl)
     if config.qbnorm:
-        bank = train_bank_similarity(head, cache_path, videos, device, config)
+        bank = train_bank_similarity(head, cache_path, scores.videos, video_rows, device, config,
+                                     work_bytes)
         normed = metrics.qb_norm(cosines_of(head, sim), cosines_of(head, bank))
         result.variants["qbnorm"] = {"t2v": metrics.metrics_from_ranks(
             metrics.t2v_ranks(normed, caption_video))}
@@ -209,12 +213,17 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
     return result
 
 
-def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State,
-                          device: torch.device, config: EvalConfig) -> np.ndarray:
-    """QB-Norm's query bank: training captions scored against the evaluated videos."""
+def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State | None,
+                          video_rows, device: torch.device, config: EvalConfig,
+                          work_bytes: int | None = None) -> np.ndarray:
+    """QB-Norm's query bank: training captions scored against the evaluated videos, from their
+    states, or encoded again from ``video_rows`` when scoring did not keep them (budget)."""
     bank = load_split(cache_path, "train", (), head.caption_inputs)
     if bank.num_captions == 0:
         raise AvrError(f"{cache_path}: --qbnorm needs training captions as its query bank")
+    if videos is None:
+        return score_split(head, video_rows, bank.captions, device, amp=config.amp,
+                           score_chunk=config.score_chunk, work_bytes=work_bytes).sim.numpy()
     return score_captions(head, bank.captions, videos, device, amp=config.amp,
                           score_chunk=config.score_chunk).sim.numpy()
 

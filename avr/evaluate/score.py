@@ -12,15 +12,22 @@ head's three parts (``avr.fuse.heads.base``):
 How many rows go into each call is decided in one place, ``chunk_sizes``, with one user-facing
 knob: ``score_chunk``, the videos per scoring block (`avr eval --score-chunk`, the training
 option ``score_chunk``; 0 chooses it).
+
+Under a memory budget (``work_bytes``, from ``--memory-budget``), the videos are encoded and
+scored a block at a time (``score_in_blocks``): each block of video rows is encoded, scored
+against every caption and, when the states of the whole split would not fit ``work_bytes``,
+dropped, so memory holds one block's encoding and one scoring block's work, sized to the
+budget, whatever the split's size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from avr.batching import map_batches, row_count
+from avr.batching import map_batches, row_count, take_rows
 from avr.device import autocast
 from avr.fuse.quantize import on_device
 from avr.fuse.heads.base import RetrievalHead, Rows, State, slice_state
@@ -36,6 +43,8 @@ SCORE_MEMORY_FRACTION = 0.25
 # A block's work per (caption, video) pair, in float32 copies of the wider state row: a head's
 # score builds at most a few [Q, V, row] intermediates.
 PAIR_COPIES = 2
+# An encode call's working memory per video row, in float32 copies of its cached row.
+ENCODE_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,24 @@ def chunk_sizes(device: torch.device, texts: State | None = None, videos: State 
 
 def _row_elements(state: State) -> int:
     return sum(tensor[0].numel() for tensor in state.values())
+
+
+def _state_row_bytes(state: State) -> int:
+    return sum(tensor[0].numel() * tensor.element_size() for tensor in state.values())
+
+
+def _pair_bytes(videos: State) -> int:
+    """A scoring block's work per (caption, video) pair: ``PAIR_COPIES`` float32 copies of the
+    video's tokens (the attention logits a text-conditioned head builds per pair) and of its
+    widest vector (the pooled embedding)."""
+    tokens = sum(t[0].numel() // t.shape[-1] for t in videos.values() if t.dim() >= 3)
+    width = max(t.shape[-1] for t in videos.values())
+    return PAIR_COPIES * 4 * (tokens + width)
+
+
+def _rows_bytes32(rows: Rows) -> int:
+    """One video row's cached arrays as float32 (however they are held)."""
+    return sum(4 * int(math.prod(value.shape[1:])) for value in rows.values())
 
 
 def encode_rows(encode, rows: Rows, device: torch.device, batch: int) -> State:
@@ -103,20 +130,58 @@ class SplitScores:
 
     sim: torch.Tensor  # [captions, videos] float32
     texts: State
-    videos: State
+    videos: State | None  # None: dropped, as ``score_in_blocks`` does when they do not fit
 
 
 @torch.no_grad()
 def score_split(head: RetrievalHead, video_rows: Rows, caption_rows: Rows,
                 device: torch.device, *, amp: bool = True, score_chunk: int = 0,
-                out_device: str | torch.device = "cpu") -> SplitScores:
+                out_device: str | torch.device = "cpu", work_bytes: int | None = None
+                ) -> SplitScores:
     """Encode ``video_rows`` and ``caption_rows`` (cached arrays by name, rows first) with
-    ``head`` in eval mode on ``device``, and score every pair."""
+    ``head`` in eval mode on ``device``, and score every pair; within ``work_bytes`` of working
+    memory when given (``score_in_blocks``: the video states may then be dropped, None)."""
     head.eval()
+    if work_bytes is not None:
+        return score_in_blocks(head, video_rows, caption_rows, device, work_bytes, amp=amp,
+                               score_chunk=score_chunk, out_device=out_device)
     with autocast(device, amp):
         videos = encode_rows(head.encode_videos, video_rows, device, ENCODE_VIDEO_ROWS)
     return score_captions(head, caption_rows, videos, device, amp=amp, score_chunk=score_chunk,
                           out_device=out_device)
+
+
+@torch.no_grad()
+def score_in_blocks(head: RetrievalHead, video_rows: Rows, caption_rows: Rows,
+                    device: torch.device, work_bytes: int, *, amp: bool = True,
+                    score_chunk: int = 0, out_device: str | torch.device = "cpu"
+                    ) -> SplitScores:
+    """``score_split`` within ``work_bytes``: the captions encoded once; the videos a block at
+    a time (``ENCODE_COPIES`` float32 copies of a block's rows fit ``work_bytes``), each block
+    scored against every caption in scoring blocks whose work (``_pair_bytes``) fits it too.
+    The video states are kept (and returned) only when the whole split's fit ``work_bytes``."""
+    head.eval()
+    n_video = row_count(video_rows)
+    block = max(1, min(ENCODE_VIDEO_ROWS, work_bytes // (ENCODE_COPIES
+                                                          * _rows_bytes32(video_rows))))
+    with autocast(device, amp):
+        texts = encode_rows(head.encode_texts, caption_rows, device, ENCODE_TEXT_ROWS)
+        sim = torch.empty(row_count(texts), n_video, dtype=torch.float32, device=out_device)
+        kept: list[State] | None = []
+        for v0 in range(0, n_video, block):
+            videos = head.encode_videos(on_device(take_rows(video_rows, v0, v0 + block), device))
+            chunks = chunk_sizes(device, texts, videos, score_chunk)
+            pair_texts = work_bytes // (chunks.score_videos * _pair_bytes(videos))
+            chunks = ChunkSizes(max(1, min(chunks.score_texts, pair_texts)), chunks.score_videos)
+            sim[:, v0:v0 + row_count(videos)] = score_states(head, texts, videos, chunks=chunks,
+                                                             out_device=out_device)
+            if kept is not None and _state_row_bytes(videos) * n_video <= work_bytes:
+                kept.append(videos)
+            else:
+                kept = None
+    states = None if kept is None else {name: torch.cat([part[name] for part in kept])
+                                        for name in kept[0]} if kept else {}
+    return SplitScores(sim, texts, states)
 
 
 @torch.no_grad()

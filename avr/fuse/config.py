@@ -57,6 +57,10 @@ class TrainConfig:
     # GB of cached arrays held on the host and on the device; None: what fits, with headroom.
     # Splits that do not fit are streamed from the store (avr.fuse.residency).
     memory_budget: float | None = None
+    # Videos of a training batch encoded and scored at a time, their activations recomputed in
+    # backward (RetrievalHead.loss_in_video_blocks); 0: the whole batch at once; None: the whole
+    # batch, or blocks chosen from --memory-budget when one is given.
+    video_block: int | None = None
     resident: str = "fp16"  # token arrays held as stored, or "int8" with a per-token fp16 scale
     shuffle_buffer: int = 0  # pairs in a streamed split's shuffle buffer; 0: chosen by the budget
 
@@ -76,14 +80,18 @@ class TrainConfig:
             raise AvrError(f"resident must be {' or '.join(RESIDENT)}, not {self.resident!r}")
         if self.shuffle_buffer < 0:
             raise AvrError(f"shuffle_buffer must be >= 0 pairs, not {self.shuffle_buffer}")
-        if self.early_stop < 0 or self.score_chunk < 0:
-            raise AvrError(f"early_stop ({self.early_stop}) and score_chunk ({self.score_chunk}) "
-                           f"must be >= 0")
+        if self.early_stop < 0 or self.score_chunk < 0 or (self.video_block or 0) < 0:
+            raise AvrError(f"early_stop ({self.early_stop}), score_chunk ({self.score_chunk}) "
+                           f"and video_block ({self.video_block}) must be >= 0")
         if self.shards < 1 or (self.batch_size or self.shards) % self.shards:
             raise AvrError(f"batch size {self.batch_size} must be a multiple of shards="
                            f"{self.shards} (>= 1): every shard gives each batch the same number "
                            f"of pairs")
         make_config(self.head, self.head_options)  # unknown head options fail now, not later
+        if self.video_block and head_class(self.head).has_own_loss():
+            raise AvrError(f"video_block: {self.head}'s loss has terms of its own beyond InfoNCE "
+                           f"over the batch's scores, so it cannot take the batch's videos a "
+                           f"block at a time")
         resolve_device(self.device)  # an unknown or absent device fails now, not later
 
 

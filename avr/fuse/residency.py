@@ -54,6 +54,13 @@ HOST_SHARE = 0.5  # of the available RAM, by default, for the host-resident spli
 READ_AHEAD = 2  # reads ahead of use, on as many threads
 READ_BYTES = 64 * 2**20  # a read takes this much of the store's chunks, when the budget has room
 BUFFER_BATCHES = 8  # the shuffle buffer, by default, in batches (less when the budget is tight)
+# With --memory-budget, this share of it bounds the working memory beside the cached arrays: a
+# training step's activations and validation's encode and scoring blocks (not held together).
+WORK_SHARE = 0.5
+# A training step's activations per video of the batch, in copies of the video's 16-bit cached
+# row (TEFAL on VATEX shapes, measured: 11.6 - a float32 copy of the AST tokens, their
+# projection, LayerNorm, keys and values, and the gradients of each).
+STEP_COPIES = 12
 BATCH_RING = 2  # batches a streamed epoch gathers into in turn (``RowSlots``)
 GB = 1e9
 
@@ -85,6 +92,10 @@ class ResidencyPlan:
     resident: str  # fp16 | int8
     device: str
     stream: StreamSettings | None = None
+    # With --memory-budget: bytes for a step's activations or validation's blocks, and the
+    # videos of a training batch encoded and scored at a time (0: the whole batch).
+    work_bytes: int | None = None
+    step_videos: int = 0
 
     def describe(self) -> str:
         """The plan in one line, as a run prints it."""
@@ -92,7 +103,7 @@ class ResidencyPlan:
         tokens = "tokens int8" if self.resident == "int8" else "tokens 16-bit as stored"
         if self.train.mode != "streamed":
             return (f"residency: train and val on the {self.train.mode} ({self.device}), "
-                    f"{size_text(self.held_bytes())} of {budget}; {tokens}")
+                    f"{size_text(self.held_bytes())} of {budget}; {tokens}{self._work()}")
         s = self.stream
         val = ""
         if self.val is not None:
@@ -103,7 +114,15 @@ class ResidencyPlan:
                 f"{budget}; {tokens}): chunks of {s.chunk_videos} videos "
                 f"({size_text(s.chunk_bytes)}) read {s.chunks_per_read} at a time, "
                 f"{s.read_ahead} reads ahead, shuffle buffer "
-                f"{s.buffer_pairs} pairs, at most {size_text(s.held_bytes)} held{val}")
+                f"{s.buffer_pairs} pairs, at most {size_text(s.held_bytes)} held{val}"
+                f"{self._work()}")
+
+    def _work(self) -> str:
+        if self.work_bytes is None:
+            return ""
+        steps = (f"a batch's videos {self.step_videos} at a time, recomputed in backward"
+                 if self.step_videos else "whole batches")
+        return f"; working memory {size_text(self.work_bytes)}: {steps}"
 
     def held_bytes(self) -> int:
         return self.train.bytes + (self.val.bytes if self.val else 0)
@@ -140,12 +159,37 @@ def memory_budget(device: torch.device, memory_budget: float | None) -> tuple[in
 
 def plan_residency(path: str | Path, config, device: torch.device, video_names: tuple[str, ...],
                    caption_names: tuple[str, ...], world: World, *,
-                   saved: dict[str, Any] | None = None) -> ResidencyPlan:
+                   saved: dict[str, Any] | None = None, blockwise: bool = True) -> ResidencyPlan:
     """The plan of a run of ``config`` (a TrainConfig) reading these arrays of the store at
     ``path`` (module docstring). ``saved``: the ``residency`` a resumed run recorded, whose
-    train order (resident, or streamed with its shuffle buffer) it keeps."""
+    train order (resident, or streamed with its shuffle buffer) and training step (a batch's
+    videos at once or a block at a time: dropout draws its masks per block) it keeps.
+    ``blockwise``: whether the head's loss can take a batch's videos a block at a time
+    (``step_video_block``)."""
     group, _ = schema.open_store(path)
     sizes = StoreSizes(group, video_names, caption_names, config.resident)
+    plan = _plan_splits(config, device, sizes, world, saved)
+    plan.step_videos = config.video_block or 0
+    if saved is not None:
+        plan.step_videos = saved.get("step_videos", 0)
+    if config.memory_budget is not None:
+        plan.work_bytes = int(WORK_SHARE * config.memory_budget * GB)
+        if saved is None and config.video_block is None and blockwise \
+                and not world.is_distributed:
+            plan.step_videos = step_video_block(config.batch_size or 128, sizes.video_row16,
+                                                plan.work_bytes)
+    return plan
+
+
+def step_video_block(batch: int, video_row16: int, work_bytes: int) -> int:
+    """Videos of a training batch to encode and score at a time so that a step's activations
+    (``STEP_COPIES`` per video) fit ``work_bytes``; 0 when the whole batch does."""
+    per_video = STEP_COPIES * video_row16
+    return 0 if batch * per_video <= work_bytes else max(1, work_bytes // per_video)
+
+
+def _plan_splits(config, device: torch.device, sizes: StoreSizes, world: World,
+                 saved: dict[str, Any] | None) -> ResidencyPlan:
     train = sizes.split("train", "device")
     val = sizes.split("val", "device") if world.is_main else None
     on_device, host, source = memory_budget(device, config.memory_budget)

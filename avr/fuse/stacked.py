@@ -255,7 +255,8 @@ def _load_trial(head: RetrievalHead, params: dict[str, torch.Tensor],
 def _validate(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
               pairs_per_s: float, cache: CacheData, device: torch.device) -> None:
     """The trainer's end of epoch for one trial: val R@1, the best checkpoint, the log."""
-    val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config)
+    val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config,
+                             cache.plan.work_bytes if cache.plan else None)
     log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s,
                    float(1.0 / trial.head.scale().detach()))
     trial.history.append(log)

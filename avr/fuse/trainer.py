@@ -174,7 +174,7 @@ def load_cache(path: str | Path, head: str, device: torch.device,
     videos = video_inputs(head, *(head_options or [{}]))
     path = schema.store_location(path)
     plan = plan_residency(path, config, device, videos, cls.caption_inputs, world,
-                          saved=saved_residency)
+                          saved=saved_residency, blockwise=not cls.has_own_loss())
     shard = (world.rank, world.size) if world.is_distributed else None
     if plan.train.mode == "streamed":
         train = StreamedSplit(path, videos, cls.caption_inputs, config.resident, plan.stream)
@@ -320,7 +320,8 @@ def train_epoch(run: Run, epoch: int, max_batches: int | None = None
     batches = epoch_rows(data, config, epoch, run.world, device)
     for videos, captions, counts in itertools.islice(batches, max_batches):
         with autocast(device, config.amp):
-            loss, parts = batch_loss(head, videos, captions, counts, device, run.world)
+            loss, parts = batch_loss(head, videos, captions, counts, device, run.world,
+                                     run.cache.plan.step_videos if run.cache.plan else 0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(head.parameters(), run.world)
@@ -358,12 +359,15 @@ def epoch_rows(data: SplitTensors | StreamedSplit, config: TrainConfig, epoch: i
 
 
 def batch_loss(head: RetrievalHead, videos: Rows, captions: Rows, counts: list[int],
-               device: torch.device, world: World
+               device: torch.device, world: World, video_block: int = 0
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss (and its parts) of one global batch of pairs. Alone: encode and score the batch.
+    """The loss (and its parts) of one global batch of pairs. Alone: encode and score the batch
+    (its videos ``video_block`` at a time under activation checkpointing, when given).
     On several ranks: encode this rank's rows (``counts[r]`` on rank r), gather the states of the
     whole batch, score all of it."""
     videos, captions = on_device(videos, device), on_device(captions, device)
+    if video_block and not world.is_distributed and video_block < sum(counts):
+        return head.loss_in_video_blocks(head.encode_texts(captions), videos, video_block)
     texts, video_state = head.encode_texts(captions), head.encode_videos(videos)
     if world.is_distributed:
         texts = distributed.gather_state(texts, counts, world)
@@ -373,17 +377,20 @@ def batch_loss(head: RetrievalHead, videos: Rows, captions: Rows, counts: list[i
 
 def validate(run: Run) -> float:
     """Val text-to-video R@1 of the run's head."""
-    return val_recall_at_1(run.state.head, run.cache.val, run.device, run.config)
+    plan = run.cache.plan
+    return val_recall_at_1(run.state.head, run.cache.val, run.device, run.config,
+                           plan.work_bytes if plan else None)
 
 
 def val_recall_at_1(head: RetrievalHead, val: SplitTensors, device: torch.device,
-                    config: TrainConfig) -> float:
+                    config: TrainConfig, work_bytes: int | None = None) -> float:
     """Val text-to-video R@1 in percent, by the conventions of `avr eval`
-    (:mod:`avr.evaluate.metrics`: failed videos count as misses, ties are not wins)."""
+    (:mod:`avr.evaluate.metrics`: failed videos count as misses, ties are not wins); scored
+    within ``work_bytes`` of working memory when given (the plan's, under --memory-budget)."""
     from avr.evaluate import metrics
 
     sim = score_split(head, val.videos, val.captions, device, amp=config.amp,
-                      score_chunk=config.score_chunk).sim
+                      score_chunk=config.score_chunk, work_bytes=work_bytes).sim
     return metrics.metrics_from_ranks(metrics.t2v_ranks(sim, val.caption_video.cpu()))["R1"]
 
 

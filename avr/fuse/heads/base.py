@@ -146,6 +146,31 @@ class RetrievalHead(nn.Module):
         loss = symmetric_infonce(self.logits(texts, videos))
         return loss, {"loss": loss.detach()}
 
+    @classmethod
+    def has_own_loss(cls) -> bool:
+        """Whether the head's loss is more than InfoNCE over ``logits`` (AVIGATE, GAIS)."""
+        return cls.loss is not RetrievalHead.loss
+
+    def loss_in_video_blocks(self, texts: State, videos: Rows, block: int
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The default ``loss`` with the batch's videos encoded and scored ``block`` at a time,
+        each block under activation checkpointing (``torch.utils.checkpoint``): its activations
+        are dropped after the forward pass and recomputed in the backward one, so memory holds
+        one block's instead of the batch's, for about one more forward pass of the video branch.
+        The logits are the same; dropout draws its masks block by block, so a head with dropout
+        follows another random path than with the whole batch at once."""
+        from torch.utils.checkpoint import checkpoint
+
+        def block_logits(rows: Rows) -> torch.Tensor:
+            return self.logits(texts, self.encode_videos(rows))
+
+        count = next(iter(videos.values())).shape[0]
+        logits = torch.cat([checkpoint(block_logits, slice_state(videos, slice(v0, v0 + block)),
+                                       use_reentrant=False)
+                            for v0 in range(0, count, block)], dim=1)
+        loss = symmetric_infonce(logits)
+        return loss, {"loss": loss.detach()}
+
     # ---- introspection, for reports ---------------------------------------------------------
     def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
         """Named tensors worth plotting for these pairs (attention over frames, gates, DTW
