@@ -148,6 +148,7 @@ def test_random_backbones_start_a_learned_scale_where_clip_starts_from_scratch(t
 
 
 @pytest.mark.parametrize("head, options", [("gais", {}),  # its fixed scale is its method
+                                           ("avigate", {}),  # its margins are tuned for 100
                                            ("meanp", {"learn_temperature": False}),
                                            ("meanp", {"temperature": 0.02})])
 def test_a_fixed_or_given_scale_is_not_replaced(tiny_spec, head, options):

@@ -83,7 +83,8 @@ def resolve_schedule(config: TrainConfig, spec: schema.CacheSpec, videos: int, c
       features are aligned by nothing: there the head learns the alignment from scratch;
     - temperature: on such a store, a head whose learned logit scale starts at CLIP's
       pretrained 100 (``HeadConfig.temperature``) starts it where CLIP starts learning from
-      scratch, ``SCRATCH_TEMPERATURE``; a fixed scale (GAIS) is part of its method and stays.
+      scratch, ``SCRATCH_TEMPERATURE``; a fixed scale (GAIS) or one the head's own terms are
+      tuned for (AVIGATE's margins) is part of its method and stays.
     """
     scratch = random_backbones(spec)
     unset = [name for name in PAPER_SCHEDULE if getattr(config, name) is None]
@@ -105,9 +106,10 @@ def starts_at_pretrained_scale(config: TrainConfig) -> bool:
     """Whether ``config``'s head, with the options the user gave, would learn a logit scale from
     CLIP's pretrained temperature because the user left its temperature unset."""
     options = config.head_options
-    default = head_class(config.head).Config()
+    cls = head_class(config.head)
+    default = cls.Config()
     learned = options.get("learn_temperature", default.learn_temperature)
-    return ("temperature" not in options and learned
+    return ("temperature" not in options and learned and not cls.tuned_for_pretrained_scale
             and default.temperature == HeadConfig.temperature)
 
 
