@@ -398,7 +398,9 @@ def train(
     warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
                                            help="Warmup fraction of all steps."),
     temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature "
-                                                "(default 0.01: CLIP's logit scale, 100).",
+                                                "(default 0.01: CLIP's logit scale, 100; 0.07, "
+                                                "CLIP's from-scratch start, on a store of "
+                                                "random backbones).",
                                                 callback=positive_option),
     dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
     fusion: Optional[str] = typer.Option(None, help="tefal: add | late | score_sum | concat | "

@@ -31,19 +31,12 @@ DEMO_TRAINING = dict(epochs=60, batch_size=16, lr=3e-3, warmup=0.0, weight_decay
 # Per head, on top of those:
 # - the tiny backbones' 32-wide features need neither AVIGATE's four layers nor HTAV's 256-wide
 #   hierarchy;
-# - meanP, X-Pool and TEFAL start their learned logit scale at 20 rather than CLIP's 100: the
-#   tiny backbones are random, not CLIP, so their embeddings are not aligned at CLIP's scale, and
-#   from 100 these heads stay near chance in 60 epochs (X-Pool test R@1 4.9 against 11.1 from 20);
 # - AVIGATE takes a larger step: its fused frames move the video only through a 5% residual;
 # - GAIS trains without dropout: the tiny random CLIP starts most positive pairs below zero
 #   cosine, so GAIS's positive-weighted loss (main and support terms) first learns from about 2
 #   pairs of a batch of 16; with dropout 0.3 as well, validation picks an early, undertrained
 #   checkpoint in most seeds (test R@1 4-12 instead of 12-19 over seeds 0-2).
-WARM_START = dict(temperature=0.05)
 DEMO_HEAD_TRAINING = {
-    "meanp": dict(head_options=WARM_START),
-    "xpool": dict(head_options=WARM_START),
-    "tefal": dict(head_options=WARM_START),
     "avigate": dict(lr=1e-2, head_options=dict(resampler_layers=1, fusion_layers=1)),
     "gais": dict(head_options=dict(dropout=0.0)),
     "htav": dict(head_options=dict(width=64)),

@@ -93,8 +93,11 @@ def test_the_trainer_clamps_after_every_step_a_scale_pushed_past_100(store, tmp_
         return loss, {"loss": loss.detach()}
 
     monkeypatch.setattr(MeanP, "loss", loss_wanting_a_larger_scale)
+    # From CLIP's 100, which a store of random backbones would otherwise replace by 1 / 0.07.
     result = trainer.train(store, TrainConfig(head="meanp", epochs=2, batch_size=16, lr=1e-2,
-                                              warmup=0.0, device="cpu"), tmp_path / "run")
+                                              warmup=0.0, device="cpu",
+                                              head_options={"temperature": 0.01}),
+                           tmp_path / "run")
     # Each AdamW step adds about lr = 0.01 to the log-scale; each clamp takes it back to ln 100.
     assert [h.temperature for h in result.history] == pytest.approx([0.01, 0.01], rel=1e-6)
     head, _ = checkpoint.load_head(tmp_path / "run", "last", "cpu")
@@ -103,7 +106,9 @@ def test_the_trainer_clamps_after_every_step_a_scale_pushed_past_100(store, tmp_
 
 def test_training_learns_the_scale_below_100(store, tmp_path):
     result = trainer.train(store, TrainConfig(head="meanp", epochs=3, batch_size=16, lr=1e-2,
-                                              warmup=0.0, device="cpu"), tmp_path / "run")
+                                              warmup=0.0, device="cpu",
+                                              head_options={"temperature": 0.01}),
+                           tmp_path / "run")
     scales = [1.0 / h.temperature for h in result.history]
     assert all(scale <= 100.0 * (1 + 1e-6) for scale in scales)
     assert min(scales) < 99.0  # learned, not stuck at the clamp

@@ -138,8 +138,26 @@ def test_random_backbones_learn_at_a_larger_rate(tiny_spec):
     assert note.startswith("lr 0.003 instead of 0.0001, because the store's CLIP is random")
 
 
+def test_random_backbones_start_a_learned_scale_where_clip_starts_from_scratch(tiny_spec):
+    config, note = trainer.resolve_schedule(TrainConfig(head="xpool"), tiny_spec, 56, 112)
+    assert config.head_options == {"temperature": trainer.SCRATCH_TEMPERATURE}
+    assert "; temperature 0.07 instead of 0.01: a learned logit scale trained from scratch" in note
+    pretrained, _ = trainer.resolve_schedule(TrainConfig(head="xpool"),
+                                             pretrained_spec(tiny_spec), 56, 112)
+    assert pretrained.head_options == {}  # fine-tuning CLIP starts from its pretrained 100
+
+
+@pytest.mark.parametrize("head, options", [("gais", {}),  # its fixed scale is its method
+                                           ("avigate", {}),  # its margins are tuned for 100
+                                           ("meanp", {"learn_temperature": False}),
+                                           ("meanp", {"temperature": 0.02})])
+def test_a_fixed_or_given_scale_is_not_replaced(tiny_spec, head, options):
+    given = TrainConfig(head=head, head_options=options, epochs=2, batch_size=8, lr=1e-4)
+    assert trainer.resolve_schedule(given, tiny_spec, 56, 112) == (given, None)
+
+
 def test_the_schedule_never_changes_what_the_user_set(tiny_spec):
-    given = TrainConfig(epochs=2, batch_size=8, lr=1e-4)
+    given = TrainConfig(epochs=2, batch_size=8, lr=1e-4, head_options={"temperature": 0.05})
     assert trainer.resolve_schedule(given, tiny_spec, 56, 112) == (given, None)
     config, note = trainer.resolve_schedule(TrainConfig(batch_size=32), tiny_spec, 56, 112)
     assert (config.batch_size, config.epochs) == (32, 125)

@@ -31,6 +31,10 @@ PAPER_SCHEDULE: dict[str, Any] = dict(epochs=5, batch_size=128, lr=1e-4)
 MIN_BATCHES_PER_EPOCH = 4  # a batch is at most about a quarter of the split: epochs differ
 MIN_STEPS = 250  # optimizer steps a default schedule gives at least (MSR-VTT 7k: 275 at 5 x 128)
 SCRATCH_LR = 3e-3  # a head that learns an alignment from scratch (random backbones)
+# The initial temperature of a learned logit scale trained from scratch: CLIP's own (Radford et
+# al. 2021, Sec. 2.5; open_clip's init_logit_scale = ln(1 / 0.07)). The releases' 0.01 is the
+# value CLIP reached in pretraining, which they fine-tune from.
+SCRATCH_TEMPERATURE = 0.07
 
 
 @dataclass

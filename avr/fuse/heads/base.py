@@ -85,6 +85,9 @@ class RetrievalHead(nn.Module):
     dsl_logit_scale: ClassVar[float | None] = None
     # Its temperature when `--dsl-temperature` is not given; None: AVIGATE's release, 3.
     dsl_temperature: ClassVar[float | None] = None
+    # True when the head's own terms are tuned for CLIP's pretrained scale of 100 (AVIGATE's
+    # margins are added times the scale): the default schedule then never starts it elsewhere.
+    tuned_for_pretrained_scale: ClassVar[bool] = False
 
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()
