@@ -21,7 +21,7 @@ from avr.evaluate import metrics, report
 from avr.fuse import checkpoint
 from avr.evaluate.score import score_captions, score_split
 from avr.fuse.data import SplitTensors, load_split, split_rows
-from avr.fuse.residency import GB, WORK_SHARE, split_fits
+from avr.fuse.residency import split_fits, work_bytes as budget_work_bytes
 from avr.fuse.heads.base import RetrievalHead, State
 from avr.device import resolve_device
 
@@ -167,8 +167,7 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
                       resident=config.resident, tokens_in_store=not fits)
     if data.num_videos == 0:
         raise AvrError(f"{cache_path}: the {config.split} split has no extracted videos")
-    work_bytes = (None if config.memory_budget is None
-                  else int(WORK_SHARE * config.memory_budget * GB))
+    work_bytes = budget_work_bytes(config.memory_budget)
     video_rows = mask_modalities(data.videos, config.modalities, head)
     scores = score_split(head, video_rows, data.captions, device, amp=config.amp,
                          score_chunk=config.score_chunk, work_bytes=work_bytes)

@@ -24,8 +24,9 @@ the place of a random one, which leaves), and what leaves is cut into batches, e
 once per batch. So a batch mixes pairs from the chunks of the last ``buffer_pairs`` pairs, not
 from the whole split; every row is read once per epoch; memory holds the buffer's rows, the chunks
 read ahead and two batches (``StreamSettings.held_bytes``). The rows held sit in slots allocated once
-per epoch for the most rows the epoch's order ever holds at once (``RowSlots``), so assembling a
-batch is one gather per array rather than an allocation per row. A resumed run recomputes its epoch's order
+per epoch for the most rows the epoch's order ever holds at once (``RowSlots``), and batches are
+gathered into two buffers in turn, so assembling a batch copies rows into memory already
+allocated rather than allocating per row. A resumed run recomputes its epoch's order
 from (seed, epoch) and the buffer size it recorded.
 """
 
@@ -173,12 +174,18 @@ def plan_residency(path: str | Path, config, device: torch.device, video_names: 
     if saved is not None:
         plan.step_videos = saved.get("step_videos", 0)
     if config.memory_budget is not None:
-        plan.work_bytes = int(WORK_SHARE * config.memory_budget * GB)
+        plan.work_bytes = work_bytes(config.memory_budget)
         if saved is None and config.video_block is None and blockwise \
                 and not world.is_distributed:
             plan.step_videos = step_video_block(config.batch_size or 128, sizes.video_row16,
                                                 plan.work_bytes)
     return plan
+
+
+def work_bytes(memory_budget: float | None) -> int | None:
+    """The working memory ``--memory-budget`` GB allows beside the cached arrays (None: no
+    budget given, the fixed block sizes of :mod:`avr.evaluate.score`)."""
+    return None if memory_budget is None else int(WORK_SHARE * memory_budget * GB)
 
 
 def step_video_block(batch: int, video_row16: int, work_bytes: int) -> int:
