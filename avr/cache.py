@@ -22,7 +22,7 @@ from avr.integrity import read_rows
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
-    """Rows, arrays (shape, dtype, chunks, stored bytes), backbones, splits and failures."""
+    """Rows, arrays (shape, dtype, chunks, compression, stored bytes), backbones, splits and failures."""
     path = schema.store_location(path)
     group, spec = schema.open_store(path)
     video_done = read_rows(group[schema.VIDEO_DONE])
@@ -34,6 +34,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         array = group[name]
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
                         "chunks": list(array.chunks),
+                        "compression": schema.compression_of(array),
                         "stored_bytes": stored_bytes(schema.store_member(path, name)),
                         "unwritten": schema.unwritten_by(array) is not None}
     failures = list(group.attrs.get(schema.ATTR_FAILURES, []))

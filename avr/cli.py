@@ -30,6 +30,10 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N."
+COMPRESSIONS = ("zstd", "lz4", "none")  # avr.schema.COMPRESSIONS, without importing numpy here
+COMPRESSION_HELP = ("Codecs of a new store's chunks, each with a crc32c checksum: zstd (smallest), "
+                    "lz4 (decodes about twice as fast), none (fastest to stream). A resumed "
+                    "store keeps its own.")
 
 
 def _checked(check):
@@ -126,6 +130,8 @@ def extract(
                                                "a dask worker decodes its own chunks."),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1,
                                              help="Video rows per chunk and per write."),
+    compression: str = typer.Option("zstd", "--compression", help=COMPRESSION_HELP,
+                                    callback=_one_of(*COMPRESSIONS)),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a store made with other settings."),
     seed: int = typer.Option(0, help="Seed of tiny backbones and of the demo clips."),
@@ -154,7 +160,7 @@ def extract(
         names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
                             ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens),
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
-        overwrite=overwrite, seed=seed, dataset_options=parse_options(option))
+        compression=compression, overwrite=overwrite, seed=seed, dataset_options=parse_options(option))
     if scheduler is None and dask_workers is None:
         summary = run_extract(config, console=console)
     else:
@@ -208,10 +214,10 @@ def cache_info(
                       f"(first: {info['absent_chunks'][0]['array']} rows "
                       f"{info['absent_chunks'][0]['rows']}); run `avr cache verify {path}`")
     _print_unwritten(info["unwritten"])
-    table = Table("array", "shape", "dtype", "chunks", "MB on disk")
+    table = Table("array", "shape", "dtype", "chunks", "compression", "MB on disk")
     for name, array in info["arrays"].items():
         table.add_row(name, " x ".join(map(str, array["shape"])), array["dtype"],
-                      " x ".join(map(str, array["chunks"])),
+                      " x ".join(map(str, array["chunks"])), array["compression"],
                       "unwritten" if array["unwritten"] else f"{array['stored_bytes'] / 1e6:,.2f}")
     console.print(table)
     backbones = Table("role", "model", "weights", "library")
@@ -929,6 +935,8 @@ def bench_store(
                                               help="Default: VATEX's share (1,500 of 28,991)."),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1,
                                              help="Video rows per chunk and per write."),
+    compression: str = typer.Option("zstd", "--compression", help=COMPRESSION_HELP,
+                                    callback=_one_of(*COMPRESSIONS)),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with other "
                                                               "settings."),
     shapes: str = typer.Option("vatex", "--shapes", hidden=True, callback=_one_of("vatex", "tiny"),
@@ -947,7 +955,7 @@ def bench_store(
                                  shapes=shapes, arrays=chosen,
                                  heads=tuple(_names(heads)) if heads is not None else None)
     summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
-                                    console=console)
+                                    compression=compression, console=console)
     seconds = max(summary["seconds"], 1e-9)
     console.print(f"[bold]{escape(summary['out'])}[/]: {summary['videos']:,} videos, "
                   f"{summary['captions']:,} captions; {summary['written_bytes'] / 1e9:,.2f} GB "

@@ -25,6 +25,7 @@ to every chunk. In a done mask an absent chunk means "nothing done here".
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,26 @@ def stored_chunks(array) -> set[int]:
     return {chunk for chunk in range(chunk_count(array)) if chunk_key(array, chunk) in present}
 
 
+def will_read(array, rows: np.ndarray) -> None:
+    """Tell the kernel that the chunk files under ``rows`` of a local array are read next
+    (``POSIX_FADV_WILLNEED``): it reads them into the page cache in the background, so that a
+    streamed epoch's disk reads overlap its decoding instead of waiting for each file in turn.
+    Nothing for a store at a URL, an absent chunk, or a system without ``posix_fadvise``."""
+    store = array.store_path.store
+    if not hasattr(store, "root") or not hasattr(os, "posix_fadvise"):
+        return
+    folder = Path(store.root) / array.store_path.path
+    for chunk in chunks_of(array, rows).tolist():
+        try:
+            handle = os.open(folder / chunk_key(array, chunk), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(handle)
+
+
 def store_text(array) -> str:
     """The store holding ``array``, as a path or URL for messages."""
     store = array.store_path.store
@@ -267,14 +288,49 @@ def read_region(array, start: int, stop: int,
     return read_rows(array, np.arange(start, stop), must_be_stored=must)
 
 
+SPAN_BYTES = 64 * 2**20  # at most this much of an array decoded per store call of ``_read``
+
+
 def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Contiguous rows as one slice (fast path), others by orthogonal selection in blocks."""
+    """Rows ``rows`` (ascending) of ``array``. Contiguous rows are one slice; scattered rows of a
+    numeric array are read as slices over runs of the chunks they touch (each call at most
+    ``SPAN_BYTES``) and picked from those: zarr decodes the same whole chunks either way, and a
+    slice copies each chunk out once where an orthogonal selection copies it row by row (3x
+    slower on a streamed epoch's reads). Strings go by orthogonal selection in blocks."""
     if len(rows) == 0:
         return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
     if rows[-1] - rows[0] + 1 == len(rows):
         return np.asarray(array[int(rows[0]):int(rows[-1]) + 1])
-    return np.concatenate([np.asarray(array.get_orthogonal_selection(rows[i:i + block]))
-                           for i in range(0, len(rows), block)])
+    dtype = np.dtype(array.dtype) if not isinstance(array.dtype, np.dtype) else array.dtype
+    if dtype.kind not in "biuf":
+        return np.concatenate([np.asarray(array.get_orthogonal_selection(rows[i:i + block]))
+                               for i in range(0, len(rows), block)])
+    out = np.empty((len(rows), *array.shape[1:]), dtype=dtype)
+    for first, last, start, stop in _spans(array, rows):
+        part = rows[first:last]
+        if last - first == stop - start:  # every row of the span: straight into place
+            out[first:last] = array[start:stop]
+        else:
+            out[first:last] = np.asarray(array[start:stop])[part - start]
+    return out
+
+
+def _spans(array, rows: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """``rows`` (ascending) cut into spans of consecutive chunks, each at most ``SPAN_BYTES``
+    of rows (whole chunks, at least one): (first, last) positions in ``rows`` and the
+    [start, stop) store rows of the span that covers them, trimmed to those rows."""
+    per_chunk = chunk_rows(array)
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    span_chunks = max(1, SPAN_BYTES // (row_bytes * per_chunk))
+    chunk = rows // per_chunk
+    breaks = np.flatnonzero(np.diff(chunk) > 1) + 1  # a chunk skipped: a new span
+    spans = []
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        first_chunk = chunk[lo]
+        cut = lo + np.flatnonzero(np.diff((chunk[lo:hi] - first_chunk) // span_chunks)) + 1
+        for a, b in zip(np.r_[lo, cut], np.r_[cut, hi]):
+            spans.append((int(a), int(b), int(rows[a]), int(rows[b - 1]) + 1))
+    return spans
 
 
 def absent_under_done_rows(group, spec: schema.CacheSpec) -> list[ChunkDamage]:

@@ -315,11 +315,34 @@ def _zarr():
     return zarr
 
 
-def _compressors() -> tuple:
-    """Compression, then a crc32c checksum of the stored bytes (checked on every read)."""
+COMPRESSIONS = ("zstd", "lz4", "none")  # --compression of the commands that create stores
+
+
+def _compressors(compression: str = "zstd") -> tuple:
+    """Compression, then a crc32c checksum of the stored bytes (checked on every read).
+    ``zstd`` (the default; blosc, bit shuffle, level 3) stores the least; ``lz4`` (blosc, byte
+    shuffle) decodes about twice as fast; ``none`` keeps only the checksum, the cheapest to
+    stream. fp16 tokens compress little (the generated ones to 93% with zstd, not at all with
+    lz4), so a store that trains streamed on a few cores reads faster with lz4 or none
+    (BENCHMARKS.md, *Memory budgets and streaming*)."""
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()
+    if compression not in COMPRESSIONS:
+        raise AvrError(f"unknown compression {compression!r}; choose one of "
+                       f"{', '.join(COMPRESSIONS)}")
+    return {"zstd": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()),
+            "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()),
+            "none": (Crc32cCodec(),)}[compression]
+
+
+def compression_of(array) -> str:
+    """How ``array``'s chunks are compressed: the blosc compressor's name, or "none"."""
+    from zarr.codecs import BloscCodec
+
+    for codec in array.metadata.codecs:
+        if isinstance(codec, BloscCodec):
+            return getattr(codec.cname, "value", str(codec.cname))
+    return "none"
 
 
 def store_location(location: str | Path) -> str | Path:
@@ -433,20 +456,21 @@ def clear_store(location: str | Path) -> None:
 def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
                  caption_video: list[int] | np.ndarray, caption_text: list[str],
                  caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None,
-                 unwritten: dict[str, str] | None = None, attrs: dict[str, Any] | None = None):
+                 unwritten: dict[str, str] | None = None, attrs: dict[str, Any] | None = None,
+                 compression: str = "zstd"):
     """Create a new store at ``path`` (a local path or a URL, see ``store_location``) in place
     of whatever is there but its lock. Every array is pre-allocated at its final size (zarr
     forbids safe concurrent resizes; writers fill row ranges) and the ids, splits and captions
     are written. The root's attributes, the schema version among them, are written last: until
     then the store is unfinished and a kill leaves nothing a reader takes for a store.
     ``unwritten`` maps the feature arrays the writer leaves out on purpose to the command that
-    left them out (ATTR_UNWRITTEN); ``attrs`` are further root attributes.
-    Returns the zarr group."""
+    left them out (ATTR_UNWRITTEN); ``attrs`` are further root attributes; ``compression`` is
+    one of COMPRESSIONS (``_compressors``). Returns the zarr group."""
     zarr = _zarr()
+    compressors = _compressors(compression)
     clear_store(path)
     n_videos, n_captions = len(video_ids), len(caption_text)
     group = zarr.create_group(str(store_location(path)), zarr_format=3)
-    compressors = _compressors()
     layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
     unwritten = dict(unwritten or {})
     for name, arr in layout.items():

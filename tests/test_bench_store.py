@@ -177,6 +177,26 @@ def test_real_shapes(tmp_path):
     assert any(type(c).__name__ == "Crc32cCodec" for c in codecs)
 
 
+@pytest.mark.parametrize("compression", ["lz4", "none"])
+def test_compression_changes_the_codecs_not_the_values(store, tmp_path, compression):
+    """The same generated store written with another --compression holds the same values,
+    keeps its crc32c checksums (a damaged chunk is still found), and says how it is stored."""
+    other = tmp_path / compression
+    ok(run_avr("bench", "store", "--videos", "100", "--out", other, "--val-videos", "20",
+               "--test-videos", "20", *TINY, "--compression", compression))
+    info = json.loads(ok(run_avr("cache", "info", other, "--json")).stdout)
+    assert {a["compression"] for a in info["arrays"].values()} == {compression}
+    assert cache_info(store)["arrays"][schema.AUDIO_PATCH_TOKENS]["compression"] == "zstd"
+    assert "compression" in ok(run_avr("cache", "info", other)).stdout
+    for name in (schema.AUDIO_PATCH_TOKENS, schema.FRAME_EMBEDDINGS, schema.TEXT_EMBEDDINGS):
+        np.testing.assert_array_equal(read_rows(zarr.open_array(str(other / name))),
+                                      read_rows(zarr.open_array(str(store / name))))
+    chunk = other / schema.AUDIO_PATCH_TOKENS / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-8] + bytes(8))
+    verify = run_avr("cache", "verify", other)
+    assert verify.returncode == 1 and "audio_patch_tokens" in verify.stdout + verify.stderr
+
+
 def test_a_killed_write_resumes_and_other_settings_are_refused(tmp_path):
     settings = GeneratorSettings(videos=24, captions_per_video=2, val_videos=4, test_videos=4,
                                  shapes="tiny")

@@ -13,6 +13,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+import zarr
 
 from avr import integrity, schema
 from avr.cache import cache_info, export_h5, open_dask
@@ -98,6 +99,24 @@ def test_a_deleted_chunk_fails_the_read_naming_array_chunk_and_rows(store):
     assert "frame_embeddings chunk c/1/0/0 (video rows 4-7): absent" in message
     assert "avr cache verify" in message and "--repair" in message
     assert [d.chunk for d in failed.value.damage] == [1]
+
+
+@pytest.mark.parametrize("span_bytes", [1, 700, 1 << 20])
+def test_scattered_rows_read_as_spans_equal_the_rows(span_bytes, monkeypatch):
+    """Rows of many chunks, read as slices over runs of chunks at most SPAN_BYTES each (down to
+    one chunk a call), come back as the rows asked for, numbers and strings alike."""
+    monkeypatch.setattr(integrity, "SPAN_BYTES", span_bytes)
+    values = np.random.default_rng(0).standard_normal((103, 3, 5)).astype(np.float16)
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=values.shape, chunks=(4, 3, 5),
+                              dtype=values.dtype)
+    array[:] = values
+    words = zarr.create_array(zarr.storage.MemoryStore(), shape=(103,), chunks=(4,), dtype=str)
+    words[:] = np.asarray([f"w{i}" for i in range(103)], dtype=object)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        rows = np.sort(rng.choice(103, size=int(rng.integers(1, 103)), replace=False))
+        np.testing.assert_array_equal(integrity.read_rows(array, rows), values[rows])
+        assert list(integrity.read_rows(words, rows)) == [f"w{i}" for i in rows]
 
 
 def test_a_truncated_chunk_fails_its_checksum_at_read(store):

@@ -510,10 +510,11 @@ class GeneratedEncoder:
 # ---- writing ---------------------------------------------------------------------------------
 
 def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overwrite: bool = False,
-                          chunk_rows: int | None = None, console=None,
+                          chunk_rows: int | None = None, compression: str = "zstd", console=None,
                           on_chunk: Callable[[int, int], None] | None = None) -> dict:
     """Write (or resume) the generated store at ``out``; ``chunk_rows`` sets the video rows per
-    chunk of a new store (default: the schema's, about 8 MB). Returns a summary: rows, bytes written
+    chunk of a new store (default: the schema's, about 8 MB), ``compression`` its codecs
+    (``schema.COMPRESSIONS``; a resumed store keeps its own). Returns a summary: rows, bytes written
     (uncompressed), bytes on disk, seconds, and the arrays left unwritten."""
     started = time.perf_counter()
     spec = generated_spec(settings.seed, settings.shapes)
@@ -524,7 +525,7 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
     with StoreLock(location) as lock:
         plan = make_plan(settings)
         group = _prepare(location, spec, settings, plan, unwritten, overwrite,
-                         settings.command(out), chunk_rows)
+                         settings.command(out), chunk_rows, compression)
         layout = schema.array_layout(spec, settings.videos, len(plan.caption_text),
                                      video_chunk_rows=group[schema.VIDEO_DONE].chunks[0])
         encoder = GeneratedEncoder(spec, settings.seed)
@@ -542,7 +543,7 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
 
 def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
              unwritten: tuple[str, ...], overwrite: bool, command: str,
-             chunk_rows: int | None):
+             chunk_rows: int | None, compression: str):
     """Open the store for resuming when it was generated with the same settings; else create
     it (replacing an unfinished one, or any avr store with ``overwrite``)."""
     if overwrite:
@@ -563,7 +564,7 @@ def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
     return schema.create_store(location, spec, plan.video_ids, plan.video_splits,
                                plan.caption_video, plan.caption_text, plan.caption_tags,
                                unwritten={name: command for name in unwritten},
-                               video_chunk_rows=chunk_rows,
+                               video_chunk_rows=chunk_rows, compression=compression,
                                attrs={schema.ATTR_GENERATOR: generator})
 
 

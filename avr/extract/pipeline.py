@@ -68,6 +68,7 @@ class ExtractConfig:
     device: str = "auto"
     workers: int | None = None  # decode processes; 0 decodes in this process
     chunk_rows: int | None = None  # video rows per store chunk (and per write); default auto
+    compression: str = "zstd"  # schema.COMPRESSIONS; a new store's codecs (a resumed one keeps its)
     text_batch: int = 256
     frame_batch: int = 256
     audio_batch: int = 16
@@ -161,7 +162,7 @@ def store_path(out: str | Path) -> str | Path:
 
 
 def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
-                  chunk_rows: int | None):
+                  chunk_rows: int | None, compression: str = "zstd"):
     """Open the store at ``out`` for resuming, or create it, the caller holding its lock. An
     unfinished store (creation or overwrite killed midway) is created again. Refuses a store
     that was made with another spec or for other videos/captions unless ``overwrite``, which
@@ -180,7 +181,8 @@ def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, over
     if condition == "foreign":
         raise AvrError(f"{out} exists and is not an avr store; choose another --out")
     return schema.create_store(out, spec, index.video_ids, index.video_splits, caption_video,
-                               caption_text, caption_tags, video_chunk_rows=chunk_rows)
+                               caption_text, caption_tags, video_chunk_rows=chunk_rows,
+                               compression=compression)
 
 
 def _caption_columns(index: DatasetIndex) -> tuple[np.ndarray, list[str], list[str]]:
@@ -317,7 +319,7 @@ def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Ba
     spec = backbones.make_spec(config.dataset, config.num_frames or index.default_frames)
     out = store_path(config.out)
     group = prepare_store(out, spec, index, overwrite=config.overwrite,
-                          chunk_rows=config.chunk_rows)
+                          chunk_rows=config.chunk_rows, compression=config.compression)
     video_chunk = group[schema.VIDEO_DONE].chunks[0]
     layout = schema.array_layout(spec, len(index.video_ids), len(index.captions),
                                  video_chunk_rows=video_chunk)

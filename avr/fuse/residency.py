@@ -48,7 +48,7 @@ from avr.fuse.data import _require_captions_done, read_held, split_rows, split_s
 from avr.fuse.distributed import World
 from avr.fuse.quantize import Held, QuantizedTokens, is_token_array
 from avr.fuse.sampling import distinct_videos, draw_pairs
-from avr.integrity import chunk_rows, read_rows
+from avr.integrity import chunk_rows, read_rows, will_read
 
 GPU_SHARE = 0.8  # of the free GPU memory, by default, for the device-resident splits
 HOST_SHARE = 0.5  # of the available RAM, by default, for the host-resident splits
@@ -442,14 +442,27 @@ class StreamedSplit:
                     ) -> tuple[np.ndarray, dict[str, Held], np.ndarray, dict[str, Held]]:
         """The video rows of ``chunks`` and the wanted captions of their videos, as held, each
         array in one store call (rows ascending)."""
-        videos = np.sort(np.concatenate([np.arange(*self.chunk_bounds[c]) for c in chunks]))
-        captions = np.sort(np.concatenate([self.chunk_captions[c] for c in chunks]))
+        self.will_read(chunks)
+        videos, captions = self._rows_of(chunks)
         captions = captions[wanted_captions[captions]]
         video_arrays = {name: read_held(self.group[name], self.video_store_rows[videos],
                                         self.resident) for name in self.video_names}
         caption_arrays = {name: read_held(self.group[name], self.caption_store_rows[captions],
                                           self.resident) for name in self.caption_names}
         return videos, video_arrays, captions, caption_arrays
+
+    def will_read(self, chunks: list[int]) -> None:
+        """Have the kernel read the files of ``chunks`` ahead (``integrity.will_read``)."""
+        videos, captions = self._rows_of(chunks)
+        for names, rows in ((self.video_names, self.video_store_rows[videos]),
+                            (self.caption_names, self.caption_store_rows[captions])):
+            for name in names:
+                will_read(self.group[name], rows)
+
+    def _rows_of(self, chunks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The split's video rows of ``chunks`` and their videos' caption rows, ascending."""
+        videos = np.sort(np.concatenate([np.arange(*self.chunk_bounds[c]) for c in chunks]))
+        return videos, np.sort(np.concatenate([self.chunk_captions[c] for c in chunks]))
 
 
 class ChunkReader:
