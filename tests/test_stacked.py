@@ -46,9 +46,33 @@ def test_each_stacked_trial_matches_its_solo_run(tmp_path, tiny_spec, head):
         alone = trainer.train(store, config, tmp_path / f"alone{k}", cache=cache)
         assert [round(h.loss, 4) for h in together[k].history] == \
             [round(h.loss, 4) for h in alone.history]
+        assert [h.val_r1 for h in together[k].history] == [h.val_r1 for h in alone.history]
         assert together[k].best_epoch == alone.best_epoch
         assert max_difference(tmp_path / f"stacked{k}", tmp_path / f"alone{k}") < 1e-4
         assert (tmp_path / f"stacked{k}" / "config.json").exists()
+
+
+def test_validation_of_every_trial_at_once_equals_trial_by_trial(tmp_path, tiny_spec,
+                                                                 monkeypatch):
+    """The vmapped validation of the stacked trials gives each trial the val R@1 its own
+    ``score_split`` gives it (STACKED_VAL_BYTES 0: trial by trial)."""
+    store = make_learnable_store(tmp_path / "cache", tiny_spec)
+    configs = configs_of("xpool", epochs=2)
+    cache = trainer.load_cache(store, "xpool", torch.device("cpu"))
+    calls = []
+    original = stacked._stacked_val_r1
+    monkeypatch.setattr(stacked, "_stacked_val_r1",
+                        lambda *args: calls.append(original(*args)) or calls[-1])
+    curves = {}
+    for limit in ("at once", "trial by trial"):
+        if limit == "trial by trial":
+            monkeypatch.setattr(stacked, "STACKED_VAL_BYTES", 0)
+        results = stacked.train_stacked(store, configs,
+                                        [tmp_path / f"{limit}-{k}" for k in range(3)], cache)
+        curves[limit] = [[h.val_r1 for h in r.history] for r in results]
+    assert [r1 is None for r1 in calls] == [False, False, True, True]  # both ways were taken
+    assert curves["at once"] == curves["trial by trial"]
+    assert all(0 < r1 <= 100 for curve in curves["at once"] for r1 in curve)
 
 
 def test_options_that_change_shapes_or_modules_split_the_groups():

@@ -70,8 +70,8 @@ def chunk_sizes(device: torch.device, texts: State | None = None, videos: State 
         return ChunkSizes()
     free, _ = torch.cuda.mem_get_info(device)
     row = max(_row_elements(texts), _row_elements(videos))
-    pair_bytes = PAIR_COPIES * 4 * row
-    fit = int(SCORE_MEMORY_FRACTION * free // (SCORE_TEXT_ROWS * pair_bytes))
+    per_pair = PAIR_COPIES * 4 * row
+    fit = int(SCORE_MEMORY_FRACTION * free // (SCORE_TEXT_ROWS * per_pair))
     return ChunkSizes(score_videos=max(1, min(fit, row_count(videos))))
 
 
@@ -83,7 +83,7 @@ def _state_row_bytes(state: State) -> int:
     return sum(tensor[0].numel() * tensor.element_size() for tensor in state.values())
 
 
-def _pair_bytes(videos: State) -> int:
+def pair_bytes(videos: State) -> int:
     """A scoring block's work per (caption, video) pair: ``PAIR_COPIES`` float32 copies of the
     video's tokens (the attention logits a text-conditioned head builds per pair) and of its
     widest vector (the pooled embedding)."""
@@ -158,7 +158,7 @@ def score_in_blocks(head: RetrievalHead, video_rows: Rows, caption_rows: Rows,
                     ) -> SplitScores:
     """``score_split`` within ``work_bytes``: the captions encoded once; the videos a block at
     a time (``ENCODE_COPIES`` float32 copies of a block's rows fit ``work_bytes``), each block
-    scored against every caption in scoring blocks whose work (``_pair_bytes``) fits it too.
+    scored against every caption in scoring blocks whose work (``pair_bytes``) fits it too.
     The video states are kept (and returned) only when the whole split's fit ``work_bytes``."""
     head.eval()
     n_video = row_count(video_rows)
@@ -171,7 +171,7 @@ def score_in_blocks(head: RetrievalHead, video_rows: Rows, caption_rows: Rows,
         for v0 in range(0, n_video, block):
             videos = head.encode_videos(on_device(take_rows(video_rows, v0, v0 + block), device))
             chunks = chunk_sizes(device, texts, videos, score_chunk)
-            pair_texts = work_bytes // (chunks.score_videos * _pair_bytes(videos))
+            pair_texts = work_bytes // (chunks.score_videos * pair_bytes(videos))
             chunks = ChunkSizes(max(1, min(chunks.score_texts, pair_texts)), chunks.score_videos)
             sim[:, v0:v0 + row_count(videos)] = score_states(head, texts, videos, chunks=chunks,
                                                              out_device=out_device)

@@ -3,8 +3,8 @@
 Trials whose options change no shape of the head (lr, weight decay, warmup, gradient clip,
 seed, early stop, the initial temperature) share one set of modules: their parameters are
 stacked along a new first dimension (``torch.func.stack_module_state``), one batch step is
-``vmap`` over the trials of ``grad_and_value`` of the head's loss run through
-``functional_call``, and one AdamW step updates the stacked parameters with each trial's own
+``vmap`` over the trials of the head's loss run through ``functional_call``, then one backward
+pass of the trials' summed losses, and one AdamW step updates the stacked parameters with each trial's own
 learning rate, schedule, weight decay and gradient clip. The batch's rows are gathered once for
 every trial (trials of one seed draw the same batches).
 
@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 from avr.device import autocast, resolve_device
 from avr.errors import AvrError, RunError
@@ -50,6 +50,7 @@ from avr.fuse.trainer import (ADAMW_BETAS, ADAMW_EPS, CacheData, TrainResult, lr
 STACKED_TRAIN_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "seed", "early_stop")
 STACKED_HEAD_OPTIONS = ("temperature",)
 STACKABLE_HEADS = ("meanp", "xpool", "tefal")
+STACKED_VAL_BYTES = 256 * 2**20  # the most the vmapped validation of every trial may work in
 
 
 def stackable(head: str) -> bool:
@@ -79,6 +80,19 @@ def groups(configs: list[TrainConfig]) -> list[list[int]]:
         key = group_key(config) if stackable(config.head) else f"alone {index}"
         by_key.setdefault(key, []).append(index)
     return list(by_key.values())
+
+
+class _PairScores(nn.Module):
+    """Every (caption, video) score of a split as ``forward``, as ``score_split`` computes them
+    (float32 [captions, videos]), for ``functional_call``."""
+
+    def __init__(self, head: RetrievalHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, videos, captions) -> torch.Tensor:
+        head = self.head
+        return head.score(head.encode_texts(captions), head.encode_videos(videos)).float()
 
 
 class _PairLoss(nn.Module):
@@ -129,26 +143,26 @@ class StackedAdamW:
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
-        """One step; trials not ``active`` (pruned, stopped early) keep their state."""
+        """One step, in place, with torch AdamW's operations; ``grads`` are scaled in place.
+        Trials not ``active`` (pruned, stopped early) step with lr 0: their weights stay as they
+        were (nothing reads their moments again)."""
         norms = torch.stack([g.reshape(len(g), -1).float().norm(dim=1) for g in grads.values()], 1)
         clip = (self.grad_clip / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_
-        lr = self.lr()
+        lr = self.lr() * active
         self.step_count += 1
         beta1, beta2 = ADAMW_BETAS
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+        decay, step_size = 1 - lr * self.weight_decay, lr / bias1
         for name, param in self.params.items():
             shape = (-1,) + (1,) * (param.ndim - 1)
-            grad = grads[name] * clip.view(shape).to(grads[name].dtype)
-            decays = param.ndim > 2 and "logit_scale" not in name  # ndim of one trial's >= 2
-            new_param = param * (1 - lr * self.weight_decay).view(shape) if decays else param
-            exp_avg = self.exp_avg[name].lerp(grad, 1 - beta1)
-            exp_avg_sq = self.exp_avg_sq[name] * beta2 + (1 - beta2) * grad * grad
-            denom = exp_avg_sq.sqrt() / math.sqrt(bias2) + ADAMW_EPS
-            new_param = new_param - (lr / bias1).view(shape) * exp_avg / denom
-            keep = active.view(shape)
-            param.copy_(torch.where(keep, new_param, param))
-            self.exp_avg[name] = torch.where(keep, exp_avg, self.exp_avg[name])
-            self.exp_avg_sq[name] = torch.where(keep, exp_avg_sq, self.exp_avg_sq[name])
+            grad = grads[name].mul_(clip.view(shape).to(grads[name].dtype))
+            if param.ndim > 2 and "logit_scale" not in name:  # ndim of one trial's >= 2
+                param.mul_(decay.view(shape))
+            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(ADAMW_EPS)
+            param.sub_(exp_avg / denom * step_size.view(shape))
             if name.endswith("logit_scale"):
                 param.clamp_(max=LOGIT_SCALE_MAX)  # CLIP's clamp, after the step
 
@@ -177,18 +191,21 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
         trials.append(_Trial(config, head, run_dir, int(config.warmup * total_steps)))
     trainable = {name for name, p in trials[0].head.named_parameters() if p.requires_grad}
     stacked, buffers = stack_module_state([_PairLoss(t.head) for t in trials])
-    params = {k: v.detach() for k, v in stacked.items() if k[len("head."):] in trainable}
+    params = {k: v.detach().requires_grad_(True) for k, v in stacked.items()
+              if k[len("head."):] in trainable}
     buffers.update({k: v.detach() for k, v in stacked.items() if k not in params})  # frozen
     optimizer = StackedAdamW(params, trials, total_steps)
-    model = _PairLoss(trials[0].head)
+    model, scores = _PairLoss(trials[0].head), _PairScores(trials[0].head)
     shared = len({t.config.seed for t in trials}) == 1  # one batch order for every trial
 
     def loss_of(trial_params, trial_buffers, videos, captions):
         return functional_call(model, (trial_params, trial_buffers), (videos, captions))
 
-    step = vmap(grad_and_value(loss_of), in_dims=(0, 0, None if shared else 0,
-                                                  None if shared else 0),
-                randomness="different")
+    # The forward is vmapped; the backward is plain autograd of the summed losses (trial k's
+    # loss depends on its own slice only), a quarter cheaper than vmap(grad_and_value), whose
+    # backward goes through vmap's batching rules op by op.
+    losses_of = vmap(loss_of, in_dims=(0, 0, None if shared else 0, None if shared else 0),
+                     randomness="different")
     started = time.perf_counter()
     for epoch in range(first.epochs):
         active = torch.tensor([t.active for t in trials], device=device)
@@ -200,20 +217,25 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
         for batch in _stacked_batches(data, [t.config for t in trials], epoch, shared, device):
             videos, captions, pairs = batch
             with autocast(device, first.amp):
-                grads, loss = step(params, buffers, videos, captions)
-            optimizer.step(grads, active)
+                loss = losses_of(params, buffers, videos, captions)
+            loss.sum().backward()
+            optimizer.step({name: p.grad for name, p in params.items()}, active)
+            for p in params.values():
+                p.grad = None
             losses.append(loss.detach())
             seen += pairs
         train_seconds = time.perf_counter() - epoch_start
         mean_loss = torch.stack(losses).float().mean(0) if losses else None
         lr = optimizer.lr()
+        val_r1 = _stacked_val_r1(scores, params, buffers, cache, device, first)
         for k, trial in enumerate(trials):
             if not trial.active:
                 continue
             _load_trial(trial.head, params, buffers, k)
             _validate(trial, epoch, float(mean_loss[k]) if mean_loss is not None else math.nan,
                       float(lr[k]), time.perf_counter() - epoch_start,
-                      seen / max(train_seconds, 1e-9), cache, device)
+                      seen / max(train_seconds, 1e-9), cache, device,
+                      None if val_r1 is None else val_r1[k])
             stop = on_epoch is not None and on_epoch(k, trial.history[-1])
             early = trial.config.early_stop and epoch + 1 - trial.best[0] >= \
                 trial.config.early_stop
@@ -252,11 +274,44 @@ def _load_trial(head: RetrievalHead, params: dict[str, torch.Tensor],
     head.load_state_dict(state, strict=False)
 
 
+@torch.no_grad()
+def _stacked_val_r1(scores: _PairScores, params: dict[str, torch.Tensor],
+                    buffers: dict[str, torch.Tensor], cache: CacheData, device: torch.device,
+                    config: TrainConfig) -> list[float] | None:
+    """Val R@1 of every trial from one vmapped scoring of the whole val split (``avr eval``'s
+    conventions, as ``val_recall_at_1``); None when the split is not plain tensors or its
+    scores' work for every trial would pass ``STACKED_VAL_BYTES`` (or the plan's working
+    memory under --memory-budget): then trial by trial."""
+    from avr.evaluate import metrics
+    from avr.evaluate.score import pair_bytes
+
+    val = cache.val
+    if not all(isinstance(v, torch.Tensor) for v in (*val.videos.values(),
+                                                      *val.captions.values())):
+        return None  # int8 or left in the store: score_split's blocks handle those
+    videos, captions = on_device(val.videos, device), on_device(val.captions, device)
+    trials = len(next(iter(params.values())))
+    scores.eval()
+    with autocast(device, config.amp):
+        one = scores.head.encode_videos({k: v[:1] for k, v in videos.items()})
+    work = trials * val.num_videos * len(val.caption_video) * pair_bytes(one)
+    if work > min(STACKED_VAL_BYTES, (cache.plan and cache.plan.work_bytes) or STACKED_VAL_BYTES):
+        return None
+    with autocast(device, config.amp):
+        sim = vmap(lambda p, b: functional_call(scores, (p, b), (videos, captions)))(
+            params, buffers)
+    targets = val.caption_video.cpu()
+    return [metrics.metrics_from_ranks(metrics.t2v_ranks(s.cpu(), targets))["R1"] for s in sim]
+
+
 def _validate(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
-              pairs_per_s: float, cache: CacheData, device: torch.device) -> None:
-    """The trainer's end of epoch for one trial: val R@1, the best checkpoint, the log."""
-    val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config,
-                             cache.plan.work_bytes if cache.plan else None)
+              pairs_per_s: float, cache: CacheData, device: torch.device,
+              val_r1: float | None = None) -> None:
+    """The trainer's end of epoch for one trial: val R@1 (unless given), the best checkpoint,
+    the log."""
+    if val_r1 is None:
+        val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config,
+                                 cache.plan.work_bytes if cache.plan else None)
     log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s,
                    float(1.0 / trial.head.scale().detach()))
     trial.history.append(log)

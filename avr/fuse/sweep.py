@@ -34,6 +34,7 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -442,6 +443,32 @@ class Heartbeat:
                 self.storage.record_heartbeat(trial_id)
 
 
+class ReportWriter:
+    """Writes trials' per-epoch reports to the study on a thread of its own, in order, while
+    training goes on: each report is a database transaction (3 ms on a quiet SQLite file, 50 ms
+    on a busy machine), and 16 stacked trials of 100 epochs make 1,600 of them. ``wait`` before
+    anything that reads a trial's reports (the pruner) or ends the trial; a failed write is
+    raised there."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="avr-study")
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> ReportWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+
+    def report(self, trial, value: float, step: int) -> None:
+        self._pending.append(self._pool.submit(trial.report, value, step))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+
 @dataclass
 class SweepCallbacks:
     """What the command line shows while a worker trains."""
@@ -477,7 +504,7 @@ def run_worker(study, storage, plan: SweepPlan, out_dir: Path,
 
     caches = CacheByHead(plan, resolve_device(plan.base.device))
     worker = worker_identity()
-    with Heartbeat(storage) as heartbeat:
+    with Heartbeat(storage) as heartbeat, ReportWriter() as reports:
         while True:
             release_dead_trials(study, storage)
             asked = []
@@ -488,7 +515,7 @@ def run_worker(study, storage, plan: SweepPlan, out_dir: Path,
                 break
             try:
                 _run_trials([_start(trial, plan, out_dir, worker, callbacks) for trial in asked],
-                            study, plan, caches, callbacks)
+                            study, plan, caches, callbacks, reports)
             finally:
                 heartbeat.trial_ids.difference_update(trial._trial_id for trial in asked)
             write_trials_csv(study, out_dir)
@@ -515,21 +542,26 @@ def _start(trial, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
     return _Running(trial, config, run_dir)
 
 
-def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks):
-    """The trial's ``on_epoch``: report val R@1 to the study; True when the pruner stops it."""
+def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks,
+              reports: ReportWriter):
+    """The trial's ``on_epoch``: report val R@1 to the study; True when the pruner stops it.
+    The pruner reads the report at once; otherwise it is written in the background."""
     def on_epoch(epoch: int, log: EpochLog) -> bool:
-        running.trial.report(log.val_r1, log.epoch)
         callbacks.on_epoch(running.trial.number, log)
         # A trial pruned after its last epoch has trained in full: it completes.
-        running.pruned = (plan.prune and log.epoch < running.config.epochs
-                          and running.trial.should_prune())
+        if plan.prune and log.epoch < running.config.epochs:
+            reports.wait()
+            running.trial.report(log.val_r1, log.epoch)
+            running.pruned = running.trial.should_prune()
+        else:
+            reports.report(running.trial, log.val_r1, log.epoch)
         return running.pruned
 
     return on_epoch
 
 
 def _run_trials(trials: list[_Running], study, plan: SweepPlan, caches: CacheByHead,
-                callbacks: SweepCallbacks) -> None:
+                callbacks: SweepCallbacks, reports: ReportWriter) -> None:
     """Train ``trials``: each stacked group together, a trial alone on its own."""
     from avr.fuse import stacked
 
@@ -541,17 +573,19 @@ def _run_trials(trials: list[_Running], study, plan: SweepPlan, caches: CacheByH
             if len(members) == 1:
                 only = members[0]
                 results = [train(plan.cache, only.config, only.run_dir, cache=cache,
-                                 on_epoch=_reporter(only, plan, callbacks))]
+                                 on_epoch=_reporter(only, plan, callbacks, reports))]
             else:
-                reporters = [_reporter(running, plan, callbacks) for running in members]
+                reporters = [_reporter(running, plan, callbacks, reports) for running in members]
                 results = stacked.train_stacked(
                     plan.cache, [r.config for r in members], [r.run_dir for r in members],
                     cache, on_epoch=lambda k, log: reporters[k](log.epoch, log))
         except AvrError as error:
+            reports.wait()
             for running in members:
                 _tell(study, running, None, time.perf_counter() - started, callbacks,
                       error=str(error))
             continue
+        reports.wait()
         for running, result in zip(members, results):
             _tell(study, running, result, time.perf_counter() - started, callbacks)
 
