@@ -321,7 +321,7 @@ COMPRESSIONS = ("zstd", "lz4", "none")  # --compression of the commands that cre
 def _compressors(compression: str = "zstd") -> tuple:
     """Compression, then a crc32c checksum of the stored bytes (checked on every read).
     ``zstd`` (the default; blosc, bit shuffle, level 3) stores the least; ``lz4`` (blosc, byte
-    shuffle) decodes about twice as fast; ``none`` keeps only the checksum, the cheapest to
+    shuffle) decodes 1.7-1.9x as fast; ``none`` keeps only the checksum, the cheapest to
     stream. fp16 tokens compress little (the generated ones to 93% with zstd, not at all with
     lz4), so a store that trains streamed on a few cores reads faster with lz4 or none
     (BENCHMARKS.md, *Memory budgets and streaming*)."""
