@@ -599,8 +599,12 @@ def _print_sweep_table(name, plan, rows) -> None:
         options = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.options.items())
         table.add_row(str(rank), str(row.number), row.state, options, f"{row.best_val_r1:.1f}",
-                      str(row.best_epoch or "-"), str(row.epochs), f"{row.seconds:.1f}")
+                      str(row.best_epoch or "-"), _trained_epochs(row), f"{row.seconds:.1f}")
     console.print(table)
+
+
+def _trained_epochs(row) -> str:
+    return str(row.epochs) if row.repeats is None else f"0 (as trial {row.repeats})"
 
 
 # ---- stage three: eval and search ------------------------------------------------------------

@@ -166,6 +166,31 @@ def test_prune_stops_trials_and_keeps_their_logs(store, tmp_path):
     assert any(r["state"] == "complete" and r["epochs"] == "6" for r in rows)
 
 
+def test_a_drawn_configuration_that_a_trial_finished_takes_its_result_untrained(store,
+                                                                                  tmp_path):
+    done = run_avr("sweep", "--cache", store, *TINY, "--epochs", "2", "--name", "r",
+                   "--search", "random", "--trials", "6", "--seed", "1",
+                   "--grid", "lr=1e-3,3e-3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = read_trials(tmp_path, "r")
+    assert len(rows) == 6
+    trained = {r["lr"]: r for r in rows if r["epochs"] == "2"}
+    assert sorted(trained) == ["0.001", "0.003"]  # each configuration trained once
+    sweep_dir = tmp_path / "runs" / "sweeps" / "r"
+    study = load_study(tmp_path, "r")
+    for row in rows:
+        if row in trained.values():
+            continue
+        twin = trained[row["lr"]]
+        assert (row["epochs"], row["state"], row["best_val_r1"]) == ("0", twin["state"],
+                                                                     twin["best_val_r1"])
+        assert not (sweep_dir / f"trial-{int(row['trial']):04d}").exists()
+        trial = study.trials[int(row["trial"])]
+        assert trial.user_attrs["repeats"] == int(twin["trial"])
+        assert trial.intermediate_values == study.trials[int(twin["trial"])].intermediate_values
+    assert "0 (as trial" in done.stdout
+
+
 def test_a_sigkilled_grid_sweep_resumes_with_the_points_left(store, tmp_path):
     args = ["sweep", "--cache", store, *TINY, "--epochs", "3", "--name", "k",
             "--grid", "lr=1e-4,1e-3,3e-3"]

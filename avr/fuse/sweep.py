@@ -345,6 +345,7 @@ class TrialRow:
     best_epoch: int | None
     run_dir: str | None
     curve: list[float]  # val R@1 after each epoch
+    repeats: int | None  # the finished trial whose options it drew, taking its result
 
 
 def worker_identity() -> dict[str, Any]:
@@ -514,8 +515,10 @@ def run_worker(study, storage, plan: SweepPlan, out_dir: Path,
             if not asked:
                 break
             try:
-                _run_trials([_start(trial, plan, out_dir, worker, callbacks) for trial in asked],
-                            study, plan, caches, callbacks, reports)
+                started = [_start(trial, study, plan, out_dir, worker, callbacks)
+                           for trial in asked]
+                _run_trials([running for running in started if running is not None], study,
+                            plan, caches, callbacks, reports)
             finally:
                 heartbeat.trial_ids.difference_update(trial._trial_id for trial in asked)
             write_trials_csv(study, out_dir)
@@ -531,15 +534,47 @@ class _Running:
     pruned: bool = False
 
 
-def _start(trial, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
-           callbacks: SweepCallbacks) -> _Running:
+def _start(trial, study, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
+           callbacks: SweepCallbacks) -> _Running | None:
+    """The trial to train, or None when it draws the options of a finished trial: it then
+    takes that trial's result (:func:`_repeat`)."""
     options = suggest(trial, plan)
-    run_dir = out_dir / f"trial-{trial.number:04d}"
     trial.set_user_attr("worker", worker)
+    if (earlier := finished_twin(study, trial)) is not None:
+        callbacks.on_trial_start(trial.number, options)
+        _repeat(study, trial, earlier, callbacks)
+        return None
+    run_dir = out_dir / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))
     callbacks.on_trial_start(trial.number, options)
     config, _ = schedule_for_store(plan.cache, trial_config(plan.base, options))
     return _Running(trial, config, run_dir)
+
+
+def finished_twin(study, trial):
+    """The first complete or pruned trial of ``study`` with ``trial``'s options, or None.
+    Random and TPE draw list values again (over 24 combinations of lists, TPE's 24 draws
+    hold about 16 distinct ones), and every trial of a sweep starts from the same seed (or
+    from the one it draws), so training the same options again repeats a run."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    return next((t for t in study.get_trials(deepcopy=False, states=states)
+                 if t.params == trial.params), None)
+
+
+def _repeat(study, trial, earlier, callbacks: SweepCallbacks) -> None:
+    """Tell the study that ``trial`` ended as ``earlier`` did, without training it: the same
+    val R@1 after each epoch and the same state and value; its row says 0 epochs trained."""
+    for epoch, value in sorted(earlier.intermediate_values.items()):
+        trial.report(value, epoch)
+    trial.set_user_attr("repeats", earlier.number)
+    trial.set_user_attr("epochs", 0)
+    trial.set_user_attr("seconds", 0.0)
+    trial.set_user_attr("best_epoch", earlier.user_attrs.get("best_epoch"))
+    if earlier.state == TrialState.PRUNED:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, earlier.value)
+    callbacks.on_trial_end(trial_row(study.trials[trial.number]))
 
 
 def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks,
@@ -619,7 +654,8 @@ def trial_row(trial) -> TrialRow:
     return TrialRow(trial.number, STATE_NAMES[trial.state.name],
                     trial.user_attrs.get("epochs", len(curve)), best,
                     seconds if seconds is not None else math.nan, dict(trial.params),
-                    trial.user_attrs.get("best_epoch"), trial.user_attrs.get("run_dir"), curve)
+                    trial.user_attrs.get("best_epoch"), trial.user_attrs.get("run_dir"), curve,
+                    trial.user_attrs.get("repeats"))
 
 
 def finished_rows(study) -> list[TrialRow]:
@@ -658,6 +694,8 @@ def write_plots(study, out_dir: Path) -> list[Path]:
     rows = sorted(finished_rows(study), key=lambda r: r.number)
     figure, axes = plt.subplots(figsize=(8, 5))
     for row in rows:
+        if row.repeats is not None:
+            continue  # its curve is the repeated trial's line
         epochs = range(1, len(row.curve) + 1)
         style = {"pruned": dict(ls="--", alpha=0.6), "failed": dict(ls=":", alpha=0.4)}
         line, = axes.plot(epochs, row.curve, lw=1.2, **style.get(row.state, {}))
