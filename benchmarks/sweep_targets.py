@@ -4,6 +4,8 @@
     python benchmarks/sweep_targets.py prune --cache avr-demo/cache      # tefal, TPE + prune
     python benchmarks/sweep_targets.py resume --cache avr-demo/cache     # SIGKILL, then resume
 
+benchmarks/prune_replay.py replays the prune figure's grid through other pruners.
+
 Each writes its sweeps under --out (default sweep-bench/) and prints the figures.
 """
 
@@ -70,11 +72,13 @@ def prune(cache: str, out: Path, epochs: int) -> None:
     tpe = avr(out, *common, "--name", "tefal-tpe", "--search", "tpe", "--trials", "24", "--prune")
     grid_rows, tpe_rows = trials(out, "tefal-grid"), trials(out, "tefal-tpe")
     best_grid = max(float(r["best_val_r1"]) for r in grid_rows)
-    best_tpe = max(float(r["best_val_r1"]) for r in tpe_rows)
+    # The sweep's result is its best complete trial: a pruned one's weights are not kept.
+    best_tpe = max(float(r["best_val_r1"]) for r in tpe_rows if r["state"] == "complete")
     pruned = sum(r["state"] == "pruned" for r in tpe_rows)
+    repeats = sum(r["epochs"] == "0" for r in tpe_rows)  # took a finished trial's result
     trained = sum(int(r["epochs"]) for r in tpe_rows)
     print(f"tefal 24-point grid x {epochs} epochs: {full:.1f} s, best val R@1 {best_grid:.2f}; "
-          f"TPE 24 trials + prune: {tpe:.1f} s, {pruned} pruned, {trained} of "
+          f"TPE 24 trials + prune: {tpe:.1f} s, {pruned} pruned, {repeats} repeats, {trained} of "
           f"{24 * epochs} epochs ({trained / (24 * epochs):.1%}), best val R@1 {best_tpe:.2f} "
           f"({best_tpe - best_grid:+.2f})")
 

@@ -11,7 +11,9 @@ and tells the study the result.
 (``fusion=add,concat``, ``head=xpool,tefal``) and ranges (``lr=1e-5:1e-3:log``). ``--search
 grid`` (Optuna's GridSampler) trains every combination of lists; ``random`` and ``tpe`` draw
 ``--trials`` configurations. Every trial reports val R@1 after each epoch; with ``--prune``
-Optuna's HyperbandPruner (``PRUNER_SETTINGS``) stops hopeless ones.
+Optuna's HyperbandPruner (``PRUNER_SETTINGS``) stops hopeless ones. A random or tpe trial that
+draws the options of a trial that finished (complete or pruned) takes that trial's result
+without training (:func:`finished_twin`): training them again would repeat the run.
 
 A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING in the study. The
 next worker to look fails it and queues a copy with the same options (Optuna's
@@ -64,7 +66,10 @@ TRIALS_COLUMNS = ("trial", "state", "epochs", "best_val_r1", "seconds")
 HEARTBEAT_S = 20  # a running trial's heartbeat in the study
 GRACE_S = 120  # a trial of another machine without a heartbeat this long is taken as dead
 # Hyperband over epochs: brackets of successive halving from 1 epoch up to all of them, keeping
-# the best third at each rung (Li et al. 2018's eta = 3, Optuna's default).
+# the best third at each rung (Li et al. 2018's eta = 3, Optuna's default). Replayed on the demo's
+# tefal grid (benchmarks/prune_replay.py, BENCHMARKS.md) no Hyperband, successive-halving or
+# median setting both trained at most 40 % of the epochs and kept the grid's best in most TPE
+# seeds; those that train less lose the best more often, so the default stays the paper's.
 PRUNER_SETTINGS = dict(min_resource=1, reduction_factor=3)
 PLAN_ATTR = "avr_sweep"  # the study's user attribute holding the sweep's definition
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
@@ -537,12 +542,12 @@ class _Running:
 def _start(trial, study, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
            callbacks: SweepCallbacks) -> _Running | None:
     """The trial to train, or None when it draws the options of a finished trial: it then
-    takes that trial's result (:func:`_repeat`)."""
+    takes that trial's result (:func:`repeat_finished`)."""
     options = suggest(trial, plan)
     trial.set_user_attr("worker", worker)
     if (earlier := finished_twin(study, trial)) is not None:
         callbacks.on_trial_start(trial.number, options)
-        _repeat(study, trial, earlier, callbacks)
+        repeat_finished(study, trial, earlier, callbacks)
         return None
     run_dir = out_dir / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))
@@ -561,7 +566,7 @@ def finished_twin(study, trial):
                  if t.params == trial.params), None)
 
 
-def _repeat(study, trial, earlier, callbacks: SweepCallbacks) -> None:
+def repeat_finished(study, trial, earlier, callbacks: SweepCallbacks) -> None:
     """Tell the study that ``trial`` ended as ``earlier`` did, without training it: the same
     val R@1 after each epoch and the same state and value; its row says 0 epochs trained."""
     for epoch, value in sorted(earlier.intermediate_values.items()):
