@@ -302,8 +302,8 @@ def old_store(tmp_path, monkeypatch) -> Path:
     import zarr
     from zarr.codecs import BloscCodec
 
-    monkeypatch.setattr(schema, "_compressors",
-                        lambda: (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),))
+    monkeypatch.setattr(schema, "_compressors", lambda compression="zstd": (
+        BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),))
     with zarr.config.set({"array.write_empty_chunks": False}):
         monkeypatch.setattr(schema, "_zarr", lambda: zarr)
         path = make_learnable_store(tmp_path / "old", make_tiny_spec(),
