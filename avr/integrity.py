@@ -301,7 +301,7 @@ def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
         return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
     if rows[-1] - rows[0] + 1 == len(rows):
         return np.asarray(array[int(rows[0]):int(rows[-1]) + 1])
-    dtype = np.dtype(array.dtype) if not isinstance(array.dtype, np.dtype) else array.dtype
+    dtype = np.dtype(array.dtype)
     if dtype.kind not in "biuf":
         return np.concatenate([np.asarray(array.get_orthogonal_selection(rows[i:i + block]))
                                for i in range(0, len(rows), block)])

@@ -440,8 +440,9 @@ class StreamedSplit:
 
     def read_chunks(self, chunks: list[int], wanted_captions: np.ndarray
                     ) -> tuple[np.ndarray, dict[str, Held], np.ndarray, dict[str, Held]]:
-        """The video rows of ``chunks`` and the wanted captions of their videos, as held, each
-        array in one store call (rows ascending)."""
+        """The video rows of ``chunks`` and the wanted captions of their videos, as held (rows
+        ascending; each array read as slices over runs of consecutive chunks, its files first
+        handed to the kernel to read ahead)."""
         self.will_read(chunks)
         videos, captions = self._rows_of(chunks)
         captions = captions[wanted_captions[captions]]
