@@ -4,9 +4,11 @@ Trials whose options change no shape of the head (lr, weight decay, warmup, grad
 seed, early stop, the initial temperature) share one set of modules: their parameters are
 stacked along a new first dimension (``torch.func.stack_module_state``), one batch step is
 ``vmap`` over the trials of the head's loss run through ``functional_call``, then one backward
-pass of the trials' summed losses, and one AdamW step updates the stacked parameters with each trial's own
-learning rate, schedule, weight decay and gradient clip. The batch's rows are gathered once for
-every trial (trials of one seed draw the same batches).
+pass of the trials' summed losses, and one AdamW step updates the stacked parameters with each
+trial's own learning rate, schedule, weight decay and gradient clip. The batch's rows are
+gathered once for every trial (trials of one seed draw the same batches); at the end of an
+epoch every trial is validated by one vmapped scoring of the val split when it fits
+(``STACKED_VAL_BYTES``).
 
 Each trial is what ``avr.fuse.trainer.train`` makes of it alone, step for step: its head is
 built after seeding with its own seed, batches come from ``epoch_batches``, the update is
@@ -295,7 +297,10 @@ def _stacked_val_r1(scores: _PairScores, params: dict[str, torch.Tensor],
     with autocast(device, config.amp):
         one = scores.head.encode_videos({k: v[:1] for k, v in videos.items()})
     work = trials * val.num_videos * len(val.caption_video) * pair_bytes(one)
-    if work > min(STACKED_VAL_BYTES, (cache.plan and cache.plan.work_bytes) or STACKED_VAL_BYTES):
+    limit = STACKED_VAL_BYTES
+    if cache.plan is not None and cache.plan.work_bytes is not None:
+        limit = min(limit, cache.plan.work_bytes)
+    if work > limit:
         return None
     with autocast(device, config.amp):
         sim = vmap(lambda p, b: functional_call(scores, (p, b), (videos, captions)))(
