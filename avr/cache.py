@@ -22,7 +22,8 @@ from avr.integrity import read_rows
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
-    """Rows, arrays (shape, dtype, chunks, compression, stored bytes), backbones, splits and failures."""
+    """Rows, arrays (shape, dtype, chunks, compression, stored bytes), backbones, splits and
+    failures."""
     path = schema.store_location(path)
     group, spec = schema.open_store(path)
     video_done = read_rows(group[schema.VIDEO_DONE])

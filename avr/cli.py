@@ -160,7 +160,8 @@ def extract(
         names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
                             ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens),
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
-        compression=compression, overwrite=overwrite, seed=seed, dataset_options=parse_options(option))
+        compression=compression, overwrite=overwrite, seed=seed,
+        dataset_options=parse_options(option))
     if scheduler is None and dask_workers is None:
         summary = run_extract(config, console=console)
     else:

@@ -443,8 +443,8 @@ class StreamedSplit:
         """The video rows of ``chunks`` and the wanted captions of their videos, as held (rows
         ascending; each array read as slices over runs of consecutive chunks, its files first
         handed to the kernel to read ahead)."""
-        self.will_read(chunks)
         videos, captions = self._rows_of(chunks)
+        self.will_read(videos, captions)
         captions = captions[wanted_captions[captions]]
         video_arrays = {name: read_held(self.group[name], self.video_store_rows[videos],
                                         self.resident) for name in self.video_names}
@@ -452,9 +452,9 @@ class StreamedSplit:
                                           self.resident) for name in self.caption_names}
         return videos, video_arrays, captions, caption_arrays
 
-    def will_read(self, chunks: list[int]) -> None:
-        """Have the kernel read the files of ``chunks`` ahead (``integrity.will_read``)."""
-        videos, captions = self._rows_of(chunks)
+    def will_read(self, videos: np.ndarray, captions: np.ndarray) -> None:
+        """Have the kernel read ahead the chunk files under these split rows of videos and
+        captions (``integrity.will_read``)."""
         for names, rows in ((self.video_names, self.video_store_rows[videos]),
                             (self.caption_names, self.caption_store_rows[captions])):
             for name in names:
