@@ -15,7 +15,7 @@ from test_sweep import run_avr
 
 # Options that change no shape: one stacked group. Dropout 0: stacked trials draw their own masks.
 VARIANTS = [dict(lr=3e-3, warmup=0.0, seed=42, weight_decay=0.2, temperature=0.05),
-            dict(lr=1e-3, warmup=0.3, seed=7, weight_decay=0.0, temperature=0.02),
+            dict(lr=1e-3, warmup=0.3, seed=7, weight_decay=0.0, temperature=0.02, grad_clip=0.5),
             dict(lr=2e-3, warmup=0.1, seed=42, weight_decay=0.05, temperature=0.1)]
 
 
@@ -48,7 +48,10 @@ def test_each_stacked_trial_matches_its_solo_run(tmp_path, tiny_spec, head):
             [round(h.loss, 4) for h in alone.history]
         assert [h.val_r1 for h in together[k].history] == [h.val_r1 for h in alone.history]
         assert together[k].best_epoch == alone.best_epoch
-        assert max_difference(tmp_path / f"stacked{k}", tmp_path / f"alone{k}") < 1e-4
+        difference = max_difference(tmp_path / f"stacked{k}", tmp_path / f"alone{k}")
+        # X-Pool's stacked step is the solo step's arithmetic (StackedAdamW, per-trial
+        # LayerNorms): equal bit for bit; the others keep vmap's batched matmuls' rounding
+        assert difference == 0.0 if head == "xpool" else difference < 1e-4
         assert (tmp_path / f"stacked{k}" / "config.json").exists()
 
 

@@ -15,15 +15,19 @@ built after seeding with its own seed, batches come from ``epoch_batches``, the 
 torch's AdamW (betas 0.9, 0.98, eps 1e-6, no decay on biases, norms and the logit scale) after
 ``clip_grad_norm_``, the learned logit scale is clamped after each step, and validation,
 ``config.json``, ``best.safetensors`` and ``log.csv`` are the trainer's. With dropout, each
-trial draws its own masks (``randomness="different"``), not the ones it draws alone; with
-dropout 0 a stacked trial's weights match its solo run to float rounding. A stacked trial's run
-directory has no ``last.safetensors``: it holds no optimizer of its own to resume.
+trial draws its own masks (``randomness="different"``), not the ones it draws alone. With
+dropout 0 on the CPU, an X-Pool trial's weights equal its solo run's bit for bit (LayerNorms run
+per trial, ``_TrialLayerNorm``; the AdamW step repeats torch's arithmetic, ``StackedAdamW``);
+MeanP's and TEFAL's differ from theirs by the rounding of vmap's batched matmuls and reductions
+(at most 2e-8 and 2e-5 after 10 epochs on the tests' store). A stacked trial's run directory
+has no ``last.safetensors``: it holds no optimizer of its own to resume.
 
 MeanP, X-Pool and TEFAL stack; the other heads run one trial at a time (``stackable``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -84,6 +89,58 @@ def groups(configs: list[TrainConfig]) -> list[list[int]]:
     return list(by_key.values())
 
 
+class _TrialLayerNorm(torch.autograd.Function):
+    """``F.layer_norm`` whose vmap rule runs torch's own kernel on each trial's slice.
+
+    vmap's batching rule for a LayerNorm with stacked affine parameters normalises without them
+    and then multiplies and adds: the same values, but the weight and bias gradients are then
+    reduced in another order than the fused kernel's backward, about 1e-8 a step, which training
+    at a high lr amplifies to 1e-2 over a few hundred steps. Run slice by slice, a stacked trial's
+    LayerNorms compute, forward and backward, exactly what they compute alone."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.eps = inputs
+        ctx.save_for_backward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = F.layer_norm(inputs[0], inputs[1].shape, inputs[1], inputs[2], ctx.eps)
+        return (*torch.autograd.grad(out, inputs, grad), None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        # unbind, not select: the backward stacks the slices' gradients in one copy
+        x, weight, bias = ([t] * info.batch_size if d is None else t.unbind(d)
+                           for t, d in zip((x, weight, bias), in_dims))
+        return torch.stack([torch.layer_norm(x_k, w_k.shape, w_k, b_k, eps)
+                            for x_k, w_k, b_k in zip(x, weight, bias)]), 0
+
+
+class _TrialLayerNormModule(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TrialLayerNorm.apply(x, self.weight, self.bias, self.eps)
+
+
+def _stacked_template(head: RetrievalHead) -> RetrievalHead:
+    """A copy of ``head`` for ``functional_call`` over stacked parameters: its LayerNorms run
+    torch's kernel per trial (``_TrialLayerNorm``). Linears stay batched (one wider matmul):
+    run per trial they cost a third more and still leave TEFAL's and MeanP's other batched
+    reductions (scores, pooling) apart from their solo runs by rounding."""
+    template = copy.deepcopy(head)
+    for module in template.modules():
+        if type(module) is nn.LayerNorm and module.weight is not None and \
+                module.bias is not None:
+            module.__class__ = _TrialLayerNormModule
+    return template
+
+
 class _PairScores(nn.Module):
     """Every (caption, video) score of a split as ``forward``, as ``score_split`` computes them
     (float32 [captions, videos]), for ``functional_call``."""
@@ -123,7 +180,12 @@ class _Trial:
 
 class StackedAdamW:
     """torch's AdamW (as ``make_optimizer`` sets it) over stacked parameters [K, ...]: trial k
-    steps with its own lr (times its warmup + cosine factor), weight decay and gradient clip."""
+    steps with its own lr (times its warmup + cosine factor), weight decay and gradient clip.
+
+    Each trial's step is the solo step's arithmetic, operation for operation: ``clip_grad_norm_``'s
+    norms and coefficient, single-tensor AdamW's decay, moments, denominator and ``addcdiv_``
+    (value * exp_avg / denom), with its lr, decay factor and step size computed as the same Python
+    floats. On the CPU a stacked trial's update is the solo update bit for bit."""
 
     def __init__(self, params: dict[str, torch.Tensor], trials: list[_Trial], total_steps: int):
         self.params = params
@@ -133,38 +195,42 @@ class StackedAdamW:
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
         self.step_count = 0
         device = next(iter(params.values())).device
-        self.base_lr = torch.tensor([t.config.lr for t in trials], device=device)
-        self.weight_decay = torch.tensor([t.config.weight_decay for t in trials], device=device)
         self.grad_clip = torch.tensor([t.config.grad_clip for t in trials], device=device)
 
-    def lr(self) -> torch.Tensor:
+    def lrs(self) -> list[float]:
         """Each trial's lr at this step, as ``make_optimizer``'s LambdaLR sets it."""
-        factors = [lr_factor(self.step_count, t.warmup_steps, self.total_steps)
-                   for t in self.trials]
-        return self.base_lr * torch.tensor(factors, device=self.base_lr.device)
+        return [t.config.lr * lr_factor(self.step_count, t.warmup_steps, self.total_steps)
+                for t in self.trials]
 
     @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+    def step(self, grads: dict[str, torch.Tensor], active: list[bool]) -> None:
         """One step, in place, with torch AdamW's operations; ``grads`` are scaled in place.
         Trials not ``active`` (pruned, stopped early) step with lr 0: their weights stay as they
         were (nothing reads their moments again)."""
-        norms = torch.stack([g.reshape(len(g), -1).float().norm(dim=1) for g in grads.values()], 1)
-        clip = (self.grad_clip / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_
-        lr = self.lr() * active
+        # clip_grad_norm_ per trial: the norm of its gradients' norms; max_norm / (norm + 1e-6),
+        # which torch evaluates as (norm + 1e-6).reciprocal() * max_norm, at most 1
+        first = next(iter(self.params.values()))
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1)
+                             for g in grads.values()], 1)
+        total = torch.linalg.vector_norm(norms, dim=1)
+        clip = ((total + 1e-6).reciprocal() * self.grad_clip).clamp(max=1.0)
+        lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(), active)]
         self.step_count += 1
         beta1, beta2 = ADAMW_BETAS
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-        decay, step_size = 1 - lr * self.weight_decay, lr / bias1
+        decay, neg_step = torch.tensor(
+            [[1 - lr * t.config.weight_decay for lr, t in zip(lrs, self.trials)],
+             [-(lr / bias1) for lr in lrs]], dtype=first.dtype, device=first.device)
         for name, param in self.params.items():
             shape = (-1,) + (1,) * (param.ndim - 1)
-            grad = grads[name].mul_(clip.view(shape).to(grads[name].dtype))
+            grad = grads[name].mul_(clip.view(shape))
             if param.ndim > 2 and "logit_scale" not in name:  # ndim of one trial's >= 2
                 param.mul_(decay.view(shape))
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(ADAMW_EPS)
-            param.sub_(exp_avg / denom * step_size.view(shape))
+            denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(ADAMW_EPS)
+            param.add_(exp_avg * neg_step.view(shape) / denom)  # addcdiv_'s value * t1 / t2
             if name.endswith("logit_scale"):
                 param.clamp_(max=LOGIT_SCALE_MAX)  # CLIP's clamp, after the step
 
@@ -197,7 +263,8 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
               if k[len("head."):] in trainable}
     buffers.update({k: v.detach() for k, v in stacked.items() if k not in params})  # frozen
     optimizer = StackedAdamW(params, trials, total_steps)
-    model, scores = _PairLoss(trials[0].head), _PairScores(trials[0].head)
+    template = _stacked_template(trials[0].head)
+    model, scores = _PairLoss(template), _PairScores(template)
     shared = len({t.config.seed for t in trials}) == 1  # one batch order for every trial
 
     def loss_of(trial_params, trial_buffers, videos, captions):
@@ -210,8 +277,8 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
                      randomness="different")
     started = time.perf_counter()
     for epoch in range(first.epochs):
-        active = torch.tensor([t.active for t in trials], device=device)
-        if not active.any():
+        active = [t.active for t in trials]
+        if not any(active):
             break
         epoch_start = time.perf_counter()
         model.train()
@@ -228,16 +295,17 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
             seen += pairs
         train_seconds = time.perf_counter() - epoch_start
         mean_loss = torch.stack(losses).float().mean(0) if losses else None
-        lr = optimizer.lr()
+        lr = optimizer.lrs()
         val_r1 = _stacked_val_r1(scores, params, buffers, cache, device, first)
+        log_scale = {**params, **buffers}["head.logit_scale"].detach()  # RetrievalHead.scale()
         for k, trial in enumerate(trials):
             if not trial.active:
                 continue
-            _load_trial(trial.head, params, buffers, k)
             _validate(trial, epoch, float(mean_loss[k]) if mean_loss is not None else math.nan,
-                      float(lr[k]), time.perf_counter() - epoch_start,
+                      lr[k], time.perf_counter() - epoch_start,
                       seen / max(train_seconds, 1e-9), cache, device,
-                      None if val_r1 is None else val_r1[k])
+                      None if val_r1 is None else val_r1[k], float(1.0 / log_scale[k].exp()),
+                      lambda k=k: _load_trial(trials[k].head, params, buffers, k))
             stop = on_epoch is not None and on_epoch(k, trial.history[-1])
             early = trial.config.early_stop and epoch + 1 - trial.best[0] >= \
                 trial.config.early_stop
@@ -271,9 +339,10 @@ def _gather(data, video_rows: torch.Tensor, caption_rows: torch.Tensor, device: 
 @torch.no_grad()
 def _load_trial(head: RetrievalHead, params: dict[str, torch.Tensor],
                 buffers: dict[str, torch.Tensor], k: int) -> None:
-    """Copy trial k's slice of the stacked state into its own head module."""
-    state = {name[len("head."):]: value[k] for name, value in {**params, **buffers}.items()}
-    head.load_state_dict(state, strict=False)
+    """Copy trial k's slice of the stacked state into its own head module's tensors."""
+    own = {**dict(head.named_parameters()), **dict(head.named_buffers())}
+    for name, value in (*params.items(), *buffers.items()):
+        own[name[len("head."):]].copy_(value[k])
 
 
 @torch.no_grad()
@@ -311,14 +380,17 @@ def _stacked_val_r1(scores: _PairScores, params: dict[str, torch.Tensor],
 
 def _validate(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
               pairs_per_s: float, cache: CacheData, device: torch.device,
-              val_r1: float | None = None) -> None:
+              val_r1: float | None, temperature: float, load: Callable[[], None]) -> None:
     """The trainer's end of epoch for one trial: val R@1 (unless given), the best checkpoint,
-    the log."""
+    the log. ``load()`` copies the trial's stacked state into ``trial.head``: done only when
+    the head validates itself or is saved."""
+    loaded = val_r1 is None or val_r1 > trial.best[1]
+    if loaded:
+        load()
     if val_r1 is None:
         val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config,
                                  cache.plan.work_bytes if cache.plan else None)
-    log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s,
-                   float(1.0 / trial.head.scale().detach()))
+    log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s, temperature)
     trial.history.append(log)
     if val_r1 > trial.best[1]:
         trial.best = (epoch + 1, val_r1)
