@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -53,6 +54,24 @@ def test_each_stacked_trial_matches_its_solo_run(tmp_path, tiny_spec, head):
         # LayerNorms): equal bit for bit; the others keep vmap's batched matmuls' rounding
         assert difference == 0.0 if head == "xpool" else difference < 1e-4
         assert (tmp_path / f"stacked{k}" / "config.json").exists()
+
+
+@pytest.mark.parametrize("head", ["xpool", "tefal"])
+def test_stacked_trials_train_under_bf16_autocast(tmp_path, tiny_spec, head, monkeypatch):
+    """The stacked step under bf16 autocast, as on CUDA (autocast is off on the CPU by default):
+    per-trial LayerNorms, the vmapped forward and the stacked AdamW meet bf16 activations."""
+    monkeypatch.setattr(stacked, "autocast",
+                        lambda device, amp=True: torch.autocast("cpu", dtype=torch.bfloat16))
+    store = make_learnable_store(tmp_path / "cache", tiny_spec)
+    configs = configs_of(head, epochs=2)
+    cache = trainer.load_cache(store, head, torch.device("cpu"),
+                               head_options=[c.head_options for c in configs])
+    results = stacked.train_stacked(store, configs, [tmp_path / f"s{k}" for k in range(3)], cache)
+    for k, result in enumerate(results):
+        assert all(math.isfinite(h.loss) and 0 < h.val_r1 <= 100 for h in result.history)
+        weights = load_file(str(tmp_path / f"s{k}" / "best.safetensors"))
+        assert all(w.dtype == torch.float32 and bool(w.isfinite().all())
+                   for w in weights.values())
 
 
 def test_validation_of_every_trial_at_once_equals_trial_by_trial(tmp_path, tiny_spec,
