@@ -23,7 +23,7 @@ from avr.evaluate.search import search
 from avr.extract import pipeline
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import extract
-from avr.fuse import trainer
+from avr.fuse import residency, trainer
 from avr.fuse.data import load_split
 from avr.fuse.trainer import TrainConfig
 from avr.integrity import DamagedStoreError
@@ -124,6 +124,31 @@ def test_a_truncated_chunk_fails_its_checksum_at_read(store):
     with pytest.raises(DamagedStoreError, match="text_embeddings chunk c/0/0 "
                                                 r"\(caption rows 0-143\): fails its crc32c"):
         load_train(store)
+
+
+def alter_chunk(store: Path, name: str, chunk: int) -> None:
+    """One byte of the chunk's file flipped: its size and compressed stream look whole."""
+    path = chunk_file(store, name, chunk)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,problem", [(delete_chunk, "absent"),
+                                            (truncate_chunk, "fails its crc32c"),
+                                            (alter_chunk, "fails its crc32c")])
+def test_a_streamed_epoch_names_the_damaged_chunk(store, damage, problem):
+    """Streamed reads decode chunks themselves (``avr.chunks``) and leave a damaged one to
+    zarr's read, which names it; the error reaches the epoch's thread from the reader's."""
+    damage(store, schema.AUDIO_PATCH_TOKENS, 2)
+    stream = residency.StreamSettings(VIDEO_CHUNK, 0, 2, buffer_pairs=4, held_bytes=0)
+    split = residency.StreamedSplit(store, (schema.FRAME_EMBEDDINGS, schema.AUDIO_PATCH_TOKENS),
+                                    (schema.TEXT_EMBEDDINGS,), "fp16", stream)
+    config = TrainConfig(batch_size=4)
+    with pytest.raises(DamagedStoreError, match=r"audio_patch_tokens chunk c/2/0/0 "
+                                                rf"\(video rows 8-11\): {problem}"):
+        for _ in split.batches(config, 0):
+            pass
 
 
 def test_damage_under_rows_a_read_does_not_touch_is_not_in_its_way(store):

@@ -24,18 +24,22 @@ the place of a random one, which leaves), and what leaves is cut into batches, e
 once per batch. So a batch mixes pairs from the chunks of the last ``buffer_pairs`` pairs, not
 from the whole split; every row is read once per epoch; memory holds the buffer's rows, the chunks
 read ahead and two batches (``StreamSettings.held_bytes``). The rows held sit in slots allocated once
-per epoch for the most rows the epoch's order ever holds at once (``RowSlots``), and batches are
-gathered into two buffers in turn, so assembling a batch copies rows into memory already
-allocated rather than allocating per row. A resumed run recomputes its epoch's order
-from (seed, epoch) and the buffer size it recorded.
+per epoch for the most rows the epoch's order ever holds at once (``RowSlots``): a read's rows get
+theirs when it is handed to a reader thread, which decodes each chunk into memory it reuses
+(``avr.chunks``; zarr where that cannot vouch for a chunk) and copies the rows into their slots, so
+the epoch's thread only gathers batches, into two buffers in turn (memory already allocated
+rather than allocated per row). A resumed run recomputes its epoch's order from (seed, epoch)
+and the buffer size it recorded.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +47,11 @@ import numpy as np
 import torch
 
 from avr import schema
+from avr.chunks import ChunkDecoder
 from avr.errors import AvrError
 from avr.fuse.data import _require_captions_done, read_held, split_rows, split_size
 from avr.fuse.distributed import World
-from avr.fuse.quantize import Held, QuantizedTokens, is_token_array
+from avr.fuse.quantize import Held, QuantizedTokens, is_token_array, quantize
 from avr.fuse.sampling import distinct_videos, draw_pairs
 from avr.integrity import chunk_rows, read_rows, will_read
 
@@ -357,6 +362,7 @@ class StreamedSplit:
         edges = np.searchsorted(self.caption_video.numpy()[by_video],
                                 [b for b, _ in self.chunk_bounds] + [len(chunk_of)])
         self.chunk_captions = [np.sort(by_video[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+        self._decoders = threading.local()  # each reader thread's ChunkDecoder per array
 
     @property
     def num_videos(self) -> int:
@@ -395,62 +401,124 @@ class StreamedSplit:
 
     def batches(self, config, epoch: int) -> Iterator[tuple[dict[str, Held], dict[str, Held],
                                                             list[int]]]:
-        """The epoch's batches as (video arrays, caption arrays, [pairs]), each row read once:
-        an arriving chunk's rows that the epoch uses are copied into free slots of ``RowSlots``
-        (a chunk's memory goes as soon as it is copied) and stay until their last batch. A
-        batch's tensors are reused for the batch after the next: use or copy them before."""
+        """The epoch's batches as (video arrays, caption arrays, [pairs]), each row read once.
+        When a read is handed to a reader thread, the rows of its chunks that the epoch uses get
+        free slots of ``RowSlots``; the thread decodes the chunks and copies those rows into
+        their slots, and a row's slot is freed after its last batch. A batch's tensors are
+        reused for the batch after the next: use or copy them before."""
         order = self.epoch_order(config, epoch)
         uses = Counter(v for videos, _ in order.batches for v in videos.tolist())
         wanted = np.zeros(len(self.caption_video), dtype=bool)
         for _, captions in order.batches:
             wanted[captions] = True
-        most_videos, most_captions = self._most_held(order, uses, wanted)
-        videos_held = RowSlots(most_videos, max((len(v) for v, _ in order.batches), default=0))
-        captions_held = RowSlots(most_captions, max((len(c) for _, c in order.batches), default=0))
-        with ChunkReader(self, order.chunks, wanted) as reader:
+        per_read = self.stream.chunks_per_read
+        reads = [order.chunks[k:k + per_read] for k in range(0, len(order.chunks), per_read)]
+        placed = [self._placed_rows(read, uses, wanted) for read in reads]
+        most_videos, most_captions = self._most_held(order, reads, placed, uses)
+        videos_held = RowSlots(self._held_like(self.video_names, self.video_store_rows),
+                               most_videos, max((len(v) for v, _ in order.batches), default=0))
+        captions_held = RowSlots(self._held_like(self.caption_names, self.caption_store_rows),
+                                 most_captions,
+                                 max((len(c) for _, c in order.batches), default=0))
+
+        def start(k: int):  # on this thread: the slots; on a reader's: the read
+            videos, captions = placed[k]
+            return partial(self.read_chunks, reads[k], videos, videos_held.reserve(videos),
+                           videos_held, captions, captions_held.reserve(captions), captions_held)
+
+        with ChunkReader([len(read) for read in reads], start, self.stream.read_ahead) as reader:
             for (videos, captions), ready in zip(order.batches, order.ready):
                 while reader.arrived < ready:
-                    video_rows, video_arrays, caption_rows, caption_arrays = reader.next()
-                    used = np.asarray([uses[v] > 0 for v in video_rows.tolist()], dtype=bool)
-                    videos_held.put(video_rows[used], video_arrays, np.flatnonzero(used))
-                    captions_held.put(caption_rows, caption_arrays)
+                    reader.next()
                 yield videos_held.take(videos), captions_held.take(captions), [len(videos)]
                 captions_held.release(captions)
                 for v in videos.tolist():
                     uses[v] -= 1
                 videos_held.release([v for v in set(videos.tolist()) if not uses[v]])
 
-    def _most_held(self, order: EpochOrder, uses: Counter, wanted: np.ndarray) -> tuple[int, int]:
-        """The most video rows and caption rows held at once during the epoch ``order``."""
+    def _placed_rows(self, read: list[int], uses: Counter, wanted: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The video rows of the chunks of ``read`` that the epoch uses and their captions that
+        it pairs, ascending: the rows the read places in slots."""
+        videos, captions = self._rows_of(read)
+        return (videos[np.asarray([uses[v] > 0 for v in videos.tolist()], dtype=bool)],
+                captions[wanted[captions]])
+
+    def _most_held(self, order: EpochOrder, reads: list[list[int]],
+                   placed: list[tuple[np.ndarray, np.ndarray]], uses: Counter) -> tuple[int, int]:
+        """The most video rows and caption rows held at once during the epoch ``order``: a
+        read's rows from when it is handed to a reader (``ChunkReader``: the first
+        ``read_ahead`` at once, then one as each is delivered) to their last batch."""
         remaining = Counter(uses)
-        videos = captions = most_videos = most_captions = arrived = 0
+        videos = captions = submitted = delivered = arrived = 0
+        ahead = self.stream.read_ahead
+        while submitted < min(ahead, len(reads)):
+            videos, captions = videos + len(placed[submitted][0]), \
+                captions + len(placed[submitted][1])
+            submitted += 1
+        most_videos, most_captions = videos, captions
         for (batch_videos, batch_captions), ready in zip(order.batches, order.ready):
-            while arrived < ready:  # as ChunkReader delivers them: a read at a time
-                for chunk in order.chunks[arrived:arrived + self.stream.chunks_per_read]:
-                    start, stop = self.chunk_bounds[chunk]
-                    videos += sum(1 for v in range(start, stop) if remaining[v])
-                    captions += int(wanted[self.chunk_captions[chunk]].sum())
-                arrived += self.stream.chunks_per_read
-            most_videos, most_captions = max(most_videos, videos), max(most_captions, captions)
+            while arrived < ready:
+                arrived += len(reads[delivered])
+                delivered += 1
+                if submitted < len(reads):
+                    videos += len(placed[submitted][0])
+                    captions += len(placed[submitted][1])
+                    submitted += 1
+                most_videos, most_captions = max(most_videos, videos), \
+                    max(most_captions, captions)
             captions -= len(batch_captions)
             for v in batch_videos.tolist():
                 remaining[v] -= 1
                 videos -= remaining[v] == 0
         return most_videos, most_captions
 
-    def read_chunks(self, chunks: list[int], wanted_captions: np.ndarray
-                    ) -> tuple[np.ndarray, dict[str, Held], np.ndarray, dict[str, Held]]:
-        """The video rows of ``chunks`` and the wanted captions of their videos, as held (rows
-        ascending; each array read as slices over runs of consecutive chunks, its files first
-        handed to the kernel to read ahead)."""
-        videos, captions = self._rows_of(chunks)
-        self.will_read(videos, captions)
-        captions = captions[wanted_captions[captions]]
-        video_arrays = {name: read_held(self.group[name], self.video_store_rows[videos],
-                                        self.resident) for name in self.video_names}
-        caption_arrays = {name: read_held(self.group[name], self.caption_store_rows[captions],
-                                          self.resident) for name in self.caption_names}
-        return videos, video_arrays, captions, caption_arrays
+    def _held_like(self, names: tuple[str, ...], store_rows: np.ndarray) -> dict[str, Held]:
+        """An empty row of each array as memory holds it (the slots' dtypes and row shapes)."""
+        return {name: read_held(self.group[name], store_rows[:0], self.resident)
+                for name in names}
+
+    def read_chunks(self, chunks: list[int], videos: np.ndarray, video_slots: list[int],
+                    videos_held: RowSlots, captions: np.ndarray, caption_slots: list[int],
+                    captions_held: RowSlots) -> None:
+        """Read ``chunks`` and copy their rows ``videos`` and ``captions`` (split rows,
+        ascending) into their slots (on a reader thread; the chunk files are first handed to the
+        kernel to read ahead). Each chunk is decoded once into memory the thread reuses
+        (``avr.chunks``), or read through zarr where that cannot vouch for it."""
+        self.will_read(*self._rows_of(chunks))
+        for names, store_rows, rows, slots, held in (
+                (self.video_names, self.video_store_rows, videos, video_slots, videos_held),
+                (self.caption_names, self.caption_store_rows, captions, caption_slots,
+                 captions_held)):
+            for name in names:
+                self._place(name, store_rows[rows], slots, held.arrays[name])
+
+    def _place(self, name: str, store_rows: np.ndarray, slots: list[int], into: Held) -> None:
+        """Rows ``store_rows`` (ascending) of array ``name`` copied into rows ``slots`` of
+        ``into``."""
+        if not len(store_rows):
+            return
+        array = self.group[name]
+        decoders = self._decoders.__dict__
+        if name not in decoders:
+            decoders[name] = ChunkDecoder(array)
+        decoder = decoders[name]
+        if not decoder.supported:
+            _copy_rows(into, slots, read_held(array, store_rows, self.resident))
+            return
+        per_chunk = chunk_rows(array)
+        chunk_of = store_rows // per_chunk
+        edges = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1], True])
+        for first, last in zip(edges[:-1], edges[1:]):
+            rows, chunk = store_rows[first:last], int(chunk_of[first])
+            block = decoder.decode(chunk)
+            if block is None:  # zarr reads it, or names the damage
+                part = read_held(array, rows, self.resident)
+            else:
+                part = block[rows - chunk * per_chunk]
+                part = (quantize(torch.from_numpy(part)) if isinstance(into, QuantizedTokens)
+                        else torch.from_numpy(part))
+            _copy_rows(into, slots[first:last], part)
 
     def will_read(self, videos: np.ndarray, captions: np.ndarray) -> None:
         """Have the kernel read ahead the chunk files under these split rows of videos and
@@ -467,15 +535,14 @@ class StreamedSplit:
 
 
 class ChunkReader:
-    """Chunks of a streamed split read in ``chunks`` order on background threads,
-    ``chunks_per_read`` at a time, at most ``read_ahead`` reads ahead of the one in use;
-    ``arrived`` counts the chunks delivered."""
+    """Reads run on ``read_ahead`` background threads, in order, at most ``read_ahead`` ahead
+    of the one in use: ``start(k)`` (called on this thread) prepares read ``k`` and returns what
+    a reader thread runs; ``counts[k]`` is the chunks read ``k`` brings, ``arrived`` the chunks
+    delivered so far."""
 
-    def __init__(self, split: StreamedSplit, chunks: list[int], wanted_captions: np.ndarray):
-        per_read = split.stream.chunks_per_read
-        self.reads = [chunks[k:k + per_read] for k in range(0, len(chunks), per_read)]
-        self.split, self.wanted = split, wanted_captions
-        self.pool = ThreadPoolExecutor(split.stream.read_ahead, thread_name_prefix="avr-stream")
+    def __init__(self, counts: list[int], start, read_ahead: int):
+        self.counts, self.start, self.read_ahead = counts, start, read_ahead
+        self.pool = ThreadPoolExecutor(read_ahead, thread_name_prefix="avr-stream")
         self.pending: deque[tuple[int, Future]] = deque()
         self.submitted = self.arrived = 0
 
@@ -489,57 +556,48 @@ class ChunkReader:
         self.pool.shutdown(wait=True)
 
     def _top_up(self) -> None:
-        while len(self.pending) < self.split.stream.read_ahead and \
-                self.submitted < len(self.reads):
-            read = self.reads[self.submitted]
-            self.pending.append((len(read), self.pool.submit(self.split.read_chunks, read,
-                                                             self.wanted)))
+        while len(self.pending) < self.read_ahead and self.submitted < len(self.counts):
+            k = self.submitted
+            self.pending.append((self.counts[k], self.pool.submit(self.start(k))))
             self.submitted += 1
 
-    def next(self):
+    def next(self) -> None:
+        """Wait for the next read (its errors are raised here)."""
         count, future = self.pending.popleft()
-        rows = future.result()
+        future.result()
         self.arrived += count
         self._top_up()
-        return rows
 
 
 class RowSlots:
-    """Rows of a streamed split between the chunk that brings them and their last batch: one
-    tensor per array of ``capacity`` rows and a free list of its slots, and ``BATCH_RING``
-    batches of ``batch_rows`` rows that batches are gathered into in turn, all allocated at the
-    first chunk. A chunk's rows are copied into their slots, and a batch's rows gathered from
-    theirs into memory already mapped: fresh tensors of a batch's size would be mapped anew for
-    each batch, and filling new pages costs more than the copy.
-    So a batch's tensors are valid until the batch after the next is taken."""
+    """Rows of a streamed split from the read that brings them to their last batch: one tensor
+    per array of ``capacity`` rows and a free list of its slots, and ``BATCH_RING`` batches of
+    ``batch_rows`` rows that batches are gathered into in turn, all allocated once per epoch
+    (``like``: an empty row set of each array as held). ``reserve`` (the epoch's thread) gives
+    a read's rows their slots, a reader thread copies them in, ``take`` gathers a batch's rows
+    into memory already mapped: fresh tensors of a batch's size would be mapped anew for each
+    batch, and filling new pages costs more than the copy. So a batch's tensors are valid until
+    the batch after the next is taken."""
 
-    def __init__(self, capacity: int, batch_rows: int):
+    def __init__(self, like: dict[str, Held], capacity: int, batch_rows: int):
         self.capacity, self.batch_rows = capacity, batch_rows
-        self.arrays: dict[str, Held] = {}
-        self.ring: list[dict[str, Held]] = [{} for _ in range(BATCH_RING)]
+        self.arrays = {name: _map_parts(value, lambda part: part.new_empty(
+            (capacity, *part.shape[1:]))) for name, value in like.items()}
+        self.ring = [{name: _map_parts(value, lambda part: part.new_empty(
+            (batch_rows, *part.shape[1:]))) for name, value in like.items()}
+            for _ in range(BATCH_RING)]
         self.taken = 0
         self.free = list(range(capacity - 1, -1, -1))
         self.slot: dict[int, int] = {}  # row of the split -> its slot
 
-    def put(self, rows: np.ndarray, arrays: dict[str, Held], picked: np.ndarray | None = None
-            ) -> None:
-        """Rows ``rows`` of the split, from ``arrays`` (``picked`` of their rows, default all)."""
-        if not len(rows):
-            return
+    def reserve(self, rows: np.ndarray) -> list[int]:
+        """Free slots for rows ``rows`` of the split, which are theirs until ``release``."""
         if len(rows) > len(self.free):
             raise RuntimeError(f"{len(rows)} rows arrive with {len(self.free)} of "
                                f"{self.capacity} slots free")
         slots = [self.free.pop() for _ in range(len(rows))]
         self.slot.update(zip(rows.tolist(), slots))
-        picked_rows = range(len(rows)) if picked is None else picked.tolist()
-        for name, value in arrays.items():
-            if name not in self.arrays:
-                self.arrays[name] = _map_parts(value, lambda part: part.new_empty(
-                    (self.capacity, *part.shape[1:])))
-                for batch in self.ring:
-                    batch[name] = _map_parts(value, lambda part: part.new_empty(
-                        (self.batch_rows, *part.shape[1:])))
-            _copy_rows(self.arrays[name], slots, value, picked_rows)
+        return slots
 
     def take(self, rows: np.ndarray) -> dict[str, Held]:
         """A batch of these rows, gathered into the ring's next batch."""
@@ -577,12 +635,12 @@ def _gather_parts(value: Held, slots: list[int], into: Held) -> Held:
     return batch
 
 
-def _copy_rows(into: Held, slots: list[int], rows: Held, picked) -> None:
-    """Rows ``picked`` of ``rows`` copied into rows ``slots`` of ``into``."""
+def _copy_rows(into: Held, slots: list[int], rows: Held) -> None:
+    """The rows of ``rows`` copied into rows ``slots`` of ``into``."""
     if isinstance(into, QuantizedTokens):
-        _copy_rows(into.values, slots, rows.values, picked)
-        _copy_rows(into.scales, slots, rows.scales, picked)
+        _copy_rows(into.values, slots, rows.values)
+        _copy_rows(into.scales, slots, rows.scales)
         return
     source, target = rows.numpy(), into.numpy()
-    for row, slot in zip(picked, slots):
+    for row, slot in enumerate(slots):
         target[slot] = source[row]
