@@ -580,7 +580,7 @@ def repeat_finished(study, trial, earlier, callbacks: SweepCallbacks) -> None:
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, earlier.value)
-    callbacks.on_trial_end(trial_row(study.trials[trial.number]))
+    callbacks.on_trial_end(trial_row(told(trial)))
 
 
 def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks,
@@ -646,7 +646,14 @@ def _tell(study, running: _Running, result: TrainResult | None, seconds: float,
             study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, result.best_val_r1)
-    callbacks.on_trial_end(trial_row(study.trials[trial.number]))
+    callbacks.on_trial_end(trial_row(told(trial)))
+
+
+def told(trial):
+    """The frozen trial of an asked ``trial`` that was just told: one trial from the storage,
+    not ``study.trials`` (every trial of the study with its reports: 0.1 s at 16 trials of 100
+    epochs, and growing with the study)."""
+    return trial.storage.get_trial(trial._trial_id)
 
 
 # ---- results ---------------------------------------------------------------------------------
