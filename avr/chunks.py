@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from avr.integrity import chunk_key, chunk_rows
 
 
 class ChunkDecoder:
@@ -38,16 +37,20 @@ class ChunkDecoder:
     def supported(self) -> bool:
         return self.folder is not None
 
-    def decode(self, chunk: int) -> np.ndarray | None:
-        """Chunk ``chunk`` (its full ``chunks`` shape, rows past the array's end included), or
-        None when it is not one this decoder can vouch for (module docstring)."""
+    def decode(self, chunk: int, into: np.ndarray | None = None) -> np.ndarray | None:
+        """Chunk ``chunk`` (its full ``chunks`` shape, rows past the array's end included) in
+        ``into`` (C-contiguous, that shape) or else in the array this decoder reuses; None when
+        it is not one this decoder can vouch for (module docstring)."""
         if self.folder is None:
             return None
         array = self.array
-        if self.out is None:
-            self.out = np.empty((chunk_rows(array), *array.shape[1:]), dtype=array.dtype)
+        if into is None:
+            if self.out is None:
+                self.out = np.empty((array.chunks[0], *array.shape[1:]), dtype=array.dtype)
+            into = self.out
+        key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
         try:
-            with open(self.folder / chunk_key(array, chunk), "rb", buffering=0) as handle:
+            with open(self.folder / key, "rb", buffering=0) as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if len(self.raw) < size:
                     self.raw = bytearray(size)
@@ -62,7 +65,7 @@ class ChunkDecoder:
             if size < 4 or google_crc32c.value(np.frombuffer(view[:-4], np.uint8)) != int.from_bytes(view[-4:], "little"):
                 return None
             view = view[:-4]
-        target = self.out.reshape(-1).view(np.uint8)
+        target = into.reshape(-1).view(np.uint8)
         if self.blosc:
             from numcodecs import blosc
 
@@ -77,7 +80,7 @@ class ChunkDecoder:
             target[:] = np.frombuffer(view, dtype=np.uint8)
         else:
             return None
-        return self.out
+        return into
 
 
 def _plan(array) -> tuple[Path | None, bool, bool]:

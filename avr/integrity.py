@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from avr import schema
+from avr.chunks import ChunkDecoder
 from avr.errors import AvrError
 
 VERIFY_BLOCK_BYTES = 64 << 20  # decoded bytes verify reads at once (zarr decodes in parallel)
@@ -292,14 +293,19 @@ SPAN_BYTES = 64 * 2**20  # at most this much of an array decoded per store call 
 
 
 def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Rows ``rows`` (ascending) of ``array``. Contiguous rows are one slice; scattered rows of a
+    """Rows ``rows`` (ascending) of ``array``. A local array with the codecs avr writes is read
+    chunk by chunk by ``avr.chunks.ChunkDecoder`` (``_decode_rows``). Otherwise contiguous rows
+    are one slice; scattered rows of a
     numeric array are read as slices over runs of the chunks they touch (each call at most
     ``SPAN_BYTES``) and picked from those: zarr decodes the same whole chunks either way, and a
     slice copies each chunk out once where an orthogonal selection copies it row by row (3x
     slower on a streamed epoch's reads). Strings go by orthogonal selection in blocks."""
     if len(rows) == 0:
         return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
-    if rows[-1] - rows[0] + 1 == len(rows):
+    decoder = ChunkDecoder(array)
+    if decoder.supported:
+        return _decode_rows(array, rows, decoder)
+    if _is_run(rows):
         return np.asarray(array[int(rows[0]):int(rows[-1]) + 1])
     dtype = np.dtype(array.dtype)
     if dtype.kind not in "biuf":
@@ -308,10 +314,42 @@ def _read(array, rows: np.ndarray, block: int = 4096) -> np.ndarray:
     out = np.empty((len(rows), *array.shape[1:]), dtype=dtype)
     for first, last, start, stop in _spans(array, rows):
         part = rows[first:last]
-        if last - first == stop - start:  # every row of the span: straight into place
+        if _is_run(part) and last - first == stop - start:  # every row: straight into place
             out[first:last] = array[start:stop]
         else:
             out[first:last] = np.asarray(array[start:stop])[part - start]
+    return out
+
+
+def _is_run(rows: np.ndarray) -> bool:
+    """Whether ascending ``rows`` are consecutive, each once."""
+    return bool(np.all(np.diff(rows) == 1))
+
+
+def _decode_rows(array, rows: np.ndarray, decoder: ChunkDecoder) -> np.ndarray:
+    """Rows ``rows`` (ascending) of a local array, chunk by chunk through ``decoder``: a chunk
+    whose every row is asked for is decoded straight into its place in the result, and a chunk
+    the decoder cannot vouch for is read through zarr (which raises on damage or reads an
+    absent chunk as the fill value, as ever). On a VATEX-sized store this reads the index arrays
+    15-20x and token arrays 1.6x faster than zarr, which decodes each chunk into a fresh buffer
+    and copies it out (``avr.chunks``)."""
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    per_chunk = chunk_rows(array)
+    chunk_of = rows // per_chunk
+    edges = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1], True])
+    for first, last in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        chunk = int(chunk_of[first])
+        start, stop = chunk_span(array, chunk)
+        offsets = rows[first:last] - start
+        if len(offsets) == per_chunk and _is_run(offsets):  # the whole chunk: in place
+            if decoder.decode(chunk, into=out[first:last]) is not None:
+                continue
+            block = None
+        else:
+            block = decoder.decode(chunk)
+        if block is None:
+            block = np.asarray(array[start:stop])
+        out[first:last] = block[offsets]
     return out
 
 

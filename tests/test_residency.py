@@ -156,7 +156,7 @@ def test_a_streamed_epoch_reads_each_row_once_and_yields_the_rows_it_names(
     """Rows come as the resident split holds them, decoded by ``avr.chunks`` or, where it cannot
     vouch for a chunk (here: none), read through zarr."""
     if decode == "zarr":
-        monkeypatch.setattr(ChunkDecoder, "decode", lambda self, chunk: None)
+        monkeypatch.setattr(ChunkDecoder, "decode", lambda self, chunk, into=None: None)
     head = head_class("tefal")
     names = video_inputs("tefal")
     stream = residency.StreamSettings(4, 0, 2, buffer_pairs=6, held_bytes=0,

@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 from avr import integrity, schema
+from avr.chunks import ChunkDecoder
 from avr.cache import cache_info, export_h5, open_dask
 from avr.evaluate.evaluator import evaluate_run
 from avr.evaluate.index import build_index
@@ -101,22 +102,31 @@ def test_a_deleted_chunk_fails_the_read_naming_array_chunk_and_rows(store):
     assert [d.chunk for d in failed.value.damage] == [1]
 
 
-@pytest.mark.parametrize("span_bytes", [1, 700, 1 << 20])
-def test_scattered_rows_read_as_spans_equal_the_rows(span_bytes, monkeypatch):
-    """Rows of many chunks, read as slices over runs of chunks at most SPAN_BYTES each (down to
-    one chunk a call), come back as the rows asked for, numbers and strings alike."""
+@pytest.mark.parametrize("where,span_bytes", [("memory", 1), ("memory", 700),
+                                              ("memory", 1 << 20), ("local", 1 << 20)])
+def test_scattered_rows_read_as_spans_equal_the_rows(where, span_bytes, monkeypatch, tmp_path):
+    """Rows of many chunks come back as the rows asked for, numbers and strings alike: read as
+    slices over runs of chunks at most SPAN_BYTES each (down to one chunk a call) from a store at
+    a URL, decoded chunk by chunk (whole chunks in place) from a local one."""
     monkeypatch.setattr(integrity, "SPAN_BYTES", span_bytes)
+    store = (zarr.storage.MemoryStore() if where == "memory"
+             else zarr.storage.LocalStore(tmp_path / "store"))
+    group = zarr.open_group(store, mode="w")
     values = np.random.default_rng(0).standard_normal((103, 3, 5)).astype(np.float16)
-    array = zarr.create_array(zarr.storage.MemoryStore(), shape=values.shape, chunks=(4, 3, 5),
-                              dtype=values.dtype)
+    array = group.create_array("values", shape=values.shape, chunks=(4, 3, 5), dtype=values.dtype,
+                               compressors=schema._compressors("zstd"))
     array[:] = values
-    words = zarr.create_array(zarr.storage.MemoryStore(), shape=(103,), chunks=(4,), dtype=str)
+    words = group.create_array("words", shape=(103,), chunks=(4,), dtype=str)
     words[:] = np.asarray([f"w{i}" for i in range(103)], dtype=object)
+    assert ChunkDecoder(array).supported == (where == "local")
     rng = np.random.default_rng(1)
     for _ in range(40):
         rows = np.sort(rng.choice(103, size=int(rng.integers(1, 103)), replace=False))
         np.testing.assert_array_equal(integrity.read_rows(array, rows), values[rows])
         assert list(integrity.read_rows(words, rows)) == [f"w{i}" for i in rows]
+    for rows in ([0, 1, 1, 3], [4, 5, 6, 7, 8], list(range(103)), [100, 101, 102]):
+        np.testing.assert_array_equal(integrity.read_rows(array, np.asarray(rows)),
+                                      values[rows])
 
 
 def test_a_truncated_chunk_fails_its_checksum_at_read(store):
