@@ -97,6 +97,32 @@ def test_validation_of_every_trial_at_once_equals_trial_by_trial(tmp_path, tiny_
     assert all(0 < r1 <= 100 for curve in curves["at once"] for r1 in curve)
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_stacked_layer_norms_equal_each_trials_own_kernel_forward_and_backward(x_grad):
+    """Trial k's slice of the vmapped LayerNorm (outputs, and the gradients of its input,
+    weight and bias) equals torch's fused layer_norm run on trial k alone, bit for bit."""
+    trials, width = 5, 24
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(trials, 7, 3, width, generator=generator)
+    weight = torch.randn(trials, width, generator=generator)
+    bias = torch.randn(trials, width, generator=generator)
+    upstream = torch.randn(trials, 7, 3, width, generator=generator)
+
+    def leaves(*tensors):
+        return [t.clone().requires_grad_(grad) for t, grad in zip(tensors, (x_grad, True, True))]
+
+    xs, ws, bs = leaves(x, weight, bias)
+    out = torch.func.vmap(lambda a, w, b: stacked._TrialLayerNorm.apply(a, w, b, 1e-5))(xs, ws, bs)
+    (out * upstream).sum().backward()
+    for k in range(trials):
+        xk, wk, bk = leaves(x[k], weight[k], bias[k])
+        alone = torch.nn.functional.layer_norm(xk, (width,), wk, bk, 1e-5)
+        (alone * upstream[k]).sum().backward()
+        assert torch.equal(out[k], alone)
+        assert torch.equal(ws.grad[k], wk.grad) and torch.equal(bs.grad[k], bk.grad)
+        assert (xs.grad is None) if not x_grad else torch.equal(xs.grad[k], xk.grad)
+
+
 def test_options_that_change_shapes_or_modules_split_the_groups():
     configs = configs_of("tefal")
     configs.append(TrainConfig(head="tefal", head_options={"dropout": 0.1}))

@@ -117,11 +117,48 @@ class _TrialLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, eps):
-        # unbind, not select: the backward stacks the slices' gradients in one copy
-        x, weight, bias = ([t] * info.batch_size if d is None else t.unbind(d)
+        x, weight, bias = (t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0)
                            for t, d in zip((x, weight, bias), in_dims))
-        return torch.stack([torch.layer_norm(x_k, w_k.shape, w_k, b_k, eps)
-                            for x_k, w_k, b_k in zip(x, weight, bias)]), 0
+        if x.dtype == weight.dtype == bias.dtype == torch.float32 and \
+                not torch.is_autocast_enabled(x.device.type):
+            return _StackedLayerNorm.apply(x, weight, bias, eps)[0], 0
+        # unbind, not select: the backward stacks the slices' gradients in one copy
+        return torch.stack([torch.layer_norm(x_k, w_k.shape, w_k, b_k, eps) for x_k, w_k, b_k
+                            in zip(x.unbind(0), weight.unbind(0), bias.unbind(0))]), 0
+
+
+class _StackedLayerNorm(torch.autograd.Function):
+    """The LayerNorms of stacked trials (x [K, ..., D], weight and bias [K, D], float32) with
+    each trial's values, forward and backward, equal to torch's fused kernel on its slice. The
+    forward is batched: the kernel without affine parameters normalises every row as it would
+    alone (rows are independent; their means and reciprocal deviations come out bit for bit),
+    then ``addcmul`` applies each trial's weight and bias as the fused kernel does (one
+    multiply-add; checked equal in tests/test_stacked.py). The backward runs the kernel's own
+    backward (``native_layer_norm_backward``) on each trial's slice with those statistics: its
+    weight and bias gradients are reductions over the trial's rows in the kernel's order."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        normed, mean, rstd = torch.native_layer_norm(x, weight.shape[1:], None, None, eps)
+        shape = (len(weight),) + (1,) * (x.dim() - weight.dim()) + tuple(weight.shape[1:])
+        return torch.addcmul(bias.view(shape), normed, weight.view(shape)), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        per_trial = [torch.ops.aten.native_layer_norm_backward(
+            grad[k], x[k], list(weight.shape[1:]), mean[k], rstd[k], weight[k], bias[k], mask)
+            for k in range(len(weight))]
+        return (*(torch.stack(parts) if wanted else None
+                  for parts, wanted in zip(zip(*per_trial), mask)), None)
 
 
 class _TrialLayerNormModule(nn.LayerNorm):
