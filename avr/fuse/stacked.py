@@ -16,8 +16,9 @@ torch's AdamW (betas 0.9, 0.98, eps 1e-6, no decay on biases, norms and the logi
 ``clip_grad_norm_``, the learned logit scale is clamped after each step, and validation,
 ``config.json``, ``best.safetensors`` and ``log.csv`` are the trainer's. With dropout, each
 trial draws its own masks (``randomness="different"``), not the ones it draws alone. With
-dropout 0 on the CPU, an X-Pool trial's weights equal its solo run's bit for bit (LayerNorms run
-per trial, ``_TrialLayerNorm``; the AdamW step repeats torch's arithmetic, ``StackedAdamW``);
+dropout 0 on the CPU, an X-Pool trial's weights equal its solo run's bit for bit (LayerNorms
+compute what each trial's own kernel does, ``_TrialLayerNorm``; the AdamW step repeats torch's
+arithmetic, ``StackedAdamW``);
 MeanP's and TEFAL's differ from theirs by the rounding of vmap's batched matmuls and reductions
 (at most 2e-8 and 2e-5 after 10 epochs on the tests' store). A stacked trial's run directory
 has no ``last.safetensors``: it holds no optimizer of its own to resume.
@@ -90,14 +91,16 @@ def groups(configs: list[TrainConfig]) -> list[list[int]]:
 
 
 class _TrialLayerNorm(torch.autograd.Function):
-    """``F.layer_norm`` whose vmap rule runs torch's own kernel on each trial's slice.
+    """``F.layer_norm`` whose vmap rule computes, for each trial, what torch's kernel computes
+    on that trial's slice alone.
 
     vmap's batching rule for a LayerNorm with stacked affine parameters normalises without them
     and then multiplies and adds, so its outputs round differently from the fused kernel's (by
     up to 1e-6) and its weight and bias gradients are reduced in another order (up to 1e-4 on a
     [16, 48, 16, 64] input), which training at a high lr amplifies to 1e-2 over a few hundred
-    steps. Run slice by slice, a stacked trial's LayerNorms compute, forward and backward,
-    exactly what they compute alone."""
+    steps. Here a stacked trial's LayerNorms compute, forward and backward, exactly what they
+    compute alone: in float32 outside autocast through ``_StackedLayerNorm``, else slice by
+    slice through torch's kernel."""
 
     @staticmethod
     def forward(x, weight, bias, eps):
