@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 
-
 class ChunkDecoder:
-    """Decodes whole row chunks of one array of a local store into one array it reuses: each
-    ``decode`` returns that array, valid until the next call. Not shared between threads."""
+    """Decodes whole row chunks of one array of a local store, each into the caller's memory or
+    into one array the decoder reuses (valid until the next call); the file's bytes go through
+    one buffer it reuses. Not shared between threads."""
 
     def __init__(self, array):
         self.folder, self.blosc, self.checksum = _plan(array)
@@ -62,7 +62,8 @@ class ChunkDecoder:
         if self.checksum:
             import google_crc32c
 
-            if size < 4 or google_crc32c.value(np.frombuffer(view[:-4], np.uint8)) != int.from_bytes(view[-4:], "little"):
+            stored = int.from_bytes(view[-4:], "little") if size >= 4 else None
+            if stored is None or google_crc32c.value(np.frombuffer(view[:-4], np.uint8)) != stored:
                 return None
             view = view[:-4]
         target = into.reshape(-1).view(np.uint8)
