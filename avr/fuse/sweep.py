@@ -229,9 +229,13 @@ def storage_url(name: str, storage: str | None, sweeps_dir: Path = SWEEPS_DIR) -
 def opening(url: str):
     """Held while a worker reads, creates or joins the study at ``url``: two workers started
     together would otherwise both create the tables of a new SQLite file (one fails with "table
-    studies already exists") or both store the plan. The guard is a file lock beside a SQLite
-    file; for a server database (PostgreSQL, MySQL) :func:`open_storage` instead opens again
-    once when another worker made the tables meanwhile."""
+    studies already exists") or both store the plan. Also held while a worker takes its next
+    trials (``run_worker``), so that two workers never take one grid point. The guard is a file
+    lock beside a SQLite file; for a server database (PostgreSQL, MySQL) :func:`open_storage`
+    instead opens again once when another worker made the tables meanwhile, and two workers on
+    different machines asking at the same moment for the last free grid point can both get it
+    (Optuna's grid sampler then repeats a point): the second takes the first one's result when
+    it has finished (:func:`finished_twin`), else trains it again."""
     if not url.startswith("sqlite:///"):
         yield
         return
@@ -515,9 +519,14 @@ def run_worker(study, storage, plan: SweepPlan, out_dir: Path,
         while True:
             release_dead_trials(study, storage)
             asked = []
-            while len(asked) < parallel and work_left(study, plan):
-                asked.append(study.ask())
-                heartbeat.add(asked[-1]._trial_id)
+            # One worker at a time looks for work and takes it: two workers asking at once
+            # could both see the last grid point free, and Optuna's grid sampler hands the second
+            # a point already taken. Held for a SQLite file (the workers of one machine); for a
+            # server database see ``opening``.
+            with opening(storage.url):
+                while len(asked) < parallel and work_left(study, plan):
+                    asked.append(study.ask())
+                    heartbeat.add(asked[-1]._trial_id)
             if not asked:
                 break
             try:
