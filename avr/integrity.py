@@ -127,6 +127,16 @@ def chunks_of(array, rows: np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(rows, dtype=np.int64) // chunk_rows(array))
 
 
+def chunk_runs(array, rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """``rows`` (ascending) cut where the chunk changes: (first, last, chunk) for each run,
+    ``rows[first:last]`` all in row-chunk ``chunk``."""
+    if not len(rows):
+        return []
+    chunk_of = np.asarray(rows, dtype=np.int64) // chunk_rows(array)
+    edges = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1], True]).tolist()
+    return [(first, last, int(chunk_of[first])) for first, last in zip(edges[:-1], edges[1:])]
+
+
 def has_checksum(array) -> bool:
     from zarr.codecs import Crc32cCodec
 
@@ -335,10 +345,7 @@ def _decode_rows(array, rows: np.ndarray, decoder: ChunkDecoder) -> np.ndarray:
     and copies it out (``avr.chunks``)."""
     out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
     per_chunk = chunk_rows(array)
-    chunk_of = rows // per_chunk
-    edges = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1], True])
-    for first, last in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        chunk = int(chunk_of[first])
+    for first, last, chunk in chunk_runs(array, rows):
         start, stop = chunk_span(array, chunk)
         offsets = rows[first:last] - start
         if len(offsets) == per_chunk and _is_run(offsets):  # the whole chunk: in place

@@ -53,7 +53,7 @@ from avr.fuse.data import _require_captions_done, read_held, split_rows, split_s
 from avr.fuse.distributed import World
 from avr.fuse.quantize import Held, QuantizedTokens, is_token_array, quantize
 from avr.fuse.sampling import distinct_videos, draw_pairs
-from avr.integrity import chunk_rows, read_rows, will_read
+from avr.integrity import chunk_rows, chunk_runs, read_rows, will_read
 
 GPU_SHARE = 0.8  # of the free GPU memory, by default, for the device-resident splits
 HOST_SHARE = 0.5  # of the available RAM, by default, for the host-resident splits
@@ -355,12 +355,11 @@ class StreamedSplit:
         self.caption_video = torch.from_numpy(local[self.caption_store_rows])
         self.video_ids = [str(v) for v in read_rows(self.group[schema.VIDEO_ID],
                                                     self.video_store_rows)]
-        chunk_of = self.video_store_rows // chunk_rows(self.group[schema.VIDEO_DONE])
-        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
-        self.chunk_bounds = list(zip(starts, np.r_[starts[1:], len(chunk_of)]))
+        self.chunk_bounds = [(first, last) for first, last, _ in
+                             chunk_runs(self.group[schema.VIDEO_DONE], self.video_store_rows)]
         by_video = np.argsort(self.caption_video.numpy(), kind="stable")
         edges = np.searchsorted(self.caption_video.numpy()[by_video],
-                                [b for b, _ in self.chunk_bounds] + [len(chunk_of)])
+                                [b for b, _ in self.chunk_bounds] + [len(self.video_store_rows)])
         self.chunk_captions = [np.sort(by_video[a:b]) for a, b in zip(edges[:-1], edges[1:])]
         self._decoders = threading.local()  # each reader thread's ChunkDecoder per array
 
@@ -507,10 +506,8 @@ class StreamedSplit:
             _copy_rows(into, slots, read_held(array, store_rows, self.resident))
             return
         per_chunk = chunk_rows(array)
-        chunk_of = store_rows // per_chunk
-        edges = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1], True])
-        for first, last in zip(edges[:-1], edges[1:]):
-            rows, chunk = store_rows[first:last], int(chunk_of[first])
+        for first, last, chunk in chunk_runs(array, store_rows):
+            rows = store_rows[first:last]
             block = decoder.decode(chunk)
             if block is None:  # zarr reads it, or names the damage
                 part = read_held(array, rows, self.resident)
