@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from avr import schema
-from avr.fuse.blocks import TextConditionedPool, identity_linear, masked_attention
+from avr.fuse.blocks import (TextConditionedPool, cosine_scores, identity_linear,
+                              masked_attention)
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
                                  RetrievalHead, Rows, State, slice_state, state_rows)
@@ -254,8 +255,7 @@ class Gais(RetrievalHead):
             toward_video = F.normalize(video_mean - text, dim=-1)  # p_i
             paired_radius = terms.radius.diagonal(dim1=0, dim2=1).t()  # r_ii [B, D]
             support_text = text + toward_video * paired_radius
-            support_sim = torch.einsum("qd,qvd->qv", F.normalize(support_text, dim=-1),
-                                       F.normalize(terms.pooled, dim=-1))
+            support_sim = cosine_scores(support_text, terms.pooled)
             support = weighted_infonce(support_sim * self.scale(), weights)
             total = main + self.config.support_weight * support
             parts["loss_support"] = support.detach()
