@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avr import schema
 from avr.device import autocast
-from avr.fuse.data import random_split
-from avr.fuse.heads import build_head, head_class
 from avr.evaluate.score import score_split, score_states
-from avr.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.fuse.heads import build_head, head_class
+from avr.store import schema
+from avr.store.group import create_store, open_store
+from avr.store.location import store_location
+from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.store.splits import random_split
 
 # VATEX with the default backbones (the HGR split; BENCHMARKS.md has the figures).
 VATEX = dict(train_videos=25_991, test_videos=1_500, captions_per_video=10, frames=32)
@@ -119,7 +121,7 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
     config = TrainConfig(head=head_name, epochs=1, batch_size=batch_size, lr=1e-4, seed=seed,
                          device=str(device), memory_budget=memory_budget, resident=resident)
     config.validate()
-    location = schema.store_location(store)
+    location = store_location(store)
     start = time.perf_counter()
     cache = trainer.load_cache(location, head_name, device, config=config)
     load_seconds = time.perf_counter() - start
@@ -165,7 +167,7 @@ def _pair_bytes(location, head_name: str) -> int:
     from avr.fuse.heads import video_inputs
     from avr.fuse.residency import StoreSizes
 
-    group, _ = schema.open_store(location)
+    group, _ = open_store(location)
     sizes = StoreSizes(group, video_inputs(head_name), head_class(head_name).caption_inputs,
                        "fp16")
     return sizes.video_row16 + sizes.caption_row16
@@ -185,7 +187,7 @@ def _chunk_files(location, train) -> list[Path]:
     root = Path(str(location))
     if not root.is_dir():
         return []
-    group, _ = schema.open_store(location)
+    group, _ = open_store(location)
     files = []
     for names, rows in ((train.video_names, train.video_store_rows),
                         (train.caption_names, train.caption_store_rows)):
@@ -259,7 +261,7 @@ def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None 
     rows = max(8, int(gigabytes * 1e9 / row_bytes))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         generated = Path(tmp) / "cache"
-        group = schema.create_store(generated, spec, [f"v{i}" for i in range(rows)],
+        group = create_store(generated, spec, [f"v{i}" for i in range(rows)],
                                     ["train"] * rows,
                                     np.arange(rows), [f"c{i}" for i in range(rows)])
         chunk = group[schema.AUDIO_PATCH_TOKENS].chunks[0]
@@ -290,7 +292,7 @@ def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None 
 def _read_train_audio(store: str | Path, device: torch.device) -> tuple[float, int, int]:
     """Seconds to read the train split's audio tokens of ``store`` into ``device`` memory,
     their bytes and the number of videos."""
-    from avr.fuse.data import load_split
+    from avr.store.splits import load_split
 
     start = time.perf_counter()
     data = load_split(store, "train", (schema.AUDIO_PATCH_TOKENS,), ())

@@ -4,7 +4,7 @@ Usage errors (an unknown option, a value of the wrong type or out of range, a mi
 are typer's own: its short usage message and exit status 2, before any work starts. Errors
 derived from AvrError are printed as one message without a traceback (exit status 2);
 ``--debug`` shows the traceback. Every option that names a store takes a path or a URL
-(``s3://bucket/cache``, ``file:///data/cache``), resolved by ``avr.schema.store_location``.
+(``s3://bucket/cache``, ``file:///data/cache``), resolved by ``avr.store.location.store_location``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N."
-COMPRESSIONS = ("zstd", "lz4", "none")  # avr.schema.COMPRESSIONS, without importing numpy here
+COMPRESSIONS = ("zstd", "lz4", "none")  # avr.store.schema.COMPRESSIONS, without importing numpy here
 COMPRESSION_HELP = ("Codecs of a new store's chunks, each with a crc32c checksum: zstd (smallest), "
                     "lz4 (decodes 1.7-1.9x as fast), none (fastest to stream). A resumed "
                     "store keeps its own.")
@@ -196,7 +196,7 @@ def cache_info(
 
     from rich.table import Table
 
-    from avr.cache import cache_info as read_info
+    from avr.store.info import cache_info as read_info
 
     info = read_info(path)
     if as_json:
@@ -239,7 +239,8 @@ def cache_export(
                                callback=_one_of("h5")),
 ):
     """Write a store to another format under the same array names."""
-    from avr.cache import export_h5, stored_bytes
+    from avr.store.export import export_h5
+    from avr.store.info import stored_bytes
 
     written = export_h5(path, out)
     console.print(f"wrote {written} ({stored_bytes(written) / 1e6:,.1f} MB)")
@@ -256,8 +257,8 @@ def cache_verify(
     """Read every chunk under done rows: present, checksum holds. Exit 0 clean, 1 damaged."""
     import json
 
-    from avr.integrity import repair_store, verify_store
-    from avr.lock import StoreLock
+    from avr.store.integrity import repair_store, verify_store
+    from avr.store.lock import StoreLock
 
     progress_console = None if as_json else console
     if repair:
@@ -341,7 +342,7 @@ def cache_break_lock(
     path: str = typer.Argument(..., help="The store: a path or a URL."),
 ):
     """Remove a store's lock left by a writer that is gone (refused while it runs here)."""
-    from avr.lock import break_lock
+    from avr.store.lock import break_lock
 
     holder = break_lock(path)
     if holder is None:
@@ -353,7 +354,7 @@ def cache_break_lock(
 def _require_head_arrays(cache: str, head: str, *options: dict) -> None:
     """Refuse a store that leaves an array the head reads unwritten on purpose."""
     from avr.fuse.heads import head_class, video_inputs
-    from avr.integrity import require_arrays_written
+    from avr.store.read import require_arrays_written
 
     require_arrays_written(cache, (*video_inputs(head, *options), *head_class(head).caption_inputs))
 
@@ -434,7 +435,6 @@ def train(
 ):
     """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
     Under torchrun every process trains its share of each batch; rank 0 reports."""
-    from avr import schema
     from avr.fuse import distributed, trainer
     from avr.fuse.config import resume_changes, train_config as train_config_of
     from avr.progress import progress_bar
@@ -525,7 +525,6 @@ def sweep(
     """Search training and head options on an Optuna study; one loaded cache per worker."""
     import time
 
-    from avr import schema
     from avr.fuse import sweep as sweeps, trainer
 
     flags = dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed, device=device,
@@ -537,7 +536,9 @@ def sweep(
         plan = sweeps.resolve_plan(name, sweeps.stored_plan(name, url), grid=grid,
                                    search=search, trials=trials, prune=prune, cache=cache,
                                    flags=flags, opts=opt)
-        schema.open_store(plan.cache)  # a missing store is reported before anything is drawn
+        from avr.store.group import open_store
+
+        open_store(plan.cache)  # a missing store is reported before anything is drawn
         if "head=" not in plan.grid:
             _require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
         _, schedule = trainer.schedule_for_store(plan.cache, plan.base)

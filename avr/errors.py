@@ -1,6 +1,10 @@
-"""Exceptions whose message a user can act on; the CLI prints them without a traceback."""
+"""Every exception avr raises for a user: a message they can act on, printed by the CLI as one
+``error:`` line without a traceback (``avr --debug`` shows it). One module, so that a caller can
+catch any of them and a reader finds them all in one place."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class AvrError(Exception):
@@ -21,3 +25,67 @@ class CacheMismatchError(AvrError):
 
 class RunError(AvrError):
     """A run directory or checkpoint cannot be used as asked."""
+
+
+class InputFileError(AvrError):
+    """A user's file cannot be read as written (encoding, syntax, a value of the wrong type)."""
+
+
+# ---- decoding ---------------------------------------------------------------------------------
+
+# Why a clip could not be decoded, as extract records it in the store's failures.
+DECODE_REASONS = ("missing_file", "zero_byte", "unreadable", "no_video_stream", "truncated",
+                  "no_frames")
+
+
+class ClipDecodeError(DecodeError):
+    """A media file that cannot be decoded: ``path``, ``reason`` (one of DECODE_REASONS),
+    ``detail``."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str):
+        if reason not in DECODE_REASONS:
+            raise ValueError(f"unknown decode failure reason {reason!r}")
+        self.path = Path(path)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{path}: {detail} [{reason}]")
+
+    def __reduce__(self):
+        # Decoding runs in worker processes; the error must survive pickling intact.
+        return type(self), (str(self.path), self.reason, self.detail)
+
+
+# ---- stores -----------------------------------------------------------------------------------
+
+class DamagedStoreError(AvrError):
+    """Chunks under rows that count are absent or fail their checksum (``damage``: the
+    ``avr.store.read.ChunkDamage`` of each)."""
+
+    def __init__(self, store: str, damage: list):
+        self.damage = damage
+        shown = [d.describe() for d in damage[:10]]
+        if len(damage) > 10:
+            shown.append(f"... {len(damage) - 10} more")
+        super().__init__(
+            f"{store} is damaged:\n  " + "\n  ".join(shown) + f"\n`avr cache verify {store}` "
+            f"lists all damage; `avr cache verify {store} --repair` marks the rows for "
+            f"recomputation by the next `avr extract`")
+
+
+class UnwrittenArrayError(AvrError):
+    """A read of an array that the store leaves unwritten on purpose."""
+
+    def __init__(self, store: str, array: str, command: str):
+        self.array = array
+        super().__init__(
+            f"{store}: array {array} was left unwritten on purpose by `{command}`; write a store "
+            f"that has it: the same command with {array} in --arrays, or with --heads naming "
+            f"every head you will run")
+
+
+class StoreLockedError(AvrError):
+    """Another live process holds the store's lock."""
+
+
+class LockLostError(AvrError):
+    """This process no longer holds the lock it took (taken over, removed or not refreshed)."""

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avr.errors import AvrError
-
-
-class InputFileError(AvrError):
-    """A user's file cannot be read as written (encoding, syntax, a value of the wrong type)."""
+from avr.errors import InputFileError
 
 
 def read_text(path: Path) -> str:

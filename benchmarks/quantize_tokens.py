@@ -14,10 +14,10 @@ import time
 import numpy as np
 import torch
 
-from avr import schema
 from avr.extract.generated import (GeneratedEncoder, GeneratorSettings, Vocabulary,
                                    generated_spec, make_plan)
-from avr.fuse.quantize import cosine_fidelity, quantize
+from avr.store import schema
+from avr.store.quantize import cosine_fidelity, quantize
 
 ARRAYS = (schema.FRAME_EMBEDDINGS, schema.AUDIO_PATCH_TOKENS, schema.AUDIO_TIME_TOKENS,
           schema.AUDIO_GLOBAL_TOKENS, schema.swin_level(0), schema.swin_level(1),

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from avr import integrity, schema
-from avr.fuse.data import load_split
-from avr.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.store import integrity, read, schema
+from avr.store.group import create_store, open_store
+from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.store.splits import load_split
 
 CHUNK_ROWS = 4  # VATEX's video chunking (8 MB of 1,212 x 768 fp16 audio tokens per chunk)
 
@@ -37,7 +38,7 @@ def small_spec() -> CacheSpec:
 def build(path: Path, videos: int, captions_per_video: int) -> None:
     spec = small_spec()
     splits = ["train"] * (videos - 3000) + ["val"] * 1500 + ["test"] * 1500
-    group = schema.create_store(path, spec, [f"v{i}" for i in range(videos)], splits,
+    group = create_store(path, spec, [f"v{i}" for i in range(videos)], splits,
                                 np.repeat(np.arange(videos), captions_per_video),
                                 [f"c{j}" for j in range(videos * captions_per_video)],
                                 video_chunk_rows=CHUNK_ROWS)
@@ -71,15 +72,15 @@ def main() -> None:
         store = Path(tmp) / "cache"
         start = time.perf_counter()
         build(store, args.videos, args.captions_per_video)
-        group, _ = schema.open_store(store)
+        group, _ = open_store(store)
         frames = group[schema.FRAME_EMBEDDINGS]
-        print(f"store: {args.videos:,} videos, {integrity.chunk_count(frames):,} chunk files per "
+        print(f"store: {args.videos:,} videos, {read.chunk_count(frames):,} chunk files per "
               f"video array, built in {time.perf_counter() - start:.0f} s")
-        listing = seconds(lambda: integrity.stored_chunks(frames))
+        listing = seconds(lambda: read.stored_chunks(frames))
         print(f"listing one video array's chunk keys: {listing * 1e3:.0f} ms")
         rows = np.arange(frames.shape[0] - 3000)
-        plain = seconds(lambda: integrity._read(frames, rows))
-        checked = seconds(lambda: integrity.read_rows(frames, rows))
+        plain = seconds(lambda: read._read(frames, rows))
+        checked = seconds(lambda: read.read_rows(frames, rows))
         print(f"reading frame_embeddings of the train split: {plain:.2f} s unchecked, "
               f"{checked:.2f} s with the absent-chunk check "
               f"(+{(checked / plain - 1) * 100:.0f} %)")
@@ -88,10 +89,10 @@ def main() -> None:
                        (schema.TEXT_EMBEDDINGS,))
 
         checked = seconds(load, repeat=2)
-        every_chunk_is_stored = integrity.every_chunk_is_stored
-        integrity.every_chunk_is_stored = lambda array: False  # absent chunks not looked for
+        every_chunk_is_stored = read.every_chunk_is_stored
+        read.every_chunk_is_stored = lambda array: False  # absent chunks not looked for
         plain = seconds(load, repeat=2)
-        integrity.every_chunk_is_stored = every_chunk_is_stored
+        read.every_chunk_is_stored = every_chunk_is_stored
         print(f"load_split(train: frames, mask, sentence embeddings): {plain:.2f} s without "
               f"looking for absent chunks, {checked:.2f} s with")
         report = integrity.verify_store(store)

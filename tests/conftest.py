@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from avr.device import intra_op_threads
-from avr.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
 
 
 def make_tiny_spec(**overrides) -> CacheSpec:

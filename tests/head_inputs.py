@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avr import schema
+from avr.store import schema
 
 
 def random_rows(spec, names, n, seed=0):

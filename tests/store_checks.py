@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from avr import schema
 from avr.extract.pipeline import ExtractConfig
+from avr.store import schema
+from avr.store.group import open_store
 
 
 def demo_extract_config(root: Path, out: Path | str, chunk_rows: int, **overrides
@@ -22,7 +23,7 @@ def demo_extract_config(root: Path, out: Path | str, chunk_rows: int, **override
 
 
 def read_store(path: Path) -> dict[str, np.ndarray]:
-    group, spec = schema.open_store(path)
+    group, spec = open_store(path)
     return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
 
 

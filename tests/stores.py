@@ -1,4 +1,4 @@
-"""Small stores with a known answer, written through avr.schema like a real extract would."""
+"""Small stores with a known answer, written through avr.store like a real extract would."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from avr import schema
-from avr.schema import CacheSpec
+from avr.store import schema
+from avr.store.group import create_store
+from avr.store.schema import CacheSpec
 
 
 def make_learnable_store(path: Path, spec: CacheSpec, *, n_train: int = 48, n_val: int = 12,
@@ -22,7 +23,7 @@ def make_learnable_store(path: Path, spec: CacheSpec, *, n_train: int = 48, n_va
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     caption_video = np.repeat(np.arange(n), captions_per_video)
     m = len(caption_video)
-    group = schema.create_store(path, spec, [f"video{i:04d}" for i in range(n)], splits,
+    group = create_store(path, spec, [f"video{i:04d}" for i in range(n)], splits,
                                 caption_video, [f"caption {j} of video {j // captions_per_video}"
                                                 for j in range(m)],
                                 video_chunk_rows=video_chunk_rows)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from avr import schema
 from avr.errors import AvrError
 from avr.extract import backbones as bb
 from avr.extract.backbones import BackboneNames, Backbones, HashWordTokenizer, load_backbones
-from avr.schema import AudioParams, BackboneInfo, spec_differences
+from avr.store import schema
+from avr.store.schema import AudioParams, BackboneInfo, spec_differences
 from conftest import make_tiny_spec
 
 CAPTIONS = ["a dog barks at the door", "someone plays a loud guitar solo on a stage tonight!!"]

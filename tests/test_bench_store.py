@@ -16,12 +16,14 @@ import zarr
 
 from typer.testing import CliRunner
 
-from avr import cli, schema
-from avr.cache import cache_info
+from avr import cli
 from avr.cli import app
 from avr.errors import CacheMismatchError
 from avr.extract.generated import GeneratedEncoder, GeneratorSettings, write_generated_store
-from avr.integrity import read_rows
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.info import cache_info
+from avr.store.read import read_rows
 from test_cli_errors import assert_one_line_error, run_avr
 
 TINY = ("--shapes", "tiny")
@@ -60,7 +62,7 @@ def eval_json(run: Path, tmp_path: Path, *args: str) -> dict:
 
 
 def test_the_store_has_the_real_schema_and_splits(store):
-    group, spec = schema.open_store(store)
+    group, spec = open_store(store)
     assert spec.dataset == "generated"
     splits = read_rows(group[schema.VIDEO_SPLIT])
     assert [int((splits == schema.split_code(s)).sum()) for s in schema.SPLITS] == [60, 20, 20]
@@ -80,7 +82,7 @@ def test_the_store_has_the_real_schema_and_splits(store):
 
 
 def test_captions_hold_what_the_generator_encodes_from_their_text(store):
-    group, spec = schema.open_store(store)
+    group, spec = open_store(store)
     rows = np.arange(5)
     texts = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], rows)]
     encoded = GeneratedEncoder(spec, 0).encode_text(texts)
@@ -110,7 +112,7 @@ def test_sweep_index_and_search_run_on_the_store(store, runs):
                      "--batch-size", "32", "--device", "cpu", "--grid", "lr=1e-3,3e-3")
     assert "lr=0.001" in out and "val R@1" in out
     ok(run_avr("index", "build", store))
-    group, _ = schema.open_store(store)
+    group, _ = open_store(store)
     test_rows = np.flatnonzero(read_rows(group[schema.VIDEO_SPLIT]) == schema.split_code("test"))
     caption_video = read_rows(group[schema.CAPTION_VIDEO])
     caption = int(np.flatnonzero(np.isin(caption_video, test_rows)
@@ -214,7 +216,7 @@ def test_a_killed_write_resumes_and_other_settings_are_refused(tmp_path):
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):  # after the second of six video chunks
         write_generated_store(resumed, settings, chunk_rows=4, on_chunk=kill)
-    group, _ = schema.open_store(resumed)
+    group, _ = open_store(resumed)
     done = read_rows(group[schema.VIDEO_DONE])
     assert done.sum() == 8
     write_generated_store(resumed, settings)

@@ -1,4 +1,4 @@
-"""``avr.chunks.ChunkDecoder``: whole chunks of a local array decoded into reused memory equal
+"""``avr.store.chunks.ChunkDecoder``: whole chunks of a local array decoded into reused memory equal
 zarr's reads for every compression avr writes, and anything it cannot vouch for (another codec,
 a store at a URL, strings, an absent, truncated or altered chunk file) is left to zarr."""
 
@@ -11,9 +11,10 @@ import pytest
 import zarr
 from zarr.codecs import GzipCodec
 
-from avr import schema
-from avr.chunks import ChunkDecoder
-from avr.integrity import chunk_key
+from avr.store import schema
+from avr.store import _zarr
+from avr.store.chunks import ChunkDecoder
+from avr.store.read import chunk_key
 
 ROWS, CHUNK = 103, 4  # the last chunk holds 3 rows
 
@@ -37,7 +38,7 @@ def tokens() -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int32", "bool"])
 def test_every_chunk_decodes_to_zarrs_rows(tmp_path, tokens, compression, dtype):
     values = (tokens > 0) if dtype == "bool" else (tokens * 100).astype(dtype)
-    array = local_array(tmp_path, values, compressors=schema._compressors(compression))
+    array = local_array(tmp_path, values, compressors=_zarr.compressors(compression))
     array[:] = values
     decoder = ChunkDecoder(array)
     assert decoder.supported
@@ -52,7 +53,7 @@ def test_every_chunk_decodes_to_zarrs_rows(tmp_path, tokens, compression, dtype)
 
 
 def test_a_damaged_or_absent_chunk_is_left_to_zarr(tmp_path, tokens):
-    array = local_array(tmp_path, tokens, compressors=schema._compressors("zstd"))
+    array = local_array(tmp_path, tokens, compressors=_zarr.compressors("zstd"))
     array[:] = tokens
     decoder = ChunkDecoder(array)
     chunk_path(tmp_path, array, 0).unlink()

@@ -21,7 +21,7 @@ from avr.extract.decode import (
     resized_size,
     sample_times,
 )
-from avr.schema import AudioParams
+from avr.store.schema import AudioParams
 from tests import media
 
 PARAMS = AudioParams()

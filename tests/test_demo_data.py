@@ -11,7 +11,7 @@ import pytest
 
 from avr.extract import demo_data
 from avr.extract.decode import decode_audio, decode_clip, decode_frames
-from avr.schema import SPLITS, AudioParams
+from avr.store.schema import SPLITS, AudioParams
 
 NUM_LOOKS = 2  # 12 clips: look 0 puts two twins in test, look 1 has a clip without audio
 

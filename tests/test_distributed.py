@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from avr.errors import AvrError
 from avr.fuse import checkpoint, distributed, sampling, trainer
-from avr.fuse.data import load_split, random_split
 from avr.fuse.distributed import World
 from avr.fuse.heads import build_head
 from avr.fuse.trainer import TrainConfig
+from avr.store.splits import load_split, random_split
 from conftest import make_tiny_spec
 from stores import make_learnable_store
 

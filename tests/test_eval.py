@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avr import schema
 from avr.cli import main
 from avr.errors import AvrError, CacheMismatchError, RunError
 from avr.evaluate import metrics
@@ -21,6 +20,7 @@ from avr.evaluate.evaluator import EvalConfig, evaluate_run
 from avr.evaluate.search import search
 from avr.fuse import checkpoint, trainer
 from avr.fuse.trainer import TrainConfig
+from avr.store import schema
 from conftest import make_tiny_spec
 from stores import make_learnable_store
 

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avr import schema
-from avr.cache import cache_info, export_h5, open_dask
 from avr.errors import CacheMismatchError
 from avr.extract import pipeline
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import ExtractConfig, extract
+from avr.store import schema
+from avr.store.export import export_h5, open_dask
+from avr.store.group import open_store
+from avr.store.info import cache_info
 import media
 from store_checks import assert_same_store, demo_extract_config, read_store
 
@@ -44,7 +46,7 @@ def straight(demo_root, tmp_path_factory) -> Path:
 
 def test_demo_store_holds_every_array_with_its_shape(straight):
     info = cache_info(straight)
-    group, spec = schema.open_store(straight)
+    group, spec = open_store(straight)
     n, m = info["videos"]["rows"], info["captions"]["rows"]
     assert info["videos"]["done"] == n and info["captions"]["done"] == m
     expected = schema.array_layout(spec, n, m)
@@ -59,7 +61,7 @@ def test_demo_store_holds_every_array_with_its_shape(straight):
 
 
 def test_clips_without_an_audio_track_are_flagged(straight, demo_root):
-    group, _ = schema.open_store(straight)
+    group, _ = open_store(straight)
     ids = list(group[schema.VIDEO_ID][:])
     has_audio = np.asarray(group[schema.HAS_AUDIO][:])
     from avr.extract.decode import decode_audio
@@ -90,7 +92,7 @@ def test_interrupted_extract_resumes_to_an_identical_store(straight, demo_root, 
 
     with pytest.raises(Interrupted):
         extract(config_for(demo_root, out), on_chunk=stop_after_first_chunk)
-    done = schema.open_store(out)[0][schema.VIDEO_DONE][:]
+    done = open_store(out)[0][schema.VIDEO_DONE][:]
     assert 0 < done.sum() < len(done)
     summary = extract(config_for(demo_root, out))
     assert summary.done_now == len(done) - done.sum()
@@ -114,7 +116,7 @@ def test_a_chunk_written_but_not_marked_done_is_redone(straight, demo_root, tmp_
     monkeypatch.setattr(pipeline, "_write_rows", write_then_die)
     with pytest.raises(Interrupted):
         extract(config_for(demo_root, out))
-    done = schema.open_store(out)[0][schema.VIDEO_DONE][:]
+    done = open_store(out)[0][schema.VIDEO_DONE][:]
     assert done[:CHUNK].all() and not done[CHUNK:].any()
     monkeypatch.setattr(pipeline, "_write_rows", real_write)
     extract(config_for(demo_root, out))
@@ -132,7 +134,7 @@ def test_a_killed_process_resumes_to_an_identical_store(straight, demo_root, tmp
     done_rows = 0
     while time.time() < deadline and process.poll() is None:
         try:
-            done_rows = int(schema.open_store(out)[0][schema.VIDEO_DONE][:].sum())
+            done_rows = int(open_store(out)[0][schema.VIDEO_DONE][:].sum())
         except Exception:  # store not created yet, or being created
             done_rows = 0
         if done_rows >= 2:
@@ -177,7 +179,7 @@ def test_bad_files_are_recorded_and_skipped(broken_root, tmp_path):
     reasons = {f.video_id: f.reason for f in summary.failures}
     assert reasons == {"empty": "zero_byte", "garbage": "unreadable", "truncated": "truncated",
                        "soundonly": "no_video_stream", "absent": "missing_file"}
-    group, _ = schema.open_store(out)
+    group, _ = open_store(out)
     ids = list(group[schema.VIDEO_ID][:])
     done = dict(zip(ids, group[schema.VIDEO_DONE][:]))
     assert done["good1"] and done["good2"] and not any(done[v] for v in reasons)
@@ -221,7 +223,7 @@ def test_overwrite_replaces_a_mismatched_store(demo_root, tmp_path):
     out = tmp_path / "cache"
     extract(config_for(demo_root, out, num_frames=4))
     extract(config_for(demo_root, out, num_frames=5, overwrite=True))
-    assert schema.open_store(out)[1].num_frames == 5
+    assert open_store(out)[1].num_frames == 5
 
 
 def test_hdf5_export_round_trips(straight, tmp_path):
@@ -238,7 +240,7 @@ def test_hdf5_export_round_trips(straight, tmp_path):
                 values = [str(v) for v in values]
             np.testing.assert_array_equal(np.asarray(exported), np.asarray(values), err_msg=name)
         spec = json.loads(h5.attrs[schema.ATTR_SPEC])
-    assert spec == schema.open_store(straight)[1].to_attrs()
+    assert spec == open_store(straight)[1].to_attrs()
 
 
 def test_dask_arrays_read_the_same_values(straight):

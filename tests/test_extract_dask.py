@@ -18,12 +18,14 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from avr import schema  # noqa: E402
 from avr.errors import AvrError  # noqa: E402
-from avr.lock import LockRecord, StoreLock, StoreLockedError  # noqa: E402
+from avr.errors import StoreLockedError  # noqa: E402
 from avr.extract.demo_data import generate_demo  # noqa: E402
 from avr.extract.distributed import extract_on_dask, local_cluster  # noqa: E402
 from avr.extract.pipeline import ExtractConfig, extract  # noqa: E402
+from avr.store import schema  # noqa: E402
+from avr.store.group import open_store
+from avr.store.lock import LockRecord, StoreLock  # noqa: E402
 import media  # noqa: E402
 from store_checks import assert_same_store, demo_extract_config, read_store  # noqa: E402
 
@@ -146,8 +148,8 @@ def test_failures_are_recorded_as_by_one_process(client, broken_root, tmp_path):
     assert summary.failures == single.failures
     assert ((many / schema.FAILURES_FILE).read_text()
             == (one / schema.FAILURES_FILE).read_text())
-    assert (schema.open_store(many)[0].attrs[schema.ATTR_FAILURES]
-            == schema.open_store(one)[0].attrs[schema.ATTR_FAILURES])
+    assert (open_store(many)[0].attrs[schema.ATTR_FAILURES]
+            == open_store(one)[0].attrs[schema.ATTR_FAILURES])
     assert_same_store(one, many)
 
 
@@ -219,7 +221,7 @@ def test_a_killed_dask_extract_resumes_to_the_same_store(demo_root, straight, tm
     done_rows = 0
     while time.time() < deadline and parent.poll() is None and done_rows < 2:
         try:
-            done_rows = int(schema.open_store(out)[0][schema.VIDEO_DONE][:].sum())
+            done_rows = int(open_store(out)[0][schema.VIDEO_DONE][:].sum())
         except Exception:  # not created yet, or being created
             pass
         time.sleep(0.05)

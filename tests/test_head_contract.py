@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from avr import schema
 from avr.evaluate.score import ChunkSizes, score_split, score_states
 from avr.fuse import checkpoint, trainer
 from avr.fuse.heads import HEADS, build_head
 from avr.fuse.heads import base
 from avr.fuse.trainer import TrainConfig
+from avr.store import schema
 from conftest import make_tiny_spec
 from head_inputs import random_rows, randomize
 from stores import make_learnable_store
@@ -202,9 +202,9 @@ THROWAWAY_HEAD = '''
     import torch.nn.functional as F
     from torch import nn
 
-    from avr import schema
     from avr.fuse.heads import register_head
     from avr.fuse.heads.base import RetrievalHead
+    from avr.store import schema
 
 
     @register_head("throwaway")

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avr import schema
 from avr.errors import AvrError
 from avr.fuse.heads import build_head
 from avr.fuse.heads.avigate import FUSED_WEIGHT, adaptive_margins, multi_grained_similarity
 from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION
+from avr.store import schema
 from conftest import make_tiny_spec
 
 SMALL = dict(resampler_layers=2, fusion_layers=2)

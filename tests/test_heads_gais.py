@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avr import schema
 from avr.fuse.heads import build_head
 from avr.fuse.heads.base import EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION
 from avr.fuse.heads.gais import frames_to_slots
+from avr.store import schema
 from head_inputs import random_rows, randomize
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avr import schema
-from avr.fuse.data import random_split
-from avr.fuse.graph import GATLayer, GCNLayer, TemporalGraph, temporal_adjacency
 from avr.errors import AvrError
+from avr.fuse.graph import GATLayer, GCNLayer, TemporalGraph, temporal_adjacency
 from avr.fuse.heads import base, build_head, make_config
 from avr.fuse.heads import htav
+from avr.store import schema
+from avr.store.splits import random_split
 from head_inputs import randomize
 
 SMALL = dict(width=16, graph_layers=1, spans=(1, 2, 4), dropout=0.0)

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avr import schema
 from avr.errors import AvrError
 from avr.fuse import trainer
 from avr.fuse.heads import build_head, video_inputs
 from avr.fuse.heads.base import EXPLAIN_AUDIO_ATTENTION, EXPLAIN_FRAME_ATTENTION
 from avr.fuse.heads.tefal import FUSIONS
 from avr.fuse.trainer import TrainConfig
+from avr.store import schema
 from head_inputs import random_rows, randomize
 from stores import make_learnable_store
 

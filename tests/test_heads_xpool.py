@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from avr import schema
 from avr.fuse.blocks import TextConditionedPool
 from avr.fuse.heads import build_head
 from avr.fuse.heads.base import EXPLAIN_FRAME_ATTENTION
+from avr.store import schema
 from head_inputs import random_rows, randomize
 
 

@@ -9,8 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-from avr import schema
-from avr.cache import cache_info
 from avr.errors import AvrError, CacheMismatchError
 from avr.evaluate import index as first_stage
 from avr.evaluate import search as search_module
@@ -18,6 +16,9 @@ from avr.evaluate.evaluator import EvalConfig, evaluate_run, first_stage_embeddi
 from avr.evaluate.search import search
 from avr.fuse import trainer
 from avr.fuse.trainer import TrainConfig
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.info import cache_info
 from conftest import make_tiny_spec
 from stores import make_learnable_store
 
@@ -94,7 +95,7 @@ def test_built_index_round_trips_every_done_video_per_split(store, tmp_path):
     cache = copy_store(store, tmp_path)
     assert first_stage.build_index(cache) == cache / "index"
     index = first_stage.find_index(cache)
-    assert index.fingerprint == schema.open_store(cache)[1].fingerprint()
+    assert index.fingerprint == open_store(cache)[1].fingerprint()
     # make_learnable_store: rows 0-47 train, 48-59 val, 60-71 test; rows 3 and 70 failed.
     for split, done_rows in (("train", [r for r in range(48) if r != 3]),
                              ("val", list(range(48, 60))),
@@ -117,8 +118,8 @@ def test_the_store_still_opens_with_an_index_inside(store, tmp_path):
 def test_an_index_built_from_another_store_is_refused(store, tmp_path):
     first_stage.build_index(store, tmp_path / "index")
     other = make_learnable_store(tmp_path / "other", make_tiny_spec(num_frames=4))
-    theirs = schema.open_store(store)[1].fingerprint()
-    ours = schema.open_store(other)[1].fingerprint()
+    theirs = open_store(store)[1].fingerprint()
+    ours = open_store(other)[1].fingerprint()
     with pytest.raises(CacheMismatchError, match=f"{theirs}.*{ours}"):
         first_stage.find_index(other, tmp_path / "index")
 
@@ -126,7 +127,7 @@ def test_an_index_built_from_another_store_is_refused(store, tmp_path):
 def test_an_index_older_than_the_done_rows_is_refused(store, tmp_path):
     cache = copy_store(store, tmp_path)
     first_stage.build_index(cache)
-    group, _ = schema.open_store(cache, mode="r+")
+    group, _ = open_store(cache, mode="r+")
     group[schema.VIDEO_DONE][3] = True  # a resumed extract finished a row
     with pytest.raises(CacheMismatchError, match="stale.*70 of 72.*71 of 72"):
         first_stage.find_index(cache)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from avr import schema
 from avr.extract.generated import (GeneratedEncoder, GeneratorSettings, Vocabulary,
                                    generated_spec, make_plan)
-from avr.fuse.quantize import cosine_fidelity, quantize
+from avr.store import schema
+from avr.store.quantize import cosine_fidelity, quantize
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avr.chunks import ChunkDecoder
 from avr.device import intra_op_threads
 from avr.fuse import residency, trainer
 from avr.fuse.config import saved_train_config
-from avr.fuse.data import load_split
 from avr.fuse.heads import head_class, video_inputs
-from avr.fuse.quantize import QuantizedTokens
+from avr.store.chunks import ChunkDecoder
+from avr.store.quantize import QuantizedTokens
+from avr.store.splits import load_split
 from console import run_avr
 from test_bench_store import ok
 from test_cli_errors import assert_one_line_error
@@ -153,7 +153,7 @@ def same_held(a, b) -> bool:
     ("one", 1, "int8", "avr"), ("one", 3, "int8", "zarr"), ("all", 1, "fp16", "zarr")])
 def test_a_streamed_epoch_reads_each_row_once_and_yields_the_rows_it_names(
         store, pairs, per_read, resident, decode, monkeypatch):
-    """Rows come as the resident split holds them, decoded by ``avr.chunks`` or, where it cannot
+    """Rows come as the resident split holds them, decoded by ``avr.store.chunks`` or, where it cannot
     vouch for a chunk (here: none), read through zarr."""
     if decode == "zarr":
         monkeypatch.setattr(ChunkDecoder, "decode", lambda self, chunk, into=None: None)

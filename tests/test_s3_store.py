@@ -18,7 +18,6 @@ import h5py
 import numpy as np
 import pytest
 
-from avr.cache import cache_info
 from avr.cli import main
 from avr.evaluate.evaluator import EvalConfig, evaluate_run
 from avr.evaluate.index import build_index
@@ -26,6 +25,7 @@ from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import extract
 from avr.fuse import trainer
 from avr.fuse.trainer import TrainConfig
+from avr.store.info import cache_info
 from store_checks import assert_same_store, demo_extract_config, read_store
 
 BUCKET = "avr-test"

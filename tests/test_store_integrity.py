@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from avr import integrity, schema
-from avr.chunks import ChunkDecoder
-from avr.cache import cache_info, export_h5, open_dask
+from avr.errors import DamagedStoreError
 from avr.evaluate.evaluator import evaluate_run
 from avr.evaluate.index import build_index
 from avr.evaluate.search import search
@@ -25,10 +23,14 @@ from avr.extract import pipeline
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import extract
 from avr.fuse import residency, trainer
-from avr.fuse.data import load_split
 from avr.fuse.trainer import TrainConfig
-from avr.integrity import DamagedStoreError
-from avr.lock import StoreLock
+from avr.store import _zarr, integrity, read, schema
+from avr.store.chunks import ChunkDecoder
+from avr.store.export import export_h5, open_dask
+from avr.store.group import create_store, open_store
+from avr.store.info import cache_info
+from avr.store.lock import StoreLock
+from avr.store.splits import load_split
 from conftest import make_tiny_spec
 from store_checks import assert_same_store, avr_env, demo_extract_config, read_store
 from stores import make_learnable_store
@@ -38,8 +40,8 @@ DEMO_CHUNK = 2
 
 
 def chunk_file(store: Path, name: str, chunk: int) -> Path:
-    group, _ = schema.open_store(store)
-    return store / name / integrity.chunk_key(group[name], chunk)
+    group, _ = open_store(store)
+    return store / name / read.chunk_key(group[name], chunk)
 
 
 def delete_chunk(store: Path, name: str, chunk: int) -> None:
@@ -77,17 +79,17 @@ def load_train(store, *names):
 # ---- checksums, and every chunk stored -------------------------------------------------------
 
 def test_every_array_of_a_new_store_carries_a_crc32c_checksum(learnable):
-    group, spec = schema.open_store(learnable)
+    group, spec = open_store(learnable)
     for name in schema.array_layout(spec, 0, 0):
-        assert integrity.has_checksum(group[name]), name
+        assert read.has_checksum(group[name]), name
 
 
 def test_a_chunk_equal_to_the_fill_value_is_stored(tmp_path, tiny_spec):
-    group = schema.create_store(tmp_path / "cache", tiny_spec, ["a", "b"], ["train", "train"],
+    group = create_store(tmp_path / "cache", tiny_spec, ["a", "b"], ["train", "train"],
                                 [0, 1], ["x", "y"], video_chunk_rows=1)
     group[schema.HAS_AUDIO][:] = False  # clips without audio: all fill value
-    assert integrity.stored_chunks(group[schema.HAS_AUDIO]) == {0, 1}
-    assert integrity.stored_chunks(group[schema.VIDEO_SPLIT]) == {0, 1}  # train = 0
+    assert read.stored_chunks(group[schema.HAS_AUDIO]) == {0, 1}
+    assert read.stored_chunks(group[schema.VIDEO_SPLIT]) == {0, 1}  # train = 0
 
 
 # ---- damage found at read time ---------------------------------------------------------------
@@ -108,13 +110,13 @@ def test_scattered_rows_read_as_spans_equal_the_rows(where, span_bytes, monkeypa
     """Rows of many chunks come back as the rows asked for, numbers and strings alike: read as
     slices over runs of chunks at most SPAN_BYTES each (down to one chunk a call) from a store at
     a URL, decoded chunk by chunk (whole chunks in place) from a local one."""
-    monkeypatch.setattr(integrity, "SPAN_BYTES", span_bytes)
+    monkeypatch.setattr(read, "SPAN_BYTES", span_bytes)
     store = (zarr.storage.MemoryStore() if where == "memory"
              else zarr.storage.LocalStore(tmp_path / "store"))
     group = zarr.open_group(store, mode="w")
     values = np.random.default_rng(0).standard_normal((103, 3, 5)).astype(np.float16)
     array = group.create_array("values", shape=values.shape, chunks=(4, 3, 5), dtype=values.dtype,
-                               compressors=schema._compressors("zstd"))
+                               compressors=_zarr.compressors("zstd"))
     array[:] = values
     words = group.create_array("words", shape=(103,), chunks=(4,), dtype=str)
     words[:] = np.asarray([f"w{i}" for i in range(103)], dtype=object)
@@ -122,10 +124,10 @@ def test_scattered_rows_read_as_spans_equal_the_rows(where, span_bytes, monkeypa
     rng = np.random.default_rng(1)
     for _ in range(40):
         rows = np.sort(rng.choice(103, size=int(rng.integers(1, 103)), replace=False))
-        np.testing.assert_array_equal(integrity.read_rows(array, rows), values[rows])
-        assert list(integrity.read_rows(words, rows)) == [f"w{i}" for i in rows]
+        np.testing.assert_array_equal(read.read_rows(array, rows), values[rows])
+        assert list(read.read_rows(words, rows)) == [f"w{i}" for i in rows]
     for rows in ([0, 1, 1, 3], [4, 5, 6, 7, 8], list(range(103)), [100, 101, 102]):
-        np.testing.assert_array_equal(integrity.read_rows(array, np.asarray(rows)),
+        np.testing.assert_array_equal(read.read_rows(array, np.asarray(rows)),
                                       values[rows])
 
 
@@ -148,7 +150,7 @@ def alter_chunk(store: Path, name: str, chunk: int) -> None:
                                             (truncate_chunk, "fails its crc32c"),
                                             (alter_chunk, "fails its crc32c")])
 def test_a_streamed_epoch_names_the_damaged_chunk(store, damage, problem):
-    """Streamed reads decode chunks themselves (``avr.chunks``) and leave a damaged one to
+    """Streamed reads decode chunks themselves (``avr.store.chunks``) and leave a damaged one to
     zarr's read, which names it; the error reaches the epoch's thread from the reader's."""
     damage(store, schema.AUDIO_PATCH_TOKENS, 2)
     stream = residency.StreamSettings(VIDEO_CHUNK, 0, 2, buffer_pairs=4, held_bytes=0)
@@ -171,7 +173,7 @@ def test_damage_under_rows_a_read_does_not_touch_is_not_in_its_way(store):
 @pytest.mark.parametrize("lookups_max", [64, 0])  # one lookup per suspect, or one listing
 def test_an_absent_chunk_of_zeros_is_told_from_a_stored_one(store, monkeypatch, lookups_max):
     """Train rows have split code 0, the fill value: their chunks read as fill either way."""
-    monkeypatch.setattr(integrity, "LOOKUPS_MAX", lookups_max)
+    monkeypatch.setattr(read, "LOOKUPS_MAX", lookups_max)
     assert load_train(store).num_videos == 48
     delete_chunk(store, schema.VIDEO_SPLIT, 0)
     with pytest.raises(DamagedStoreError, match="video_split chunk c/0 "):
@@ -337,21 +339,21 @@ def old_store(tmp_path, monkeypatch) -> Path:
     import zarr
     from zarr.codecs import BloscCodec
 
-    monkeypatch.setattr(schema, "_compressors", lambda compression="zstd": (
+    monkeypatch.setattr(_zarr, "compressors", lambda compression="zstd": (
         BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),))
     with zarr.config.set({"array.write_empty_chunks": False}):
-        monkeypatch.setattr(schema, "_zarr", lambda: zarr)
+        monkeypatch.setattr(_zarr, "zarr", lambda: zarr)
         path = make_learnable_store(tmp_path / "old", make_tiny_spec(),
                                     video_chunk_rows=VIDEO_CHUNK)
-        group, _ = schema.open_store(path, mode="r+")
+        group, _ = open_store(path, mode="r+")
         group[schema.HAS_AUDIO][:] = False
     return path
 
 
 def test_a_store_written_before_checksums_stays_readable(old_store):
-    group, _ = schema.open_store(old_store)
-    assert not integrity.has_checksum(group[schema.FRAME_EMBEDDINGS])
-    assert not integrity.stored_chunks(group[schema.HAS_AUDIO])  # skipped: all fill value
+    group, _ = open_store(old_store)
+    assert not read.has_checksum(group[schema.FRAME_EMBEDDINGS])
+    assert not read.stored_chunks(group[schema.HAS_AUDIO])  # skipped: all fill value
     data = load_split(old_store, "train", (schema.FRAME_EMBEDDINGS, schema.HAS_AUDIO), ())
     assert data.num_videos == 48 and not data.videos[schema.HAS_AUDIO].any()
     report = integrity.verify_store(old_store)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from avr import schema
 from avr.errors import CacheMismatchError
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import extract
+from avr.store import schema
+from avr.store.group import open_store, store_condition
 from store_checks import assert_same_store, avr_env, demo_extract_config
 
 CHUNK = 2
@@ -96,24 +97,24 @@ def test_two_runs_racing_on_a_new_store_leave_one_writer(demo_root, reference, t
 
 def test_a_store_is_complete_only_once_its_root_attributes_are_written(reference, tmp_path):
     out = Path(shutil.copytree(reference, tmp_path / "cache"))
-    assert schema.store_condition(out) == "complete"
+    assert store_condition(out) == "complete"
     (out / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-    assert schema.store_condition(out) == "unfinished"  # as creation leaves it before the commit
+    assert store_condition(out) == "unfinished"  # as creation leaves it before the commit
     with pytest.raises(CacheMismatchError, match="creation did not finish"):
-        schema.open_store(out)
+        open_store(out)
 
 
 def test_an_overwrite_killed_midway_leaves_an_unfinished_store(reference, tmp_path):
     out = Path(shutil.copytree(reference, tmp_path / "cache"))
     (out / schema.INDEX_DIR).mkdir()  # `avr index build` wrote into the store
     (out / "zarr.json").unlink()  # clear_store deletes the root metadata first
-    assert schema.store_condition(out) == "unfinished"
+    assert store_condition(out) == "unfinished"
 
 
 def test_a_folder_holding_other_files_is_not_taken_for_a_store(tmp_path):
     out = tmp_path / "cache"
     out.mkdir()
     (out / schema.LOCK_FILE).write_text("{}")
-    assert schema.store_condition(out) == "empty"
+    assert store_condition(out) == "empty"
     (out / "notes.txt").write_text("mine")
-    assert schema.store_condition(out) == "foreign"
+    assert store_condition(out) == "foreign"

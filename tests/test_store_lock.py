@@ -15,9 +15,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from avr import lock as store_lock
-from avr import schema
-from avr.lock import LockLostError, LockRecord, StoreLock, StoreLockedError, break_lock
+from avr.errors import LockLostError, StoreLockedError
+from avr.store import lock as store_lock
+from avr.store import schema
+from avr.store.lock import LockRecord, StoreLock, break_lock
 
 
 def lock_path(store: Path) -> Path:

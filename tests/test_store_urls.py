@@ -13,12 +13,13 @@ import pytest
 from fsspec.registry import known_implementations
 from store_checks import assert_same_store, demo_extract_config
 
-from avr import schema
-from avr.cache import cache_info
 from avr.errors import AvrError, CacheMismatchError
-from avr.extract import pipeline
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import extract
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.info import cache_info
+from avr.store.location import reachable_location, store_filesystem
 
 URL = "memory://avr-test/cache"
 CHUNK = 2
@@ -68,7 +69,7 @@ def test_failures_jsonl_is_written_at_the_url(tmp_path):
         writer.writerow(["good", "a good clip", "train"])
         writer.writerow(["garbage", "a broken clip", "test"])
     extract(demo_extract_config(root, URL, CHUNK, dataset="generic"))
-    fs, store = schema.store_filesystem(URL)
+    fs, store = store_filesystem(URL)
     recorded = [json.loads(line) for line in
                 fs.cat_file(f"{store}/{schema.FAILURES_FILE}").decode().splitlines()]
     assert [(r["video_id"], r["reason"]) for r in recorded] == [("garbage", "unreadable")]
@@ -93,7 +94,7 @@ def test_a_store_at_a_url_made_with_other_parameters_is_refused(demo_root):
 def test_overwrite_replaces_a_store_at_a_url(demo_root):
     extract(demo_extract_config(demo_root, URL, CHUNK, num_frames=4))
     extract(demo_extract_config(demo_root, URL, CHUNK, num_frames=5, overwrite=True))
-    assert schema.open_store(URL)[1].num_frames == 5
+    assert open_store(URL)[1].num_frames == 5
 
 
 def test_a_url_holding_other_files_is_refused(demo_root):
@@ -107,16 +108,16 @@ def test_a_protocol_whose_package_is_missing_names_the_package(monkeypatch):
                         {"class": "avr_missing_package.FileSystem",
                          "err": "Install avr-missing-package to access avrmissing://"})
     with pytest.raises(AvrError, match="avr-missing-package"):
-        pipeline.store_path("avrmissing://bucket/cache")
+        reachable_location("avrmissing://bucket/cache")
 
 
 def test_an_unknown_protocol_is_refused():
     with pytest.raises(AvrError, match="nosuchprotocol"):
-        pipeline.store_path("nosuchprotocol://bucket/cache")
+        reachable_location("nosuchprotocol://bucket/cache")
 
 
 def test_a_file_url_is_the_local_path(tmp_path):
-    assert pipeline.store_path((tmp_path / "cache").as_uri()) == tmp_path / "cache"
+    assert reachable_location((tmp_path / "cache").as_uri()) == tmp_path / "cache"
 
 
 def test_a_head_trains_and_evaluates_on_a_store_at_a_url(tmp_path):

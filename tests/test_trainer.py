@@ -12,10 +12,10 @@ import torch
 
 from avr.errors import AvrError, CacheMismatchError, RunError
 from avr.fuse import checkpoint, trainer
-from avr.fuse.data import load_split
-from avr.fuse.config import parse_options, split_options
+from avr.fuse.config import split_options
 from avr.fuse.sampling import draw_pairs
 from avr.fuse.trainer import TrainConfig
+from avr.store.splits import load_split
 from stores import make_learnable_store
 
 FAST = dict(head="meanp", epochs=6, batch_size=16, lr=3e-3, warmup=0.0)

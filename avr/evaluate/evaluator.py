@@ -15,15 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from avr import schema
+from avr.device import resolve_device
 from avr.errors import AvrError
 from avr.evaluate import metrics, report
-from avr.fuse import checkpoint
 from avr.evaluate.score import score_captions, score_split
-from avr.fuse.data import SplitTensors, load_split, split_rows
-from avr.fuse.residency import split_fits, work_bytes as budget_work_bytes
+from avr.fuse import checkpoint
 from avr.fuse.heads.base import RetrievalHead, State
-from avr.device import resolve_device
+from avr.fuse.residency import split_fits, work_bytes as budget_work_bytes
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.location import store_location
+from avr.store.splits import SplitTensors, load_split, split_rows
 
 MODALITIES = ("va", "v", "a")
 
@@ -100,8 +102,8 @@ def open_run(run_dir: Path, cache: str | Path | None, device: torch.device
              ) -> tuple[RetrievalHead, dict, str | Path]:
     """The run's best head and the cache it is checked against (its own unless ``cache``)."""
     head, config = checkpoint.load_head(run_dir, "best", device)
-    cache_path = schema.store_location(cache if cache is not None else config["cache"]["path"])
-    _, spec = schema.open_store(cache_path)
+    cache_path = store_location(cache if cache is not None else config["cache"]["path"])
+    _, spec = open_store(cache_path)
     checkpoint.check_cache(config, spec, cache_path)
     return head, config, cache_path
 
@@ -262,7 +264,7 @@ def rerank(sim: np.ndarray, cache_path: str | Path, split: str, k: int,
         _, top = flat.search(text, k)
     else:
         # The split's store rows in load_split's order (done rows, ascending) -> local rows.
-        done_rows = split_rows(schema.open_store(cache_path)[0], split).done
+        done_rows = split_rows(open_store(cache_path)[0], split).done
         _, store_rows = first_stage.search(split_index, text, k)
         top = np.where(store_rows >= 0, np.searchsorted(done_rows, store_rows), -1)
     first_stage_scores = text @ video.T

@@ -40,10 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avr import schema
 from avr.errors import AvrError, CacheMismatchError
 from avr.fuse.blocks import masked_mean
-from avr.integrity import read_rows
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.location import location_text, store_filesystem, store_location, store_member
+from avr.store.read import read_rows
 
 INDEX_DIR = schema.INDEX_DIR
 META_FILE = "index.json"
@@ -69,7 +71,7 @@ def normalised_queries(text_embeddings: torch.Tensor) -> np.ndarray:
 
 
 def default_index_path(cache_path: str | Path) -> str | Path:
-    return schema.store_member(cache_path, INDEX_DIR)
+    return store_member(cache_path, INDEX_DIR)
 
 
 def default_nlist(n: int) -> int:
@@ -152,12 +154,12 @@ def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str
     ``index.json`` is written last: a folder without it is no index. Returns ``out``."""
     import faiss
 
-    group, spec = schema.open_store(cache_path)
-    out = schema.store_location(out) if out is not None else default_index_path(cache_path)
+    group, spec = open_store(cache_path)
+    out = store_location(out) if out is not None else default_index_path(cache_path)
     by_split = read_pooled_by_split(group)
     if not by_split:
         raise AvrError(f"{cache_path}: no extracted videos to index; run `avr extract` first")
-    fs, folder = schema.store_filesystem(out)
+    fs, folder = store_filesystem(out)
     clear_index_folder(fs, folder, out)
     fs.makedirs(folder, exist_ok=True)
     splits: dict[str, Any] = {}
@@ -169,7 +171,7 @@ def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str
         splits[split] = {"kind": chosen, "params": params, "videos": int(rows.size),
                          "index_file": f"{split}.faiss", "rows_file": f"{split}.rows.npy",
                          "build_seconds": round(time.perf_counter() - started, 3)}
-    meta = {"store": schema.location_text(cache_path), "fingerprint": spec.fingerprint(),
+    meta = {"store": location_text(cache_path), "fingerprint": spec.fingerprint(),
             **store_state(group), "dim": spec.clip_dim, "metric": "inner_product",
             "vectors": "masked mean of CLIP frame embeddings, L2-normalised",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": splits}
@@ -202,7 +204,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The ``index.json`` of the index folder at ``path`` (a path or a URL)."""
-    fs, folder = schema.store_filesystem(path)
+    fs, folder = store_filesystem(path)
     meta_file = f"{folder}/{META_FILE}"
     if not fs.exists(meta_file):
         raise AvrError(f"{path}: no avr index here ({META_FILE} not found); build one with "
@@ -241,7 +243,7 @@ class VideoIndex:
         if entry is None:
             return None
         if name not in self._loaded:
-            fs, folder = schema.store_filesystem(self.path)
+            fs, folder = store_filesystem(self.path)
             index_bytes = np.frombuffer(fs.cat_file(f"{folder}/{entry['index_file']}"), np.uint8)
             rows = np.load(io.BytesIO(fs.cat_file(f"{folder}/{entry['rows_file']}")))
             self._loaded[name] = SplitIndex(name, entry["kind"], entry["params"],
@@ -251,7 +253,7 @@ class VideoIndex:
 
 def load_index(path: str | Path, expect_fingerprint: str) -> VideoIndex:
     """Open the index at ``path``, refusing one built from a store with another spec."""
-    path = schema.store_location(path)
+    path = store_location(path)
     meta = read_meta(path)
     if meta["fingerprint"] != expect_fingerprint:
         raise CacheMismatchError(
@@ -265,13 +267,13 @@ def find_index(cache_path: str | Path, path: str | Path | None = None) -> VideoI
     """The index of the store at ``cache_path``: ``path`` when given (it must exist), else
     ``<cache>/index/`` when one was built (None otherwise). Refuses an index whose store has
     another fingerprint or other done rows than when it was built."""
-    index_path = schema.store_location(path) if path is not None else \
+    index_path = store_location(path) if path is not None else \
         default_index_path(cache_path)
     if path is None:
-        fs, folder = schema.store_filesystem(index_path)
+        fs, folder = store_filesystem(index_path)
         if not fs.exists(f"{folder}/{META_FILE}"):
             return None
-    group, spec = schema.open_store(cache_path)
+    group, spec = open_store(cache_path)
     index = load_index(index_path, spec.fingerprint())
     state = store_state(group)
     built = {key: index.meta.get(key) for key in state}

@@ -29,8 +29,8 @@ import torch
 
 from avr.batching import map_batches, row_count, take_rows
 from avr.device import autocast
-from avr.fuse.quantize import on_device
 from avr.fuse.heads.base import RetrievalHead, Rows, State, slice_state
+from avr.store.quantize import on_device
 
 # Rows per encode call: an encoder's activations are per row, small beside the cached tokens.
 ENCODE_VIDEO_ROWS = 256

@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avr import schema
+from avr.device import resolve_device
 from avr.errors import AvrError
 from avr.evaluate import index as first_stage
 from avr.evaluate.evaluator import open_run, resolve_run
 from avr.evaluate.score import score_split
-from avr.fuse.data import split_rows
-from avr.integrity import read_rows
-from avr.device import resolve_device
-from avr.schema import CacheSpec
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.read import read_rows
+from avr.store.schema import CacheSpec
+from avr.store.splits import split_rows
 
 RANDOM_WEIGHTS = "random:"
 
@@ -84,7 +85,7 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
         raise AvrError("the query is empty")
     torch_device = resolve_device(device)
     head, _, cache_path = open_run(resolve_run(run), None, torch_device)
-    group, spec = schema.open_store(cache_path)
+    group, spec = open_store(cache_path)
     saved = first_stage.find_index(cache_path, index)
     if candidates is not None and saved is None:
         raise AvrError(f"--candidates needs a first-stage index; build one with "

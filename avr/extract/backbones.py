@@ -1,6 +1,6 @@
 """The frozen backbones of ``avr extract``: CLIP, Swin, AST and RoBERTa, one forward each.
 
-Every array of a store's video and caption rows (avr.schema) comes out of this module:
+Every array of a store's video and caption rows (avr.store.schema) comes out of this module:
 
 - CLIP (open_clip): the projected image embedding of every frame; the projected sentence
   embedding of every caption and its token states (after ``ln_final``, through
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avr import schema
 from avr.errors import AvrError
-from avr.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.store import schema
+from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
 
 # Captions of MSR-VTT and VATEX fit in 32 RoBERTa tokens; CLIP4Clip and X-Pool cut CLIP text at
 # the same length (``--max_words 32``, docs/methods.md "Text").

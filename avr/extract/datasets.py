@@ -74,7 +74,7 @@ import numpy as np
 
 from avr.errors import DatasetError
 from avr.files import read_text
-from avr.schema import SPLITS
+from avr.store.schema import SPLITS
 
 DATASETS = ("vatex", "msrvtt", "generic", "demo")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")

@@ -17,7 +17,7 @@ normalised as (fbank - mean) / (2 * std) with AST's AudioSet statistics. A clip 
 track gets an all-zero fbank that is NOT normalised (distinct from a silent track).
 
 Broken files raise ``ClipDecodeError`` (an ``avr.errors.DecodeError``) naming the file and one
-``reason`` of ``REASONS``. Truncation policy: a file whose MP4 index or container header is cut
+``reason`` of ``avr.errors.DECODE_REASONS``. Truncation policy: a file whose MP4 index or container header is cut
 off cannot be opened and is "truncated"; a file that opens but whose video frames stop more than
 one sampling segment (duration / F) before the last sample time is "truncated" too, since at
 least one sampled frame would be a stand-in from another part of the video. A shortfall smaller
@@ -34,27 +34,8 @@ import numpy as np
 import torch
 import torchaudio
 
-from avr.errors import DecodeError
-from avr.schema import AudioParams
-
-REASONS = ("missing_file", "zero_byte", "unreadable", "no_video_stream", "truncated", "no_frames")
-
-
-class ClipDecodeError(DecodeError):
-    """A media file that cannot be decoded: ``path``, ``reason`` (one of REASONS), ``detail``."""
-
-    def __init__(self, path: str | Path, reason: str, detail: str):
-        if reason not in REASONS:
-            raise ValueError(f"unknown decode failure reason {reason!r}")
-        self.path = Path(path)
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{path}: {detail} [{reason}]")
-
-    def __reduce__(self):
-        # Decoding runs in worker processes; the error must survive pickling intact.
-        return type(self), (str(self.path), self.reason, self.detail)
-
+from avr.errors import ClipDecodeError
+from avr.store.schema import AudioParams
 
 @dataclass
 class DecodedClip:

@@ -42,14 +42,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avr import schema
 from avr.errors import AvrError
 from avr.extract import pipeline
 from avr.extract.backbones import Backbones, load_backbones
 from avr.extract.pipeline import ChunkResult, ExtractConfig, ExtractSummary
-from avr.integrity import read_region, read_rows
-from avr.lock import WriterToken
-from avr.schema import CacheSpec
+from avr.progress import Meter
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.location import location_text
+from avr.store.lock import WriterToken
+from avr.store.read import read_region, read_rows
+from avr.store.schema import CacheSpec
 
 TASK_RETRIES = 2  # a task that raises is run again this many times before it counts as failed
 
@@ -94,7 +97,7 @@ class VideoChunkTask:
 
 
 def _open_group(store: str):
-    return schema.open_store(store, mode="r+")[0]
+    return open_store(store, mode="r+")[0]
 
 
 def run_caption_chunk(task: CaptionChunkTask) -> tuple[int, int]:
@@ -178,7 +181,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
                                         seed=config.seed)
         out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)
         del spec_backbones
-        store = schema.location_text(out)
+        store = location_text(out)
 
         caption_tasks = [CaptionChunkTask(store, lock.token, start, stop, layout, config)
                          for start, stop in pipeline.pending_caption_chunks(group)]
@@ -190,7 +193,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
                                       layout, config) for start, stop, _ in pending]
 
         failures = pipeline.read_failures(group)
-        progress = pipeline.ExtractProgress(console)
+        progress = Meter(console)
         with progress:
             totals, errors = _run_tasks(client, caption_tasks, video_tasks, pending,
                                         index.video_ids, out, group, failures, progress,

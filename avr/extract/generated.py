@@ -60,14 +60,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avr import __version__, schema
+from avr import __version__
 from avr.errors import AvrError, CacheMismatchError
 from avr.extract.backbones import ast_time_tokens
-from avr.extract.pipeline import (to_numpy, pending_caption_chunks, pending_video_chunks,
-                                  store_bytes)
-from avr.integrity import read_rows
-from avr.lock import StoreLock
-from avr.schema import AudioParams, BackboneInfo, CacheSpec
+from avr.extract.pipeline import pending_caption_chunks, pending_video_chunks, to_numpy
+from avr.progress import BYTES_UNIT, Meter
+from avr.store import schema
+from avr.store.group import clear_store, create_store, open_store, store_condition
+from avr.store.info import stored_bytes
+from avr.store.location import store_location
+from avr.store.lock import StoreLock
+from avr.store.read import read_rows
+from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
 
 GENERATOR_LIBRARY = "avr-generator"  # BackboneInfo.library of every generated store's backbones
 WEIGHTS_PREFIX = "generated:"  # BackboneInfo.weights: "generated:<seed>"
@@ -521,7 +525,7 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
     written = check_arrays(spec, settings.arrays if settings.arrays is not None
                            else feature_arrays(spec))
     unwritten = tuple(name for name in feature_arrays(spec) if name not in written)
-    location = schema.store_location(out)
+    location = store_location(out)
     with StoreLock(location) as lock:
         plan = make_plan(settings)
         group = _prepare(location, spec, settings, plan, unwritten, overwrite,
@@ -531,13 +535,13 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
         encoder = GeneratedEncoder(spec, settings.seed)
         vocab = Vocabulary(settings.videos, settings.seed)
         nbytes = 0
-        with _WriteProgress(console) as progress:
+        with Meter(console) as progress:
             nbytes += _write_captions(group, layout, encoder, written, lock, progress)
             nbytes += _write_videos(group, layout, encoder, plan, vocab, written, lock, progress,
                                     on_chunk)
     seconds = time.perf_counter() - started
     return {"out": str(location), "videos": settings.videos, "captions": len(plan.caption_text),
-            "written_bytes": nbytes, "bytes_on_disk": store_bytes(location),
+            "written_bytes": nbytes, "bytes_on_disk": stored_bytes(location),
             "seconds": seconds, "unwritten": list(unwritten)}
 
 
@@ -547,12 +551,12 @@ def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
     """Open the store for resuming when it was generated with the same settings; else create
     it (replacing an unfinished one, or any avr store with ``overwrite``)."""
     if overwrite:
-        schema.clear_store(location)
-    condition = schema.store_condition(location)
+        clear_store(location)
+    condition = store_condition(location)
     if condition == "foreign":
         raise AvrError(f"{location} exists and is not an avr store; choose another --out")
     if condition == "complete":
-        group, _ = schema.open_store(location, mode="r+")
+        group, _ = open_store(location, mode="r+")
         found = group.attrs.get(schema.ATTR_GENERATOR, {}).get("settings")
         if found == settings.to_attrs():
             return group
@@ -561,7 +565,7 @@ def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
         raise CacheMismatchError(f"{location} holds {what}; pass --overwrite to replace it, "
                                  f"or choose another --out")
     generator = {"settings": settings.to_attrs(), "command": command}
-    return schema.create_store(location, spec, plan.video_ids, plan.video_splits,
+    return create_store(location, spec, plan.video_ids, plan.video_splits,
                                plan.caption_video, plan.caption_text, plan.caption_tags,
                                unwritten={name: command for name in unwritten},
                                video_chunk_rows=chunk_rows, compression=compression,
@@ -580,10 +584,10 @@ def _write_chunk(group, layout, start: int, stop: int, values: dict[str, torch.T
 
 
 def _write_captions(group, layout, encoder: GeneratedEncoder, written: tuple[str, ...],
-                    lock: StoreLock, progress: _WriteProgress) -> int:
+                    lock: StoreLock, progress: Meter) -> int:
     names = [n for n in written if schema.rows_of(n) == "caption"]
     pending = pending_caption_chunks(group)
-    task = progress.add("captions", sum(stop - start for start, stop in pending))
+    task = progress.add("captions", sum(stop - start for start, stop in pending), BYTES_UNIT)
     nbytes = 0
     for start, stop in pending:
         texts = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], np.arange(start, stop))]
@@ -592,17 +596,17 @@ def _write_captions(group, layout, encoder: GeneratedEncoder, written: tuple[str
         chunk_bytes = _write_chunk(group, layout, start, stop, {n: encoded[n] for n in names})
         group[schema.CAPTION_DONE][start:stop] = True  # after every array of the rows
         nbytes += chunk_bytes
-        progress.advance(task, stop - start, chunk_bytes)
+        progress.advance(task, stop - start, nbytes=chunk_bytes)
     return nbytes
 
 
 def _write_videos(group, layout, encoder: GeneratedEncoder, plan: Plan, vocab: Vocabulary,
-                  written: tuple[str, ...], lock: StoreLock, progress: _WriteProgress,
+                  written: tuple[str, ...], lock: StoreLock, progress: Meter,
                   on_chunk) -> int:
     names = [n for n in written if schema.rows_of(n) == "video"]
     done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
     pending = pending_video_chunks(done, layout[schema.VIDEO_DONE].chunk_rows)
-    task = progress.add("videos", sum(stop - start for start, stop, _ in pending))
+    task = progress.add("videos", sum(stop - start for start, stop, _ in pending), BYTES_UNIT)
     nbytes = 0
     for start, stop, _ in pending:
         values = encoder.encode_videos(plan, vocab, np.arange(start, stop), names)
@@ -610,46 +614,7 @@ def _write_videos(group, layout, encoder: GeneratedEncoder, plan: Plan, vocab: V
         chunk_bytes = _write_chunk(group, layout, start, stop, values)
         group[schema.VIDEO_DONE][start:stop] = True  # after every array of the rows
         nbytes += chunk_bytes
-        progress.advance(task, stop - start, chunk_bytes)
+        progress.advance(task, stop - start, nbytes=chunk_bytes)
         if on_chunk is not None:
             on_chunk(start, stop)
     return nbytes
-
-
-class _WriteProgress:
-    """Rows written of the total per kind, MB/s (uncompressed) and ETA; silent without a
-    console."""
-
-    def __init__(self, console):
-        self.bar = None
-        if console is not None:
-            from avr.progress import progress_bar
-
-            self.bar = progress_bar(console)
-        self.started: dict[int, list[float]] = {}
-
-    def __enter__(self) -> _WriteProgress:
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def add(self, description: str, total: int) -> int | None:
-        if self.bar is None or total == 0:
-            return None
-        task = self.bar.add_task(description, total=total, rate="")
-        self.started[task] = [time.perf_counter(), 0.0]
-        return task
-
-    def advance(self, task: int | None, rows: int, nbytes: int) -> None:
-        if self.bar is None or task is None:
-            return
-        from avr.progress import rate_text
-
-        started = self.started[task]
-        started[1] += nbytes
-        rate = rate_text(started[1] / 1e6, time.perf_counter() - started[0], "MB")
-        self.bar.update(task, advance=rows, rate=rate)

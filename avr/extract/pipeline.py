@@ -2,7 +2,7 @@
 
 The order of work, and what it guarantees:
 
-1. The store is created at its final size (``schema.create_store``) with every id, split and
+1. The store is created at its final size (``create_store``) with every id, split and
    caption; nothing is ever appended or resized (zarr loses data under concurrent resizes).
 2. Captions are encoded first, one caption chunk at a time; ``caption_done`` is written after
    the chunk's arrays.
@@ -21,7 +21,7 @@ reads and writes the arrays, fsspec checks, deletes and measures the store and w
 Writing into a store made with other backbones, parameters or dataset contents is refused
 with the differences unless ``overwrite`` is set.
 
-One writer: the run takes the store's lock (``avr.lock``) before anything else and holds it to
+One writer: the run takes the store's lock (``avr.store.lock``) before anything else and holds it to
 the end; a second run on the same store refuses at once, naming the holder, and a lock left by
 a killed run is taken over. Creation is safe to kill: the store counts as created only once its
 root attributes are written (last), and an unfinished store is created again by the next run.
@@ -46,15 +46,19 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from avr import schema
 from avr.batching import map_batches
 from avr.device import resolve_device
 from avr.errors import AvrError, CacheMismatchError, DecodeError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
 from avr.extract.datasets import DatasetIndex, load_dataset
-from avr.integrity import read_region, read_rows
-from avr.lock import StoreLock, WriterToken
-from avr.schema import AudioParams, CacheSpec
+from avr.progress import Meter
+from avr.store import schema
+from avr.store.group import clear_store, create_store, open_store, store_condition
+from avr.store.info import stored_bytes
+from avr.store.location import reachable_location, store_filesystem
+from avr.store.lock import StoreLock, WriterToken
+from avr.store.read import read_region, read_rows
+from avr.store.schema import AudioParams, CacheSpec
 
 
 @dataclass
@@ -153,14 +157,6 @@ def _executor(workers: int) -> Executor:
 
 # ---- the store ----------------------------------------------------------------------------------
 
-def store_path(out: str | Path) -> str | Path:
-    """Where the store of ``--out`` lives: a local path (also given as a ``file://`` URL) or an
-    fsspec URL (``s3://``, ``gs://``, ``memory://`` ...) that every dask worker can reach.
-    Fails early, naming the package, when the URL's protocol is not installed."""
-    schema.store_filesystem(out)
-    return schema.store_location(out)
-
-
 def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, overwrite: bool,
                   chunk_rows: int | None, compression: str = "zstd"):
     """Open the store at ``out`` for resuming, or create it, the caller holding its lock. An
@@ -169,18 +165,18 @@ def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, over
     replaces it."""
     caption_video, caption_text, caption_tags = _caption_columns(index)
     if overwrite:
-        schema.clear_store(out)
-    condition = schema.store_condition(out)
+        clear_store(out)
+    condition = store_condition(out)
     if condition == "complete":
         try:
-            group, _ = schema.open_store(out, mode="r+", expect=spec)
+            group, _ = open_store(out, mode="r+", expect=spec)
             _check_contents(out, group, index, caption_text)
         except CacheMismatchError as error:
             raise CacheMismatchError(f"{error}\npass --overwrite to replace it") from None
         return group
     if condition == "foreign":
         raise AvrError(f"{out} exists and is not an avr store; choose another --out")
-    return schema.create_store(out, spec, index.video_ids, index.video_splits, caption_video,
+    return create_store(out, spec, index.video_ids, index.video_splits, caption_video,
                                caption_text, caption_tags, video_chunk_rows=chunk_rows,
                                compression=compression)
 
@@ -214,7 +210,7 @@ def write_failures(out: str | Path, group, failures: dict[str, Failure]) -> None
     (written whole to a temporary name, then moved over the old file)."""
     records = [vars(f) for f in sorted(failures.values(), key=lambda f: f.video_id)]
     group.attrs[schema.ATTR_FAILURES] = records
-    fs, root = schema.store_filesystem(out)
+    fs, root = store_filesystem(out)
     target = f"{root}/{schema.FAILURES_FILE}"
     fs.pipe_file(target + ".tmp", "".join(json.dumps(r) + "\n" for r in records).encode())
     fs.mv(target + ".tmp", target)
@@ -280,7 +276,7 @@ def extract(config: ExtractConfig, *, console=None,
                                    seed=config.seed)
         out, group, spec, layout = open_extract_store(config, index, backbones)
 
-        progress = ExtractProgress(console)
+        progress = Meter(console)
         with progress:
             _extract_captions(group, layout, backbones, config, progress, lock)
             done_now, decode_s, encode_s, failures = _extract_videos(
@@ -306,7 +302,7 @@ def list_dataset(config: ExtractConfig, console=None) -> DatasetIndex:
 def hold_store_lock(config: ExtractConfig, console=None) -> StoreLock:
     """The lock of ``config.out``, taken first of all so that a second run refuses at once
     (``with`` it to hold it); says so when it replaced a lock left by a killed run."""
-    lock = StoreLock(store_path(config.out)).acquire()
+    lock = StoreLock(reachable_location(config.out)).acquire()
     if lock.took_over is not None and console is not None:
         console.print(f"[yellow]took over the lock of {lock.location}[/] left by "
                       f"{lock.took_over.describe()}, which is no longer running")
@@ -317,7 +313,7 @@ def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Ba
     """Create, or open and check, the store of ``config.out`` for these backbones and this
     dataset. Returns ``(out, group, spec, layout)``."""
     spec = backbones.make_spec(config.dataset, config.num_frames or index.default_frames)
-    out = store_path(config.out)
+    out = reachable_location(config.out)
     group = prepare_store(out, spec, index, overwrite=config.overwrite,
                           chunk_rows=config.chunk_rows, compression=config.compression)
     video_chunk = group[schema.VIDEO_DONE].chunks[0]
@@ -331,11 +327,11 @@ def summarize(out: str | Path, group, n_captions: int, done_now: int, failures: 
     done = read_rows(group[schema.VIDEO_DONE])
     return ExtractSummary(out, len(done), int(np.count_nonzero(done)), done_now,
                           sorted(failures.values(), key=lambda f: f.video_id), n_captions,
-                          store_bytes(out), seconds, decode_s, encode_s, device)
+                          stored_bytes(out), seconds, decode_s, encode_s, device)
 
 
 def _extract_captions(group, layout, backbones: Backbones, config: ExtractConfig,
-                      progress: ExtractProgress, lock: StoreLock) -> None:
+                      progress: Meter, lock: StoreLock) -> None:
     done = read_rows(group[schema.CAPTION_DONE])
     todo = int(np.count_nonzero(~done))
     if not todo:
@@ -443,7 +439,7 @@ def decode_rows(rows, video_ids, video_paths, spec: CacheSpec) -> list[_Decoded]
 
 def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: DatasetIndex,
                     backbones: Backbones, config: ExtractConfig, device: torch.device,
-                    progress: ExtractProgress, on_chunk, lock: StoreLock
+                    progress: Meter, on_chunk, lock: StoreLock
                     ) -> tuple[int, float, float, dict]:
     done = read_rows(group[schema.VIDEO_DONE])
     failures = read_failures(group)
@@ -475,7 +471,7 @@ def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: Data
 def write_failures_file_once(out: str | Path, group, failures: dict[str, Failure]) -> None:
     """Write ``failures.jsonl`` for failures carried over from an earlier run that no chunk of
     this run changed (a resumed store whose file was removed)."""
-    fs, root = schema.store_filesystem(out)
+    fs, root = store_filesystem(out)
     if failures and not fs.exists(f"{root}/{schema.FAILURES_FILE}"):
         write_failures(out, group, failures)
 
@@ -504,49 +500,3 @@ def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: 
         if next_item is not None:
             submit(next_item)
         yield item, [f.result() for f in futures]
-
-
-def store_bytes(location: str | Path) -> int:
-    """Bytes of every file of the store, wherever it lives."""
-    fs, root = schema.store_filesystem(location)
-    return int(fs.du(root, total=True))
-
-
-class ExtractProgress:
-    """A rich progress bar when a console is given; silent otherwise."""
-
-    def __init__(self, console):
-        self.bar = None
-        if console is not None:
-            from avr.progress import progress_bar
-
-            self.bar = progress_bar(console, fields="{task.fields[extra]}")
-        self.started: dict[int, tuple[float, str]] = {}
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def add(self, description: str, total: int, unit: str) -> int | None:
-        if self.bar is None:
-            return None
-        task = self.bar.add_task(description, total=total, rate="", extra="")
-        self.started[task] = (time.perf_counter(), unit)
-        return task
-
-    def advance(self, task: int | None, count: int, failed: int | None = None) -> None:
-        if self.bar is None or task is None:
-            return
-        from avr.progress import rate_text
-
-        start, unit = self.started[task]
-        self.bar.advance(task, count)
-        completed = self.bar.tasks[[t.id for t in self.bar.tasks].index(task)].completed
-        extra = f"[red]{failed} failed[/]" if failed else ""
-        self.bar.update(task, rate=rate_text(completed, time.perf_counter() - start, unit),
-                        extra=extra)

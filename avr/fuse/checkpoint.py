@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from avr import schema
 from avr.errors import CacheMismatchError, RunError
 from avr.fuse.heads import build_head
 from avr.fuse.heads.base import RetrievalHead
-from avr.schema import CacheSpec
+from avr.store import schema
+from avr.store.schema import CacheSpec
 
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.safetensors"

@@ -19,9 +19,9 @@ from typing import Any
 from avr.device import resolve_device
 from avr.errors import AvrError
 from avr.files import InputFileError, read_text
-from avr.fuse.data import RESIDENT
 from avr.fuse.fields import typed_fields
 from avr.fuse.heads import head_class, make_config
+from avr.store.splits import RESIDENT
 
 
 # What an unset epochs, batch size and learning rate become on a split large enough for them: the

@@ -26,7 +26,7 @@ from the whole split; every row is read once per epoch; memory holds the buffer'
 read ahead and two batches (``StreamSettings.held_bytes``). The rows held sit in slots allocated once
 per epoch for the most rows the epoch's order ever holds at once (``RowSlots``): a read's rows get
 theirs when it is handed to a reader thread, which decodes each chunk into memory it reuses
-(``avr.chunks``; zarr where that cannot vouch for a chunk) and copies the rows into their slots, so
+(``avr.store.chunks``; zarr where that cannot vouch for a chunk) and copies the rows into their slots, so
 the epoch's thread only gathers batches, into two buffers in turn (memory already allocated
 rather than allocated per row). A resumed run recomputes its epoch's order from (seed, epoch)
 and the buffer size it recorded.
@@ -46,14 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from avr import schema
-from avr.chunks import ChunkDecoder
 from avr.errors import AvrError
-from avr.fuse.data import _require_captions_done, read_held, split_rows, split_size
 from avr.fuse.distributed import World
-from avr.fuse.quantize import Held, QuantizedTokens, is_token_array, quantize
 from avr.fuse.sampling import distinct_videos, draw_pairs
-from avr.integrity import chunk_rows, chunk_runs, read_rows, will_read
+from avr.store import schema
+from avr.store.chunks import ChunkDecoder
+from avr.store.group import open_store
+from avr.store.quantize import Held, QuantizedTokens, is_token_array, quantize
+from avr.store.read import chunk_rows, chunk_runs, read_rows, will_read
+from avr.store.splits import _require_captions_done, read_held, split_rows, split_size
 
 GPU_SHARE = 0.8  # of the free GPU memory, by default, for the device-resident splits
 HOST_SHARE = 0.5  # of the available RAM, by default, for the host-resident splits
@@ -172,7 +173,7 @@ def plan_residency(path: str | Path, config, device: torch.device, video_names: 
     videos at once or a block at a time: dropout draws its masks per block) it keeps.
     ``blockwise``: whether the head's loss can take a batch's videos a block at a time
     (``step_video_block``)."""
-    group, _ = schema.open_store(path)
+    group, _ = open_store(path)
     sizes = StoreSizes(group, video_names, caption_names, config.resident)
     plan = _plan_splits(config, device, sizes, world, saved)
     plan.step_videos = config.video_block or 0
@@ -314,7 +315,7 @@ def split_fits(path: str | Path, split: str, video_names: tuple[str, ...],
                budget_gb: float | None) -> tuple[bool, SplitResidency, int, str]:
     """Whether ``split``'s arrays, held as ``resident`` says, fit the memory budget (the
     host's: evaluation reads rows from wherever they are held); with its size and the budget."""
-    group, _ = schema.open_store(path)
+    group, _ = open_store(path)
     size = StoreSizes(group, video_names, caption_names, resident).split(split, "host")
     _, host, source = memory_budget(device, budget_gb)
     return size.bytes <= host, size, host, source
@@ -341,7 +342,7 @@ class StreamedSplit:
 
     def __init__(self, path: str | Path, video_names: tuple[str, ...],
                  caption_names: tuple[str, ...], resident: str, stream: StreamSettings):
-        self.group, self.spec = schema.open_store(path)
+        self.group, self.spec = open_store(path)
         self.video_names, self.caption_names = video_names, caption_names
         self.resident, self.stream = resident, stream
         self.video_store_rows = split_rows(self.group, "train").done
@@ -483,7 +484,7 @@ class StreamedSplit:
         """Read ``chunks`` and copy their rows ``videos`` and ``captions`` (split rows,
         ascending) into their slots (on a reader thread; the chunk files are first handed to the
         kernel to read ahead). Each chunk is decoded once into memory the thread reuses
-        (``avr.chunks``), or read through zarr where that cannot vouch for it."""
+        (``avr.store.chunks``), or read through zarr where that cannot vouch for it."""
         self.will_read(*self._rows_of(chunks))
         for names, store_rows, rows, slots, held in (
                 (self.video_names, self.video_store_rows, videos, video_slots, videos_held),
@@ -519,7 +520,7 @@ class StreamedSplit:
 
     def will_read(self, videos: np.ndarray, captions: np.ndarray) -> None:
         """Have the kernel read ahead the chunk files under these split rows of videos and
-        captions (``integrity.will_read``)."""
+        captions (``avr.store.read.will_read``)."""
         for names, rows in ((self.video_names, self.video_store_rows[videos]),
                             (self.caption_names, self.caption_store_rows[captions])):
             for name in names:

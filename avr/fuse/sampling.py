@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from avr.fuse import distributed
-from avr.fuse.data import SplitTensors
 from avr.fuse.distributed import World
+from avr.store.splits import SplitTensors
 
 CPU = torch.device("cpu")
 Batch = tuple[torch.Tensor, torch.Tensor, list[int]]  # video rows, caption rows, rows per shard

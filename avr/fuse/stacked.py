@@ -44,15 +44,15 @@ from torch.func import functional_call, stack_module_state, vmap
 from avr.device import autocast, resolve_device
 from avr.errors import AvrError, RunError
 from avr.fuse import checkpoint, distributed
-from avr.fuse.heads import build_head
-from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, symmetric_infonce
 from avr.fuse.checkpoint import EpochLog
 from avr.fuse.config import TrainConfig
-from avr.fuse.quantize import on_device
+from avr.fuse.heads import build_head
+from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, symmetric_infonce
 from avr.fuse.residency import StreamedSplit
 from avr.fuse.sampling import epoch_batches, steps_per_epoch
 from avr.fuse.trainer import (ADAMW_BETAS, ADAMW_EPS, CacheData, TrainResult, lr_factor,
                               run_config_dict, seed_everything, val_recall_at_1)
+from avr.store.quantize import on_device
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
 STACKED_TRAIN_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "seed", "early_stop")

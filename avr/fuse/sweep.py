@@ -48,13 +48,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from avr.errors import AvrError
 from avr.fuse import checkpoint
-from avr.fuse.heads import head_class
 from avr.fuse.checkpoint import EpochLog
 from avr.fuse.config import (TRAIN_FIELDS, Axis, TrainConfig, grid_points, head_options,
                              parse_search_space, split_options)
 from avr.fuse.fields import typed_fields
+from avr.fuse.heads import head_class
 from avr.fuse.trainer import CacheData, TrainResult, load_cache, schedule_for_store, train
-from avr.lock import _process_runs, machine_identity
+from avr.store.lock import _process_runs, machine_identity
 
 SEARCHES = ("grid", "random", "tpe")
 SWEEPS_DIR = checkpoint.DEFAULT_RUNS_DIR / "sweeps"

@@ -37,21 +37,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from avr import schema
+from avr.device import autocast, resolve_device
 from avr.errors import AvrError, RunError
 from avr.evaluate.score import score_split
-from avr.device import autocast, resolve_device
 from avr.fuse import checkpoint, distributed
+from avr.fuse.checkpoint import EpochLog, TrainState
 from avr.fuse.config import (MIN_BATCHES_PER_EPOCH, MIN_STEPS, PAPER_SCHEDULE, RESUMABLE,
                              SCRATCH_LR, SCRATCH_TEMPERATURE, TrainConfig, saved_train_config)
-from avr.fuse.checkpoint import EpochLog, TrainState
-from avr.fuse.data import SplitTensors, load_split, split_size
 from avr.fuse.distributed import World
-from avr.fuse.quantize import Held, on_device
-from avr.fuse.residency import ResidencyPlan, StreamedSplit, plan_residency
-from avr.fuse.sampling import epoch_batches, steps_per_epoch
 from avr.fuse.heads import build_head, head_class, video_inputs
 from avr.fuse.heads.base import HeadConfig, RetrievalHead
+from avr.fuse.residency import ResidencyPlan, StreamedSplit, plan_residency
+from avr.fuse.sampling import epoch_batches, steps_per_epoch
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.location import location_text, store_location
+from avr.store.quantize import Held, on_device
+from avr.store.splits import SplitTensors, load_split, split_size
 
 DEFAULT_CACHE = Path("cache")
 # What a run written before residency plans did: both splits resident, drawn by epoch_batches.
@@ -116,7 +118,7 @@ def starts_at_pretrained_scale(config: TrainConfig) -> bool:
 def schedule_for_store(cache_path: str | Path, config: TrainConfig
                        ) -> tuple[TrainConfig, str | None]:
     """``resolve_schedule`` for the train split of the store at ``cache_path``."""
-    group, spec = schema.open_store(schema.store_location(cache_path))
+    group, spec = open_store(store_location(cache_path))
     return resolve_schedule(config, spec, *split_size(group, "train"))
 
 
@@ -195,7 +197,7 @@ def load_cache(path: str | Path, head: str, device: torch.device,
     config = config or TrainConfig(head=head)
     cls = head_class(head)
     videos = video_inputs(head, *(head_options or [{}]))
-    path = schema.store_location(path)
+    path = store_location(path)
     plan = plan_residency(path, config, device, videos, cls.caption_inputs, world,
                           saved=saved_residency, blockwise=not cls.has_own_loss())
     shard = (world.rank, world.size) if world.is_distributed else None
@@ -510,7 +512,7 @@ def run_config_dict(cache_path, config: TrainConfig, schedule: str | None,
         "head_options": head.config_dict(),
         "train": dataclasses.asdict(config),  # as resolved: every value the run used
         "schedule": schedule,
-        "cache": {"path": schema.location_text(cache_path),
+        "cache": {"path": location_text(cache_path),
                   "identity": schema.cache_identity(spec)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
@@ -538,7 +540,7 @@ def resume(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
     saved["train"].update(changes)
     with distributed.session(resolve_device(config.device)) as (world, device):
         check_world(config, world)
-        cache_path = schema.store_location(cache_path or saved["cache"]["path"])
+        cache_path = store_location(cache_path or saved["cache"]["path"])
         cache = load_cache(cache_path, config.head, device, world,
                            head_options=[config.head_options], config=config,
                            saved_residency=saved.get("residency") or RESIDENT_BEFORE_PLANS)

@@ -17,7 +17,7 @@ from typing import Any
 from avr.errors import AvrError
 from avr.fuse.fields import typed_fields
 from avr.fuse.heads.base import HeadConfig, RetrievalHead
-from avr.schema import CacheSpec
+from avr.store.schema import CacheSpec
 
 HEADS: dict[str, type[RetrievalHead]] = {}
 

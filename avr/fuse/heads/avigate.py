@@ -95,12 +95,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avr import schema
 from avr.errors import AvrError
 from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
                                  RetrievalHead, Rows, State, symmetric_infonce)
+from avr.store import schema
 
 FUSED_WEIGHT = 0.05  # A.3, code-only: output = 0.05 fused + 0.95 (CLIP frames + position)
 INIT_STD = 0.02  # CLIP4Clip's initializer_range: Linear weights and position embeddings

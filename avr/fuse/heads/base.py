@@ -8,7 +8,7 @@ Retrieval cost lives in the pairwise part, so a head splits its work in three:
   Q x V x D tensor for the whole split: callers score a split in blocks of rows
   (:mod:`avr.evaluate.score`).
 
-Inputs are dicts keyed by the array names of :mod:`avr.schema`, rows first, 16-bit floats as
+Inputs are dicts keyed by the array names of :mod:`avr.store.schema`, rows first, 16-bit floats as
 they sit in the cache; a head casts them to its parameter dtype. States are dicts of tensors,
 every tensor rows first, so that slicing every tensor of a state by the same rows gives the state
 of those rows.
@@ -39,11 +39,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from avr import schema
 from avr.errors import AvrError
-from avr.schema import CacheSpec
+from avr.store import schema
+from avr.store.schema import CacheSpec
 
-# Cached rows: a head's inputs, the arrays of avr.schema by name, rows first, as stored.
+# Cached rows: a head's inputs, the arrays of avr.store.schema by name, rows first, as stored.
 Rows = dict[str, torch.Tensor]
 # Encoded state: what encode_videos / encode_texts return and score reads, rows first.
 State = dict[str, torch.Tensor]

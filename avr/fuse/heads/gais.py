@@ -69,12 +69,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avr import schema
 from avr.fuse.blocks import (TextConditionedPool, cosine_scores, identity_linear,
                               masked_attention)
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
                                  RetrievalHead, Rows, State, slice_state, state_rows)
+from avr.store import schema
 
 
 @dataclass

@@ -85,13 +85,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avr import schema
 from avr.errors import AvrError
 from avr.fuse.blocks import identity_linear, masked_attention
 from avr.fuse.graph import TemporalGraph
 from avr.fuse.heads import base, register_head
 from avr.fuse.heads.base import HeadConfig, RetrievalHead, Rows, State, slice_state, state_rows
 from avr.fuse.softdtw import soft_dtw_alignment
+from avr.store import schema
 
 # A head declares its inputs per class; docs/cache.md guarantees >= 3 Swin stages in a cache (the
 # extract default stores exactly 3), so the FPN reads stages 0-2.

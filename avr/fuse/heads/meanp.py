@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avr import schema
 from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import HeadConfig, RetrievalHead, Rows, State
+from avr.store import schema
 
 
 @dataclass

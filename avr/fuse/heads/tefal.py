@@ -73,12 +73,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from avr import schema
 from avr.errors import AvrError
 from avr.fuse.blocks import TextConditionedPool, cosine_scores
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import (EXPLAIN_AUDIO_ATTENTION, EXPLAIN_FRAME_ATTENTION, HeadConfig,
                                  RetrievalHead, Rows, State)
+from avr.store import schema
 
 FUSIONS = ("add", "late", "score_sum", "concat", "xattn", "stack")
 # Fusions whose audio is one embedding per clip (AST's CLS and distillation tokens), not the

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from avr import schema
 from avr.fuse.blocks import TextConditionedPool, cosine_scores
 from avr.fuse.heads import register_head
 from avr.fuse.heads.base import EXPLAIN_FRAME_ATTENTION, HeadConfig, RetrievalHead, Rows, State
+from avr.store import schema
 
 
 @register_head("xpool")

@@ -1,25 +1,24 @@
 """Whole chunks of a local store's array decoded into memory reused from chunk to chunk.
 
-A streamed epoch decodes tens of gigabytes a chunk at a time (``avr.fuse.residency``). Through
-zarr each chunk is decoded into a new buffer and copied out of it into a new array: on this
-project's 2-core machine the pages of those fresh buffers cost more than the decompression
-(blosc zstd into a reused buffer 1.77 GB/s, into a fresh one 0.97 GB/s; a zarr read of the same
-chunks 0.71 GB/s). ``ChunkDecoder`` reads a chunk's file into a reused buffer, checks its crc32c
+A streamed epoch decodes tens of gigabytes a chunk at a time. Through zarr each chunk is
+decoded into a new buffer and copied out of it into a new array; on a few cores the pages of
+those fresh buffers cost more than the decompression (BENCHMARKS.md, *Memory budgets and
+streaming*). ``ChunkDecoder`` reads a chunk's file into a reused buffer, checks its crc32c
 and decompresses it with blosc (numcodecs) into a reused array, the same steps as zarr's codec
-pipeline for the codecs avr writes (``schema._compressors``: bytes, then blosc or nothing, then
+pipeline for the codecs avr writes (``_zarr.compressors``: bytes, then blosc or nothing, then
 crc32c). It decodes nothing it is not sure of: an array with other codecs (sharding, a
 transpose, gzip), a store at a URL, a chunk whose file is absent or fails its checksum or its
 decompression: ``decode`` says so (None) and the caller reads those rows through zarr
-(``integrity.read_rows``), which names the damage or reads the fill value as zarr does.
+(``avr.store.read.read_rows``), which names the damage or reads the fill value as zarr does.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
+
+from avr.store import _zarr
 
 
 class ChunkDecoder:
@@ -28,7 +27,9 @@ class ChunkDecoder:
     one buffer it reuses. Not shared between threads."""
 
     def __init__(self, array):
-        self.folder, self.blosc, self.checksum = _plan(array)
+        codecs = _zarr.decodable_codecs(array)
+        self.folder = _zarr.local_folder(array) if codecs is not None else None
+        self.blosc, self.checksum = codecs or (False, False)
         self.array = array
         self.out: np.ndarray | None = None
         self.raw = bytearray()
@@ -48,7 +49,7 @@ class ChunkDecoder:
             if self.out is None:
                 self.out = np.empty((array.chunks[0], *array.shape[1:]), dtype=array.dtype)
             into = self.out
-        key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+        key = _zarr.chunk_key(array, chunk)
         try:
             with open(self.folder / key, "rb", buffering=0) as handle:
                 size = os.fstat(handle.fileno()).st_size
@@ -82,28 +83,3 @@ class ChunkDecoder:
         else:
             return None
         return into
-
-
-def _plan(array) -> tuple[Path | None, bool, bool]:
-    """(the array's folder, blosc-compressed, checksummed) when its chunks can be decoded here;
-    folder None when not."""
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-
-    store = array.store_path.store
-    codecs = list(getattr(array.metadata, "codecs", ()))
-    if not hasattr(store, "root") or np.dtype(array.dtype).kind not in "biuf" or not codecs:
-        return None, False, False
-    first = codecs.pop(0)
-    endian = getattr(getattr(first, "endian", None), "value", None)
-    if not isinstance(first, BytesCodec) or (np.dtype(array.dtype).itemsize > 1
-                                             and endian != sys.byteorder):
-        return None, False, False
-    blosc = bool(codecs) and isinstance(codecs[0], BloscCodec)
-    if blosc:
-        codecs.pop(0)
-    checksum = bool(codecs) and isinstance(codecs[0], Crc32cCodec)
-    if checksum:
-        codecs.pop(0)
-    if codecs:
-        return None, False, False
-    return Path(store.root) / array.store_path.path, blosc, checksum

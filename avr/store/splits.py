@@ -9,12 +9,12 @@ usable videos whose position in the split is ``index`` modulo ``count``, and the
 store order. A shard leaves out the captions of failed videos (they never train).
 
 With ``resident="int8"`` the token arrays are held as int8 with a per-token scale
-(:mod:`avr.fuse.quantize`), read and quantized a block at a time so that the 16-bit split is never
+(:mod:`avr.store.quantize`), read and quantized a block at a time so that the 16-bit split is never
 whole in memory. With ``tokens_in_store=True`` the token arrays stay in the store as ``StoreRows``
 and are read a batch of rows at a time by whoever slices them (evaluation of a split larger than
 the memory budget); their masks and every smaller array are read at once.
 
-Every read goes through ``avr.integrity.read_rows``: a chunk under the rows read that is absent
+Every read goes through ``avr.store.read.read_rows``: a chunk under the rows read that is absent
 or fails its checksum stops the load with the array, chunk and rows named, never zeros.
 """
 
@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avr import schema
 from avr.errors import AvrError
-from avr.fuse.quantize import Held, QuantizedTokens, held_bytes, is_token_array, quantize
-from avr.integrity import chunk_rows, read_rows
-from avr.schema import CacheSpec
+from avr.store import schema
+from avr.store.group import open_store
+from avr.store.quantize import Held, QuantizedTokens, held_bytes, is_token_array, quantize
+from avr.store.read import chunk_rows, read_rows
+from avr.store.schema import CacheSpec
 
 RESIDENT = ("fp16", "int8")  # how token arrays are held: as the store keeps them, or int8
 # Rows of 16-bit tokens read before each is quantized: bounds the 16-bit (and float32) copy.
@@ -121,7 +122,7 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     """Read ``split`` of the store at ``path``: only the arrays a head asks for; with
     ``shard=(index, count)`` only that shard's videos and their captions; token arrays held as
     ``resident`` says, or left in the store with ``tokens_in_store`` (module docstring)."""
-    group, spec = schema.open_store(path, expect=expect)
+    group, spec = open_store(path, expect=expect)
     rows = split_rows(group, split)
     all_ids = read_rows(group[schema.VIDEO_ID])
     video_rows = rows.done

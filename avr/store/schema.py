@@ -45,28 +45,23 @@ arrays out on purpose, ``unwritten`` (on the root and on each such array, see AT
 
 Integrity: every array is written with the Zarr v3 ``crc32c`` codec (a checksum of each stored
 chunk, checked on read) and every chunk a writer writes is stored, even one equal to the fill
-value, so an absent chunk under done rows is damage, never "all zeros" (``avr.integrity``).
+value, so an absent chunk under done rows is damage, never "all zeros"
+(``avr.store.integrity``).
 Stores written before checksums stay readable. A store is complete once its root ``zarr.json``
 carries ``schema_version``: creation writes that last, so a kill during creation leaves an
 unfinished store that the next extract recognises and creates again. ``avr.lock`` at the root
-is the writer's lock (``avr.lock``).
+is the writer's lock (``avr.store.lock``). This module does no I/O: ``avr.store.group`` creates
+and opens stores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
-
-from avr.errors import AvrError, CacheMismatchError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -303,237 +298,7 @@ def cache_identity(spec: CacheSpec) -> dict[str, Any]:
             "fingerprint": spec.fingerprint(), "spec": spec.to_attrs()}
 
 
-# ---- store creation and opening --------------------------------------------------------------
-
-def _zarr():
-    """zarr, set up the way avr writes: every chunk stored, even one equal to the fill value
-    (zarr skips those by default), so that an absent chunk always means damage."""
-    import zarr
-
-    if not zarr.config.get("array.write_empty_chunks"):
-        zarr.config.set({"array.write_empty_chunks": True})
-    return zarr
-
-
 COMPRESSIONS = ("zstd", "lz4", "none")  # --compression of the commands that create stores
-
-
-def _compressors(compression: str = "zstd") -> tuple:
-    """Compression, then a crc32c checksum of the stored bytes (checked on every read).
-    ``zstd`` (the default; blosc, bit shuffle, level 3) stores the least; ``lz4`` (blosc, byte
-    shuffle) decodes 1.7-1.9x as fast; ``none`` keeps only the checksum, the cheapest to
-    stream. fp16 tokens compress little (the generated ones to 93% with zstd, not at all with
-    lz4), so a store that trains streamed on a few cores reads faster with lz4 or none
-    (BENCHMARKS.md, *Memory budgets and streaming*)."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
-
-    if compression not in COMPRESSIONS:
-        raise AvrError(f"unknown compression {compression!r}; choose one of "
-                       f"{', '.join(COMPRESSIONS)}")
-    return {"zstd": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()),
-            "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()),
-            "none": (Crc32cCodec(),)}[compression]
-
-
-def compression_of(array) -> str:
-    """How ``array``'s chunks are compressed: the blosc compressor's name, or "none"."""
-    from zarr.codecs import BloscCodec
-
-    for codec in array.metadata.codecs:
-        if isinstance(codec, BloscCodec):
-            return getattr(codec.cname, "value", str(codec.cname))
-    return "none"
-
-
-def store_location(location: str | Path) -> str | Path:
-    """Where a store lives: a local path, or a URL that fsspec and zarr open (``memory://``,
-    ``s3://``, ``gs://`` ...). A ``file://`` URL is taken as its local path, so a local store
-    behaves the same however it is named; any other URL is kept as given."""
-    text = str(location)
-    if "://" not in text:
-        return Path(text)
-    parsed = urlparse(text)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise AvrError(f"{text}: a file:// URL names a path on this machine (file:///path); "
-                           f"mount the remote disk, or use its object store URL")
-        return Path(url2pathname(parsed.path))
-    return text.rstrip("/")
-
-
-def store_filesystem(location: str | Path):
-    """The fsspec filesystem holding ``location`` and the store's path within it. Raises
-    AvrError naming the package to install when the URL's protocol is not available."""
-    import fsspec
-
-    location = store_location(location)
-    try:
-        return fsspec.core.url_to_fs(str(location))
-    except ImportError as error:  # a known protocol whose package is missing (s3fs, gcsfs, ...)
-        package = _protocol_package(str(location))
-        raise AvrError(f"{location}: {error}" + (f"; pip install {package}" if package else "")
-                       ) from None
-    except ValueError as error:
-        raise AvrError(f"{location}: {error}; give a local path or an fsspec URL such as "
-                       f"s3://bucket/cache") from None
-
-
-def _protocol_package(url: str) -> str:
-    """The package fsspec imports for the protocol of ``url`` (s3fs for s3://, gcsfs for gs://;
-    "" when the protocol is built into fsspec and only its dependencies are missing)."""
-    from fsspec.registry import known_implementations
-
-    protocol = url.split("://", 1)[0]
-    module = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
-    return "" if module == "fsspec" else module
-
-
-def location_text(location: str | Path) -> str:
-    """A store or index location as runs and indexes record it: an absolute local path, or the
-    URL as given."""
-    location = store_location(location)
-    return str(location.resolve()) if isinstance(location, Path) else location
-
-
-def store_member(location: str | Path, name: str) -> str | Path:
-    """The location of ``name`` (an array, ``failures.jsonl``) inside the store."""
-    location = store_location(location)
-    return location / name if isinstance(location, Path) else f"{location}/{name}"
-
-
-def _is_lock_file(name: str) -> bool:
-    return name.startswith(LOCK_FILE)
-
-
-def _written_by_avr(name: str) -> bool:
-    """Whether a root entry is one avr writes: arrays, metadata, the failure record, the lock,
-    the first-stage index, and the temporaries of atomic writes (zarr's ``*.partial``, avr's
-    ``*.tmp``)."""
-    is_array = (name in (VIDEO_ID, VIDEO_SPLIT, VIDEO_DONE, *VIDEO_FEATURES, *CAPTION_ARRAYS)
-                or re.fullmatch(r"swin_stage\d+", name) is not None)
-    return (is_array or name in ("zarr.json", FAILURES_FILE, INDEX_DIR) or _is_lock_file(name)
-            or name.endswith((".partial", ".tmp")))
-
-
-def store_condition(location: str | Path) -> str:
-    """What is at ``location``: "complete" (an avr store: root ``zarr.json`` with a schema
-    version), "empty" (nothing but a lock), "unfinished" (what an interrupted creation or
-    overwrite leaves: only entries avr writes, no complete root) or "foreign" (anything else)."""
-    fs, root = store_filesystem(location)
-    if _root_attrs(fs, root).get(ATTR_SCHEMA_VERSION) is not None:
-        return "complete"
-    try:
-        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)]
-    except FileNotFoundError:
-        return "empty"
-    names = [name for name in names if not _is_lock_file(name)]
-    if not names:
-        return "empty"
-    return "unfinished" if all(_written_by_avr(name) for name in names) else "foreign"
-
-
-def _root_attrs(fs, root: str) -> dict[str, Any]:
-    try:
-        metadata = json.loads(fs.cat_file(f"{root}/zarr.json"))
-    except (FileNotFoundError, ValueError):
-        return {}
-    return metadata.get("attributes") or {}
-
-
-def clear_store(location: str | Path) -> None:
-    """Delete everything at ``location`` but the lock: the root ``zarr.json`` first, so that a
-    kill midway leaves an unfinished store, never a complete-looking one with arrays gone."""
-    fs, root = store_filesystem(location)
-    if not fs.exists(root):
-        return
-    if fs.exists(f"{root}/zarr.json"):
-        fs.rm_file(f"{root}/zarr.json")
-    for entry in fs.ls(root, detail=False):
-        if not _is_lock_file(entry.rstrip("/").rsplit("/", 1)[-1]):
-            fs.rm(entry, recursive=True)
-
-
-def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_splits: list[str],
-                 caption_video: list[int] | np.ndarray, caption_text: list[str],
-                 caption_tags: list[str] | None = None, *, video_chunk_rows: int | None = None,
-                 unwritten: dict[str, str] | None = None, attrs: dict[str, Any] | None = None,
-                 compression: str = "zstd"):
-    """Create a new store at ``path`` (a local path or a URL, see ``store_location``) in place
-    of whatever is there but its lock. Every array is pre-allocated at its final size (zarr
-    forbids safe concurrent resizes; writers fill row ranges) and the ids, splits and captions
-    are written. The root's attributes, the schema version among them, are written last: until
-    then the store is unfinished and a kill leaves nothing a reader takes for a store.
-    ``unwritten`` maps the feature arrays the writer leaves out on purpose to the command that
-    left them out (ATTR_UNWRITTEN); ``attrs`` are further root attributes; ``compression`` is
-    one of COMPRESSIONS (``_compressors``). Returns the zarr group."""
-    zarr = _zarr()
-    compressors = _compressors(compression)
-    clear_store(path)
-    n_videos, n_captions = len(video_ids), len(caption_text)
-    group = zarr.create_group(str(store_location(path)), zarr_format=3)
-    layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
-    unwritten = dict(unwritten or {})
-    for name, arr in layout.items():
-        chunks = (arr.chunk_rows, *arr.shape[1:])
-        marks = {ATTR_UNWRITTEN: unwritten[name]} if name in unwritten else None
-        if arr.dtype is str:
-            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str,
-                               compressors=compressors, attributes=marks)
-        else:
-            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
-                               compressors=compressors, fill_value=0, attributes=marks)
-    split_index = {s: i for i, s in enumerate(SPLITS)}
-    group[VIDEO_ID][:] = np.asarray(video_ids, dtype=object)
-    group[VIDEO_SPLIT][:] = np.asarray([split_index[s] for s in video_splits], dtype=np.int8)
-    group[CAPTION_VIDEO][:] = np.asarray(caption_video, dtype=np.int32)
-    group[CAPTION_TEXT][:] = np.asarray(caption_text, dtype=object)
-    group[CAPTION_TAG][:] = np.asarray(caption_tags or [""] * n_captions, dtype=object)
-    # One write of the root metadata, all attributes at once: the commit.
-    return group.update_attributes({
-        ATTR_SCHEMA_VERSION: SCHEMA_VERSION,
-        ATTR_SPEC: spec.to_attrs(),
-        ATTR_SPLITS: list(SPLITS),
-        ATTR_CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        ATTR_FAILURES: [],
-        **({ATTR_UNWRITTEN: unwritten} if unwritten else {}),
-        **(attrs or {}),
-    })
-
-
-def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = None,
-               ignore_versions: bool = False):
-    """Open an existing store (a local path or a URL, see ``store_location``), checking its
-    schema version (and spec, when ``expect`` is given).
-
-    Returns ``(group, spec)``. Raises CacheMismatchError naming the store and each difference.
-    """
-    zarr = _zarr()
-    path = store_location(path)
-    fs, root = store_filesystem(path)
-    condition = store_condition(path)
-    if condition == "unfinished":
-        raise CacheMismatchError(f"{path}: the store's creation did not finish (an `avr extract` "
-                                 f"was stopped while creating it, or is creating it now); run "
-                                 f"the same `avr extract` again to create it")
-    if not fs.exists(f"{root}/zarr.json"):
-        raise CacheMismatchError(f"{path}: no avr cache here (zarr.json not found); "
-                                 f"run `avr extract ... --out {path}` first")
-    group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-    version = group.attrs.get(ATTR_SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise CacheMismatchError(f"{path}: schema version {version}, this avr reads version "
-                                 f"{SCHEMA_VERSION}; re-extract with --overwrite")
-    spec = CacheSpec.from_attrs(group.attrs[ATTR_SPEC])
-    if expect is not None:
-        diffs = spec_differences(spec, expect, ignore_versions=ignore_versions)
-        if diffs:
-            raise CacheMismatchError(f"{path} does not match:\n  " + "\n  ".join(diffs))
-    return group, spec
-
-
-def unwritten_by(array) -> str | None:
-    """The command that left ``array`` unwritten on purpose, or None for a written array."""
-    return array.attrs.get(ATTR_UNWRITTEN)
 
 
 def split_code(split: str) -> int:

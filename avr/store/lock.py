@@ -48,21 +48,14 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from avr import schema
-from avr.errors import AvrError
+from avr.errors import AvrError, LockLostError, StoreLockedError
+from avr.store import schema
+from avr.store.location import store_filesystem, store_location
 
 HEARTBEAT_S = 15.0  # the holder rewrites its heartbeat this often
 LEASE_S = 90.0  # a holder on another machine is gone once its heartbeat is this old
 TAKEOVER_TIMEOUT_S = 30.0  # a takeover claim older than this was left by a killed taker
 UNREADABLE_GRACE_S = 10.0  # a record still unreadable after this was not being written
-
-
-class StoreLockedError(AvrError):
-    """Another live process holds the store's lock."""
-
-
-class LockLostError(AvrError):
-    """This process no longer holds the lock it took (taken over, removed or not refreshed)."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +146,8 @@ class _LockFiles:
     def __init__(self, location: str | Path):
         from fsspec.implementations.local import LocalFileSystem
 
-        self.location = schema.store_location(location)
-        self.fs, self.root = schema.store_filesystem(self.location)
+        self.location = store_location(location)
+        self.fs, self.root = store_filesystem(self.location)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.path = f"{self.root}/{schema.LOCK_FILE}"
 
