@@ -16,7 +16,7 @@ import zarr
 
 from typer.testing import CliRunner
 
-from avr import cli
+from avr.cli import _options as cli_options
 from avr.cli import app
 from avr.errors import CacheMismatchError
 from avr.extract.generated import GeneratedEncoder, GeneratorSettings, write_generated_store
@@ -188,7 +188,7 @@ def test_compression_changes_the_codecs_not_the_values(store, tmp_path, compress
                "--test-videos", "20", *TINY, "--compression", compression))
     info = json.loads(ok(run_avr("cache", "info", other, "--json")).stdout)
     assert {a["compression"] for a in info["arrays"].values()} == {compression}
-    assert cli.COMPRESSIONS == schema.COMPRESSIONS  # the command line's copy of the choices
+    assert cli_options.COMPRESSIONS == schema.COMPRESSIONS  # the command line's copy of the choices
     assert cache_info(store)["arrays"][schema.AUDIO_PATCH_TOKENS]["compression"] == "zstd"
     assert "compression" in ok(run_avr("cache", "info", other)).stdout
     for name in (schema.AUDIO_PATCH_TOKENS, schema.FRAME_EMBEDDINGS, schema.TEXT_EMBEDDINGS):

@@ -50,7 +50,6 @@ def test_a_usage_error_of_the_console_script_prints_the_short_usage_and_exits_2(
     (["train", "--lr", "0"], "Invalid value for '--lr': 0.0 must be > 0"),
     (["train", "--head", "clip4clip"], "unknown head 'clip4clip'; available: avigate"),
     (["train", "--pairs", "some"], "'some' is not one of one, all"),
-    (["train", "--fusion", "sum"], "'sum' is not one of add, late, score_sum, concat, xattn, stack"),
     (["train", "--device", "gpu"], "device 'gpu' is not known"),
     (["sweep", "--grid", "lr=1e-3", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["eval", "--split", "dev"], "'dev' is not one of test, val"),
@@ -76,6 +75,15 @@ def test_every_command_checks_its_options_before_any_work(args, expected):
 def test_a_missing_store_is_one_line_naming_it(tmp_path):
     assert_one_line_error(run_avr("cache", "info", tmp_path / "nowhere"),
                           f"{tmp_path / 'nowhere'}: no avr cache here")
+
+
+def test_a_head_option_is_checked_by_the_heads_own_config_before_anything_is_drawn(tmp_path,
+                                                                                  tiny_spec):
+    store = make_learnable_store(tmp_path / "cache", tiny_spec)
+    done = run_avr("train", "--cache", store, "--fusion", "sum")
+    assert_one_line_error(done, "tefal: unknown fusion 'sum'; choose one of add, late, "
+                                "score_sum, concat, xattn, stack")
+    assert done.stdout == ""
 
 
 def test_toml_values_are_checked_before_anything_is_drawn(tmp_path, tiny_spec):

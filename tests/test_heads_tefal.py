@@ -192,7 +192,7 @@ def test_loaders_shared_by_several_fusions_read_the_union(tiny_spec):
 def test_training_a_stack_run_never_loads_patch_tokens(tmp_path, tiny_spec, monkeypatch):
     from avr.evaluate import evaluator
     from avr.evaluate.evaluator import EvalConfig, evaluate_run
-    from avr.fuse import data
+    from avr.store import splits as data
 
     loaded = []
 

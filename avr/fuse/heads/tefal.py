@@ -92,6 +92,13 @@ class TefalConfig(HeadConfig):
     fusion: str = "add"  # one of FUSIONS (TEFAL Table 8)
     missing_audio: str = "zero_fbank"  # one of MISSING_AUDIO: a clip without an audio track
 
+    def __post_init__(self) -> None:
+        for option, value, choices in (("fusion", self.fusion, FUSIONS),
+                                       ("missing_audio", self.missing_audio, MISSING_AUDIO)):
+            if value not in choices:
+                raise AvrError(f"tefal: unknown {option} {value!r}; "
+                               f"choose one of {', '.join(choices)}")
+
 
 def concat_identity(dim: int) -> nn.Linear:
     """Linear 2D -> D initialised to [I, I]: FC([a, b]) = a + b at the start."""
@@ -116,11 +123,6 @@ class Tefal(RetrievalHead):
         return tuple(name for name in cls.video_inputs if name != unused)
 
     def __init__(self, spec, config: TefalConfig):
-        for option, value, choices in (("fusion", config.fusion, FUSIONS),
-                                       ("missing_audio", config.missing_audio, MISSING_AUDIO)):
-            if value not in choices:
-                raise AvrError(f"tefal: unknown {option} {value!r}; "
-                               f"choose one of {', '.join(choices)}")
         super().__init__(spec, config)
         dim = spec.clip_dim
         self.fusion = config.fusion

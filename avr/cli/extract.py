@@ -1,0 +1,99 @@
+"""`avr extract`: a dataset's media through the frozen backbones into a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from avr.cli import _options as options
+from avr.cli._app import app, console
+
+
+def _dataset(name: str) -> None:
+    from avr.extract.datasets import layout_of
+
+    layout_of(name)
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Option("vatex", help="vatex | msrvtt | generic | demo.",
+                                callback=options.checked(_dataset)),
+    root: Optional[Path] = typer.Option(None, help="Dataset files (default data/<dataset>/)."),
+    show_layout: bool = typer.Option(False, "--show-layout",
+                                     help="Print the files the dataset expects under --root."),
+    out: str = typer.Option("cache", help="The Zarr store to write or resume: a path or a "
+                                          "URL (s3://bucket/cache, file:///data/cache)."),
+    backbones: str = typer.Option("real", help="real (pretrained weights) | tiny (small random "
+                                               "configs of the same classes, for tests/demo).",
+                                  callback=options.one_of("real", "tiny")),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open_clip model name."),
+    clip_pretrained: str = typer.Option("openai", "--clip-pretrained",
+                                        help="open_clip pretrained tag or a local checkpoint."),
+    swin: str = typer.Option("microsoft/swin-tiny-patch4-window7-224",
+                             help="Swin: HF model id or local directory."),
+    ast: str = typer.Option("MIT/ast-finetuned-audioset-10-10-0.4593",
+                            help="AST: HF model id or local directory."),
+    roberta: str = typer.Option("roberta-base", help="RoBERTa: HF model id or local directory."),
+    clip_text_tokens: int = typer.Option(32, "--clip-text-tokens", min=1,
+                                         help="CLIP text tokens kept per caption."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1,
+                                         help="Frames per video (default 32 vatex, 12 others)."),
+    device: str = options.device(),
+    workers: Optional[int] = typer.Option(None, min=0,
+                                          help="Decode processes (0: in this process); "
+                                               "a dask worker decodes its own chunks."),
+    chunk_rows: Optional[int] = options.chunk_rows(),
+    compression: str = options.compression(),
+    overwrite: bool = options.overwrite(),
+    seed: int = typer.Option(0, help="Seed of tiny backbones and of the demo clips."),
+    option: list[str] = options.opts("Dataset option key=value (msrvtt: train=7k, val_size=500)."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Run the chunks on this dask scheduler's workers "
+                                  "(tcp://HOST:PORT); --out and --root must be reachable from "
+                                  "every worker at the same paths."),
+    dask_workers: Optional[int] = typer.Option(
+        None, "--dask-workers", min=1, help="Run the chunks on a local dask cluster of N worker "
+                                     "processes (one thread each)."),
+):
+    """Decode a dataset, run the frozen backbones once, write every token to a Zarr store."""
+    from avr.extract.datasets import layout_of
+
+    if show_layout:
+        console.print(layout_of(dataset), markup=False, highlight=False, soft_wrap=True)
+        return
+    from avr.extract.backbones import BackboneNames
+    from avr.extract.pipeline import ExtractConfig, extract as run_extract
+    from avr.fuse.config import parse_options
+
+    config = ExtractConfig(
+        dataset=dataset, root=root, out=out, weights=backbones,
+        names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
+                            ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens),
+        num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
+        compression=compression, overwrite=overwrite, seed=seed,
+        dataset_options=parse_options(option))
+    if scheduler is None and dask_workers is None:
+        summary = run_extract(config, console=console)
+    else:
+        from avr.extract.distributed import dask_client, extract_on_dask
+
+        with dask_client(scheduler, dask_workers) as client:
+            summary = extract_on_dask(config, client, console=console)
+    _print_extract_summary(summary)
+
+
+def _print_extract_summary(summary) -> None:
+    failed = len(summary.failures)
+    console.print(
+        f"[bold]{summary.out}[/]: {summary.done}/{summary.videos} videos done "
+        f"({summary.done_now} now, {failed} failed), {summary.captions} captions, "
+        f"{summary.bytes_on_disk / 1e6:,.1f} MB; {summary.seconds:.1f} s "
+        f"({summary.clips_per_s:.1f} clips/s; decode {summary.decode_seconds:.1f} s over workers, "
+        f"backbones {summary.encode_seconds:.1f} s on {summary.device})")
+    for failure in summary.failures[:10]:
+        console.print(f"  [red]failed[/] {failure.video_id}: {failure.reason} ({failure.path})")
+    if failed > 10:
+        console.print(f"  ... {failed - 10} more in {summary.out}/failures.jsonl")

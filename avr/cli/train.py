@@ -1,0 +1,255 @@
+"""`avr train` and `avr sweep`: fusion heads trained on a store, one run or a study of many."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from avr.cli import _options as options
+from avr.cli._app import app, console
+
+
+class _TrainProgress:
+    """A run's first lines and its bar: the bar's task starts once the cache is loaded and the
+    residency plan printed, so a store or budget that cannot train draws nothing."""
+
+    def __init__(self, progress, description: str, epochs: int | None, intro: str | None = None):
+        self.progress, self.description, self.epochs, self.intro = (progress, description,
+                                                                    epochs, intro)
+        self.task = None
+
+    def on_plan(self, plan) -> None:
+        if self.intro is not None:
+            console.print(self.intro)
+        console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
+        self.task = self.progress.add_task(self.description, total=self.epochs, rate="",
+                                           loss=0.0, r1=0.0)
+
+    def on_epoch(self, epoch, log) -> None:
+        self.progress.update(self.task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
+                             loss=log.loss, r1=log.val_r1)
+
+
+@app.command()
+def train(
+    cache: Optional[str] = typer.Option(None, help="Feature cache, a path or a URL (default: "
+                                                   "cache/)."),
+    head: Optional[str] = typer.Option(None, help="meanp | xpool | tefal | avigate | gais | htav "
+                                                  "(default: tefal).", callback=options.known_head),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default 5; more on a small "
+                                                           "train split)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
+                                             help="Batch (default 128; less on a small train "
+                                                  "split)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4; 3e-3 on a store "
+                                                  "of random backbones).",
+                                       callback=options.positive),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0),
+    warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                           help="Warmup fraction of all steps."),
+    temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature "
+                                                "(default 0.01: CLIP's logit scale, 100; 0.07, "
+                                                "CLIP's from-scratch start, on a store of "
+                                                "random backbones).",
+                                                callback=options.positive),
+    dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
+    fusion: Optional[str] = typer.Option(None, help="tefal: add | late | score_sum | concat | "
+                                                    "xattn | stack."),
+    pairs: Optional[str] = typer.Option(None, help="one (a random caption per video per epoch) "
+                                                   "| all (every caption).",
+                                        callback=options.one_of("one", "all")),
+    early_stop: Optional[int] = typer.Option(None, "--early-stop", min=0,
+                                             help="Stop after N epochs without a better val R@1."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = options.device(None),
+    memory_budget: Optional[float] = options.memory_budget(),
+    resident: Optional[str] = options.resident(),
+    opt: list[str] = options.opts("Any training or head option as key=value."),
+    config: Optional[Path] = typer.Option(None, "--config", help="run.toml with the same keys."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="Where the run goes (default runs/<time>-<head>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume",
+                                          help="Continue this run from its last checkpoint."),
+):
+    """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
+    Under torchrun every process trains its share of each batch; rank 0 reports."""
+    from avr.fuse import distributed, trainer
+    from avr.fuse.config import resume_changes, train_config as train_config_of
+    from avr.progress import progress_bar
+
+    console.quiet = not distributed.is_main_process()
+
+    extra = [f"{k}={v}" for k, v in (("temperature", temperature), ("dropout", dropout),
+                                      ("fusion", fusion)) if v is not None]
+    flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device,
+                 memory_budget=memory_budget, resident=resident)
+    if resume is not None:
+        changes = resume_changes(resume, {**flags, "temperature": temperature, "dropout": dropout,
+                                          "fusion": fusion, "config": config, "run_dir": run_dir},
+                                 opt)
+        with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
+                                          "{task.fields[r1]:.1f}") as progress:
+            shown = _TrainProgress(progress, f"resume {resume.name}", epochs)
+            result = trainer.resume(resume, changes, cache_path=cache, on_epoch=shown.on_epoch,
+                                    on_plan=shown.on_plan)
+        _print_train_result(result)
+        return
+    train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
+    cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
+    # a missing store, or one without the head's arrays, is reported before anything is drawn
+    require_head_arrays(cache_path, train_config.head, train_config.head_options)
+    # What `trainer.train` will resolve the unset schedule to, shown before anything else.
+    resolved, schedule = trainer.schedule_for_store(cache_path, train_config)
+    if schedule is not None:
+        console.print(schedule, markup=False, highlight=False, soft_wrap=True)
+    run_dir = run_dir or trainer.default_run_dir(train_config.head)
+    with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
+                                      "{task.fields[r1]:.1f}") as progress:
+        shown = _TrainProgress(progress, train_config.head, resolved.epochs,
+                               f"training [bold]{train_config.head}[/] on {cache_path} -> "
+                               f"{run_dir}")
+        result = trainer.train(cache_path, train_config, run_dir, on_epoch=shown.on_epoch,
+                               on_plan=shown.on_plan)
+    _print_train_result(result)
+
+
+def _print_train_result(result) -> None:
+    per_epoch = sum(h.seconds for h in result.history) / max(1, len(result.history))
+    console.print(f"best val t2v R@1 {result.best_val_r1:.1f} at epoch {result.best_epoch}; "
+                  f"{per_epoch:.2f} s/epoch; run: {result.run_dir}")
+
+
+@app.command()
+def sweep(
+    grid: Optional[str] = typer.Option(
+        None, help='Searched options: lists and ranges, e.g. "lr=1e-5:1e-3:log '
+                   'temperature=0.02:0.1 fusion=add,concat" (head=xpool,tefal searches heads). '
+                   'Needed to start a sweep; a worker joining one takes the stored grid.'),
+    search: Optional[str] = typer.Option(None, help="grid (every combination of lists; the "
+                                                    "default) | random | tpe.",
+                                         callback=options.one_of("grid", "random", "tpe")),
+    trials: Optional[int] = typer.Option(None, min=1, help="Configurations to train (random, "
+                                                           "tpe), over all workers."),
+    name: Optional[str] = typer.Option(None, help="The study: runs/sweeps/<name>/ (default "
+                                                  "<head>-<time>). Start it again to resume or "
+                                                  "to add a worker."),
+    storage: Optional[str] = typer.Option(None, help="Optuna database URL (default sqlite:///"
+                                                     "runs/sweeps/<name>/study.db)."),
+    prune: bool = typer.Option(False, "--prune", help="Stop hopeless trials early (Hyperband "
+                                                      "over epochs of val R@1)."),
+    cache: Optional[str] = typer.Option(None, help="Feature cache: a path or a URL (default "
+                                                   "cache)."),
+    head: Optional[str] = typer.Option(None, help="Head to sweep (default tefal).",
+                                       callback=options.known_head),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs per trial (default: avr "
+                                         "train's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
+                                             help="Batch (default: avr train's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of every trial and of the sampler "
+                                                  "(default 42)."),
+    device: Optional[str] = options.device(None),
+    memory_budget: Optional[float] = options.memory_budget(),
+    resident: Optional[str] = options.resident(),
+    opt: list[str] = options.opts("Fixed options as key=value."),
+    save_runs: bool = typer.Option(False, "--save-runs", help="Keep every trial's weights "
+                                                             "(default: the best trial's)."),
+    parallel: int = typer.Option(1, min=1, help="Trials trained at once by this worker, as one "
+                                                "stacked model where only lr, weight decay, "
+                                                "warmup, seed or temperature differ."),
+):
+    """Search training and head options on an Optuna study; one loaded cache per worker."""
+    import time
+
+    from avr.fuse import sweep as sweeps, trainer
+
+    flags = dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                 memory_budget=memory_budget, resident=resident)
+    if name is None:
+        name = f"{head or 'tefal'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    url = sweeps.storage_url(name, storage)
+    with sweeps.opening(url):  # workers started together create the study once
+        plan = sweeps.resolve_plan(name, sweeps.stored_plan(name, url), grid=grid,
+                                   search=search, trials=trials, prune=prune, cache=cache,
+                                   flags=flags, opts=opt)
+        from avr.store.group import open_store
+
+        open_store(plan.cache)  # a missing store is reported before anything is drawn
+        if "head=" not in plan.grid:
+            require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
+        _, schedule = trainer.schedule_for_store(plan.cache, plan.base)
+        study_storage = sweeps.open_storage(url)
+        study = sweeps.open_study(name, plan, study_storage)
+    if schedule is not None:
+        console.print(schedule, markup=False, highlight=False, soft_wrap=True)
+    out_dir = sweeps.sweep_dir(name)
+    size = plan.size()
+    console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} ({size} "
+                  f"trial{'s' * (size != 1)}{', pruned' if plan.prune else ''}) on {plan.cache};"
+                  f" study {study_storage.url}")
+    _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel)
+    rows = sweeps.finished_rows(study)
+    _print_sweep_table(name, plan, rows)
+    paths = [sweeps.write_trials_csv(study, out_dir), *sweeps.write_plots(study, out_dir)]
+    if not save_runs:
+        sweeps.drop_weights_of_others(study)
+    best = next((row for row in rows if row.state == "complete"), None)
+    if best is not None:
+        console.print(f"best: trial {best.number}, val R@1 {best.best_val_r1:.1f}, run "
+                      f"{best.run_dir} (avr eval --run {best.run_dir})")
+    console.print("wrote " + ", ".join(str(path) for path in paths)
+                  + f"; browse the study with `optuna-dashboard {study_storage.url}`")
+
+
+def _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel) -> None:
+    from avr.fuse import sweep as sweeps
+    from avr.progress import progress_bar
+
+    done = len([row for row in sweeps.finished_rows(study) if row.state != "failed"])
+    with progress_bar(console, fields="{task.fields[now]}  best val R@1 "
+                                      "{task.fields[best]:.1f}") as progress:
+        task = progress.add_task(f"sweep {name}", total=plan.size(), completed=min(done,
+                                 plan.size()), rate="", now="", best=0.0)
+        best = [max((r.best_val_r1 for r in sweeps.finished_rows(study)), default=0.0)]
+
+        def on_epoch(number, log):
+            progress.update(task, now=f"trial {number} epoch {log.epoch} R@1 {log.val_r1:.1f}",
+                            rate=f"{log.pairs_per_s:,.0f} pairs/s")
+
+        def on_trial_end(row):
+            best[0] = max(best[0], row.best_val_r1)
+            progress.update(task, advance=1, best=best[0], now=f"trial {row.number} {row.state}")
+
+        sweeps.run_worker(study, study_storage, plan, out_dir,
+                          sweeps.SweepCallbacks(on_epoch=on_epoch, on_trial_end=on_trial_end),
+                          parallel=parallel)
+
+
+def _print_sweep_table(name, plan, rows) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep {name}: {plan.base.head if 'head=' not in plan.grid else 'heads'}"
+                        f" on {plan.cache}")
+    for column in ("rank", "trial", "state", "options", "val R@1", "best epoch", "epochs",
+                   "s/trial"):
+        table.add_column(column)
+    for rank, row in enumerate(rows, 1):
+        options = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.options.items())
+        table.add_row(str(rank), str(row.number), row.state, options, f"{row.best_val_r1:.1f}",
+                      str(row.best_epoch or "-"), _trained_epochs(row), f"{row.seconds:.1f}")
+    console.print(table)
+
+
+def _trained_epochs(row) -> str:
+    return str(row.epochs) if row.repeats is None else f"0 (as trial {row.repeats})"
+
+
+def require_head_arrays(cache: str, head: str, *options: dict) -> None:
+    """Refuse a store that leaves an array the head reads unwritten on purpose."""
+    from avr.fuse.heads import head_class, video_inputs
+    from avr.store.read import require_arrays_written
+
+    require_arrays_written(cache, (*video_inputs(head, *options), *head_class(head).caption_inputs))
