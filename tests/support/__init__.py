@@ -1,0 +1,1 @@
+"""Helpers the tests share: generated media and stores, the console script, kill harnesses."""

@@ -1,0 +1,35 @@
+"""Run the avr command line in this process and SIGKILL it right after the trainer logs its Nth
+epoch (counted over every run the process trains, e.g. every trial of a sweep).
+
+    python tests/support/kill_at_epoch.py N sweep --name S ...
+
+A run that never reaches the Nth epoch finishes normally.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from avr.cli import main
+from avr.fuse import checkpoint
+
+
+def kill_at_epoch(nth: int) -> None:
+    real_append = checkpoint.append_log
+    seen = 0
+
+    def append_and_maybe_die(run_dir, log):
+        nonlocal seen
+        real_append(run_dir, log)
+        seen += 1
+        if seen == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.append_log = append_and_maybe_die
+
+
+if __name__ == "__main__":
+    kill_at_epoch(int(sys.argv[1]))
+    main(sys.argv[2:])
