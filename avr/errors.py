@@ -27,6 +27,10 @@ class RunError(AvrError):
     """A run directory or checkpoint cannot be used as asked."""
 
 
+class MissingExtraError(AvrError):
+    """An optional dependency (an extra of the install) is not installed."""
+
+
 class InputFileError(AvrError):
     """A user's file cannot be read as written (encoding, syntax, a value of the wrong type)."""
 
