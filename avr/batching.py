@@ -12,24 +12,25 @@ from typing import Union
 
 import torch
 
-Rows = Union[Mapping[str, torch.Tensor], torch.Tensor, Sequence]
+# What ``map_batches`` slices by rows: a tensor, a list, or a dict of tensors sharing rows.
+Batchable = Union[Mapping[str, torch.Tensor], torch.Tensor, Sequence]
 Outputs = dict[str, torch.Tensor]
 
 
-def row_count(rows: Rows) -> int:
+def row_count(rows: Batchable) -> int:
     """Rows of a tensor, a list, or a dict of tensors sharing their first dimension."""
     if isinstance(rows, Mapping):
         return next(iter(rows.values())).shape[0]
     return len(rows)
 
 
-def take_rows(rows: Rows, start: int, stop: int) -> Rows:
+def take_rows(rows: Batchable, start: int, stop: int) -> Batchable:
     if isinstance(rows, Mapping):
         return {name: value[start:stop] for name, value in rows.items()}
     return rows[start:stop]
 
 
-def map_batches(fn: Callable[[Rows], Outputs], rows: Rows, batch: int, *,
+def map_batches(fn: Callable[[Batchable], Outputs], rows: Batchable, batch: int, *,
                 out_device: str | torch.device | None = None) -> Outputs:
     """``fn`` over consecutive batches of at most ``batch`` rows of ``rows`` (a tensor, a list
     or a dict of tensors), its dicts of tensors concatenated row-wise; each output moves to

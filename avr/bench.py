@@ -115,7 +115,6 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
     import resource
 
     from avr.fuse import trainer
-    from avr.fuse.residency import StreamedSplit
     from avr.fuse.trainer import TrainConfig
 
     config = TrainConfig(head=head_name, epochs=1, batch_size=batch_size, lr=1e-4, seed=seed,
@@ -130,7 +129,7 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
                       plan.train.bytes / 1e9, "GB", plan.describe()),
                Figure("load (plan, row index, resident arrays)", load_seconds, "s")]
     pair_bytes = _pair_bytes(location, head_name)
-    if isinstance(train, StreamedSplit):
+    if plan.train.mode == "streamed":
         files = _chunk_files(location, train)
         if files:
             on_disk = sum(f.stat().st_size for f in files)
@@ -165,7 +164,7 @@ def _pair_bytes(location, head_name: str) -> int:
     """Bytes (16-bit, as stored) of one train pair of ``head_name``: a video's rows of the arrays
     it reads and a caption's, as the residency plan counts them."""
     from avr.fuse.heads import video_inputs
-    from avr.fuse.residency import StoreSizes
+    from avr.fuse.residency.plan import StoreSizes
 
     group, _ = open_store(location)
     sizes = StoreSizes(group, video_inputs(head_name), head_class(head_name).caption_inputs,

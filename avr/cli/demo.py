@@ -94,7 +94,7 @@ def bench_train(
                                       batch_size=batch_size)
         _print_figures("train", name, scale, figures)
         return
-    from avr.cli.train import require_head_arrays
+    from avr.fuse.loading import require_head_arrays
 
     require_head_arrays(cache, head, {})
     figures = benches.bench_train_store(cache, head, device=torch_device, batch_size=batch_size,

@@ -12,24 +12,37 @@ from avr.cli._app import app, console
 
 
 class _TrainProgress:
-    """A run's first lines and its bar: the bar's task starts once the cache is loaded and the
-    residency plan printed, so a store or budget that cannot train draws nothing."""
+    """A run's first lines and its bar: the schedule line before anything loads; the run, its
+    residency plan and the bar once the cache is loaded, so a store or budget that cannot train
+    draws nothing. Close it when the run ends."""
 
-    def __init__(self, progress, description: str, epochs: int | None, intro: str | None = None):
-        self.progress, self.description, self.epochs, self.intro = (progress, description,
-                                                                    epochs, intro)
-        self.task = None
+    def __init__(self):
+        self.progress = self.task = None
 
-    def on_plan(self, plan) -> None:
-        if self.intro is not None:
-            console.print(self.intro)
-        console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
-        self.task = self.progress.add_task(self.description, total=self.epochs, rate="",
-                                           loss=0.0, r1=0.0)
+    def on_schedule(self, line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def on_start(self, start) -> None:
+        from avr.progress import progress_bar
+
+        what = f"resuming [bold]{start.head}[/] at epoch {start.done + 1}" if start.done else \
+            f"training [bold]{start.head}[/]"
+        console.print(f"{what} on {start.cache} -> {start.run_dir}")
+        if start.plan is not None:
+            console.print(start.plan.describe(), markup=False, highlight=False, soft_wrap=True)
+        self.progress = progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
+                                                     "{task.fields[r1]:.1f}")
+        self.progress.start()
+        self.task = self.progress.add_task(start.head, total=start.epochs, completed=start.done,
+                                           rate="", loss=0.0, r1=0.0)
 
     def on_epoch(self, epoch, log) -> None:
         self.progress.update(self.task, advance=1, rate=f"{log.pairs_per_s:,.0f} pairs/s",
                              loss=log.loss, r1=log.val_r1)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 @app.command()
@@ -75,44 +88,23 @@ def train(
 ):
     """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
     Under torchrun every process trains its share of each batch; rank 0 reports."""
-    from avr.fuse import distributed, trainer
-    from avr.fuse.config import resume_changes, train_config as train_config_of
-    from avr.progress import progress_bar
+    from avr.fuse import ddp
+    from avr.fuse.config import TrainRequest
+    from avr.fuse.trainer import train_from_options
 
-    console.quiet = not distributed.is_main_process()
-
-    extra = [f"{k}={v}" for k, v in (("temperature", temperature), ("dropout", dropout),
-                                      ("fusion", fusion)) if v is not None]
-    flags = dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                 warmup=warmup, pairs=pairs, early_stop=early_stop, seed=seed, device=device,
-                 memory_budget=memory_budget, resident=resident)
-    if resume is not None:
-        changes = resume_changes(resume, {**flags, "temperature": temperature, "dropout": dropout,
-                                          "fusion": fusion, "config": config, "run_dir": run_dir},
-                                 opt)
-        with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
-                                          "{task.fields[r1]:.1f}") as progress:
-            shown = _TrainProgress(progress, f"resume {resume.name}", epochs)
-            result = trainer.resume(resume, changes, cache_path=cache, on_epoch=shown.on_epoch,
-                                    on_plan=shown.on_plan)
-        _print_train_result(result)
-        return
-    train_config, toml_cache = train_config_of(config, flags, [*extra, *opt])
-    cache_path = cache or toml_cache or trainer.DEFAULT_CACHE
-    # a missing store, or one without the head's arrays, is reported before anything is drawn
-    require_head_arrays(cache_path, train_config.head, train_config.head_options)
-    # What `trainer.train` will resolve the unset schedule to, shown before anything else.
-    resolved, schedule = trainer.schedule_for_store(cache_path, train_config)
-    if schedule is not None:
-        console.print(schedule, markup=False, highlight=False, soft_wrap=True)
-    run_dir = run_dir or trainer.default_run_dir(train_config.head)
-    with progress_bar(console, fields="loss {task.fields[loss]:.3f}  val R@1 "
-                                      "{task.fields[r1]:.1f}") as progress:
-        shown = _TrainProgress(progress, train_config.head, resolved.epochs,
-                               f"training [bold]{train_config.head}[/] on {cache_path} -> "
-                               f"{run_dir}")
-        result = trainer.train(cache_path, train_config, run_dir, on_epoch=shown.on_epoch,
-                               on_plan=shown.on_plan)
+    console.quiet = not ddp.is_main_process()
+    request = TrainRequest(
+        cache=cache, config_file=config, opts=opt, run_dir=run_dir, resume=resume,
+        train=dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr,
+                   weight_decay=weight_decay, warmup=warmup, pairs=pairs, early_stop=early_stop,
+                   seed=seed, device=device, memory_budget=memory_budget, resident=resident),
+        head=dict(temperature=temperature, dropout=dropout, fusion=fusion))
+    shown = _TrainProgress()
+    try:
+        result = train_from_options(request, on_schedule=shown.on_schedule,
+                                    on_start=shown.on_start, on_epoch=shown.on_epoch)
+    finally:
+        shown.close()
     _print_train_result(result)
 
 
@@ -178,6 +170,8 @@ def sweep(
 
         open_store(plan.cache)  # a missing store is reported before anything is drawn
         if "head=" not in plan.grid:
+            from avr.fuse.loading import require_head_arrays
+
             require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
         _, schedule = trainer.schedule_for_store(plan.cache, plan.base)
         study_storage = sweeps.open_storage(url)
@@ -245,11 +239,3 @@ def _print_sweep_table(name, plan, rows) -> None:
 
 def _trained_epochs(row) -> str:
     return str(row.epochs) if row.repeats is None else f"0 (as trial {row.repeats})"
-
-
-def require_head_arrays(cache: str, head: str, *options: dict) -> None:
-    """Refuse a store that leaves an array the head reads unwritten on purpose."""
-    from avr.fuse.heads import head_class, video_inputs
-    from avr.store.read import require_arrays_written
-
-    require_arrays_written(cache, (*video_inputs(head, *options), *head_class(head).caption_inputs))

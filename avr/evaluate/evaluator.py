@@ -21,7 +21,7 @@ from avr.evaluate import metrics, report
 from avr.evaluate.score import score_captions, score_split
 from avr.fuse import checkpoint
 from avr.fuse.heads.base import RetrievalHead, State
-from avr.fuse.residency import split_fits, work_bytes as budget_work_bytes
+from avr.fuse.residency.plan import split_fits, work_bytes as budget_work_bytes
 from avr.store import schema
 from avr.store.group import open_store
 from avr.store.location import store_location

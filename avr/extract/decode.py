@@ -17,8 +17,8 @@ normalised as (fbank - mean) / (2 * std) with AST's AudioSet statistics. A clip 
 track gets an all-zero fbank that is NOT normalised (distinct from a silent track).
 
 Broken files raise ``ClipDecodeError`` (an ``avr.errors.DecodeError``) naming the file and one
-``reason`` of ``avr.errors.DECODE_REASONS``. Truncation policy: a file whose MP4 index or container header is cut
-off cannot be opened and is "truncated"; a file that opens but whose video frames stop more than
+``reason`` of ``avr.errors.DECODE_REASONS``. Truncation policy: a file whose MP4 index or
+container header is cut off cannot be opened and is "truncated"; a file that opens but whose video frames stop more than
 one sampling segment (duration / F) before the last sample time is "truncated" too, since at
 least one sampled frame would be a stand-in from another part of the video. A shortfall smaller
 than that is decoded, the last frames repeated. Undecodable packets inside a stream are skipped.

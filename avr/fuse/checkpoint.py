@@ -7,8 +7,8 @@ A run directory holds
     log.csv            one row per epoch (``EpochLog``; a column per loss part of the head)
     events.*           TensorBoard events
 
-``TrainState`` is what a run carries from epoch to epoch (head, optimizer, schedule, progress,
-history); ``save_last`` and ``load_last`` write and read it, so that a resumed run continues
+``TrainState`` is what a run carries from epoch to epoch (head, optimizer, schedule and its
+``RunProgress``: epochs done, best epoch, history); ``save_last`` and ``load_last`` write and read it, so that a resumed run continues
 exactly where the last epoch ended. Weights load from safetensors only (no pickle).
 """
 
@@ -138,16 +138,24 @@ LOG_COLUMNS = tuple(f.name for f in dataclasses.fields(EpochLog) if f.name != "p
 
 
 @dataclass
+class RunProgress:
+    """How far a run (or one stacked trial) has got: epochs done, its best epoch by val R@1, and
+    the log of every epoch."""
+
+    epoch: int = 0  # epochs done
+    best_epoch: int = -1
+    best_r1: float = -1.0
+    history: list[EpochLog] = field(default_factory=list)
+
+
+@dataclass
 class TrainState:
     """Everything a run carries from one epoch to the next."""
 
     head: RetrievalHead
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    epoch: int = 0  # epochs done
-    best_epoch: int = -1
-    best_r1: float = -1.0
-    history: list[EpochLog] = field(default_factory=list)
+    progress: RunProgress = field(default_factory=RunProgress)
 
     def save_last(self, run_dir: Path) -> None:
         """last.safetensors: weights, optimizer moments, schedule, progress and the torch RNG."""
@@ -155,8 +163,9 @@ class TrainState:
         tensors = {f"optim.{index}.{key}": torch.as_tensor(value)
                    for index, values in state["state"].items() for key, value in values.items()}
         tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"epoch": str(self.epoch), "best_epoch": str(self.best_epoch),
-                "best_val_R1": str(self.best_r1),
+        progress = self.progress
+        meta = {"epoch": str(progress.epoch), "best_epoch": str(progress.best_epoch),
+                "best_val_R1": str(progress.best_r1),
                 "param_groups": json.dumps(state["param_groups"]),
                 "scheduler": json.dumps(self.scheduler.state_dict())}
         tmp = run_dir / (LAST_FILE + ".tmp")
@@ -182,9 +191,8 @@ class TrainState:
                                         "param_groups": json.loads(meta["param_groups"])})
         self.scheduler.load_state_dict(json.loads(meta["scheduler"]))
         torch.set_rng_state(extra["rng.torch"])
-        self.epoch, self.best_epoch = int(meta["epoch"]), int(meta["best_epoch"])
-        self.best_r1 = float(meta["best_val_R1"])
-        self.history = read_log(run_dir)
+        self.progress = RunProgress(int(meta["epoch"]), int(meta["best_epoch"]),
+                                    float(meta["best_val_R1"]), read_log(run_dir))
 
 
 def append_log(run_dir: Path, log: EpochLog) -> None:

@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from avr.device import resolve_device
-from avr.errors import AvrError
-from avr.files import InputFileError, read_text
+from avr.errors import AvrError, InputFileError
+from avr.files import read_text
 from avr.fuse.fields import typed_fields
 from avr.fuse.heads import head_class, make_config
 from avr.store.splits import RESIDENT
 
 
 # What an unset epochs, batch size and learning rate become on a split large enough for them: the
-# papers' schedule (X-Pool, TEFAL, CLIP4Clip on VATEX and MSR-VTT). ``trainer.resolve_schedule``
-# departs from it on a small split or on features of random backbones.
+# papers' schedule (X-Pool, TEFAL, CLIP4Clip on VATEX and MSR-VTT). ``avr.fuse.schedule`` departs
+# from it on a small split or on features of random backbones.
 PAPER_SCHEDULE: dict[str, Any] = dict(epochs=5, batch_size=128, lr=1e-4)
 MIN_BATCHES_PER_EPOCH = 4  # a batch is at most about a quarter of the split: epochs differ
 MIN_STEPS = 250  # optimizer steps a default schedule gives at least (MSR-VTT 7k: 275 at 5 x 128)
@@ -40,7 +40,7 @@ SCRATCH_TEMPERATURE = 0.07
 @dataclass
 class TrainConfig:
     """Training options; every field can come from flags, from ``--config run.toml`` or a sweep.
-    ``epochs``, ``batch_size`` and ``lr`` left None are chosen by ``trainer.resolve_schedule``
+    ``epochs``, ``batch_size`` and ``lr`` left None are chosen by ``avr.fuse.schedule.resolve_schedule``
     from the store; a value the user gives is never changed."""
 
     head: str = "tefal"
@@ -261,10 +261,12 @@ def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
 
 
 def train_config(config_file: Path | None, flags: dict[str, Any], opts: list[str], *,
-                 start: TrainConfig | None = None) -> tuple[TrainConfig, str | None]:
+                 start: TrainConfig | None = None, head_flags: dict[str, Any] | None = None
+                 ) -> tuple[TrainConfig, str | None]:
     """The checked TrainConfig of ``run.toml`` (if any; else ``start``, else the defaults),
-    overridden by ``flags`` (None: not given), overridden by ``--opt`` items; and the cache
-    location the TOML file names."""
+    overridden by ``flags`` (training options; None: not given) and ``head_flags`` (options of
+    the head, typed and checked by its own config), overridden by ``--opt`` items; and the
+    cache location the TOML file names."""
     values: dict[str, Any] = {}
     toml_head_options: dict[str, Any] = {}
     cache = None
@@ -276,6 +278,8 @@ def train_config(config_file: Path | None, flags: dict[str, Any], opts: list[str
     values.update({k: v for k, v in flags.items() if v is not None})
     head = values.get("head", TrainConfig.head)
     merged_head_options = head_options(head, toml_head_options, f"{config_file} [head_options]")
+    merged_head_options.update(head_options(head, {k: v for k, v in (head_flags or {}).items()
+                                                   if v is not None}, "flag"))
     train_opts, head_opts = split_options(parse_options(opts), head)
     values.update(typed_fields(TrainConfig, train_opts, "--opt"))
     merged_head_options.update(head_options(head, head_opts, "--opt"))
@@ -284,10 +288,28 @@ def train_config(config_file: Path | None, flags: dict[str, Any], opts: list[str
     return config, cache
 
 
+@dataclass
+class TrainRequest:
+    """What `avr train` was asked (``avr.fuse.trainer.train_from_options``): each flag None when
+    not given."""
+
+    cache: str | None = None
+    config_file: Path | None = None
+    train: dict[str, Any] = field(default_factory=dict)  # training options given as flags
+    head: dict[str, Any] = field(default_factory=dict)  # head options given as flags
+    opts: list[str] = field(default_factory=list)  # --opt key=value
+    run_dir: Path | None = None
+    resume: Path | None = None
+
+    def resume_flags(self) -> dict[str, Any]:
+        """Every flag given with --resume, named as ``resume_changes`` reports them."""
+        return {**self.train, **self.head, "config": self.config_file, "run_dir": self.run_dir}
+
+
 def resume_changes(run_dir: Path, flags: dict[str, Any], opts: list[str]) -> dict[str, Any]:
     """The changes ``--resume RUN`` applies: the given ``flags`` (None: not given; keys are
     option names, shown as --flag-name) and ``--opt`` items, all of which must be options a run
-    may change when it resumes (``trainer.RESUMABLE``). Any other is refused, named, with what
+    may change when it resumes (``RESUMABLE``). Any other is refused, named, with what
     to do instead: a resumed run keeps its own learning rate, batch, head options and seed."""
     given = {key: value for key, value in flags.items() if value is not None}
     options = parse_options(opts)

@@ -10,7 +10,7 @@ r mod N); each shard draws its own pair order from its own generator, and global
 concatenates, in shard order, the b-th ``batch_size / N`` pairs of every shard. One process
 holds every shard; under torchrun rank r holds only shard r (``load_split(shard=...)``, whose
 rows keep this order) and draws the same pairs, so both compose the same batches and train the
-same run (:mod:`avr.fuse.distributed`). With ``shards=1`` this is plain shuffled batching.
+same run (:mod:`avr.fuse.ddp`). With ``shards=1`` this is plain shuffled batching.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from avr.fuse import distributed
-from avr.fuse.distributed import World
+from avr.fuse import ddp
+from avr.fuse.ddp import World
 from avr.store.splits import SplitTensors
 
 CPU = torch.device("cpu")
 Batch = tuple[torch.Tensor, torch.Tensor, list[int]]  # video rows, caption rows, rows per shard
 
 
-def epoch_batches(data: SplitTensors, config, epoch: int, world: World = distributed.SINGLE,
+def epoch_batches(data: SplitTensors, config, epoch: int, world: World = ddp.SINGLE,
                   device: torch.device = CPU) -> Iterator[Batch]:
     """The epoch's global batches, the same for one process with ``shards=N`` and for N ranks.
     Yields (video rows, caption rows, counts): the rows of ``data`` this process holds of the
@@ -40,19 +40,19 @@ def epoch_batches(data: SplitTensors, config, epoch: int, world: World = distrib
     orders = held_shards(data, config, epoch, world)
     lengths = [len(videos) for videos, _ in orders]
     if world.is_distributed:
-        lengths = distributed.gather_counts(lengths[0], world, device)
+        lengths = ddp.gather_counts(lengths[0], world, device)
     for start in range(0, max(lengths), per_shard):
         parts = [distinct_videos(v[start:start + per_shard], c[start:start + per_shard])
                  for v, c in orders]
         counts = [len(v) for v, _ in parts]
         if world.is_distributed:
-            counts = distributed.gather_counts(counts[0], world, device)
+            counts = ddp.gather_counts(counts[0], world, device)
         if min(counts) == 0 or sum(counts) < 2:
             continue
         yield torch.cat([v for v, _ in parts]), torch.cat([c for _, c in parts]), counts
 
 
-def steps_per_epoch(data: SplitTensors, config, world: World = distributed.SINGLE,
+def steps_per_epoch(data: SplitTensors, config, world: World = ddp.SINGLE,
                     device: torch.device = CPU) -> int:
     """Batches of an epoch as the learning-rate schedule counts them: those of the largest
     shard."""
@@ -62,7 +62,7 @@ def steps_per_epoch(data: SplitTensors, config, world: World = distributed.SINGL
              else int(((caption_video >= 0) & (caption_video % held == shard)).sum())
              for shard in range(held)]
     if world.is_distributed:
-        sizes = distributed.gather_counts(sizes[0], world, device)
+        sizes = ddp.gather_counts(sizes[0], world, device)
     return max(1, math.ceil(max(sizes) / (config.batch_size // config.shards)))
 
 

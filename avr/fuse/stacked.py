@@ -11,19 +11,21 @@ epoch every trial is validated by one vmapped scoring of the val split when it f
 (``STACKED_VAL_BYTES``).
 
 Each trial is what ``avr.fuse.trainer.train`` makes of it alone, step for step: its head is
-built after seeding with its own seed, batches come from ``epoch_batches``, the update is
-torch's AdamW (betas 0.9, 0.98, eps 1e-6, no decay on biases, norms and the logit scale) after
-``clip_grad_norm_``, the learned logit scale is clamped after each step, and validation,
-``config.json``, ``best.safetensors`` and ``log.csv`` are the trainer's. With dropout, each
-trial draws its own masks (``randomness="different"``), not the ones it draws alone. With
-dropout 0 on the CPU, an X-Pool trial's weights equal its solo run's bit for bit (LayerNorms
-compute what each trial's own kernel does, ``_TrialLayerNorm``; the AdamW step repeats torch's
-arithmetic, ``StackedAdamW``);
-MeanP's and TEFAL's differ from theirs by the rounding of vmap's batched matmuls and reductions
-(at most 2e-8 and 2e-5 after 10 epochs on the tests' store). A stacked trial's run directory
-has no ``last.safetensors``: it holds no optimizer of its own to resume.
+built after seeding with its own seed, batches come from the split's ``batches``, the update is
+torch's AdamW as ``avr.fuse.optim`` sets it (``StackedAdamW``) after ``clip_grad_norm_``, the
+learned logit scale is clamped after each step, and the end of every epoch (log, best
+checkpoint, early stop, ``config.json``, ``log.csv``, TensorBoard) is the trainer's own
+``end_epoch``. With dropout, each trial draws its own masks (``randomness="different"``), not
+the ones it draws alone. With dropout 0 the LayerNorms compute what each trial's own kernel does
+(``_TrialLayerNorm``) and the AdamW step repeats torch's arithmetic (``StackedAdamW``): what
+remains between a stacked trial and its solo run is the rounding of vmap's batched matmuls and
+reductions, none at all for X-Pool on an AVX-512 CPU (BENCHMARKS.md gives the measured
+differences). A stacked trial's run directory has no ``last.safetensors``: it holds no optimizer
+of its own to resume.
 
-MeanP, X-Pool and TEFAL stack; the other heads run one trial at a time (``stackable``).
+A head declares whether its trials stack (``RetrievalHead.stackable``; the contract test holds
+every stackable head's stacked trials to its solo runs); the others, and every trial on a train
+split that refuses it (``TrainSplit.stack_refusal``: a streamed one), train one at a time.
 """
 
 from __future__ import annotations
@@ -43,30 +45,27 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from avr.device import autocast, resolve_device
 from avr.errors import AvrError, RunError
-from avr.fuse import checkpoint, distributed
-from avr.fuse.checkpoint import EpochLog
+from avr.fuse import checkpoint, ddp
+from avr.fuse.checkpoint import EpochLog, RunProgress
 from avr.fuse.config import TrainConfig
-from avr.fuse.heads import build_head
-from avr.fuse.heads.base import LOGIT_SCALE_MAX, RetrievalHead, symmetric_infonce
-from avr.fuse.residency import StreamedSplit
-from avr.fuse.sampling import epoch_batches, steps_per_epoch
-from avr.fuse.trainer import (ADAMW_BETAS, ADAMW_EPS, CacheData, TrainResult, lr_factor,
-                              run_config_dict, seed_everything, val_recall_at_1)
+from avr.fuse.heads import build_head, head_class
+from avr.fuse.heads.base import RetrievalHead, symmetric_infonce
+from avr.fuse.loading import CacheData
+from avr.fuse.optim import StackedAdamW
+from avr.fuse.trainer import (TrainResult, end_epoch, run_config_dict, seed_everything,
+                              tensorboard, val_recall_at_1)
 from avr.store.quantize import on_device
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
 STACKED_TRAIN_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "seed", "early_stop")
 STACKED_HEAD_OPTIONS = ("temperature",)
-STACKABLE_HEADS = ("meanp", "xpool", "tefal")
 STACKED_VAL_BYTES = 256 * 2**20  # the most the vmapped validation of every trial may work in
 
 
 def stackable(head: str) -> bool:
-    """Whether trials of ``head`` train stacked: the heads whose stacked trials are tested to
-    match their solo runs (tests/test_stacked.py). AVIGATE and GAIS have losses of their own
-    that read values out of tensors, which vmap cannot; HTAV (LSTM, soft-DTW) is not verified
-    under vmap yet. Their trials train one at a time."""
-    return head in STACKABLE_HEADS
+    """Whether trials of ``head`` train stacked: what the head declares
+    (``RetrievalHead.stack_refusal``)."""
+    return head_class(head).stack_refusal() is None
 
 
 def group_key(config: TrainConfig) -> str:
@@ -213,68 +212,9 @@ class _Trial:
     config: TrainConfig
     head: RetrievalHead  # its own module: initialised with its seed, holds it for validation
     run_dir: Path
-    warmup_steps: int
-    history: list[EpochLog] = dataclasses.field(default_factory=list)
-    best: tuple[int, float] = (-1, -1.0)
+    progress: RunProgress = dataclasses.field(default_factory=RunProgress)
+    writer: object = None  # its TensorBoard events
     active: bool = True
-
-
-class StackedAdamW:
-    """torch's AdamW (as ``make_optimizer`` sets it) over stacked parameters [K, ...]: trial k
-    steps with its own lr (times its warmup + cosine factor), weight decay and gradient clip.
-
-    Each trial's step is the solo step's arithmetic, operation for operation: ``clip_grad_norm_``'s
-    norms and coefficient, single-tensor AdamW's decay, moments, denominator and ``addcdiv_``
-    (value * exp_avg / denom), with its lr, decay factor and step size computed as the same Python
-    floats. On the CPU a stacked trial's update is the solo update bit for bit."""
-
-    def __init__(self, params: dict[str, torch.Tensor], trials: list[_Trial], total_steps: int):
-        self.params = params
-        self.trials = trials
-        self.total_steps = total_steps
-        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.step_count = 0
-        first = next(iter(params.values()))
-        self.grad_clip = torch.tensor([t.config.grad_clip for t in trials], dtype=first.dtype,
-                                      device=first.device)
-
-    def lrs(self) -> list[float]:
-        """Each trial's lr at this step, as ``make_optimizer``'s LambdaLR sets it."""
-        return [t.config.lr * lr_factor(self.step_count, t.warmup_steps, self.total_steps)
-                for t in self.trials]
-
-    @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor], active: list[bool]) -> None:
-        """One step, in place, with torch AdamW's operations; ``grads`` are scaled in place.
-        Trials not ``active`` (pruned, stopped early) step with lr 0: their weights stay as they
-        were (nothing reads their moments again)."""
-        # clip_grad_norm_ per trial: the norm of its gradients' norms; max_norm / (norm + 1e-6),
-        # which torch evaluates as (norm + 1e-6).reciprocal() * max_norm, at most 1
-        first = next(iter(self.params.values()))
-        norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1)
-                             for g in grads.values()], 1)
-        total = torch.linalg.vector_norm(norms, dim=1)
-        clip = ((total + 1e-6).reciprocal() * self.grad_clip).clamp(max=1.0)
-        lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(), active)]
-        self.step_count += 1
-        beta1, beta2 = ADAMW_BETAS
-        bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-        decay, neg_step = torch.tensor(
-            [[1 - lr * t.config.weight_decay for lr, t in zip(lrs, self.trials)],
-             [-(lr / bias1) for lr in lrs]], dtype=first.dtype, device=first.device)
-        for name, param in self.params.items():
-            shape = (-1,) + (1,) * (param.ndim - 1)
-            grad = grads[name].mul_(clip.view(shape))
-            if param.ndim > 2 and "logit_scale" not in name:  # ndim of one trial's >= 2
-                param.mul_(decay.view(shape))
-            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(ADAMW_EPS)
-            param.add_(exp_avg * neg_step.view(shape) / denom)  # addcdiv_'s value * t1 / t2
-            if name.endswith("logit_scale"):
-                param.clamp_(max=LOGIT_SCALE_MAX)  # CLIP's clamp, after the step
 
 
 def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], cache: CacheData,
@@ -285,10 +225,9 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
     first = configs[0]
     device = resolve_device(first.device)
     data = cache.train
-    if isinstance(data, StreamedSplit):
-        raise AvrError("stacked trials (--parallel > 1) read a resident train split; this one "
-                       "is streamed from the store: raise --memory-budget, or --parallel 1")
-    total_steps = steps_per_epoch(data, first) * first.epochs
+    if data.stack_refusal is not None:
+        raise AvrError(data.stack_refusal)
+    total_steps = data.steps_per_epoch(first) * first.epochs
     trials = []
     for config, run_dir in zip(configs, run_dirs):
         config.validate()
@@ -297,14 +236,14 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
         if (run_dir / checkpoint.CONFIG_FILE).exists():
             raise RunError(f"{run_dir} already holds a run; choose another directory")
         checkpoint.write_config(run_dir, run_config_dict(cache_path, config, None, cache.spec,
-                                                         head, distributed.SINGLE, cache.plan))
-        trials.append(_Trial(config, head, run_dir, int(config.warmup * total_steps)))
+                                                         head, ddp.SINGLE, cache.plan))
+        trials.append(_Trial(config, head, run_dir, writer=tensorboard(run_dir)))
     trainable = {name for name, p in trials[0].head.named_parameters() if p.requires_grad}
     stacked, buffers = stack_module_state([_PairLoss(t.head) for t in trials])
     params = {k: v.detach().requires_grad_(True) for k, v in stacked.items()
               if k[len("head."):] in trainable}
     buffers.update({k: v.detach() for k, v in stacked.items() if k not in params})  # frozen
-    optimizer = StackedAdamW(params, trials, total_steps)
+    optimizer = StackedAdamW(params, [t.config for t in trials], total_steps)
     template = _stacked_template(trials[0].head)
     model, scores = _PairLoss(template), _PairScores(template)
     shared = len({t.config.seed for t in trials}) == 1  # one batch order for every trial
@@ -343,18 +282,21 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
         for k, trial in enumerate(trials):
             if not trial.active:
                 continue
-            _validate(trial, epoch, float(mean_loss[k]) if mean_loss is not None else math.nan,
-                      lr[k], time.perf_counter() - epoch_start,
-                      seen / max(train_seconds, 1e-9), cache, device,
-                      None if val_r1 is None else val_r1[k], float(1.0 / log_scale[k].exp()),
-                      lambda k=k: _load_trial(trials[k].head, params, buffers, k))
-            stop = on_epoch is not None and on_epoch(k, trial.history[-1])
-            early = trial.config.early_stop and epoch + 1 - trial.best[0] >= \
-                trial.config.early_stop
+            log = _trial_log(trial, epoch, float(mean_loss[k]) if mean_loss is not None
+                             else math.nan, lr[k], time.perf_counter() - epoch_start,
+                             seen / max(train_seconds, 1e-9), cache, device,
+                             None if val_r1 is None else val_r1[k],
+                             float(1.0 / log_scale[k].exp()),
+                             lambda k=k: _load_trial(trials[k].head, params, buffers, k))
+            early = end_epoch(trial.progress, log, trial.config, trial.head, trial.run_dir,
+                              trial.writer)
+            stop = on_epoch is not None and on_epoch(k, log)
             trial.active = not (stop or early)
+    for trial in trials:
+        trial.writer.close()
     seconds = time.perf_counter() - started
-    return [TrainResult(t.run_dir, t.best[0], t.best[1], t.history, seconds, data.num_videos)
-            for t in trials]
+    return [TrainResult(t.run_dir, t.progress.best_epoch, t.progress.best_r1, t.progress.history,
+                        seconds, data.num_videos) for t in trials]
 
 
 def _stacked_batches(data, configs: list[TrainConfig], epoch: int, shared: bool,
@@ -362,20 +304,14 @@ def _stacked_batches(data, configs: list[TrainConfig], epoch: int, shared: bool,
     """Each step's (videos, captions, pairs per trial): gathered once when every trial draws the
     same batch, else stacked along a first trial dimension."""
     if shared:
-        for video_rows, caption_rows, counts in epoch_batches(data, configs[0], epoch):
-            yield _gather(data, video_rows, caption_rows, device) + (sum(counts),)
+        for videos, captions, counts in data.batches(configs[0], epoch, ddp.SINGLE, device):
+            yield on_device(videos, device), on_device(captions, device), sum(counts)
         return
-    for steps in zip(*(epoch_batches(data, c, epoch) for c in configs)):
-        gathered = [_gather(data, v, c, device) for v, c, _ in steps]
+    for steps in zip(*(data.batches(c, epoch, ddp.SINGLE, device) for c in configs)):
+        gathered = [(on_device(v, device), on_device(c, device)) for v, c, _ in steps]
         videos = {k: torch.stack([g[0][k] for g in gathered]) for k in gathered[0][0]}
         captions = {k: torch.stack([g[1][k] for g in gathered]) for k in gathered[0][1]}
         yield videos, captions, sum(steps[0][2])
-
-
-def _gather(data, video_rows: torch.Tensor, caption_rows: torch.Tensor, device: torch.device):
-    rows_device = data.caption_video.device
-    return (on_device(data.video_rows(video_rows.to(rows_device)), device),
-            on_device(data.caption_rows(caption_rows.to(rows_device)), device))
 
 
 @torch.no_grad()
@@ -420,21 +356,15 @@ def _stacked_val_r1(scores: _PairScores, params: dict[str, torch.Tensor],
     return [metrics.metrics_from_ranks(metrics.t2v_ranks(s.cpu(), targets))["R1"] for s in sim]
 
 
-def _validate(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
-              pairs_per_s: float, cache: CacheData, device: torch.device,
-              val_r1: float | None, temperature: float, load: Callable[[], None]) -> None:
-    """The trainer's end of epoch for one trial: val R@1 (unless given), the best checkpoint,
-    the log. ``load()`` copies the trial's stacked state into ``trial.head``: done only when
-    the head validates itself or is saved."""
-    if val_r1 is None or val_r1 > trial.best[1]:
+def _trial_log(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
+               pairs_per_s: float, cache: CacheData, device: torch.device,
+               val_r1: float | None, temperature: float, load: Callable[[], None]) -> EpochLog:
+    """One trial's epoch: val R@1 (unless given) and its log. ``load()`` copies the trial's
+    stacked state into ``trial.head``: done only when the head validates itself or may be saved
+    as the trial's best."""
+    if val_r1 is None or val_r1 > trial.progress.best_r1:
         load()
     if val_r1 is None:
         val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config,
                                  cache.plan.work_bytes if cache.plan else None)
-    log = EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s, temperature)
-    trial.history.append(log)
-    if val_r1 > trial.best[1]:
-        trial.best = (epoch + 1, val_r1)
-        checkpoint.save_weights(trial.head, trial.run_dir / checkpoint.BEST_FILE,
-                                metadata={"epoch": str(epoch + 1), "val_R1": str(val_r1)})
-    checkpoint.append_log(trial.run_dir, log)
+    return EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s, temperature)

@@ -123,26 +123,11 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     ``shard=(index, count)`` only that shard's videos and their captions; token arrays held as
     ``resident`` says, or left in the store with ``tokens_in_store`` (module docstring)."""
     group, spec = open_store(path, expect=expect)
-    rows = split_rows(group, split)
-    all_ids = read_rows(group[schema.VIDEO_ID])
-    video_rows = rows.done
-    missing = [str(v) for v in all_ids[rows.not_done]]
-    in_split = rows.in_split
-    if shard is not None:
-        index, count = shard
-        video_rows = video_rows[index::count]
-        in_split = np.zeros_like(in_split)
-        in_split[video_rows] = True
-
-    caption_video_all = read_rows(group[schema.CAPTION_VIDEO])
-    caption_rows = np.flatnonzero(in_split[caption_video_all])
+    index = split_index(group, split, shard=shard)
     if caption_names:
-        _require_captions_done(path, split, group, caption_rows)
-    store_to_local = np.full(len(all_ids), -1, dtype=np.int64)
-    store_to_local[video_rows] = np.arange(len(video_rows))
-    caption_video = store_to_local[caption_video_all[caption_rows]]
-    caption_text = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], caption_rows)]
-    caption_tags = [str(t) for t in read_rows(group[schema.CAPTION_TAG], caption_rows)]
+        require_captions_done(path, split, group, index.caption_rows)
+    caption_text = [str(t) for t in read_rows(group[schema.CAPTION_TEXT], index.caption_rows)]
+    caption_tags = [str(t) for t in read_rows(group[schema.CAPTION_TAG], index.caption_rows)]
 
     def held(name: str, rows: np.ndarray) -> Held | StoreRows:
         array = group[name]
@@ -150,11 +135,51 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
             return StoreRows(array, rows, resident)
         return read_held(array, rows, resident).to(device)
 
-    videos = {name: held(name, video_rows) for name in video_names}
-    captions = {name: held(name, caption_rows) for name in caption_names}
-    return SplitTensors(split, spec, [str(v) for v in all_ids[video_rows]], videos, captions,
-                        torch.from_numpy(caption_video).to(device), caption_text, caption_tags,
-                        missing)
+    videos = {name: held(name, index.video_rows) for name in video_names}
+    captions = {name: held(name, index.caption_rows) for name in caption_names}
+    return SplitTensors(split, spec, index.video_ids, videos, captions,
+                        torch.from_numpy(index.caption_video).to(device), caption_text,
+                        caption_tags, index.missing_videos)
+
+
+@dataclass
+class SplitIndex:
+    """A split's rows in the store, as every reader of a split numbers them: its done videos
+    in store order (row i of the split is store row ``video_rows[i]``) and their captions."""
+
+    video_rows: np.ndarray  # store rows of the split's videos, ascending
+    caption_rows: np.ndarray  # store rows of the split's captions, ascending
+    caption_video: np.ndarray  # per caption: its video's row of the split, -1 when it failed
+    video_ids: list[str]
+    missing_videos: list[str]  # ids of the split's videos that failed extraction
+
+
+def split_index(group, split: str, *, shard: tuple[int, int] | None = None,
+                failed_captions: bool = True) -> SplitIndex:
+    """The rows of ``split``: every done video, or with ``shard=(index, count)`` the videos at
+    positions ``index`` modulo ``count``. Captions of failed videos are kept (``caption_video``
+    -1: evaluation counts them as failed queries) unless ``failed_captions`` is False or a shard
+    is asked for (they never train)."""
+    rows = split_rows(group, split)
+    all_ids = read_rows(group[schema.VIDEO_ID])
+    video_rows = rows.done
+    in_split = rows.in_split
+    if shard is not None:
+        index, count = shard
+        video_rows = video_rows[index::count]
+        in_split = np.zeros_like(in_split)
+        in_split[video_rows] = True
+    caption_video_all = read_rows(group[schema.CAPTION_VIDEO])
+    store_to_split = np.full(len(all_ids), -1, dtype=np.int64)
+    store_to_split[video_rows] = np.arange(len(video_rows))
+    caption_rows = np.flatnonzero(in_split[caption_video_all])
+    caption_video = store_to_split[caption_video_all[caption_rows]]
+    if not failed_captions:
+        caption_rows, caption_video = caption_rows[caption_video >= 0], \
+            caption_video[caption_video >= 0]
+    return SplitIndex(video_rows, caption_rows, caption_video,
+                      [str(v) for v in all_ids[video_rows]],
+                      [str(v) for v in all_ids[rows.not_done]])
 
 
 @dataclass
@@ -181,7 +206,7 @@ def split_size(group, split: str) -> tuple[int, int]:
     return len(rows.done), int(done[read_rows(group[schema.CAPTION_VIDEO])].sum())
 
 
-def _require_captions_done(path, split: str, group, caption_rows: np.ndarray) -> None:
+def require_captions_done(path, split: str, group, caption_rows: np.ndarray) -> None:
     """Caption features are read only once they are extracted: a caption row not done (an
     extract that has not finished, or rows a repair marked for recomputation) would read as
     zeros."""

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from avr.errors import AvrError
-from avr.fuse import checkpoint, distributed, sampling, trainer
-from avr.fuse.distributed import World
+from avr.fuse import checkpoint, ddp, sampling, trainer
+from avr.fuse.ddp import World
 from avr.fuse.heads import build_head
 from avr.fuse.trainer import TrainConfig
 from avr.store.splits import load_split, random_split
@@ -140,7 +140,7 @@ def step_gradients(head_name: str, world: World) -> dict[str, torch.Tensor]:
     loss, _ = trainer.batch_loss(head, data.video_rows(mine), data.caption_rows(mine), counts,
                                  torch.device("cpu"), world)
     loss.backward()
-    distributed.average_gradients(head.parameters(), world)
+    ddp.average_gradients(head.parameters(), world)
     return {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}
 
 
@@ -165,7 +165,7 @@ def rank_gradients(tmp_path_factory) -> list[dict[str, dict[str, torch.Tensor]]]
 
 @pytest.mark.parametrize("head_name", GRAD_HEADS)
 def test_averaged_gradients_equal_the_one_process_gradients(head_name, rank_gradients):
-    alone = step_gradients(head_name, distributed.SINGLE)
+    alone = step_gradients(head_name, ddp.SINGLE)
     for rank in rank_gradients:
         assert set(rank[head_name]) == set(alone)
         for name, grad in alone.items():
@@ -221,22 +221,22 @@ def test_the_batch_size_must_split_evenly_over_the_shards():
 
 def test_torchrun_needs_as_many_shards_as_processes():
     with pytest.raises(AvrError, match="shards=1 but torchrun started WORLD_SIZE=2"):
-        trainer.check_world(TrainConfig(), World(0, 2))
-    trainer.check_world(TrainConfig(shards=2), World(1, 2))
+        ddp.check_shards(TrainConfig(), World(0, 2))
+    ddp.check_shards(TrainConfig(shards=2), World(1, 2))
 
 
 def test_the_world_comes_from_the_torchrun_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.launched_world() == World(rank=3, size=4, local_rank=1)
-    assert not distributed.is_main_process()
+    assert ddp.launched_world() == World(rank=3, size=4, local_rank=1)
+    assert not ddp.is_main_process()
     monkeypatch.delenv("RANK")
     with pytest.raises(AvrError, match="RANK"):
-        distributed.launched_world()
+        ddp.launched_world()
 
 
 def test_without_torchrun_training_runs_in_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.launched_world() == distributed.SINGLE
-    assert distributed.is_main_process()
+    assert ddp.launched_world() == ddp.SINGLE
+    assert ddp.is_main_process()

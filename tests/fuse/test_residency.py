@@ -131,7 +131,7 @@ def test_streamed_training_ends_with_the_weights_of_resident_training_fed_its_ba
         for videos, captions in streamed.epoch_order(config, epoch).batches:
             yield torch.from_numpy(videos), torch.from_numpy(captions), [len(videos)]
 
-    monkeypatch.setattr(trainer, "epoch_batches", streamed_order)
+    monkeypatch.setattr(residency.resident, "epoch_batches", streamed_order)
     # the same steps: the budget's blocks of videos (recomputed in backward) on both sides
     assert saved["residency"]["step_videos"] > 0
     resident = dataclasses.replace(config, memory_budget=None,

@@ -51,8 +51,9 @@ def test_each_stacked_trial_matches_its_solo_run(tmp_path, tiny_spec, head):
         assert together[k].best_epoch == alone.best_epoch
         difference = max_difference(tmp_path / f"stacked{k}", tmp_path / f"alone{k}")
         # X-Pool's stacked step is the solo step's arithmetic (StackedAdamW, per-trial
-        # LayerNorms): equal bit for bit; the others keep vmap's batched matmuls' rounding
-        assert difference == 0.0 if head == "xpool" else difference < 1e-4
+        # LayerNorms): equal bit for bit on AVX-512 CPUs, within the rounding of the batched
+        # matmuls on AVX2 ones; the others keep vmap's batched matmuls' rounding
+        assert difference < (1e-6 if head == "xpool" else 1e-4)
         assert (tmp_path / f"stacked{k}" / "config.json").exists()
 
 

@@ -87,6 +87,10 @@ class RetrievalHead(nn.Module):
     # True when the head's own terms are tuned for CLIP's pretrained scale of 100 (AVIGATE's
     # margins are added times the scale): the default schedule then never starts it elsewhere.
     tuned_for_pretrained_scale: ClassVar[bool] = False
+    # True when trials of the head may train side by side as one stacked model (`avr sweep
+    # --parallel`, ``avr.fuse.stacked``): its modules and its InfoNCE loss run under
+    # ``torch.func.vmap`` and a stacked trial equals its solo run (the contract test checks it).
+    stackable: ClassVar[bool] = False
 
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()
@@ -152,6 +156,16 @@ class RetrievalHead(nn.Module):
     def has_own_loss(cls) -> bool:
         """Whether the head's loss is more than InfoNCE over ``logits`` (AVIGATE, GAIS)."""
         return cls.loss is not RetrievalHead.loss
+
+    @classmethod
+    def stack_refusal(cls) -> str | None:
+        """Why trials of this head cannot train stacked, or None when they can."""
+        if cls.has_own_loss():
+            return (f"{cls.name}'s loss has terms of its own, which the stacked trials' vmapped "
+                    f"InfoNCE does not compute")
+        if not cls.stackable:
+            return f"{cls.name} does not declare its trials stackable (RetrievalHead.stackable)"
+        return None
 
     def loss_in_video_blocks(self, texts: State, videos: Rows, block: int
                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

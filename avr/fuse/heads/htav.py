@@ -205,6 +205,7 @@ class HTAV(RetrievalHead):
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_TIME_TOKENS,
                     schema.HAS_AUDIO, *(schema.swin_level(k) for k in range(SWIN_LEVELS)))
     caption_inputs = (schema.TEXT_EMBEDDINGS, schema.ROBERTA_STATES, schema.ROBERTA_MASK)
+    stackable = False  # its LSTM and soft-DTW are not verified under vmap: one trial at a time
 
     def __init__(self, spec: schema.CacheSpec, config: HTAVConfig):
         super().__init__(spec, config)

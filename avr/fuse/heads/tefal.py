@@ -115,6 +115,7 @@ class Tefal(RetrievalHead):
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_PATCH_TOKENS,
                     schema.AUDIO_GLOBAL_TOKENS, schema.HAS_AUDIO)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
+    stackable = True
 
     @classmethod
     def video_inputs_for(cls, config: TefalConfig) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ class XPool(RetrievalHead):
     Config = HeadConfig
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
+    stackable = True
 
     def __init__(self, spec, config: HeadConfig):
         super().__init__(spec, config)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from avr.evaluate.score import ChunkSizes, score_split, score_states
-from avr.fuse import checkpoint, trainer
+from avr.fuse import checkpoint, stacked, trainer
 from avr.fuse.heads import HEADS, build_head
 from avr.fuse.heads import base
 from avr.fuse.trainer import TrainConfig
@@ -196,6 +196,32 @@ def test_training_beats_chance_by_a_wide_margin(name, tmp_path, spec):
     assert result.best_val_r1 > 4 * chance
 
 
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_stacked_trials_equal_their_solo_runs_or_are_refused_with_a_reason(name, tmp_path, spec):
+    """A head declares whether its trials stack (``stackable``): stacked, two trials of another
+    lr and seed train to what they reach alone; refused, each trial trains alone and the reason
+    names the head."""
+    refusal = HEADS[name].stack_refusal()
+    options = {**SMALL.get(name, {}), "dropout": 0.0, "temperature": 0.05}
+    configs = [TrainConfig(head=name, epochs=2, batch_size=16, lr=lr, seed=seed, warmup=0.0,
+                           device="cpu", head_options=options)
+               for lr, seed in ((3e-3, 42), (1e-3, 42))]
+    if refusal is not None:
+        assert name in refusal
+        assert stacked.groups(configs) == [[0], [1]]
+        return
+    assert stacked.groups(configs) == [[0, 1]]
+    store = make_learnable_store(tmp_path / "cache", spec)
+    cache = trainer.load_cache(store, name, torch.device("cpu"), head_options=[options])
+    together = stacked.train_stacked(store, configs, [tmp_path / f"s{k}" for k in range(2)],
+                                     cache)
+    for k, config in enumerate(configs):
+        alone = trainer.train(store, config, tmp_path / f"a{k}", cache=cache)
+        assert [h.val_r1 for h in together[k].history] == [h.val_r1 for h in alone.history]
+        assert [h.loss for h in together[k].history] == \
+            pytest.approx([h.loss for h in alone.history], abs=1e-4)
+
+
 THROWAWAY_HEAD = '''
     """A throwaway head: mean-pooled frames through one linear map, against the sentence."""
 
@@ -243,4 +269,4 @@ def test_a_head_file_dropped_into_the_package_is_checked_by_this_contract(tmp_pa
         cwd=copy, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(copy)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "9 passed" in done.stdout, done.stdout[-2000:]
+    assert "10 passed" in done.stdout, done.stdout[-2000:]

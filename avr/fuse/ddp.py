@@ -5,7 +5,7 @@ What one step does on N ranks, and why it equals one process with the same globa
 - Rank r holds only its shard of the train split: the videos whose position in the split is r
   modulo N, and their captions. Global batch b is the concatenation, in rank order, of the b-th
   ``batch_size / N`` pairs of every shard's own shuffled pair order
-  (:func:`avr.fuse.trainer.epoch_batches`); one process run with ``shards=N`` composes exactly
+  (:func:`avr.fuse.sampling.epoch_batches`); one process run with ``shards=N`` composes exactly
   the same batches, which is what makes the two runs equal. Rank r encodes its own part of
   each batch; ``gather_counts`` tells every rank how many rows each part has.
 - ``gather_state`` all-gathers every tensor of the text and video states, so every rank holds
@@ -86,6 +86,16 @@ def launched_world() -> World:
         raise AvrError(f"{ENV_WORLD_SIZE}={size} is set but {missing} is not: start several "
                        f"training processes with `torchrun --nproc-per-node N -m avr train ...`"
                        ) from None
+
+
+def check_shards(config, world: World) -> None:
+    """Under torchrun every rank holds one shard of the train split: ``config.shards`` (a
+    TrainConfig's) must be WORLD_SIZE."""
+    if world.is_distributed and config.shards != world.size:
+        raise AvrError(f"shards={config.shards} but torchrun started WORLD_SIZE={world.size} "
+                       f"processes: pass --opt shards={world.size}, or start "
+                       f"--nproc-per-node {config.shards} (a run with shards=N trains the same "
+                       f"on one process or on N)")
 
 
 def is_main_process() -> bool:
