@@ -135,7 +135,7 @@ class _StackedLayerNorm(torch.autograd.Function):
     forward is batched: the kernel without affine parameters normalises every row as it would
     alone (rows are independent; their means and reciprocal deviations come out bit for bit),
     then ``addcmul`` applies each trial's weight and bias as the fused kernel does (one
-    multiply-add; checked equal in tests/test_stacked.py). The backward runs the kernel's own
+    multiply-add; checked equal in tests/fuse/test_stacked.py). The backward runs the kernel's own
     backward (``native_layer_norm_backward``) on each trial's slice with those statistics: its
     weight and bias gradients are reductions over the trial's rows in the kernel's order."""
 

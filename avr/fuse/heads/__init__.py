@@ -4,7 +4,7 @@ One file per head, each docstring naming the method notes it implements (docs/me
 meanp, xpool, tefal, avigate, gais, htav. Importing this package imports every module in it
 (all but ``base`` are heads), so ``HEADS`` is complete as soon as ``avr.fuse.heads`` is
 imported: a head file dropped in here is registered, trained, evaluated and covered by
-``tests/test_head_contract.py`` with no other edit.
+``tests/fuse/heads/test_contract.py`` with no other edit.
 """
 
 from __future__ import annotations
