@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -153,83 +154,80 @@ def sweep(
                                                 "warmup, seed or temperature differ."),
 ):
     """Search training and head options on an Optuna study; one loaded cache per worker."""
-    import time
+    from avr.fuse.sweep import run_sweep
 
-    from avr.fuse import sweep as sweeps, trainer
-
-    flags = dict(head=head, epochs=epochs, batch_size=batch_size, seed=seed, device=device,
-                 memory_budget=memory_budget, resident=resident)
-    if name is None:
-        name = f"{head or 'tefal'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    url = sweeps.storage_url(name, storage)
-    with sweeps.opening(url):  # workers started together create the study once
-        plan = sweeps.resolve_plan(name, sweeps.stored_plan(name, url), grid=grid,
-                                   search=search, trials=trials, prune=prune, cache=cache,
-                                   flags=flags, opts=opt)
-        from avr.store.group import open_store
-
-        open_store(plan.cache)  # a missing store is reported before anything is drawn
-        if "head=" not in plan.grid:
-            from avr.fuse.loading import require_head_arrays
-
-            require_head_arrays(plan.cache, plan.base.head, plan.base.head_options)
-        _, schedule = trainer.schedule_for_store(plan.cache, plan.base)
-        study_storage = sweeps.open_storage(url)
-        study = sweeps.open_study(name, plan, study_storage)
-    if schedule is not None:
-        console.print(schedule, markup=False, highlight=False, soft_wrap=True)
-    out_dir = sweeps.sweep_dir(name)
-    size = plan.size()
-    console.print(f"sweep [bold]{name}[/]: {plan.search} over {plan.grid} ({size} "
-                  f"trial{'s' * (size != 1)}{', pruned' if plan.prune else ''}) on {plan.cache};"
-                  f" study {study_storage.url}")
-    _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel)
-    rows = sweeps.finished_rows(study)
-    _print_sweep_table(name, plan, rows)
-    paths = [sweeps.write_trials_csv(study, out_dir), *sweeps.write_plots(study, out_dir)]
-    if not save_runs:
-        sweeps.drop_weights_of_others(study)
-    best = next((row for row in rows if row.state == "complete"), None)
-    if best is not None:
+    with _SweepProgress() as shown:
+        result = run_sweep(name, grid=grid, search=search, trials=trials, prune=prune,
+                           cache=cache, storage=storage, head=head, epochs=epochs,
+                           batch_size=batch_size, seed=seed, device=device,
+                           memory_budget=memory_budget, resident=resident, options=opt,
+                           save_runs=save_runs, parallel=parallel, callbacks=shown.callbacks())
+    _print_sweep_table(result)
+    if result.best is not None:
+        best = result.best
         console.print(f"best: trial {best.number}, val R@1 {best.best_val_r1:.1f}, run "
                       f"{best.run_dir} (avr eval --run {best.run_dir})")
-    console.print("wrote " + ", ".join(str(path) for path in paths)
-                  + f"; browse the study with `optuna-dashboard {study_storage.url}`")
+    console.print("wrote " + ", ".join(str(path) for path in result.paths)
+                  + f"; browse the study with `optuna-dashboard {result.storage_url}`")
 
 
-def _run_sweep_worker(name, study, study_storage, plan, out_dir, parallel) -> None:
-    from avr.fuse import sweep as sweeps
-    from avr.progress import progress_bar
+class _SweepProgress:
+    """A sweep's first lines and its bar: both start once the study is open, so a sweep refused
+    before that prints nothing but its error."""
 
-    done = len([row for row in sweeps.finished_rows(study) if row.state != "failed"])
-    with progress_bar(console, fields="{task.fields[now]}  best val R@1 "
-                                      "{task.fields[best]:.1f}") as progress:
-        task = progress.add_task(f"sweep {name}", total=plan.size(), completed=min(done,
-                                 plan.size()), rate="", now="", best=0.0)
-        best = [max((r.best_val_r1 for r in sweeps.finished_rows(study)), default=0.0)]
+    def __init__(self):
+        self._bar = contextlib.ExitStack()
+        self.progress, self.task, self.best = None, None, 0.0
 
-        def on_epoch(number, log):
-            progress.update(task, now=f"trial {number} epoch {log.epoch} R@1 {log.val_r1:.1f}",
-                            rate=f"{log.pairs_per_s:,.0f} pairs/s")
+    def __enter__(self) -> _SweepProgress:
+        return self
 
-        def on_trial_end(row):
-            best[0] = max(best[0], row.best_val_r1)
-            progress.update(task, advance=1, best=best[0], now=f"trial {row.number} {row.state}")
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
 
-        sweeps.run_worker(study, study_storage, plan, out_dir,
-                          sweeps.SweepCallbacks(on_epoch=on_epoch, on_trial_end=on_trial_end),
-                          parallel=parallel)
+    def callbacks(self):
+        from avr.fuse.sweep import SweepCallbacks
+
+        return SweepCallbacks(on_start=self.on_start, on_epoch=self.on_epoch,
+                              on_trial_end=self.on_trial_end)
+
+    def on_start(self, start) -> None:
+        from avr.progress import progress_bar
+
+        plan, size = start.plan, start.plan.size()
+        if start.schedule is not None:
+            console.print(start.schedule, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"sweep [bold]{start.name}[/]: {plan.search} over {plan.grid} ({size} "
+                      f"trial{'s' * (size != 1)}{', pruned' if plan.prune else ''}) on "
+                      f"{plan.cache}; study {start.storage_url}")
+        self.progress = self._bar.enter_context(progress_bar(
+            console, fields="{task.fields[now]}  best val R@1 {task.fields[best]:.1f}"))
+        self.best = start.best_val_r1
+        self.task = self.progress.add_task(f"sweep {start.name}", total=size,
+                                           completed=min(start.done, size), rate="", now="",
+                                           best=self.best)
+
+    def on_epoch(self, number, log) -> None:
+        self.progress.update(self.task, now=f"trial {number} epoch {log.epoch} R@1 "
+                                            f"{log.val_r1:.1f}",
+                             rate=f"{log.pairs_per_s:,.0f} pairs/s")
+
+    def on_trial_end(self, row) -> None:
+        self.best = max(self.best, row.best_val_r1)
+        self.progress.update(self.task, advance=1, best=self.best,
+                             now=f"trial {row.number} {row.state}")
 
 
-def _print_sweep_table(name, plan, rows) -> None:
+def _print_sweep_table(result) -> None:
     from rich.table import Table
 
-    table = Table(title=f"sweep {name}: {plan.base.head if 'head=' not in plan.grid else 'heads'}"
-                        f" on {plan.cache}")
+    plan = result.plan
+    table = Table(title=f"sweep {result.name}: "
+                        f"{'heads' if plan.searches_head else plan.base.head} on {plan.cache}")
     for column in ("rank", "trial", "state", "options", "val R@1", "best epoch", "epochs",
                    "s/trial"):
         table.add_column(column)
-    for rank, row in enumerate(rows, 1):
+    for rank, row in enumerate(result.rows, 1):
         options = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.options.items())
         table.add_row(str(rank), str(row.number), row.state, options, f"{row.best_val_r1:.1f}",
