@@ -93,3 +93,9 @@ class StoreLockedError(AvrError):
 
 class LockLostError(AvrError):
     """This process no longer holds the lock it took (taken over, removed or not refreshed)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run; the message says what is saved and how to resume. A
+    KeyboardInterrupt, so that nothing that handles avr's errors (a sweep's trial) swallows
+    it."""

@@ -24,6 +24,7 @@ from avr.fuse.heads.base import RetrievalHead, State
 from avr.fuse.residency.plan import split_fits, work_bytes as budget_work_bytes
 from avr.store import schema
 from avr.store.group import open_store
+from avr.store.identity import store_identity
 from avr.store.location import store_location
 from avr.store.splits import SplitTensors, load_split, split_rows
 
@@ -81,14 +82,16 @@ class EvalResult:
 
 def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
     """``metrics.json`` in the run directory (``metrics_<split>_<modalities>.json`` for other
-    splits or ablations), and a copy at ``extra`` when given."""
+    splits or ablations), written under the run folder's lock, and a copy at ``extra`` when
+    given."""
     import json
 
     payload = json.dumps(result.to_json(), indent=2)
     default = (result.split, result.modalities) == ("test", "va")
     path = result.run_dir / ("metrics.json" if default else
                              f"metrics_{result.split}_{result.modalities}.json")
-    path.write_text(payload)
+    with checkpoint.run_lock(result.run_dir):
+        checkpoint.write_atomically(path, payload.encode())
     if extra is not None:
         extra.write_text(payload)
     return path
@@ -103,8 +106,8 @@ def open_run(run_dir: Path, cache: str | Path | None, device: torch.device
     """The run's best head and the cache it is checked against (its own unless ``cache``)."""
     head, config = checkpoint.load_head(run_dir, "best", device)
     cache_path = store_location(cache if cache is not None else config["cache"]["path"])
-    _, spec = open_store(cache_path)
-    checkpoint.check_cache(config, spec, cache_path)
+    group, spec = open_store(cache_path)
+    checkpoint.check_cache(config, store_identity(group, spec), cache_path)
     return head, config, cache_path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ SCRATCH_LR = 3e-3  # a head that learns an alignment from scratch (random backbo
 # al. 2021, Sec. 2.5; open_clip's init_logit_scale = ln(1 / 0.07)). The releases' 0.01 is the
 # value CLIP reached in pretraining, which they fine-tune from.
 SCRATCH_TEMPERATURE = 0.07
+MAX_LR = 1.0  # past it AdamW's steps are larger than the weights: a run only diverges
+MAX_WEIGHT_DECAY = 10.0
 
 
 @dataclass
@@ -69,15 +72,26 @@ class TrainConfig:
     shuffle_buffer: int = 0  # pairs in a streamed split's shuffle buffer; 0: chosen by the budget
 
     def validate(self) -> None:
+        """Every value finite and in range, the head's options its config's, the device known:
+        checked before anything loads."""
+        for name in ("lr", "weight_decay", "warmup", "grad_clip", "memory_budget"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise AvrError(f"{name} must be a finite number, not {value}")
         if self.pairs not in ("one", "all"):
             raise AvrError(f"pairs must be 'one' or 'all', not {self.pairs!r}")
         if (self.epochs or 1) < 1 or (self.batch_size or 2) < 2:
             raise AvrError("epochs must be >= 1 and batch size >= 2 (InfoNCE needs negatives)")
-        if not (self.lr or 1) > 0 or self.weight_decay < 0 or not self.grad_clip > 0:
-            raise AvrError(f"lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0, "
-                           f"weight_decay ({self.weight_decay}) >= 0")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise AvrError(f"lr must be in (0, {MAX_LR:g}], not {self.lr:g}: AdamW at a larger "
+                           f"rate diverges")
+        if not 0 <= self.weight_decay <= MAX_WEIGHT_DECAY or not self.grad_clip > 0:
+            raise AvrError(f"weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}] (not "
+                           f"{self.weight_decay:g}) and grad_clip > 0 (not {self.grad_clip:g})")
         if not 0 <= self.warmup <= 1:
             raise AvrError(f"warmup is a fraction of all steps, in [0, 1], not {self.warmup}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise AvrError(f"seed must be in [0, 2**32), not {self.seed}")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise AvrError(f"memory_budget is in GB and must be > 0, not {self.memory_budget}")
         if self.resident not in RESIDENT:

@@ -22,6 +22,8 @@ from avr.fuse.heads import head_class, video_inputs
 from avr.fuse.residency import (ResidencyPlan, ResidentSplit, StreamedSplit, TrainSplit,
                                 plan_residency)
 from avr.store import schema
+from avr.store.group import open_store
+from avr.store.identity import store_identity
 from avr.store.location import store_location
 from avr.store.read import require_arrays_written
 from avr.store.splits import SplitTensors, StoreRows, load_split
@@ -37,6 +39,7 @@ class CacheData:
     train: TrainSplit
     val: SplitTensors | None
     plan: ResidencyPlan | None = None
+    identity: dict[str, Any] | None = None  # what a run records of the store (avr.store.identity)
 
 
 def require_head_arrays(cache: str | Path, head: str, *options: dict) -> None:
@@ -67,13 +70,16 @@ def load_cache(path: str | Path, head: str, device: torch.device,
                               resident=config.resident)
         train = ResidentSplit(_placed(resident, plan.train.mode, device))
     _refuse_empty(path, "train", train.num_videos, shard)
+    if shard is None and train.num_videos < 2:
+        raise AvrError(f"{path}: the train split has {train.num_videos} extracted video; a batch "
+                       f"needs at least 2 (InfoNCE needs a negative), so no step could train")
     val = None
     if world.is_main:
         val = load_split(path, "val", videos, cls.caption_inputs, resident=config.resident,
                          tokens_in_store=plan.val.mode == "streamed")
         _refuse_empty(path, "val", val.num_videos, None)
         val = _placed(val, plan.val.mode, device)
-    return CacheData(path, train.spec, train, val, plan)
+    return CacheData(path, train.spec, train, val, plan, store_identity(*open_store(path)))
 
 
 def _refuse_empty(path, split: str, videos: int, shard: tuple[int, int] | None) -> None:

@@ -30,6 +30,7 @@ split that refuses it (``TrainSplit.stack_refusal``: a streamed one), train one 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -44,7 +45,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from avr.device import autocast, resolve_device
-from avr.errors import AvrError, RunError
+from avr.errors import AvrError
 from avr.fuse import checkpoint, ddp
 from avr.fuse.checkpoint import EpochLog, RunProgress
 from avr.fuse.config import TrainConfig
@@ -52,8 +53,8 @@ from avr.fuse.heads import build_head, head_class
 from avr.fuse.heads.base import RetrievalHead, symmetric_infonce
 from avr.fuse.loading import CacheData
 from avr.fuse.optim import StackedAdamW
-from avr.fuse.trainer import (TrainResult, end_epoch, run_config_dict, seed_everything,
-                              tensorboard, val_recall_at_1)
+from avr.fuse.trainer import (TrainResult, claim_run_folder, end_epoch, run_config_dict,
+                              seed_everything, tensorboard, val_recall_at_1)
 from avr.store.quantize import on_device
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
@@ -221,7 +222,17 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
                   on_epoch: Callable[[int, EpochLog], bool | None] | None = None
                   ) -> list[TrainResult]:
     """Train ``configs`` (one stacked group: ``group_key`` equal, ``stackable`` head) together;
-    trial k's run goes to ``run_dirs[k]``. ``on_epoch(k, log)`` returning True stops trial k."""
+    trial k's run goes to ``run_dirs[k]`` (each locked as a run's folder is, and refused when it
+    holds a run). ``on_epoch(k, log)`` returning True stops trial k."""
+    with contextlib.ExitStack() as folders:
+        for run_dir in run_dirs:
+            folders.enter_context(claim_run_folder(Path(run_dir), ddp.SINGLE, new=True))
+        return _train_together(cache_path, configs, [Path(d) for d in run_dirs], cache,
+                               on_epoch)
+
+
+def _train_together(cache_path, configs: list[TrainConfig], run_dirs: list[Path],
+                    cache: CacheData, on_epoch) -> list[TrainResult]:
     first = configs[0]
     device = resolve_device(first.device)
     data = cache.train
@@ -233,10 +244,9 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
         config.validate()
         seed_everything(config.seed)  # each head starts as it would alone
         head = build_head(config.head, cache.spec, config.head_options).to(device)
-        if (run_dir / checkpoint.CONFIG_FILE).exists():
-            raise RunError(f"{run_dir} already holds a run; choose another directory")
-        checkpoint.write_config(run_dir, run_config_dict(cache_path, config, None, cache.spec,
-                                                         head, ddp.SINGLE, cache.plan))
+        checkpoint.write_config(run_dir, run_config_dict(cache_path, config, None,
+                                                         cache.identity, head, ddp.SINGLE,
+                                                         cache.plan))
         trials.append(_Trial(config, head, run_dir, writer=tensorboard(run_dir)))
     trainable = {name for name, p in trials[0].head.named_parameters() if p.requires_grad}
     stacked, buffers = stack_module_state([_PairLoss(t.head) for t in trials])

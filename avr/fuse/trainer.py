@@ -21,7 +21,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 from avr.device import autocast, resolve_device
-from avr.errors import AvrError, RunError
+from avr.errors import AvrError, RunError, RunInterrupted
 from avr.evaluate.score import score_split
 from avr.fuse import checkpoint, ddp
 from avr.fuse.checkpoint import EpochLog, RunProgress, TrainState
@@ -43,7 +48,6 @@ from avr.fuse.loading import CacheData, load_cache, require_head_arrays
 from avr.fuse.optim import make_optimizer
 from avr.fuse.residency import ResidencyPlan
 from avr.fuse.schedule import resolve_schedule, schedule_for_store
-from avr.store import schema
 from avr.store.location import location_text, store_location
 from avr.store.quantize import Held, on_device
 from avr.store.splits import SplitTensors
@@ -116,29 +120,69 @@ EpochCallback = Callable[[int, EpochLog], "bool | None"]
 
 def fit(run: Run, on_epoch: EpochCallback | None = None) -> TrainResult:
     """Train ``run`` from the epoch its state has reached to ``config.epochs``. On several ranks
-    only rank 0 validates, writes the run directory and calls ``on_epoch``."""
+    only rank 0 validates, writes the run directory and calls ``on_epoch``. Ctrl-C ends the run
+    once the epoch under way is saved (a second Ctrl-C at once): ``RunInterrupted`` says how
+    to resume."""
     config, state, world = run.config, run.state, run.world
     writer = tensorboard(run.run_dir) if run.run_dir is not None and world.is_main else None
     started = time.perf_counter()
-    for epoch in range(state.progress.epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        loss, parts, seen = train_epoch(run, epoch)
-        train_seconds = time.perf_counter() - epoch_start
-        val_r1 = ddp.broadcast_object(validate(run) if world.is_main else None, world)
-        log = EpochLog(epoch + 1, loss, val_r1, state.scheduler.get_last_lr()[0],
-                       time.perf_counter() - epoch_start, seen / max(train_seconds, 1e-9),
-                       float(1.0 / state.head.scale().detach()), parts)
-        stop = end_epoch(state.progress, log, config, state.head,
-                         run.run_dir if world.is_main else None, writer, state.save_last)
-        asked = bool(on_epoch(epoch + 1, log)) if on_epoch is not None and world.is_main else False
-        if ddp.broadcast_object(asked, world) or stop:
-            break
-    if writer is not None:
-        writer.close()
+    try:
+        with ctrl_c_ends_the_epoch() as interrupted:
+            for epoch in range(state.progress.epoch, config.epochs):
+                epoch_start = time.perf_counter()
+                loss, parts, seen = train_epoch(run, epoch)
+                train_seconds = time.perf_counter() - epoch_start
+                val_r1 = ddp.broadcast_object(validate(run) if world.is_main else None, world)
+                log = EpochLog(epoch + 1, loss, val_r1, state.scheduler.get_last_lr()[0],
+                               time.perf_counter() - epoch_start,
+                               seen / max(train_seconds, 1e-9),
+                               float(1.0 / state.head.scale().detach()), parts)
+                stop = end_epoch(state.progress, log, config, state.head,
+                                 run.run_dir if world.is_main else None, writer, state.save_last)
+                asked = bool(on_epoch(epoch + 1, log)) if on_epoch is not None and \
+                    world.is_main else False
+                if ddp.broadcast_object(asked, world) or stop:
+                    break
+                if ddp.broadcast_object(interrupted(), world) and epoch + 1 < config.epochs:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if run.run_dir is None:
+            raise
+        raise RunInterrupted(f"stopped by Ctrl-C after {state.progress.epoch} of "
+                             f"{config.epochs} epochs; {run.run_dir} keeps them: continue with "
+                             f"`avr train --resume {run.run_dir}`") from None
+    finally:
+        if writer is not None:
+            writer.close()
     ddp.barrier(world)  # the run directory is complete when any rank returns
     return TrainResult(run.run_dir, state.progress.best_epoch, state.progress.best_r1,
                        state.progress.history, time.perf_counter() - started,
                        run.cache.train.num_videos)
+
+
+@contextmanager
+def ctrl_c_ends_the_epoch() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C (SIGINT) asks the loop to stop once the epoch under way is saved; the
+    second stops at once (the epoch under way is lost, the saved ones are kept). Yields whether
+    a stop was asked; a no-op off the main thread, where signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum, frame):
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+        sys.stderr.write("\nCtrl-C: stopping once this epoch is saved (Ctrl-C again stops "
+                         "now)\n")
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_epoch(run: Run, epoch: int, max_batches: int | None = None
@@ -265,6 +309,7 @@ class RunStart:
     epochs: int
     done: int
     plan: ResidencyPlan | None
+    note: str | None = None  # what the run did to its folder first (an empty run replaced)
 
 
 # Called once the cache is loaded and the run built, before the first epoch.
@@ -284,24 +329,28 @@ def default_run_dir(head: str, runs_dir: Path = checkpoint.DEFAULT_RUNS_DIR) -> 
 def train(cache_path: str | Path, config: TrainConfig, run_dir: str | Path | None = None, *,
           cache: CacheData | None = None, on_epoch: EpochCallback | None = None,
           on_start: StartCallback | None = None) -> TrainResult:
-    """Train a new run of ``config.head`` on the store at ``cache_path`` (on every rank when
-    started by torchrun; a new run left at ``shards=1`` takes one shard per rank)."""
+    """Train a new run of ``config.head`` on the store at ``cache_path`` into ``run_dir``
+    (default ``runs/<time>-<head>``; on every rank when started by torchrun; a new run left at
+    ``shards=1`` takes one shard per rank). The run folder is locked while the run writes it; a
+    folder holding a run that finished no epoch is replaced (``RunStart.note`` says so)."""
     with ddp.session(resolve_device(config.device)) as (world, device):
         if world.is_distributed and config.shards == 1:
             config = dataclasses.replace(config, shards=world.size)
         config.validate()
         ddp.check_shards(config, world)
         config, schedule = schedule_for_store(cache_path, config)
-        cache = cache or load_cache(cache_path, config.head, device, world,
-                                    head_options=[config.head_options], config=config)
-        run = build_run(config, cache, device, world,
-                        run_dir=new_run_dir(None if run_dir is None else Path(run_dir), config,
-                                            world))
-        if world.is_main:
-            checkpoint.write_config(run.run_dir, run_config_dict(
-                cache_path, config, schedule, cache.spec, run.state.head, world, cache.plan))
-        _started(run, cache_path, on_start)
-        return fit(run, on_epoch)
+        run_dir = ddp.broadcast_object(Path(run_dir) if run_dir is not None
+                                       else default_run_dir(config.head), world)
+        with claim_run_folder(run_dir, world, new=True) as note:
+            cache = cache or load_cache(cache_path, config.head, device, world,
+                                        head_options=[config.head_options], config=config)
+            run = build_run(config, cache, device, world, run_dir=run_dir)
+            if world.is_main:
+                checkpoint.write_config(run_dir, run_config_dict(
+                    cache_path, config, schedule, cache.identity, run.state.head, world,
+                    cache.plan))
+            _started(run, cache_path, on_start, note)
+            return fit(run, on_epoch)
 
 
 def resume(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
@@ -309,35 +358,76 @@ def resume(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
            on_start: StartCallback | None = None) -> TrainResult:
     """Continue a run from its last checkpoint, with ``changes`` to its ``RESUMABLE`` options
     (``epochs``: train to that many), in one process or on as many ranks as the run has shards:
-    either composes the same batches."""
+    either composes the same batches. ``cache_path``: the run's store at another location (it
+    must hold the same content; the run records the new location)."""
     run_dir = Path(run_dir)
-    saved = checkpoint.read_config(run_dir)
     changes = dict(changes or {})
     refused = sorted(set(changes) - set(RESUMABLE))
     if refused:
         raise AvrError(f"{run_dir}: {', '.join(refused)} cannot change when a run resumes; "
                        f"only {', '.join(RESUMABLE)} can")
+    saved = checkpoint.read_config(run_dir)
     config = dataclasses.replace(saved_train_config(saved["train"]),
                                  head_options=saved.get("head_options", {}), **changes)
     config.validate()
     saved["train"].update(changes)
     with ddp.session(resolve_device(config.device)) as (world, device):
         ddp.check_shards(config, world)
-        cache_path = store_location(cache_path or saved["cache"]["path"])
-        cache = load_cache(cache_path, config.head, device, world,
-                           head_options=[config.head_options], config=config,
-                           saved_residency=saved.get("residency") or RESIDENT_BEFORE_PLANS)
-        checkpoint.check_cache(saved, cache.spec, cache_path)
-        run = build_run(config, cache, device, world, run_dir=run_dir, resume=True)
-        if run.state.progress.epoch >= config.epochs:
-            raise RunError(f"{run_dir} already trained {run.state.progress.epoch} of "
-                           f"{config.epochs} epochs; pass --epochs N with N > "
-                           f"{run.state.progress.epoch} to train longer")
-        ddp.barrier(world)  # every rank has read the run before rank 0 writes to it
-        if world.is_main:
-            checkpoint.write_config(run_dir, saved)
-        _started(run, cache_path, on_start)
-        return fit(run, on_epoch)
+        with claim_run_folder(run_dir, world, new=False):
+            cache_path = store_location(cache_path or saved["cache"]["path"])
+            cache = load_cache(cache_path, config.head, device, world,
+                               head_options=[config.head_options], config=config,
+                               saved_residency=saved.get("residency") or RESIDENT_BEFORE_PLANS)
+            checkpoint.check_cache(saved, cache.identity, cache_path)
+            run = build_run(config, cache, device, world, run_dir=run_dir, resume=True)
+            if run.state.progress.epoch >= config.epochs:
+                raise RunError(f"{run_dir} already trained {run.state.progress.epoch} of "
+                               f"{config.epochs} epochs; pass --epochs N with N > "
+                               f"{run.state.progress.epoch} to train longer")
+            ddp.barrier(world)  # every rank has read the run before rank 0 writes to it
+            if world.is_main:
+                saved["cache"]["path"] = location_text(cache_path)
+                saved["cache"]["identity"] = {**saved["cache"]["identity"],
+                                              "content": cache.identity["content"]}
+                checkpoint.write_config(run_dir, saved)
+            _started(run, cache_path, on_start)
+            return fit(run, on_epoch)
+
+
+@contextmanager
+def claim_run_folder(run_dir: Path, world: World, *, new: bool) -> Iterator[str | None]:
+    """Hold ``run_dir``'s lock (rank 0; every rank raises what rank 0 found) and drop what a
+    killed writer left half-written. For a ``new`` run, a folder holding a run with finished
+    epochs is refused; one whose run finished none is emptied, and the note yielded says so."""
+    lock = note = found = None
+    if world.is_main:
+        try:
+            lock = checkpoint.run_lock(run_dir).acquire()
+            checkpoint.remove_temporaries(run_dir)
+            note = _room_for_a_new_run(run_dir) if new else None
+        except AvrError as error:
+            if lock is not None:
+                lock.release()
+                lock = None
+            found = error
+    error = ddp.broadcast_object(found, world)
+    if error is not None:
+        raise error
+    try:
+        yield note
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _room_for_a_new_run(run_dir: Path) -> str | None:
+    if not (run_dir / checkpoint.CONFIG_FILE).exists():
+        return None
+    if checkpoint.finished_epochs(run_dir) or (run_dir / checkpoint.LAST_FILE).exists():
+        raise RunError(f"{run_dir} already holds a run; continue it with `avr train --resume "
+                       f"{run_dir}` or choose another --run-dir")
+    checkpoint.clear_run(run_dir)
+    return f"{run_dir} held a run that finished no epoch: replaced by this one"
 
 
 def train_from_options(request: TrainRequest, *, on_schedule: Callable[[str], None] | None = None,
@@ -363,38 +453,26 @@ def train_from_options(request: TrainRequest, *, on_schedule: Callable[[str], No
     return train(cache_path, config, run_dir, on_epoch=on_epoch, on_start=on_start)
 
 
-def _started(run: Run, cache_path, on_start: StartCallback | None) -> None:
+def _started(run: Run, cache_path, on_start: StartCallback | None,
+             note: str | None = None) -> None:
     if on_start is not None and run.world.is_main:
         on_start(RunStart(run.config.head, location_text(cache_path), run.run_dir,
-                          run.config.epochs, run.state.progress.epoch, run.cache.plan))
-
-
-def new_run_dir(run_dir: Path | None, config: TrainConfig, world: World) -> Path:
-    """The directory of a new run; rank 0 names it and decides whether it is taken, every rank
-    acts on its answer."""
-    run_dir = run_dir or default_run_dir(config.head)
-    run_dir, taken = ddp.broadcast_object(
-        (run_dir, (run_dir / checkpoint.CONFIG_FILE).exists()), world)
-    if taken:
-        raise RunError(f"{run_dir} already holds a run; continue it with `avr train --resume "
-                       f"{run_dir}` or choose another --run-dir")
-    return run_dir
+                          run.config.epochs, run.state.progress.epoch, run.cache.plan, note))
 
 
 def run_config_dict(cache_path, config: TrainConfig, schedule: str | None,
-                    spec: schema.CacheSpec, head: RetrievalHead, world: World,
+                    identity: dict[str, Any], head: RetrievalHead, world: World,
                     plan: ResidencyPlan | None) -> dict[str, Any]:
     """config.json of a new run of ``head`` trained with ``config`` (also a sweep's stacked
     trials, which build their heads themselves); ``schedule`` says why its epochs, batch size or
-    lr depart from the papers' (``avr.fuse.schedule``), or is None; ``residency``: where its
-    arrays were held."""
+    lr depart from the papers' (``avr.fuse.schedule``), or is None; ``identity``: the store's
+    (``avr.store.identity``); ``residency``: where its arrays were held."""
     return {
         "head": config.head,
         "head_options": head.config_dict(),
         "train": dataclasses.asdict(config),  # as resolved: every value the run used
         "schedule": schedule,
-        "cache": {"path": location_text(cache_path),
-                  "identity": schema.cache_identity(spec)},
+        "cache": {"path": location_text(cache_path), "identity": identity},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
         "world_size": world.size,  # the global batch is batch_size whatever the world size

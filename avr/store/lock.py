@@ -214,12 +214,14 @@ class _LockFiles:
 # ---- holding the lock ------------------------------------------------------------------------
 
 class StoreLock:
-    """The writer's lock on one store, held from ``acquire`` to ``release`` (or a ``with``
+    """The writer's lock on one store (or on any folder avr writes as a whole: ``what`` names
+    it in messages, e.g. a run folder), held from ``acquire`` to ``release`` (or a ``with``
     block). ``check()`` raises LockLostError once the lock is no longer this process's."""
 
     def __init__(self, location: str | Path, *, heartbeat_s: float = HEARTBEAT_S,
-                 lease_s: float = LEASE_S):
+                 lease_s: float = LEASE_S, what: str = "store"):
         self.files = _LockFiles(location)
+        self.what = what
         self.heartbeat_s = heartbeat_s
         self.lease_s = lease_s
         self.record: LockRecord | None = None
@@ -260,7 +262,7 @@ class StoreLock:
                 created = files.create(record)
             except OSError as error:  # a read-only or unreachable store
                 self._remove_made_root()
-                raise AvrError(f"{self.location}: cannot create the store's lock file "
+                raise AvrError(f"{self.location}: cannot create the {self.what}'s lock file "
                                f"{schema.LOCK_FILE} ({error})") from None
             if created:
                 break
@@ -337,7 +339,7 @@ class StoreLock:
         """Raise LockLostError when the lock is no longer this process's (seen by the
         heartbeat): called before every write."""
         if self._lost is not None:
-            raise LockLostError(f"{self.location}: this run lost the store's lock "
+            raise LockLostError(f"{self.location}: this run lost the {self.what}'s lock "
                                 f"({self._lost}) and stopped before writing more; what it "
                                 f"finished is kept. Run it again once the other writer is done")
 

@@ -33,7 +33,7 @@ initial value, the releases' effective behaviour.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +65,16 @@ class HeadConfig:
     temperature: float = 0.01  # initial; logit scale = 1 / temperature (CLIP's pretrained 100)
     learn_temperature: bool = True
     dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        """Every number finite, dropout a probability: a head's options are refused before
+        anything loads (a subclass with checks of its own calls this first)."""
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise AvrError(f"{option.name} must be a finite number, not {value}")
+        if not 0 <= self.dropout < 1:
+            raise AvrError(f"dropout must be in [0, 1), not {self.dropout}")
 
 
 class RetrievalHead(nn.Module):
@@ -204,8 +214,8 @@ def checked_temperature(config: HeadConfig) -> float:
     """``config.temperature``, refused when not positive, or when a learned scale would start
     above CLIP's clamp (the first step would clamp it to 100 anyway)."""
     temperature = config.temperature
-    if not temperature > 0:
-        raise AvrError(f"temperature must be positive, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise AvrError(f"temperature must be a positive finite number, got {temperature}")
     if config.learn_temperature and math.log(1.0 / temperature) > LOGIT_SCALE_MAX + 1e-9:
         raise AvrError(f"temperature {temperature} starts a learned logit scale at "
                        f"{1.0 / temperature:g}, above CLIP's clamp of 100: use temperature >= "

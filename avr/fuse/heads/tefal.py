@@ -93,6 +93,7 @@ class TefalConfig(HeadConfig):
     missing_audio: str = "zero_fbank"  # one of MISSING_AUDIO: a clip without an audio track
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for option, value, choices in (("fusion", self.fusion, FUSIONS),
                                        ("missing_audio", self.missing_audio, MISSING_AUDIO)):
             if value not in choices:
