@@ -6,6 +6,11 @@ it gives and its caption protocol, with the release named:
 
     vatex        VATEX, the HGR split                          (vatex.py)
     msrvtt       MSR-VTT, 9k/7k train, 1k-A test               (msrvtt.py)
+    lsmdc        LSMDC, X-Pool's 101,079 / 7,408 / 1,000       (lsmdc.py)
+    charades     Charades, the official train/test csvs        (charades.py)
+    didemo       DiDeMo, paragraph-to-video                    (didemo.py)
+    msvd         MSVD, no audio; raw-captions.pkl read safely  (msvd.py)
+    activitynet  ActivityNet Captions, paragraphs on val_1     (activitynet.py)
     generic      a folder of videos and a caption file         (generic.py)
     demo         the built-in synthetic set                    (generic.py)
 
@@ -25,7 +30,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from avr.errors import DatasetError
-from avr.extract.datasets import generic, msrvtt, vatex
+from avr.extract.datasets import (activitynet, charades, didemo, generic, lsmdc, msrvtt, msvd,
+                                  vatex)
 from avr.extract.datasets._common import (MISSING_WARNING_FRACTION, PARAGRAPH_TOKENS,
                                           PARAGRAPHS, SENTENCE_TOKENS, SENTENCES, VIDEO_DIR,
                                           VIDEO_EXTENSIONS, Adapter, Caption, DatasetFacts,
@@ -35,7 +41,8 @@ from avr.extract.datasets.vatex import ANNOTATIONS as VATEX_ANNOTATIONS
 from avr.extract.datasets.vatex import youtube_id
 
 ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (
-    vatex.ADAPTER, msrvtt.ADAPTER, generic.ADAPTER, generic.DEMO_ADAPTER)}
+    vatex.ADAPTER, msrvtt.ADAPTER, generic.ADAPTER, generic.DEMO_ADAPTER, lsmdc.ADAPTER,
+    charades.ADAPTER, didemo.ADAPTER, msvd.ADAPTER, activitynet.ADAPTER)}
 DATASETS = tuple(ADAPTERS)
 
 __all__ = ["ADAPTERS", "DATASETS", "MISSING_WARNING_FRACTION", "PARAGRAPH_TOKENS", "PARAGRAPHS",

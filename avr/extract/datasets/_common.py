@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avr.errors import DatasetError
-from avr.schema import SPLITS
+from avr.schema import PROTOCOL_PARAGRAPHS, PROTOCOL_SENTENCES, SPLITS
 
 # Extensions a video file may have (case-insensitive), in order of preference when one id has
 # several files. DiDeMo's Flickr originals come in most of them.
@@ -54,7 +54,12 @@ SENTENCE_TOKENS = TextLengths(clip=32, roberta=32)
 # tokens; CLIP4Clip keeps 64) and 256 RoBERTa tokens of its 512, which hold the words CLIP cuts.
 PARAGRAPH_TOKENS = TextLengths(clip=77, roberta=256)
 
-SENTENCES, PARAGRAPHS = "sentences", "paragraphs"  # caption protocols
+SENTENCES, PARAGRAPHS = PROTOCOL_SENTENCES, PROTOCOL_PARAGRAPHS  # caption protocols
+
+
+def text_tokens_for(protocol: str) -> TextLengths:
+    """The default text lengths of captions of ``protocol``."""
+    return PARAGRAPH_TOKENS if protocol == PARAGRAPHS else SENTENCE_TOKENS
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,21 @@ class DatasetFacts:
 
     @property
     def text_tokens(self) -> TextLengths:
-        return PARAGRAPH_TOKENS if self.protocol == PARAGRAPHS else SENTENCE_TOKENS
+        return text_tokens_for(self.protocol)
 
     def summary(self) -> str:
         """Frames, text lengths, audio and the papers: the closing lines of --show-layout."""
         tokens = self.text_tokens
-        lines = [f"default frames: {self.frames} (--frames sets them)",
-                 f"text: {tokens.clip} CLIP tokens, {tokens.roberta} RoBERTa tokens per caption "
-                 f"(--clip-text-tokens, --roberta-text-tokens)"]
+        lines = [f"default frames: {self.frames} (--frames sets them)"]
+        if self.protocol == PARAGRAPHS:
+            lines += [f"text: {tokens.clip} CLIP tokens, CLIP's whole context (75 word pieces: a "
+                      f"longer paragraph loses its end",
+                      f"   in the CLIP embedding and token states); {tokens.roberta} RoBERTa "
+                      f"tokens of its 512 keep it (HTAV reads them)",
+                      "   (--clip-text-tokens, --roberta-text-tokens)"]
+        else:
+            lines.append(f"text: {tokens.clip} CLIP tokens, {tokens.roberta} RoBERTa tokens per "
+                         f"caption (--clip-text-tokens, --roberta-text-tokens)")
         if not self.audio:
             lines.append("audio: none; every clip is recorded without an audio track")
         if self.reported_by:
@@ -95,6 +107,7 @@ class Listing:
     sources: list[str] = field(default_factory=list)  # which files were read, for the report
     warnings: list[str] = field(default_factory=list)  # shown before any work, with counts
     alias: Callable[[str], str | None] | None = None  # another name a video's file may have
+    protocol: str | None = None  # the caption protocol when an option changed the dataset's
 
 
 @dataclass(frozen=True)
@@ -159,12 +172,12 @@ def videos_layout(id_name: str, folders: tuple[str, ...] = (VIDEO_DIR, "vids"),
                   extension: str = "mp4") -> str:
     """The layout lines that say where the videos of a dataset are looked for."""
     first, *others = folders
-    shown = ", ".join(f"<root>/{name}/" for name in others)
-    return (f"<root>/{first}/**/<{id_name}>.{extension} (.mp4 .webm .mkv .avi .mov ... all read), "
-            f"in any folder under {first}/\n"
-            f"   else under {shown + ', ' if shown else ''}then the root itself: the first folder "
-            f"that holds a listed video;\n   --videos-dir PATH (relative to <root> or absolute) "
-            f"names the folder")
+    then = "".join(f"<root>/{name}/, " for name in others)
+    others_ext = " .".join(e for e in VIDEO_EXTENSIONS[:6] if e != extension)
+    return (f"<root>/{first}/**/<{id_name}>.{extension} (or .{others_ext} ...), in any folder "
+            f"under {first}/\n"
+            f"   if none of the listed videos is there: {then}then the root itself\n"
+            f"   --videos-dir PATH (relative to <root> or absolute) names the folder instead")
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -354,9 +367,10 @@ def assemble(adapter: Adapter, root: Path, listing: Listing,
     video_dir, video_paths, missing = find_videos(adapter.name, root, video_ids, folders,
                                                   adapter.layout, listing.alias)
     facts = adapter.facts
+    protocol = listing.protocol or facts.protocol
     return DatasetIndex(name=adapter.name, root=root, video_ids=video_ids,
                         video_paths=video_paths, video_splits=video_splits, captions=captions,
                         default_frames=facts.frames, layout=adapter.layout,
                         missing_videos=missing, sources=listing.sources, video_dir=video_dir,
-                        text_tokens=facts.text_tokens, protocol=facts.protocol,
+                        text_tokens=text_tokens_for(protocol), protocol=protocol,
                         audio=facts.audio, warnings=listing.warnings)

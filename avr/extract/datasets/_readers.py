@@ -1,9 +1,11 @@
-"""Readers of the annotation files releases ship: JSON, headed CSV, id lists (text or HGR's
-``.npy``).
+"""Readers of the annotation files releases ship: JSON, headed CSV, tab-separated lines, id
+lists (text or HGR's ``.npy``) and pickles of plain data.
 
 Every text file goes through ``avr.files.read_text``, so a file that is not UTF-8 names its
 line and the fix. A malformed file raises ``DatasetError`` naming the file, the line or entry,
-and what is wrong.
+and what is wrong. A pickle is never unpickled the usual way: ``read_plain_pickle`` builds only
+dicts, lists and strings and refuses, before anything runs, every reference to a class or
+function (the way a pickle runs code).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,21 @@ def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict
         rows.append((reader.line_num, row))
 
 
+def read_tab_rows(path: Path, fields: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line of a headerless tab-separated file whose
+    lines hold exactly ``fields`` (no quoting: a sentence may hold quotes and commas)."""
+    rows = []
+    for line, text in enumerate(read_text(path).splitlines(), start=1):
+        if not text.strip():
+            continue
+        values = text.split("\t")
+        if len(values) != len(fields):
+            raise DatasetError(f"{path}:{line}: {len(values)} tab-separated field(s), expected "
+                               f"{len(fields)} ({', '.join(fields)})")
+        rows.append((line, [value.strip() for value in values]))
+    return rows
+
+
 def read_lines(path: Path) -> list[str]:
     """The non-blank lines of a text file, stripped."""
     return [line.strip() for line in read_text(path).splitlines() if line.strip()]
@@ -80,9 +98,80 @@ def read_npy_names(path: Path) -> list[str]:
     return [str(n).strip() for n in names.reshape(-1)]
 
 
+def read_json_id_list(path: Path) -> list[str]:
+    """A JSON list of video id strings (ActivityNet's ``train_ids.json``)."""
+    ids = read_json(path)
+    if not isinstance(ids, list):
+        raise DatasetError(f"{path}: expected a JSON list of video ids, found "
+                           f"{type(ids).__name__}")
+    for i, video_id in enumerate(ids):
+        if not isinstance(video_id, str) or not video_id.strip():
+            raise DatasetError(f"{path}: entry {i} is not a video id: "
+                               f"{json.dumps(video_id, ensure_ascii=False)[:80]}")
+    return [video_id.strip() for video_id in ids]
+
+
 def caption_strings(value, where: str) -> list[str]:
     """A JSON value that must be a non-empty list of caption strings, stripped."""
     if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
         raise DatasetError(f"{where}: expected a non-empty list of caption strings, found "
                            f"{json.dumps(value, ensure_ascii=False)[:80]}")
     return [c.strip() for c in value]
+
+
+# ---- pickles of plain data -----------------------------------------------------------------
+
+PLAIN_TYPES = (dict, list, str)
+MAX_DEPTH = 8  # deeper than any caption file nests; also ends a list that holds itself
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Runs pickle's own opcodes, which build containers, strings and numbers, and nothing
+    else: a pickle runs code only by naming a callable (a global, or a persistent id), and
+    every such name is refused here before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which unpickling would import "
+                                     f"and may call")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it names a persistent object")
+
+
+def read_plain_pickle(path: Path):
+    """The dicts, lists and strings pickled in ``path``, built without running any code.
+    Python 2 byte strings are read as UTF-8. Anything else (a class, a function, numbers,
+    bytes, tuples) is refused naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
+        value = _PlainDataUnpickler(io.BytesIO(data), encoding="utf-8").load()
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: a string in it is not UTF-8 ({error.reason} at byte "
+                           f"{error.start})") from None
+    except Exception as error:  # any malformed or hostile pickle: refused, never run
+        raise DatasetError(f"{path}: refused: not a pickle of plain dicts, lists and strings "
+                           f"({error}); avr reads pickles without running code") from None
+    check_plain(value, path)
+    return value
+
+
+def check_plain(value, path: Path, where: str = "", depth: int = 0) -> None:
+    """Refuses, naming the file and the place, anything but dicts of strings, lists and
+    strings."""
+    if depth > MAX_DEPTH:
+        raise DatasetError(f"{path}: refused: nested deeper than {MAX_DEPTH} at {where or 'top'}")
+    if not isinstance(value, PLAIN_TYPES):
+        raise DatasetError(f"{path}: refused: {where or 'the top level'} holds a "
+                           f"{type(value).__name__}; only dicts, lists and strings are accepted")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise DatasetError(f"{path}: refused: a key of {where or 'the top level'} is a "
+                                   f"{type(key).__name__}; only string keys are accepted")
+            check_plain(item, path, f"{where}[{key!r}]", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_plain(item, path, f"{where}[{i}]", depth + 1)
