@@ -12,7 +12,9 @@ import csv
 import json
 import os
 import pickle
+import re
 import shlex
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +24,7 @@ import pytest
 
 import media
 from avr import schema
-from avr.errors import DatasetError
+from avr.errors import AvrError, DatasetError
 from avr.extract.datasets import Caption, load_dataset
 from avr.integrity import read_rows
 from console import run_avr
@@ -43,11 +45,16 @@ def text_of(done) -> str:
     return " ".join(done.stdout.split())
 
 
-def write_clips(paths: list[Path], container_format: str = "mp4", audio: str = "tone") -> None:
-    """A short clip of its own colour at each path."""
+def write_clips(paths: list[Path], container_format: str = "mp4", encoded: bool = True) -> None:
+    """A short clip of its own colour, with a tone, at each path; with ``encoded`` False an
+    empty file (enough for a listing, which only looks at names)."""
     for path, colour in zip(paths, COLOURS * 4):
-        media.write_clip(path, seconds=0.6, fps=10, size=(48, 32), colour=colour, audio=audio,
-                         container_format=container_format)
+        if encoded:
+            media.write_clip(path, seconds=0.6, fps=10, size=(48, 32), colour=colour,
+                             container_format=container_format)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
 
 
 class Extracted(NamedTuple):
@@ -116,14 +123,15 @@ LSMDC_FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.
                "test": "LSMDC16_challenge_1000_publictect.csv"}
 
 
-def make_lsmdc(root: Path, videos: str = "LSMDC_Videos") -> Path:
-    """The three tab-separated files and .avi clips nested per movie."""
+def make_lsmdc(root: Path, clips: bool = True) -> Path:
+    """The three tab-separated files and .avi clips nested per movie (``clips`` False: empty
+    files)."""
     for split, rows in LSMDC.items():
         write_lines(root / LSMDC_FILES[split],
                     ["\t".join([clip, *LSMDC_TIMES, sentence]) for clip, sentence in rows])
-    clips = sorted({clip for rows in LSMDC.values() for clip, _ in rows})
-    write_clips([root / videos / clip.split(".")[0][:-3] / f"{clip}.avi" for clip in clips],
-                container_format="avi")
+    write_clips([root / "LSMDC_Videos" / clip.split(".")[0][:-3] / f"{clip}.avi"
+                 for clip in sorted({clip for rows in LSMDC.values() for clip, _ in rows})],
+                container_format="avi", encoded=clips)
     return root
 
 
@@ -145,7 +153,7 @@ def test_lsmdc_gives_one_caption_per_clip_in_x_pools_split(lsmdc):
 
 
 def test_lsmdc_keeps_every_sentence_with_captions_all(tmp_path):
-    index = load_dataset("lsmdc", make_lsmdc(tmp_path / "data"), captions="all")
+    index = load_dataset("lsmdc", make_lsmdc(tmp_path / "data", clips=False), captions="all")
     assert [c.text for c in index.captions if c.video_id.startswith("0001_Movie_A_00.00.05")] \
         == ["SOMEONE runs down the hall.", "He looks back, \"scared\"."]
     assert len(index.captions) == 6
@@ -158,11 +166,26 @@ def test_lsmdc_trains_and_evaluates(lsmdc, tmp_path):
 
 
 def test_lsmdc_line_without_six_fields_names_the_file_and_line(tmp_path):
-    root = make_lsmdc(tmp_path / "data")
+    root = make_lsmdc(tmp_path / "data", clips=False)
     with open(root / LSMDC_FILES["val"], "a") as handle:
         handle.write("0002_Movie_B_00.03.00.000-00.03.01.000\tonly a sentence\n")
     with pytest.raises(DatasetError, match=r"LSMDC16_annos_val.csv:2: 2 tab-separated field"):
         load_dataset("lsmdc", root)
+
+
+def test_a_broken_annotation_file_stops_extract_before_the_store_is_touched(lsmdc, tmp_path):
+    """A rerun on an extracted store whose dataset file went bad: one error line, and every
+    extracted row is still there."""
+    root = tmp_path / "data"
+    shutil.copytree(lsmdc.root, root)
+    out = tmp_path / "cache"
+    shutil.copytree(lsmdc.out, out)
+    with open(root / LSMDC_FILES["test"], "ab") as handle:
+        handle.write(b"0003_Movie_C_00.00.20.000-00.00.21.000\t1\t2\t3\t4\tun caf\xe9\n")
+    done = run_avr("extract", "--dataset", "lsmdc", "--root", root, "--out", out, *TINY)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{root / LSMDC_FILES['test']}:2: not UTF-8" in done.stderr
+    assert read_store(out) == read_store(lsmdc.out) and read_store(out)["done"]
 
 
 # ---- Charades ----------------------------------------------------------------------------
@@ -179,9 +202,9 @@ CHARADES = {
 }
 
 
-def make_charades(root: Path) -> Path:
+def make_charades(root: Path, clips: bool = True) -> Path:
     """The official csvs, every column filled as the release fills them, and flat clips in
-    Charades_v1_480/."""
+    Charades_v1_480/ (``clips`` False: empty files)."""
     for split, rows in CHARADES.items():
         path = root / f"Charades_v1_{split}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +215,8 @@ def make_charades(root: Path) -> Path:
                 writer.writerow([video_id, "HR43", "Kitchen", "6", "7", "Yes",
                                  f"The script of {video_id}, never read.", "cup;pot",
                                  description, "c092 11.90 21.20;c147 0.00 12.60", "30.25"])
-    ids = [v for rows in CHARADES.values() for v in rows]
-    write_clips([root / "Charades_v1_480" / f"{v}.mp4" for v in ids])
+    write_clips([root / "Charades_v1_480" / f"{v}.mp4" for rows in CHARADES.values()
+                 for v in rows], encoded=clips)
     return root
 
 
@@ -235,10 +258,10 @@ DIDEMO = {  # split -> video name -> its moments' descriptions, in file order
 DIDEMO_UNANNOTATED = "16003254@N07_4565389113_43c5e5e2d1.mov"  # listed, no moment
 
 
-def make_didemo(root: Path) -> Path:
+def make_didemo(root: Path, clips: bool = True) -> Path:
     """The lists, LocalizingMoments' json (moments of one video interleaved with others'),
-    and clips flat in DiDeMo_Videos/: an original .mov, converted copies named x.mp4 (the
-    extension replaced) and x.mov.mp4 (appended)."""
+    and clips flat in DiDeMo_Videos/ (``clips`` False: empty files): originals (.mov),
+    converted copies named x.mp4 (the extension replaced) and x.mov.mp4 (appended)."""
     for split, videos in DIDEMO.items():
         names = list(videos) + ([DIDEMO_UNANNOTATED] if split == "train" else [])
         write_lines(root / f"{split}_list.txt", names)
@@ -254,8 +277,8 @@ def make_didemo(root: Path) -> Path:
     files = [root / "DiDeMo_Videos" / name for name in names[:2]]  # originals
     files += [root / "DiDeMo_Videos" / (name.rsplit(".", 1)[0] + ".mp4") for name in names[2:4]]
     files += [root / "DiDeMo_Videos" / (name + ".mp4") for name in names[4:]]
-    write_clips(files[:2], container_format="mov")
-    write_clips(files[2:])
+    write_clips(files[:2], container_format="mov", encoded=clips)
+    write_clips(files[2:], encoded=clips)
     return root
 
 
@@ -285,14 +308,15 @@ def test_didemo_eval_reports_the_video_paragraph_metrics(didemo, tmp_path):
 
 
 def test_didemo_moments_option_keeps_each_description(tmp_path):
-    index = load_dataset("didemo", make_didemo(tmp_path / "data"), captions="moments")
+    index = load_dataset("didemo", make_didemo(tmp_path / "data", clips=False),
+                         captions="moments")
     assert [c.text for c in index.captions if c.video_id in DIDEMO["train"]] == \
         [text for texts in DIDEMO["train"].values() for text in texts]
     assert index.protocol == "sentences"
 
 
 def test_didemo_moment_without_a_description_names_the_entry(tmp_path):
-    root = make_didemo(tmp_path / "data")
+    root = make_didemo(tmp_path / "data", clips=False)
     (root / "val_data.json").write_text(json.dumps([{"video": "x.mov", "times": [[0, 0]]}]))
     with pytest.raises(DatasetError, match=r"val_data.json: entry 0 lacks a \"video\" or "
                                            r"\"description\" string"):
@@ -311,16 +335,16 @@ def msvd_captions() -> dict[str, list[list[str]]]:
             for i, clip in enumerate(c for clips in MSVD.values() for c in clips)}
 
 
-def make_msvd(root: Path, captions: bytes | None = None) -> Path:
+def make_msvd(root: Path, captions: bytes | None = None, clips: bool = True) -> Path:
     """The split lists, raw-captions.pkl (``captions``: other pickled bytes) and flat .avi clips
-    in YouTubeClips/, with audio tracks that MSVD's protocol ignores."""
+    in YouTubeClips/ (``clips`` False: empty files), with audio tracks that MSVD's protocol
+    ignores."""
     for split, clips in MSVD.items():
         write_lines(root / f"{split}_list.txt", clips)
     (root / "raw-captions.pkl").write_bytes(captions if captions is not None
                                             else pickle.dumps(msvd_captions(), protocol=4))
-    if not (root / "YouTubeClips").exists():
-        write_clips([root / "YouTubeClips" / f"{c}.avi" for clips in MSVD.values()
-                     for c in clips], container_format="avi")
+    write_clips([root / "YouTubeClips" / f"{clip}.avi" for split in MSVD.values()
+                 for clip in split], container_format="avi", encoded=clips)
     return root
 
 
@@ -370,7 +394,7 @@ def test_a_malicious_caption_pickle_is_refused_and_runs_nothing(tmp_path):
 
     target = tmp_path / "created_by_the_pickle"
     payload = pickle.dumps({"-4wsuPCjDBc_5_15": [["a", "dog"]], "x": WouldRunCode(target)})
-    root = make_msvd(tmp_path / "data", captions=payload)
+    root = make_msvd(tmp_path / "data", captions=payload, clips=False)
     done = run_avr("extract", "--dataset", "msvd", "--root", root, "--out", tmp_path / "cache",
                    *TINY)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -390,7 +414,7 @@ def test_a_malicious_caption_pickle_is_refused_and_runs_nothing(tmp_path):
 ])
 def test_a_caption_pickle_of_other_than_dicts_lists_and_strings_is_refused(tmp_path, content,
                                                                           message):
-    root = make_msvd(tmp_path / "data", captions=pickle.dumps(content))
+    root = make_msvd(tmp_path / "data", captions=pickle.dumps(content), clips=False)
     with pytest.raises(DatasetError, match=message) as error:
         load_dataset("msvd", root)
     assert str(root / "raw-captions.pkl") in str(error.value)
@@ -424,9 +448,10 @@ def anet_sentences(video_id: str) -> list[str]:
     return [f" {video_id} starts.", f"then {video_id} goes on. ", "it ends."]
 
 
-def make_activitynet(root: Path, videos: Path) -> Path:
+def make_activitynet(root: Path, videos: Path, clips: bool = True) -> Path:
     """The id lists (one id repeated), train.json and val_1.json, and clips in ``videos``
-    named without the v_ prefix, as CLIP4Clip's loader expects, but one with it."""
+    (``clips`` False: empty files) named without the v_ prefix, as CLIP4Clip's loader expects,
+    but one with it."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "train_ids.json").write_text(json.dumps(
         ANET["train"] + [ANET["train"][0], ANET_NO_SENTENCES]))
@@ -436,7 +461,8 @@ def make_activitynet(root: Path, videos: Path) -> Path:
             {v: {"duration": 60.2, "timestamps": [[0, 20], [20, 40], [40, 60]],
                  "sentences": anet_sentences(v)} for v in ANET[split]}))
     ids = ANET["train"] + ANET["test"]
-    write_clips([videos / f"{ids[0]}.mp4"] + [videos / f"{v[2:]}.mp4" for v in ids[1:]])
+    write_clips([videos / f"{ids[0]}.mp4"] + [videos / f"{v[2:]}.mp4" for v in ids[1:]],
+                encoded=clips)
     return root
 
 
@@ -534,6 +560,22 @@ def test_show_layout_prints_the_layout_and_the_text_lengths():
     for text in ("train_ids.json", "val_1.json", "Activity_Videos/", "default frames: 64",
                  "77 CLIP tokens", "256 RoBERTa tokens", "reported by: CLIP4Clip"):
         assert text in done.stdout, text
+
+
+@pytest.mark.parametrize("dataset, name", [
+    ("charades", "Charades_v1_test.csv"), ("didemo", "val_data.json"), ("msvd", "test_list.txt"),
+    ("activitynet", "val_1.json"),
+])
+def test_a_file_that_is_not_utf8_names_the_file_and_its_line(tmp_path, dataset, name):
+    root = tmp_path / "data"
+    make = {"charades": make_charades, "didemo": make_didemo, "msvd": make_msvd,
+            "activitynet": lambda r, clips: make_activitynet(r, r / "videos", clips)}[dataset]
+    make(root, clips=False)
+    path = root / name
+    path.write_bytes(path.read_bytes().splitlines()[0] + b"\n" + "un café".encode("latin-1"))
+    with pytest.raises(AvrError, match=f"{re.escape(str(path))}:2: not UTF-8") as error:
+        load_dataset(dataset, root)
+    assert "iconv" in str(error.value)
 
 
 def readme_dataset_rows() -> dict[str, list[str]]:

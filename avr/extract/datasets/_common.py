@@ -164,8 +164,8 @@ class DatasetIndex:
             return None
         row = self.video_ids.index(self.missing_videos[0])
         return (f"{fraction:.0%} of the listed {self.name} videos have no file (e.g. "
-                f"{self.video_paths[row]}); they will be recorded as missing_file. Check --root "
-                f"and `avr extract --dataset {self.name} --show-layout`")
+                f"{self.video_paths[row]}); they will be recorded as missing_file. Check --root, "
+                f"--videos-dir and `avr extract --dataset {self.name} --show-layout`")
 
 
 def videos_layout(id_name: str, folders: tuple[str, ...] = (VIDEO_DIR, "vids"),
