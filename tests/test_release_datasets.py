@@ -578,6 +578,28 @@ def test_a_file_that_is_not_utf8_names_the_file_and_its_line(tmp_path, dataset, 
     assert "iconv" in str(error.value)
 
 
+@pytest.mark.parametrize("dataset, name, content, message", [
+    ("activitynet", "train_ids.json", '{"v_QOlSCBRmfWY": 1}', "expected a JSON list of video ids"),
+    ("activitynet", "val_1.json", "[]", r"expected a JSON object \{id: \{\"sentences\""),
+    ("activitynet", "train.json", '{"v_QOlSCBRmfWY": {"sentences": "one"}}',
+     r"v_QOlSCBRmfWY: expected \{\"sentences\": \[strings\]\}"),
+    ("didemo", "train_data.json", "{}", "expected a JSON list of"),
+    ("charades", "Charades_v1_train.csv", "id,script\n46GP8,a script\n",
+     "missing column.*descriptions"),
+    ("msvd", "raw-captions.pkl", "not a pickle at all", "refused: not a pickle of plain"),
+])
+def test_a_file_in_the_wrong_format_names_the_file_and_the_problem(tmp_path, dataset, name,
+                                                                   content, message):
+    root = tmp_path / "data"
+    make = {"charades": make_charades, "didemo": make_didemo, "msvd": make_msvd,
+            "activitynet": lambda r, clips: make_activitynet(r, r / "videos", clips)}[dataset]
+    make(root, clips=False)
+    (root / name).write_text(content)
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset(dataset, root)
+    assert str(root / name) in str(error.value)
+
+
 def readme_dataset_rows() -> dict[str, list[str]]:
     """The cells of each row of README's table of datasets (the one with a frames column)."""
     lines = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
