@@ -148,32 +148,42 @@ def bench_extract(
                                                                 workers=workers))
 
 
-def _names(value: str) -> list[str]:
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def _head_list(value: str) -> None:
     from avr.fuse.heads import head_class
 
-    if not _names(value):
+    if not options.names(value):
         raise AvrError("name at least one head")
-    for name in _names(value):
+    for name in options.names(value):
         head_class(name)
 
 
 def _array_list(value: str) -> None:
     from avr.extract.generated import check_arrays, generated_spec
 
-    if not _names(value):
+    if not options.names(value):
         raise AvrError("name at least one array")
-    check_arrays(generated_spec(0), _names(value))
+    check_arrays(generated_spec(0), options.names(value))
+
+
+def _like(name: str) -> None:
+    from avr.extract.generated import LIKE_DATASETS
+
+    options.choose(name, LIKE_DATASETS)
 
 
 @bench_app.command("store")
 def bench_store(
-    videos: int = typer.Option(..., "--videos", min=3, help="Videos to generate (VATEX: 28,991)."),
+    videos: Optional[int] = typer.Option(None, "--videos", min=3,
+                                         help="Videos to generate (VATEX: 28,991)."),
     out: str = typer.Option(..., "--out", help="The store to write or resume: a path or a URL."),
-    captions_per_video: int = typer.Option(10, "--captions-per-video", min=1),
+    like: Optional[str] = typer.Option(
+        None, "--like", help="Shape the store like a dataset instead of --videos: its split "
+                             "sizes, captions per video, caption protocol, audio and (VATEX's "
+                             "backbones) frames and text lengths: vatex | msrvtt | lsmdc | "
+                             "charades | didemo | msvd | activitynet.",
+        callback=options.checked(_like)),
+    captions_per_video: Optional[int] = typer.Option(None, "--captions-per-video", min=1,
+                                                     help="Default 10 (VATEX's)."),
     seed: int = typer.Option(0, help="Seed of the latent world."),
     arrays: Optional[str] = typer.Option(None, "--arrays", help="Write only these feature "
                                          "arrays (comma-separated); the others are recorded as "
@@ -191,18 +201,31 @@ def bench_store(
     shapes: str = typer.Option("vatex", "--shapes", hidden=True, callback=options.one_of("vatex", "tiny"),
                                help="tiny: the tiny backbones' widths, for tests."),
 ):
-    """Write a store with VATEX's per-row shapes straight from a generator: topics, captions
-    near their video's frames, twins only audio tells apart (README "Generated stores")."""
+    """Write a store with VATEX's per-row shapes (or a dataset's, --like) straight from a
+    generator: topics, captions near their video's frames, twins only audio tells apart
+    (README "Generated stores")."""
     from avr.extract.generated import GeneratorSettings, arrays_for_heads, write_generated_store
 
     if arrays is not None and heads is not None:
         raise typer.BadParameter("give --arrays or --heads, not both", param_hint="'--arrays'")
-    chosen = (tuple(_names(arrays)) if arrays is not None
-              else arrays_for_heads(_names(heads)) if heads is not None else None)
-    settings = GeneratorSettings(videos=videos, captions_per_video=captions_per_video,
-                                 seed=seed, val_videos=val_videos, test_videos=test_videos,
-                                 shapes=shapes, arrays=chosen,
-                                 heads=tuple(_names(heads)) if heads is not None else None)
+    chosen = (tuple(options.names(arrays)) if arrays is not None
+              else arrays_for_heads(options.names(heads)) if heads is not None else None)
+    common = dict(seed=seed, shapes=shapes, arrays=chosen,
+                  heads=tuple(options.names(heads)) if heads is not None else None)
+    if like is None:
+        if videos is None:
+            raise typer.BadParameter("give --videos N or --like DATASET", param_hint="'--videos'")
+        settings = GeneratorSettings(videos=videos, captions_per_video=captions_per_video or 10,
+                                     val_videos=val_videos, test_videos=test_videos, **common)
+    else:
+        sized = [flag for flag, value in (("--videos", videos), ("--val-videos", val_videos),
+                                          ("--test-videos", test_videos),
+                                          ("--captions-per-video", captions_per_video))
+                 if value is not None]
+        if sized:
+            raise typer.BadParameter(f"--like {like} sets the split sizes and captions; leave "
+                                     f"out {', '.join(sized)}", param_hint="'--like'")
+        settings = GeneratorSettings.like_dataset(like, **common)
     summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
                                     compression=compression, console=console)
     seconds = max(summary["seconds"], 1e-9)

@@ -90,6 +90,8 @@ def eval_(
                       f"{resident}) {held}; budget {result.residency['budget_bytes'] / 1e9:.2f} "
                       f"GB ({result.residency['budget_source']})", highlight=False)
     console.print(_metrics_table(result))
+    if result.protocol_note() is not None:
+        console.print(result.protocol_note(), highlight=False)
     if result.missing_videos:
         console.print(f"[yellow]{len(result.missing_videos)} {split} videos failed extraction; "
                       f"their captions count as failed queries[/]")

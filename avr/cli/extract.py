@@ -19,9 +19,14 @@ def _dataset(name: str) -> None:
 
 @app.command()
 def extract(
-    dataset: str = typer.Option("vatex", help="vatex | msrvtt | generic | demo.",
+    dataset: str = typer.Option("vatex", help="vatex | msrvtt | lsmdc | charades | didemo | "
+                                "msvd | activitynet | generic | demo.",
                                 callback=options.checked(_dataset)),
     root: Optional[Path] = typer.Option(None, help="Dataset files (default data/<dataset>/)."),
+    videos_dir: Optional[Path] = typer.Option(
+        None, "--videos-dir", help="The folder of the videos, relative to --root or absolute "
+                                   "(default: the folders the dataset's releases use, e.g. "
+                                   "videos/, vids/, MSRVTT_Videos/)."),
     show_layout: bool = typer.Option(False, "--show-layout",
                                      help="Print the files the dataset expects under --root."),
     out: str = typer.Option("cache", help="The Zarr store to write or resume: a path or a "
@@ -37,10 +42,16 @@ def extract(
     ast: str = typer.Option("MIT/ast-finetuned-audioset-10-10-0.4593",
                             help="AST: HF model id or local directory."),
     roberta: str = typer.Option("roberta-base", help="RoBERTa: HF model id or local directory."),
-    clip_text_tokens: int = typer.Option(32, "--clip-text-tokens", min=1,
-                                         help="CLIP text tokens kept per caption."),
+    clip_text_tokens: Optional[int] = typer.Option(
+        None, "--clip-text-tokens", min=1, help="CLIP text tokens kept per caption (default 32; "
+                                                "77, CLIP's whole context, for paragraphs)."),
+    roberta_text_tokens: Optional[int] = typer.Option(
+        None, "--roberta-text-tokens", min=1, max=512,
+        help="RoBERTa tokens kept per caption (default 32; 256 for paragraphs)."),
     frames: Optional[int] = typer.Option(None, "--frames", min=1,
-                                         help="Frames per video (default 32 vatex, 12 others)."),
+                                         help="Frames per video (default: the dataset's; 12 "
+                                              "msrvtt, lsmdc, msvd; 32 vatex, charades; 64 "
+                                              "didemo, activitynet; --show-layout says)."),
     device: str = options.device(),
     workers: Optional[int] = typer.Option(None, min=0,
                                           help="Decode processes (0: in this process); "
@@ -49,7 +60,9 @@ def extract(
     compression: str = options.compression(),
     overwrite: bool = options.overwrite(),
     seed: int = typer.Option(0, help="Seed of tiny backbones and of the demo clips."),
-    option: list[str] = options.opts("Dataset option key=value (msrvtt: train=7k, val_size=500)."),
+    option: list[str] = options.opts("Dataset option key=value (msrvtt: train=7k, val_size=500; "
+                                     "didemo: captions=moments; lsmdc: captions=all; "
+                                     "--show-layout lists them)."),
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", help="Run the chunks on this dask scheduler's workers "
                                   "(tcp://HOST:PORT); --out and --root must be reachable from "
@@ -69,9 +82,10 @@ def extract(
     from avr.fuse.config import parse_options
 
     config = ExtractConfig(
-        dataset=dataset, root=root, out=out, weights=backbones,
+        dataset=dataset, root=root, videos_dir=videos_dir, out=out, weights=backbones,
         names=BackboneNames(clip_model=clip_model, clip_pretrained=clip_pretrained, swin=swin,
-                            ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens),
+                            ast=ast, roberta=roberta, clip_text_tokens=clip_text_tokens,
+                            roberta_text_tokens=roberta_text_tokens),
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
         compression=compression, overwrite=overwrite, seed=seed,
         dataset_options=parse_options(option))

@@ -68,6 +68,7 @@ class EvalResult:
     seconds: float = 0.0
     report: Path | None = None
     residency: dict[str, Any] = field(default_factory=dict)  # where the split's tokens were held
+    caption_protocol: str = schema.PROTOCOL_SENTENCES  # paragraphs: one per video, 1:1 metrics
 
     def to_json(self) -> dict[str, Any]:
         return {"t2v": self.metrics["t2v"], "v2t": self.metrics["v2t"],
@@ -76,8 +77,15 @@ class EvalResult:
                 "modalities": self.modalities, "num_captions": self.num_captions,
                 "num_videos": self.num_videos, "missing_videos": self.missing_videos,
                 "ties": metrics.DEFAULT_TIES, "seconds": round(self.seconds, 3),
-                "residency": self.residency,
+                "residency": self.residency, "caption_protocol": self.caption_protocol,
                 **({"dsl": self.dsl} if self.dsl is not None else {})}
+
+    def protocol_note(self) -> str | None:
+        """For a paragraph dataset, what the numbers are; None for sentences."""
+        if self.caption_protocol != schema.PROTOCOL_PARAGRAPHS:
+            return None
+        return (f"paragraph-to-video: {self.num_captions:,} paragraphs, one per video, for "
+                f"{self.num_videos:,} videos; t2v and v2t are the 1:1 video-paragraph metrics")
 
 
 def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
@@ -153,6 +161,13 @@ def dual_softmax_variant(head: RetrievalHead, sim: np.ndarray, caption_video: np
                                         temperature=settings["temperature"])
 
 
+def caption_protocol(cache_path: str | Path) -> str:
+    """The store's caption protocol (``schema.ATTR_CAPTION_PROTOCOL``; sentences when a store
+    does not record one)."""
+    group, _ = open_store(cache_path)
+    return group.attrs.get(schema.ATTR_CAPTION_PROTOCOL, schema.PROTOCOL_SENTENCES)
+
+
 def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
                  config: EvalConfig | None = None) -> EvalResult:
     import time
@@ -187,7 +202,8 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
                         sim=sim.astype(np.float32), caption_video=caption_video,
                         residency={"tokens": "memory" if fits else "store",
                                    "bytes": size.bytes, "budget_bytes": budget,
-                                   "budget_source": source, "resident": config.resident})
+                                   "budget_source": source, "resident": config.resident},
+                        caption_protocol=caption_protocol(cache_path))
 
     if config.dsl:
         result.dsl = dsl_settings(head, config)

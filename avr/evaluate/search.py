@@ -41,9 +41,9 @@ class Hit:
 
 
 def backbones_for_spec(spec: CacheSpec, device: torch.device):
-    """The backbones that wrote a store with ``spec``: pretrained ones by their recorded names
-    and tags, the seeded tiny configs when the store was made with ``--backbones tiny``, or
-    the generator's encoder for a store from `avr bench store`."""
+    """The backbones that wrote a store with ``spec``: pretrained ones by their recorded names,
+    tags and text lengths, the seeded tiny configs when the store was made with ``--backbones
+    tiny``, or the generator's encoder for a store from `avr bench store`."""
     from avr.extract.backbones import BackboneNames, load_backbones
     from avr.extract.generated import encoder_for_spec, is_generated
 
@@ -55,7 +55,9 @@ def backbones_for_spec(spec: CacheSpec, device: torch.device):
                               seed=int(clip.weights[len(RANDOM_WEIGHTS):]))
     names = BackboneNames(clip_model=clip.name, clip_pretrained=clip.weights,
                           swin=spec.backbones["swin"].name, ast=spec.backbones["ast"].name,
-                          roberta=spec.backbones["roberta"].name, swin_grids=spec.swin_grids)
+                          roberta=spec.backbones["roberta"].name, swin_grids=spec.swin_grids,
+                          clip_text_tokens=spec.clip_text_len,
+                          roberta_text_tokens=spec.roberta_len)
     return load_backbones("real", names, device=device)
 
 

@@ -43,8 +43,10 @@ from avr.store import schema
 from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
 
 # Captions of MSR-VTT and VATEX fit in 32 RoBERTa tokens; CLIP4Clip and X-Pool cut CLIP text at
-# the same length (``--max_words 32``, docs/methods.md "Text").
+# the same length (``--max_words 32``, docs/methods.md "Text"). Extract gives paragraphs more
+# (avr.extract.datasets.PARAGRAPH_TOKENS).
 ROBERTA_LEN = 32
+CLIP_TEXT_TOKENS = 32
 
 TINY_IMAGE_SIZE = 32
 TINY_TEXT_LEN = 12
@@ -71,9 +73,12 @@ class BackboneNames:
     roberta: str = "roberta-base"
     swin_grids: tuple[int, ...] = (4, 2, 1)
     swin_stages: tuple[int, ...] = (1, 2, 3)
-    # CLIP text tokens kept per caption (CLIP4Clip's and X-Pool's max_words): longer captions
-    # are cut with their end-of-text token kept. 77 x 512 token states would be 79 kB a caption.
-    clip_text_tokens: int = 32
+    # CLIP text tokens kept per caption (None: CLIP_TEXT_TOKENS, CLIP4Clip's and X-Pool's
+    # max_words; at most the model's context, 77): longer captions are cut with their
+    # end-of-text token kept. 77 x 512 token states would be 79 kB a caption.
+    clip_text_tokens: int | None = None
+    # RoBERTa tokens kept per caption (None: ROBERTA_LEN; at most the model's positions, 512).
+    roberta_text_tokens: int | None = None
 
 
 # ---- small pure pieces ------------------------------------------------------------------------
@@ -400,6 +405,17 @@ def hf_revision(model: nn.Module, name: str) -> str:
         return "main"
 
 
+def roberta_length(roberta: nn.Module, names: BackboneNames) -> int:
+    """RoBERTa tokens kept per caption: ``names.roberta_text_tokens`` (default ROBERTA_LEN),
+    refused beyond the model's positions (RoBERTa numbers them from 2: 514 hold 512 tokens)."""
+    wanted = names.roberta_text_tokens or ROBERTA_LEN
+    most = int(roberta.config.max_position_embeddings) - 2
+    if wanted > most:
+        raise AvrError(f"--roberta-text-tokens {wanted}: RoBERTa {names.roberta!r} reads at most "
+                       f"{most} tokens")
+    return wanted
+
+
 def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) -> Backbones:
     import open_clip
     import transformers
@@ -410,8 +426,9 @@ def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) ->
         clip, _, _ = open_clip.create_model_and_transforms(names.clip_model,
                                                            pretrained=names.clip_pretrained)
         context = int(getattr(getattr(clip, "text", clip), "context_length"))
+        clip_len = min(context, names.clip_text_tokens or CLIP_TEXT_TOKENS)
         clip_tokenizer = functools.partial(open_clip.get_tokenizer(names.clip_model),
-                                           context_length=min(context, names.clip_text_tokens))
+                                           context_length=clip_len)
     except Exception as err:  # missing, unreachable or unreadable weights: say what to do
         fetch = (f"python -c \"import open_clip; open_clip.create_model_and_transforms("
                  f"'{names.clip_model}', pretrained='{names.clip_pretrained}')\"")
@@ -433,10 +450,11 @@ def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) ->
                       lambda name: RobertaModel.from_pretrained(name, add_pooling_layer=False))
     roberta_tokenizer = hf_load("the RoBERTa tokenizer of", names.roberta,
                                 AutoTokenizer.from_pretrained)
+    roberta_len = roberta_length(roberta, names)
 
     def tokenize_roberta(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = roberta_tokenizer(texts, padding="max_length", truncation=True,
-                                  max_length=ROBERTA_LEN, return_tensors="pt")
+                                  max_length=roberta_len, return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"].bool()
 
     hf_version = transformers.__version__
@@ -452,7 +470,7 @@ def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) ->
     return Backbones(clip=clip, clip_tokenizer=clip_tokenizer, swin=swin,
                      swin_mean=tuple(swin_processor.image_mean),
                      swin_std=tuple(swin_processor.image_std), ast=ast, roberta=roberta,
-                     roberta_tokenizer=tokenize_roberta, roberta_len=ROBERTA_LEN,
+                     roberta_tokenizer=tokenize_roberta, roberta_len=roberta_len,
                      swin_stages=names.swin_stages, swin_grids=names.swin_grids, infos=infos,
                      device=device, amp=amp)
 

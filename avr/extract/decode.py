@@ -333,11 +333,12 @@ def missing_audio_fbank(params: AudioParams | None = None) -> np.ndarray:
 
 
 def decode_clip(path: str | Path, num_frames: int, image_size: int,
-                audio_params: AudioParams) -> DecodedClip:
+                audio_params: AudioParams, *, read_audio: bool = True) -> DecodedClip:
     """Frames and fbank of one video file in a single demuxing pass. An audio stream that
-    decodes to no samples counts as no audio."""
+    decodes to no samples counts as no audio; with ``read_audio`` False (a dataset published
+    without audio) the audio stream is not read and the clip counts as without one."""
     decoded = _decode(Path(path), num_frames=num_frames, image_size=image_size,
-                      sample_rate=audio_params.sample_rate)
+                      sample_rate=audio_params.sample_rate if read_audio else None)
     has_audio = decoded.waveform is not None and decoded.waveform.size > 0
     audio = (fbank(decoded.waveform, audio_params) if has_audio
              else missing_audio_fbank(audio_params))

@@ -122,7 +122,7 @@ def run_video_chunk(task: VideoChunkTask) -> ChunkResult:
     rows = np.flatnonzero(~done_region) + task.start
     ids = dict(zip(range(task.start, task.stop), task.video_ids))
     paths = dict(zip(range(task.start, task.stop), task.video_paths))
-    decoded = pipeline.decode_rows(rows, ids, paths, task.spec)
+    decoded = pipeline.decode_rows(rows, ids, paths, task.spec, task.config.read_audio)
     return pipeline.commit_video_chunk(group, task.layout, worker_backbones(task.config),
                                        task.config, task.start, task.stop, done_region, decoded,
                                        writer)
@@ -177,6 +177,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
     started = time.perf_counter()
     with pipeline.hold_store_lock(config, console) as lock:
         index = pipeline.list_dataset(config, console)
+        config = pipeline.with_dataset_defaults(config, index)
         spec_backbones = load_backbones(config.weights, config.names, device="cpu",
                                         seed=config.seed)
         out, group, spec, layout = pipeline.open_extract_store(config, index, spec_backbones)

@@ -41,6 +41,13 @@ The latent world (what a head can learn)
 Splits follow VATEX's proportions (25,991 train, 1,500 val, 1,500 test of 28,991) unless the
 val and test sizes are given. Rows are ordered train, val, test as a dataset listing is.
 
+Like a dataset (``like``, `--like lsmdc`): the split sizes and captions per video of each split
+that `avr extract` gives that dataset (``avr.extract.datasets`` facts: LSMDC's 101,079 / 7,408 /
+1,000 with one caption each, MSVD's 40 per clip ...) and, with VATEX's backbones, its frames and
+text lengths. A paragraph dataset (DiDeMo, ActivityNet) gets one caption per video of
+three sentences joined by "then", and the store records the paragraph protocol as extract does;
+a dataset without audio (MSVD) gets no audio track and no twins.
+
 Writing is chunk by chunk along the store's own chunks (memory holds one chunk of rows), the
 done masks last; a killed run is resumed by running the same command again (rows marked done
 are kept), and a store made with other settings is refused unless ``overwrite``. Arrays left out
@@ -63,6 +70,7 @@ import torch
 from avr import __version__
 from avr.errors import AvrError, CacheMismatchError
 from avr.extract.backbones import ast_time_tokens
+from avr.extract.datasets import ADAPTERS, PARAGRAPHS, DatasetFacts, facts_of
 from avr.extract.pipeline import pending_caption_chunks, pending_video_chunks, to_numpy
 from avr.progress import BYTES_UNIT, Meter
 from avr.store import schema
@@ -73,6 +81,8 @@ from avr.store.lock import StoreLock
 from avr.store.read import read_rows
 from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
 
+# Datasets a store can be shaped like (`--like`): those whose split sizes are fixed.
+LIKE_DATASETS = tuple(name for name, adapter in ADAPTERS.items() if adapter.facts.videos)
 GENERATOR_LIBRARY = "avr-generator"  # BackboneInfo.library of every generated store's backbones
 WEIGHTS_PREFIX = "generated:"  # BackboneInfo.weights: "generated:<seed>"
 VATEX_SPLITS = {"train": 25_991, "val": 1_500, "test": 1_500}
@@ -85,8 +95,11 @@ TEMPLATE_WEIGHT = 0.25  # weight of a template word in the sentence embedding
 TEMPLATES = ("a {topic} scene with {things}", "{things} in a {topic} scene",
              "the {topic} shows {things}", "someone films {things} at a {topic}")
 SOUND_CLAUSE = "while a {sound} sound plays"
-TEMPLATE_WORDS = frozenset(" ".join((*TEMPLATES, SOUND_CLAUSE, "and")).replace("{", " ")
-                           .replace("}", " ").split()) - {"topic", "things", "sound"}
+PARAGRAPH_SENTENCES = 3  # sentences of a generated paragraph (--like didemo, activitynet)
+PARAGRAPH_JOIN = " then "
+TEMPLATE_WORDS = frozenset(" ".join((*TEMPLATES, SOUND_CLAUSE, "and", PARAGRAPH_JOIN))
+                           .replace("{", " ").replace("}", " ").split()) - {"topic", "things",
+                                                                            "sound"}
 SYLLABLES = ("ka", "to", "mi", "re", "su", "no", "pa", "li", "ve", "do", "ra", "gu", "be",
              "si", "fo", "ze")
 START_TOKEN, END_TOKEN = "<start>", "<end>"
@@ -94,10 +107,10 @@ START_TOKEN, END_TOKEN = "<start>", "<end>"
 
 # ---- shapes ---------------------------------------------------------------------------------
 
-def generated_spec(seed: int, shapes: str = "vatex") -> CacheSpec:
+def generated_spec(seed: int, shapes: str = "vatex", like: str | None = None) -> CacheSpec:
     """The spec of a generated store: "vatex" gives the real per-row shapes of `avr extract`
-    with its default backbones on VATEX; "tiny" (for tests) the widths of the tiny backbones
-    and 12 x 20 AST patches."""
+    with its default backbones on VATEX, or with ``like`` on that dataset (its frames and text
+    lengths); "tiny" (for tests) the widths of the tiny backbones and 12 x 20 AST patches."""
     names = {"clip": "ViT-B-32", "swin": "microsoft/swin-tiny-patch4-window7-224",
              "ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "roberta": "roberta-base"}
     backbones = {role: BackboneInfo(name, f"{WEIGHTS_PREFIX}{seed}", GENERATOR_LIBRARY,
@@ -110,6 +123,10 @@ def generated_spec(seed: int, shapes: str = "vatex") -> CacheSpec:
                       ast_dim=24, ast_time_patches=20, roberta_dim=24, roberta_len=12)
     else:
         raise AvrError(f"shapes {shapes!r}: one of vatex, tiny")
+    if like is not None and shapes == "vatex":
+        facts = facts_of(like)
+        widths.update(num_frames=facts.frames, clip_text_len=facts.text_tokens.clip,
+                      roberta_len=facts.text_tokens.roberta)
     return CacheSpec(dataset="generated", image_size=224, swin_grids=(4, 2, 1),
                      backbones=backbones, audio=AudioParams(), **widths)
 
@@ -174,8 +191,41 @@ class GeneratorSettings:
     shapes: str = "vatex"
     arrays: tuple[str, ...] | None = None  # None: every array
     heads: tuple[str, ...] | None = None  # the heads ``arrays`` were chosen for, if any
+    like: str | None = None  # a dataset whose splits, captions, frames, text and audio it takes
+
+    @classmethod
+    def like_dataset(cls, name: str, **settings) -> GeneratorSettings:
+        """The settings of a store shaped like dataset ``name``: its split sizes, captions per
+        video per split, caption protocol and audio (``avr.extract.datasets`` facts)."""
+        videos = facts_of(name).videos
+        if not videos:
+            raise AvrError(f"--like {name}: it has no fixed split sizes; choose one of "
+                           f"{', '.join(LIKE_DATASETS)}")
+        return cls(videos=sum(videos.values()), like=name, **settings)
+
+    def facts(self) -> DatasetFacts | None:
+        return facts_of(self.like) if self.like is not None else None
+
+    def captions_for(self, split: str) -> int:
+        """Captions of each video of ``split``."""
+        facts = self.facts()
+        return facts.captions_per_video[split] if facts is not None else self.captions_per_video
+
+    @property
+    def audio(self) -> bool:
+        """False when the dataset it is like has no audio: no video has a track, none is a
+        twin (only audio tells twins apart)."""
+        facts = self.facts()
+        return facts is None or facts.audio
+
+    @property
+    def paragraphs(self) -> bool:
+        facts = self.facts()
+        return facts is not None and facts.protocol == PARAGRAPHS
 
     def split_sizes(self) -> dict[str, int]:
+        if self.like is not None:
+            return dict(self.facts().videos)
         total = sum(VATEX_SPLITS.values())
         val = (self.val_videos if self.val_videos is not None
                else max(1, round(self.videos * VATEX_SPLITS["val"] / total)))
@@ -190,11 +240,14 @@ class GeneratorSettings:
         data = asdict(self)
         for key in ("arrays", "heads"):
             data[key] = list(data[key]) if data[key] is not None else None
+        if data["like"] is None:  # as stores written before --like record their settings
+            del data["like"]
         return data
 
     def command(self, out: str | Path) -> str:
         """The `avr bench store` command line that writes this store at ``out``."""
-        parts = [f"avr bench store --videos {self.videos} --out {out}"]
+        parts = [f"avr bench store --like {self.like} --out {out}" if self.like is not None
+                 else f"avr bench store --videos {self.videos} --out {out}"]
         defaults = GeneratorSettings(self.videos)
         for key in ("captions_per_video", "seed", "val_videos", "test_videos", "shapes"):
             if getattr(self, key) != getattr(defaults, key):
@@ -262,7 +315,7 @@ def make_plan(settings: GeneratorSettings) -> Plan:
     rng = np.random.default_rng([settings.seed, 1])
     vocab = Vocabulary(settings.videos, settings.seed)
     sizes = settings.split_sizes()
-    groups = _groups(settings.videos, rng)
+    groups = _groups(settings.videos, rng, TWIN_SHARE if settings.audio else 0.0)
     split_of_group = _assign_splits(groups, sizes)
     order = [g for split in schema.SPLITS for g, s in enumerate(split_of_group) if s == split]
     n = settings.videos
@@ -289,15 +342,17 @@ def make_plan(settings: GeneratorSettings) -> Plan:
     singles = np.flatnonzero(~twin)
     silent = rng.choice(singles, int(round(NO_AUDIO_SHARE * len(singles))), replace=False)
     has_audio[silent] = False
-    caption_video, texts, tags = _captions(settings, vocab, topic, words, sound, has_audio, twin,
-                                           rng)
+    if not settings.audio:
+        has_audio[:] = False
+    caption_video, texts, tags = _captions(settings, vocab, splits, topic, words, sound,
+                                           has_audio, twin, rng)
     return Plan([f"gen{r:07d}" for r in range(n)], splits, topic, words, sound, has_audio, look,
                 caption_video, texts, tags)
 
 
-def _groups(videos: int, rng: np.random.Generator) -> list[int]:
+def _groups(videos: int, rng: np.random.Generator, twin_share: float) -> list[int]:
     """Sizes of the groups of rows sharing a look: pairs of twins and single videos, shuffled."""
-    pairs = int(round(TWIN_SHARE * videos / 2))
+    pairs = int(round(twin_share * videos / 2))
     sizes = [2] * pairs + [1] * (videos - 2 * pairs)
     return [sizes[i] for i in rng.permutation(len(sizes))]
 
@@ -317,18 +372,18 @@ def _assign_splits(groups: list[int], sizes: dict[str, int]) -> list[str]:
     return out
 
 
-def _captions(settings: GeneratorSettings, vocab: Vocabulary, topic, words, sound, has_audio,
-              twin, rng: np.random.Generator) -> tuple[np.ndarray, list[str], list[str]]:
-    texts, tags = [], []
+def _captions(settings: GeneratorSettings, vocab: Vocabulary, splits: list[str], topic, words,
+              sound, has_audio, twin, rng: np.random.Generator
+              ) -> tuple[np.ndarray, list[str], list[str]]:
+    texts, tags, caption_video = [], [], []
+    sentences = PARAGRAPH_SENTENCES if settings.paragraphs else 1
     for row in range(settings.videos):
         t = int(topic[row])
         things = [vocab.obj(t, int(words[row, 0])), vocab.obj(t, int(words[row, 1])),
                   vocab.detail(int(words[row, 2]))]
-        for _ in range(settings.captions_per_video):
-            chosen = [things[i] for i in np.sort(rng.choice(3, int(rng.integers(1, 4)),
-                                                            replace=False))]
-            text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(
-                topic=vocab.topic(t), things=" and ".join(chosen))
+        for _ in range(settings.captions_for(splits[row])):
+            text = PARAGRAPH_JOIN.join(_sentence(vocab.topic(t), things, rng)
+                                       for _ in range(sentences))
             if twin[row]:
                 tag = "audio_only"
             elif has_audio[row] and rng.random() < 0.5:
@@ -339,8 +394,15 @@ def _captions(settings: GeneratorSettings, vocab: Vocabulary, topic, words, soun
                 text += " " + SOUND_CLAUSE.format(sound=vocab.sound(int(sound[row])))
             texts.append(text)
             tags.append(tag)
-    caption_video = np.repeat(np.arange(settings.videos), settings.captions_per_video)
-    return caption_video.astype(np.int32), texts, tags
+            caption_video.append(row)
+    return np.asarray(caption_video, dtype=np.int32), texts, tags
+
+
+def _sentence(topic: str, things: list[str], rng: np.random.Generator) -> str:
+    """One templated sentence naming a random non-empty subset of ``things``, in order."""
+    chosen = [things[i] for i in np.sort(rng.choice(3, int(rng.integers(1, 4)), replace=False))]
+    return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(topic=topic,
+                                                               things=" and ".join(chosen))
 
 
 # ---- features --------------------------------------------------------------------------------
@@ -382,36 +444,35 @@ class GeneratedEncoder:
 
     # ---- text ------------------------------------------------------------------------------
     def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Captions -> the five caption arrays, as ``Backbones.encode_text`` returns them."""
+        """Captions -> the five caption arrays, as ``Backbones.encode_text`` returns them; every
+        caption at once, from the vectors of its words."""
         spec = self.spec
-        m = len(texts)
-        sentence = torch.zeros(m, spec.clip_dim)
-        clip_states = torch.zeros(m, spec.clip_text_len, spec.clip_dim)
-        clip_mask = torch.zeros(m, spec.clip_text_len, dtype=torch.bool)
-        roberta_words = torch.zeros(m, spec.roberta_len, spec.clip_dim)
-        roberta_mask = torch.zeros(m, spec.roberta_len, dtype=torch.bool)
-        start = self.word_vector(START_TOKEN)
-        end = self.word_vector(END_TOKEN)
-        for i, text in enumerate(texts):
-            words = text.lower().split()
-            vectors = (torch.stack([self.word_vector(w) for w in words]) if words
-                       else torch.zeros(0, spec.clip_dim))
-            weights = torch.tensor([TEMPLATE_WEIGHT if w in TEMPLATE_WORDS else 1.0
-                                    for w in words])
-            total = weights @ vectors if words else end
-            sentence[i] = total / total.norm().clamp_min(1e-6)
-            kept = vectors[:spec.clip_text_len - 2]  # CLIP keeps its end token when it cuts
-            length = len(kept) + 2
-            clip_states[i, 0], clip_states[i, 1:length - 1], clip_states[i, length - 1] = (
-                start, kept, sentence[i])
-            clip_mask[i, :length] = True
-            kept = vectors[:spec.roberta_len - 2]
-            length = len(kept) + 2
-            roberta_words[i, 0], roberta_words[i, 1:length - 1], roberta_words[i, length - 1] = (
-                start, kept, end)
-            roberta_mask[i, :length] = True
+        m, dim = len(texts), spec.clip_dim
+        tokenized = [text.lower().split() for text in texts]
+        words = [w for caption in tokenized for w in caption]
+        distinct = list(dict.fromkeys(words))
+        column = {w: i for i, w in enumerate(distinct)}
+        table = (torch.stack([self.word_vector(w) for w in distinct]) if distinct
+                 else torch.zeros(0, dim))
+        counts = torch.tensor([len(caption) for caption in tokenized], dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(m), counts)  # [W] caption of each word
+        position = torch.arange(len(words)) - (counts.cumsum(0) - counts)[owner]  # [W]
+        padded = torch.zeros(m, int(counts.max()) if m else 0, dim)  # [M, most words, D]
+        padded[owner, position] = table[torch.tensor([column[w] for w in words],
+                                                     dtype=torch.long)]
+        weights = torch.zeros(padded.shape[:2])
+        weights[owner, position] = torch.tensor([TEMPLATE_WEIGHT if w in TEMPLATE_WORDS else 1.0
+                                                 for w in words])
+        start, end = self.word_vector(START_TOKEN), self.word_vector(END_TOKEN)
+        total = (weights[..., None] * padded).sum(1)
+        total[counts == 0] = end
+        sentence = total / total.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        # CLIP keeps its end token (the sentence embedding's position) when it cuts
+        clip_states, clip_mask = _token_rows(padded, counts, spec.clip_text_len, start, sentence)
+        roberta_words, roberta_mask = _token_rows(padded, counts, spec.roberta_len, start,
+                                                  end.expand(m, dim))
         clip_states += self.clip_positions * clip_mask[..., None]
-        roberta = ((roberta_words.reshape(-1, spec.clip_dim) @ self.roberta_map)
+        roberta = ((roberta_words.reshape(-1, dim) @ self.roberta_map)
                    .reshape(m, spec.roberta_len, -1) + self.roberta_positions * roberta_mask[..., None])
         return {
             schema.TEXT_EMBEDDINGS: sentence,
@@ -511,6 +572,21 @@ class GeneratedEncoder:
         return tokens.reshape(len(rows), freq * steps, dim)
 
 
+def _token_rows(words: torch.Tensor, counts: torch.Tensor, length: int, start: torch.Tensor,
+                ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, length, D] token rows of captions whose words are ``words`` [M, most words, D]
+    (``counts`` of them each): the start token, the first ``length - 2`` words, then the row's
+    vector of ``ends``; and the [M, length] mask of those tokens."""
+    m, dim = ends.shape
+    rows = torch.zeros(m, length, dim)
+    kept = min(length - 2, words.shape[1])
+    rows[:, 0] = start
+    rows[:, 1:1 + kept] = words[:, :kept]
+    lengths = counts.clamp(max=length - 2) + 2
+    rows[torch.arange(m), lengths - 1] = ends
+    return rows, torch.arange(length)[None] < lengths[:, None]
+
+
 # ---- writing ---------------------------------------------------------------------------------
 
 def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overwrite: bool = False,
@@ -521,7 +597,7 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
     (``schema.COMPRESSIONS``; a resumed store keeps its own). Returns a summary: rows, bytes written
     (uncompressed), bytes on disk, seconds, and the arrays left unwritten."""
     started = time.perf_counter()
-    spec = generated_spec(settings.seed, settings.shapes)
+    spec = generated_spec(settings.seed, settings.shapes, settings.like)
     written = check_arrays(spec, settings.arrays if settings.arrays is not None
                            else feature_arrays(spec))
     unwritten = tuple(name for name in feature_arrays(spec) if name not in written)
@@ -564,12 +640,13 @@ def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
                 f"a store generated with other settings ({found})")
         raise CacheMismatchError(f"{location} holds {what}; pass --overwrite to replace it, "
                                  f"or choose another --out")
-    generator = {"settings": settings.to_attrs(), "command": command}
+    attrs = {schema.ATTR_GENERATOR: {"settings": settings.to_attrs(), "command": command}}
+    if settings.like is not None:
+        attrs[schema.ATTR_CAPTION_PROTOCOL] = settings.facts().protocol
     return create_store(location, spec, plan.video_ids, plan.video_splits,
-                               plan.caption_video, plan.caption_text, plan.caption_tags,
-                               unwritten={name: command for name in unwritten},
-                               video_chunk_rows=chunk_rows, compression=compression,
-                               attrs={schema.ATTR_GENERATOR: generator})
+                        plan.caption_video, plan.caption_text, plan.caption_tags,
+                        unwritten={name: command for name in unwritten},
+                        video_chunk_rows=chunk_rows, compression=compression, attrs=attrs)
 
 
 def _write_chunk(group, layout, start: int, stop: int, values: dict[str, torch.Tensor]) -> int:

@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,11 @@ from avr.store.schema import AudioParams, CacheSpec
 class ExtractConfig:
     dataset: str = "vatex"
     root: Path | None = None  # default data/<dataset>
+    videos_dir: str | Path | None = None  # relative to root or absolute; default: the release's
     out: str | Path = Path("cache")  # a local path or an fsspec URL (s3://, gs://, file://)
     weights: str = "real"  # --backbones: "real" (pretrained weights) | "tiny" (random configs)
-    names: BackboneNames = field(default_factory=BackboneNames)
-    num_frames: int | None = None  # default: the dataset's (12 MSR-VTT, 32 VATEX)
+    names: BackboneNames = field(default_factory=BackboneNames)  # text lengths None: the dataset's
+    num_frames: int | None = None  # default: the dataset's (12 MSR-VTT, 32 VATEX, 64 DiDeMo)
     device: str = "auto"
     workers: int | None = None  # decode processes; 0 decodes in this process
     chunk_rows: int | None = None  # video rows per store chunk (and per write); default auto
@@ -79,6 +80,7 @@ class ExtractConfig:
     overwrite: bool = False
     seed: int = 0  # seeds tiny backbones and the demo generator
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    read_audio: bool = True  # False: every clip recorded without a track (the dataset's, MSVD)
 
 
 @dataclass
@@ -119,12 +121,12 @@ class _Decoded:
 
 
 def _decode_one(row: int, video_id: str, path: str, num_frames: int, image_size: int,
-                audio: AudioParams) -> _Decoded:
+                audio: AudioParams, read_audio: bool = True) -> _Decoded:
     from avr.extract.decode import decode_clip
 
     start = time.perf_counter()
     try:
-        clip = decode_clip(Path(path), num_frames, image_size, audio)
+        clip = decode_clip(Path(path), num_frames, image_size, audio, read_audio=read_audio)
         return _Decoded(row, clip, None, time.perf_counter() - start)
     except DecodeError as error:
         reason = getattr(error, "reason", "unreadable")
@@ -162,7 +164,7 @@ def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, over
     """Open the store at ``out`` for resuming, or create it, the caller holding its lock. An
     unfinished store (creation or overwrite killed midway) is created again. Refuses a store
     that was made with another spec or for other videos/captions unless ``overwrite``, which
-    replaces it."""
+    replaces it. A new store records the dataset's caption protocol (``avr eval`` reports it)."""
     caption_video, caption_text, caption_tags = _caption_columns(index)
     if overwrite:
         clear_store(out)
@@ -178,7 +180,8 @@ def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, over
         raise AvrError(f"{out} exists and is not an avr store; choose another --out")
     return create_store(out, spec, index.video_ids, index.video_splits, caption_video,
                                caption_text, caption_tags, video_chunk_rows=chunk_rows,
-                               compression=compression)
+                               compression=compression,
+                               attrs={schema.ATTR_CAPTION_PROTOCOL: index.protocol})
 
 
 def _caption_columns(index: DatasetIndex) -> tuple[np.ndarray, list[str], list[str]]:
@@ -271,6 +274,7 @@ def extract(config: ExtractConfig, *, console=None,
     started = time.perf_counter()
     with hold_store_lock(config, console) as lock:
         index = list_dataset(config, console)
+        config = with_dataset_defaults(config, index)
         device = resolve_device(config.device)
         backbones = load_backbones(config.weights, config.names, device=device,
                                    seed=config.seed)
@@ -287,16 +291,29 @@ def extract(config: ExtractConfig, *, console=None,
 
 
 def list_dataset(config: ExtractConfig, console=None) -> DatasetIndex:
-    """The dataset's index; says how many listed videos have a file, and warns when many
-    have none (they are recorded as missing_file)."""
-    index = load_dataset(config.dataset, config.root, seed=config.seed, **config.dataset_options)
+    """The dataset's index; says how many listed videos have a file, warns when many have
+    none (they are recorded as missing_file) and repeats the dataset's warnings (ids listed
+    twice, ids without captions: how many, which were left out)."""
+    index = load_dataset(config.dataset, config.root, videos_dir=config.videos_dir,
+                         seed=config.seed, **config.dataset_options)
     if console is not None:
         console.print(index.listing_report(), markup=False, highlight=False, soft_wrap=True)
-        warning = index.missing_warning()
-        if warning is not None:
+        missing = index.missing_warning()
+        for warning in [*index.warnings, *([missing] if missing is not None else [])]:
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False,
                           soft_wrap=True)
     return index
+
+
+def with_dataset_defaults(config: ExtractConfig, index: DatasetIndex) -> ExtractConfig:
+    """``config`` with the dataset's frames and text lengths where the user set none, and its
+    audio: MSVD's clips are recorded without a track whatever their files hold."""
+    names = replace(config.names,
+                    clip_text_tokens=config.names.clip_text_tokens or index.text_tokens.clip,
+                    roberta_text_tokens=(config.names.roberta_text_tokens
+                                         or index.text_tokens.roberta))
+    return replace(config, names=names, num_frames=config.num_frames or index.default_frames,
+                   read_audio=config.read_audio and index.audio)
 
 
 def hold_store_lock(config: ExtractConfig, console=None) -> StoreLock:
@@ -430,11 +447,12 @@ def merge_failures(failures: dict[str, Failure], video_ids: list[str],
     return changed
 
 
-def decode_rows(rows, video_ids, video_paths, spec: CacheSpec) -> list[_Decoded]:
+def decode_rows(rows, video_ids, video_paths, spec: CacheSpec, read_audio: bool = True
+                ) -> list[_Decoded]:
     """Decode ``rows`` in this process, one after the other (``video_ids`` and ``video_paths``
     are indexed by row: lists of the whole dataset or dicts of a chunk's rows)."""
     return [_decode_one(int(row), video_ids[row], str(video_paths[row]), spec.num_frames,
-                        spec.image_size, spec.audio) for row in rows]
+                        spec.image_size, spec.audio, read_audio) for row in rows]
 
 
 def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: DatasetIndex,
@@ -452,7 +470,7 @@ def _extract_videos(out: str | Path, group, layout, spec: CacheSpec, index: Data
     done_now, decode_s, encode_s = 0, 0.0, 0.0
     with _executor(workers) as executor:
         for (start, stop, rows), decoded in _decode_ahead(executor, pending, index, spec,
-                                                          lookahead=2):
+                                                          config.read_audio, lookahead=2):
             result = commit_video_chunk(group, layout, backbones, config, start, stop,
                                         done[start:stop], decoded, lock)
             done[result.done_rows] = True
@@ -476,8 +494,8 @@ def write_failures_file_once(out: str | Path, group, failures: dict[str, Failure
         write_failures(out, group, failures)
 
 
-def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: CacheSpec, *,
-                  lookahead: int) -> Iterator[tuple[tuple, list[_Decoded]]]:
+def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: CacheSpec,
+                  read_audio: bool, *, lookahead: int) -> Iterator[tuple[tuple, list[_Decoded]]]:
     """Yield each pending chunk with its decoded clips while the next ``lookahead`` chunks are
     already decoding in the workers."""
     submitted: list[tuple[tuple, list[Future]]] = []
@@ -486,7 +504,7 @@ def _decode_ahead(executor: Executor, pending: list, index: DatasetIndex, spec: 
         start, stop, rows = item
         futures = [executor.submit(_decode_one, int(row), index.video_ids[row],
                                    str(index.video_paths[row]), spec.num_frames, spec.image_size,
-                                   spec.audio) for row in rows]
+                                   spec.audio, read_audio) for row in rows]
         submitted.append((item, futures))
 
     queue = iter(pending)

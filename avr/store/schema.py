@@ -100,6 +100,10 @@ ATTR_FAILURES = "failures"
 # chunk for them; a read of one fails with that reason, never as damage.
 ATTR_UNWRITTEN = "unwritten"
 ATTR_GENERATOR = "generator"  # a generated store's settings and command (avr.extract.generated)
+# The dataset's caption protocol: "sentences" (every caption a query) or "paragraphs" (one
+# paragraph per video; `avr eval` reports the 1:1 video-paragraph metrics). Absent: sentences.
+ATTR_CAPTION_PROTOCOL = "caption_protocol"
+PROTOCOL_SENTENCES, PROTOCOL_PARAGRAPHS = "sentences", "paragraphs"
 
 FAILURES_FILE = "failures.jsonl"
 LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries share the prefix

@@ -590,6 +590,55 @@ def test_msrvtt_reads_msrvtt_data_folder_and_videos_all(tmp_path):
     assert "annotations in msrvtt_data/" in index.listing_report()
 
 
+@pytest.mark.parametrize("folder", ["MSRVTT_Videos", "vids", ""])
+def test_msrvtt_videos_are_found_in_the_folders_releases_use(tmp_path, folder):
+    """CLIP4Clip's MSRVTT_Videos/, X-Pool's vids/, or the root itself, as they come."""
+    root = make_msrvtt(tmp_path / "msrvtt")
+    (root / folder).mkdir(exist_ok=True)
+    for path in list((root / "videos").iterdir()):
+        path.rename(root / folder / path.name)
+    (root / "videos").rmdir()
+    index = load_dataset("msrvtt", root, val_size=2)
+    assert index.missing_videos == []
+    assert index.video_dir == root / folder
+    assert f"with a file under {index.video_dir}" in index.listing_report()
+
+
+def test_no_listed_video_in_any_folder_names_every_folder_tried(tmp_path):
+    root = make_msrvtt(tmp_path / "msrvtt")
+    for path in (root / "videos").iterdir():
+        path.rename(path.with_name(f"other_{path.name}"))
+    with pytest.raises(DatasetError, match="none of the 11 listed videos") as error:
+        load_dataset("msrvtt", root, val_size=2)
+    message = str(error.value)
+    for tried in (f"{root / 'videos'} (no listed video)", f"{root / 'MSRVTT_Videos'} (absent)",
+                  f"{root / 'vids'} (absent)", f"{root} (no listed video)", "--videos-dir"):
+        assert tried in message, tried
+
+
+def test_videos_dir_is_relative_to_the_root_or_absolute_and_must_exist(tmp_path):
+    root = make_msrvtt(tmp_path / "msrvtt")
+    (root / "videos").rename(tmp_path / "clips")
+    assert load_dataset("msrvtt", root, val_size=2, videos_dir=tmp_path / "clips").video_dir \
+        == tmp_path / "clips"
+    (tmp_path / "clips").rename(root / "my clips")
+    assert not load_dataset("msrvtt", root, val_size=2, videos_dir="my clips").missing_videos
+    with pytest.raises(DatasetError, match=r"--videos-dir nowhere: no such folder"):
+        load_dataset("msrvtt", root, val_size=2, videos_dir="nowhere")
+
+
+def test_extract_reads_videos_from_x_pools_vids_folder(tmp_path):
+    """The folder name a new user has, not renamed: `avr extract` lists every video."""
+    root = make_msrvtt(tmp_path / "msrvtt")
+    (root / "videos").rename(root / "vids")
+    done = run_avr("extract", "--dataset", "msrvtt", "--root", root, "--out", tmp_path / "c",
+                   "--option", "val_size=2", "--backbones", "tiny", "--device", "cpu",
+                   "--workers", "0")
+    printed = " ".join(done.stdout.split())
+    assert f"11 videos listed (train 6, val 2, test 3), 11 with a file under {root / 'vids'}" \
+        in printed
+
+
 def test_listing_reports_how_many_videos_have_a_file_and_warns_above_ten_percent(tmp_path):
     root = make_msrvtt(tmp_path / "msrvtt")
     (root / "videos" / "video12.mp4").unlink()

@@ -224,7 +224,55 @@ def test_a_killed_write_resumes_and_other_settings_are_refused(tmp_path):
                                                          val_videos=4, test_videos=4))
 
 
+@pytest.mark.parametrize("dataset", ["vatex", "msrvtt", "lsmdc", "charades", "didemo", "msvd",
+                                     "activitynet"])
+def test_like_a_dataset_takes_its_split_sizes_captions_frames_and_text_lengths(dataset):
+    from avr.extract.datasets import facts_of
+    from avr.extract.generated import generated_spec
+
+    facts = facts_of(dataset)
+    settings = GeneratorSettings.like_dataset(dataset, shapes="tiny")
+    assert settings.split_sizes() == facts.videos
+    assert settings.videos == sum(facts.videos.values())
+    assert [settings.captions_for(split) for split in schema.SPLITS] == \
+        [facts.captions_per_video[split] for split in schema.SPLITS]
+    spec = generated_spec(0, "vatex", like=dataset)
+    assert (spec.num_frames, spec.clip_text_len, spec.roberta_len) == \
+        (facts.frames, facts.text_tokens.clip, facts.text_tokens.roberta)
+    assert GeneratorSettings.like_dataset(dataset).command("s").startswith(
+        f"avr bench store --like {dataset} --out s")
+
+
+def test_like_a_paragraph_dataset_writes_one_paragraph_per_video():
+    from avr.extract.generated import PARAGRAPH_JOIN, make_plan
+
+    plan = make_plan(GeneratorSettings.like_dataset("didemo", shapes="tiny"))
+    assert len(plan.caption_text) == len(plan.video_ids) == 8_392 + 1_065 + 1_004
+    assert np.array_equal(plan.caption_video, np.arange(len(plan.video_ids)))
+    assert all(text.count(PARAGRAPH_JOIN) == 2 for text in plan.caption_text[:50])
+
+
+def test_a_store_like_msvd_has_its_real_row_counts_and_no_audio(tmp_path):
+    path = tmp_path / "msvd-like"
+    done = ok(run_avr("bench", "store", "--like", "msvd", "--out", path, "--heads", "xpool",
+                      *TINY, timeout=300))
+    assert "1,970 videos, 78,800 captions" in done.stdout
+    group, _ = open_store(path)
+    splits = read_rows(group[schema.VIDEO_SPLIT])
+    assert [int((splits == schema.split_code(s)).sum()) for s in schema.SPLITS] == \
+        [1_200, 100, 670]
+    assert np.array_equal(np.bincount(read_rows(group[schema.CAPTION_VIDEO])),
+                          np.full(1_970, 40))
+    assert not read_rows(group[schema.HAS_AUDIO]).any()
+    assert set(read_rows(group[schema.CAPTION_TAG]).tolist()) == {"visual"}  # nothing to hear
+    assert group.attrs[schema.ATTR_CAPTION_PROTOCOL] == "sentences"
+
+
 @pytest.mark.parametrize("args, expected", [
+    (["--like", "lsmdc", "--videos", "10"], "--like lsmdc sets the split sizes and captions; "
+                                            "leave out --videos"),
+    (["--like", "generic"], "'generic' is not one of vatex, msrvtt"),
+    (["--captions-per-video", "2"], "give --videos N or --like DATASET"),
     (["--arrays", "frame_embeddings,bogus"], "bogus is not a feature array"),
     (["--heads", "xpool,clip4clip"], "unknown head 'clip4clip'"),
     (["--heads", "xpool", "--arrays", "frame_mask"], "give --arrays or --heads, not both"),
@@ -232,7 +280,7 @@ def test_a_killed_write_resumes_and_other_settings_are_refused(tmp_path):
 ])
 def test_bench_store_checks_its_options(tmp_path, args, expected):
     base = ["bench", "store", "--out", str(tmp_path / "s")]
-    if "--videos" not in args:
+    if not {"--videos", "--like", "--captions-per-video"} & set(args):
         base += ["--videos", "10"]
     result = CliRunner().invoke(app, base + args, env={"COLUMNS": "200"})
     assert result.exit_code == 2 and expected in result.stderr, result.output

@@ -53,26 +53,35 @@ def _encode_audio(container, stream, samples: np.ndarray, sample_rate: int) -> N
     container.mux(stream.encode(None))
 
 
+# container -> (video codec, audio codec): MP4 as most releases ship, MOV as many of DiDeMo's
+# Flickr originals, AVI as LSMDC's and MSVD's
+# clips come (MPEG-4 Part 2 video, MP3 audio)
+CODECS = {"mp4": ("libx264", "aac"), "mov": ("libx264", "aac"), "avi": ("mpeg4", "mp3")}
+
+
 def write_clip(path: Path, *, seconds: float = 1.0, fps: int = 10, size: tuple[int, int] = (64, 48),
                colour: tuple[int, int, int] = (255, 0, 0), frames: np.ndarray | None = None,
                audio: str = "tone", sample_rate: int = 16_000, stereo: bool = False,
-               faststart: bool = False) -> Path:
-    """An H.264 MP4 of ``seconds`` at ``fps`` (``frames`` [T, H, W, 3] overrides the solid
-    ``colour``) with an AAC track of ``audio`` ("tone", "high_tone", "noise", "silence") or no
-    audio track at all (``audio="none"``). ``faststart`` puts the index (moov) first."""
+               faststart: bool = False, container_format: str = "mp4") -> Path:
+    """An H.264 MP4 (``container_format="mov"``: MOV; ``"avi"``: an MPEG-4 AVI) of ``seconds``
+    at ``fps`` (``frames`` [T, H, W, 3] overrides the solid ``colour``) with an AAC (AVI: MP3)
+    track of ``audio`` ("tone", "high_tone", "noise", "silence") or no audio track at all
+    (``audio="none"``). ``faststart`` puts the MP4 index (moov) first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if frames is None:
         frames = solid_frames(int(round(seconds * fps)), size, colour)
     height, width = frames.shape[1:3]
     options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=options) as container:
-        video = container.add_stream("libx264", rate=fps)
+    video_codec, audio_codec = CODECS[container_format]
+    with av.open(str(path), "w", format=container_format, options=options) as container:
+        video = container.add_stream(video_codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "ultrafast", "crf": "10"}
+        if video_codec == "libx264":
+            video.options = {"preset": "ultrafast", "crf": "10"}
         audio_stream = None
         if audio != "none":
-            audio_stream = container.add_stream("aac", rate=sample_rate)
+            audio_stream = container.add_stream(audio_codec, rate=sample_rate)
             audio_stream.layout = "stereo" if stereo else "mono"
         for index, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
