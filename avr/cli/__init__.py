@@ -19,7 +19,7 @@ from rich.markup import escape
 # Importing a command module registers its commands, in the order `avr --help` lists them.
 from avr.cli import extract, store, train, evaluate, demo  # noqa: F401, I001
 from avr.cli._app import app, err_console, state
-from avr.errors import AvrError, RunInterrupted
+from avr.errors import AvrError
 
 __all__ = ["app", "main"]
 
@@ -31,10 +31,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     Returns normally when the command succeeds, so tests and scripts can call it."""
     try:
         app(args=argv)
-    except RunInterrupted as stopped:
-        err_console.print(f"[bold yellow]{escape(str(stopped))}[/]", soft_wrap=True,
-                          highlight=False)
-        sys.exit(130)
     except AvrError as error:
         if state["debug"]:
             raise

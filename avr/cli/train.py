@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from avr.cli import _options as options
-from avr.cli._app import app, console
+from avr.cli._app import app, console, err_console
+from avr.errors import RunInterrupted
 
 
 class _TrainProgress:
@@ -26,6 +28,8 @@ class _TrainProgress:
     def on_start(self, start) -> None:
         from avr.progress import progress_bar
 
+        if start.note is not None:
+            console.print(start.note, highlight=False, soft_wrap=True)
         what = f"resuming [bold]{start.head}[/] at epoch {start.done + 1}" if start.done else \
             f"training [bold]{start.head}[/]"
         console.print(f"{what} on {start.cache} -> {start.run_dir}")
@@ -104,6 +108,11 @@ def train(
     try:
         result = train_from_options(request, on_schedule=shown.on_schedule,
                                     on_start=shown.on_start, on_epoch=shown.on_epoch)
+    except RunInterrupted as stopped:  # typer would turn it into a bare "Aborted!"
+        shown.close()
+        err_console.print(f"[bold yellow]{escape(str(stopped))}[/]", soft_wrap=True,
+                          highlight=False)
+        raise typer.Exit(130) from None
     finally:
         shown.close()
     _print_train_result(result)

@@ -114,8 +114,8 @@ def check_cache(config: dict[str, Any], identity: dict[str, Any], cache_path: st
                                  f" {cache_path} is version {schema.SCHEMA_VERSION}")
     diffs = identity_differences(recorded, identity)
     if diffs:
-        raise CacheMismatchError(f"{cache_path} is not the cache this run was trained on:\n  "
-                                 + "\n  ".join(diffs))
+        raise CacheMismatchError(f"{cache_path} is not the cache this run was trained on: "
+                                 + "; ".join(diffs))
 
 
 # ---- the run folder: one writer, no half-written file, no empty run in the way ----------------

@@ -62,7 +62,7 @@ def store_condition(location: str | Path) -> str:
 def _root_attrs(fs, root: str) -> dict[str, Any]:
     try:
         metadata = json.loads(fs.cat_file(f"{root}/zarr.json"))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return {}
     return metadata.get("attributes") or {}
 
@@ -137,6 +137,9 @@ def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = 
     zarr = _zarr.zarr()
     path = store_location(path)
     fs, root = store_filesystem(path)
+    if fs.isfile(root):
+        raise CacheMismatchError(f"{path} is a file, not a store: give the store's folder or "
+                                 f"URL (the --out of `avr extract`)")
     condition = store_condition(path)
     if condition == "unfinished":
         raise CacheMismatchError(f"{path}: the store's creation did not finish (an `avr extract` "

@@ -1,5 +1,6 @@
 """Run the avr command line in this process and SIGKILL it right after the trainer logs its Nth
-epoch (counted over every run the process trains, e.g. every trial of a sweep).
+epoch (counted over every run the process trains, e.g. every trial of a sweep); with N = 0, as
+the first epoch saves its last checkpoint (before last.safetensors and the log's first row).
 
     python tests/support/kill_at_epoch.py N sweep --name S ...
 
@@ -17,6 +18,12 @@ from avr.fuse import checkpoint
 
 
 def kill_at_epoch(nth: int) -> None:
+    if nth == 0:
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.TrainState.save_last = die
+        return
     real_append = checkpoint.append_log
     seen = 0
 
