@@ -87,6 +87,10 @@ class RetrievalHead(nn.Module):
     # True when the head's own terms are tuned for CLIP's pretrained scale of 100 (AVIGATE's
     # margins are added times the scale): the default schedule then never starts it elsewhere.
     tuned_for_pretrained_scale: ClassVar[bool] = False
+    # True when ``encode_videos`` gives each video one vector ``{"video": [V, D]}`` that no query
+    # changes, ``encode_texts`` one ``{"text": [Q, D]}``, and ``score`` is their inner product:
+    # the videos can then be indexed (`avr index build --embeddings run:RUN`).
+    dual_encoder: ClassVar[bool] = False
 
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()

@@ -46,6 +46,7 @@ class MeanP(RetrievalHead):
     Config = MeanPConfig
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
+    dual_encoder = True
 
     def __init__(self, spec, config: MeanPConfig):
         super().__init__(spec, config)
