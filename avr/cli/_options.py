@@ -108,7 +108,7 @@ def opts(help: str) -> Any:
 
 
 def store_argument() -> Any:
-    return typer.Argument(None, metavar="[STORE]", show_default=False,
+    return typer.Argument(None, metavar="STORE", show_default=False,
                           help=STORE_HELP + " Or --cache (default: cache).")
 
 

@@ -69,7 +69,7 @@ def cache_info(
 @cache_app.command("export")
 def cache_export(
     store: Optional[str] = options.store_argument(),
-    out_argument: Optional[str] = typer.Argument(None, metavar="[OUT]", show_default=False,
+    out_argument: Optional[str] = typer.Argument(None, metavar="OUT", show_default=False,
                                                  help="The same as --out."),
     cache: Optional[str] = options.store_option(),
     out: Optional[str] = typer.Option(None, "--out", help="Where to write: a file for h5, a "

@@ -15,10 +15,12 @@ from avr.evaluate import search as search_module
 from avr.evaluate.evaluator import EvalConfig, evaluate_run, first_stage_embeddings, rerank
 from avr.evaluate.search import search
 from avr.fuse import trainer
+from avr.fuse.heads import HEADS, build_head
 from avr.fuse.trainer import TrainConfig
 from avr.store import schema
 from avr.store.group import open_store
 from avr.store.info import cache_info
+from avr.store.splits import random_split
 from support.console import assert_one_line_error, ok, run_avr
 from support.specs import make_tiny_spec
 from support.stores import make_learnable_store
@@ -279,3 +281,21 @@ def test_a_head_without_one_vector_per_video_is_refused(store, tmp_path):
     done = run_avr("index", "build", "--embeddings", f"run:{tmp_path / 'xpool'}", "--out",
                    tmp_path / "index")
     assert_one_line_error(done, "head 'xpool'", "meanp")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in HEADS.items() if cls.dual_encoder))
+def test_a_dual_encoder_head_scores_by_the_inner_product_of_its_vectors(name):
+    """What indexing a head's vectors relies on: one vector per video and per caption, the
+    score their inner product."""
+    import torch
+
+    spec = make_tiny_spec()
+    head = build_head(name, spec, {}).eval()
+    split = random_split(spec, 6, 2, video_names=head.video_inputs,
+                         caption_names=head.caption_inputs, dtype=torch.float32)
+    with torch.no_grad():
+        videos = head.encode_videos(split.videos)["video"]
+        texts = head.encode_texts(split.captions)["text"]
+        scores = head.score({"text": texts}, {"video": videos})
+    assert videos.shape[0] == 6 and texts.shape[0] == 12
+    torch.testing.assert_close(scores, texts @ videos.T)

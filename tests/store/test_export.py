@@ -178,3 +178,10 @@ def test_an_unknown_array_or_split_is_refused(store, tmp_path, option, value, ex
                    option, value)
     assert_one_line_error(done, expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_offers_every_export_format():
+    from avr.cli.store import EXPORT_FORMATS
+    from avr.store.export import FORMATS
+
+    assert EXPORT_FORMATS == FORMATS
