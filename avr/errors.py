@@ -87,6 +87,26 @@ class UnwrittenArrayError(AvrError):
             f"every head you will run")
 
 
+class StoreMetadataError(CacheMismatchError):
+    """A store's array metadata disagrees with the schema (``differences``: one line each)."""
+
+    def __init__(self, store, differences: list[str]):
+        self.differences = differences
+        shown = differences[:5] + ([f"... {len(differences) - 5} more"]
+                                   if len(differences) > 5 else [])
+        super().__init__(f"{store}: the arrays' metadata disagrees with the schema ("
+                         + "; ".join(shown) + "); the store's zarr.json files were edited or "
+                         "damaged: re-extract it with --overwrite")
+
+
+class RemoteStoreError(AvrError):
+    """A store at a URL could not be reached or read (credentials, endpoint, timeouts)."""
+
+
+class StoreFullError(AvrError):
+    """The disk under a store ran out of space while it was written."""
+
+
 class StoreLockedError(AvrError):
     """Another live process holds the store's lock."""
 

@@ -17,6 +17,7 @@ from avr.errors import MissingExtraError
 EXTRA_OF = {
     "dask": "dask", "dask.array": "dask", "distributed": "dask",
     "h5py": "h5",
+    "pyarrow": "parquet", "datasets": "hf",
     "faiss": "index",
     "optuna": "sweep",
     "torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard",

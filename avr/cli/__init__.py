@@ -30,7 +30,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     built on (its vendored copy or the click package); an AvrError prints one line and exits 2.
     Returns normally when the command succeeds, so tests and scripts can call it."""
     try:
-        app(args=argv)
+        try:
+            app(args=argv)
+        except Exception as error:
+            from avr.store.location import remote_failure
+
+            remote = remote_failure(error)  # a store at a URL unreachable: one line too
+            if remote is None:
+                raise
+            raise remote from error
     except AvrError as error:
         if state["debug"]:
             raise

@@ -107,5 +107,23 @@ def opts(help: str) -> Any:
     return typer.Option([], "--opt", "--option", help=help)
 
 
-def store_argument(default: Any = "cache") -> Any:
-    return typer.Argument(default, help=STORE_HELP)
+def store_argument() -> Any:
+    return typer.Argument(None, metavar="STORE", show_default=False,
+                          help=STORE_HELP + " Or --cache (default: cache).")
+
+
+def store_option() -> Any:
+    return typer.Option(None, "--cache", help=STORE_HELP + " The same as the STORE argument.")
+
+
+def json_flag() -> Any:
+    return typer.Option(False, "--json", help="Print the result as JSON to stdout.")
+
+
+def the_store(argument: Optional[str], option: Optional[str],
+              default: Optional[str] = "cache") -> Optional[str]:
+    """The store a `cache` or `index` command works on: its STORE argument or ``--cache`` (one
+    of them, or the same value twice), else ``default``."""
+    if argument is not None and option is not None and argument != option:
+        raise AvrError(f"the store is given twice ({argument} and --cache {option}): give one")
+    return option or argument or default

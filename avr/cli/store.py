@@ -11,6 +11,8 @@ from rich.markup import escape
 from avr.cli import _options as options
 from avr.cli._app import app, console
 
+EXPORT_FORMATS = ("h5", "npy", "parquet", "clip-retrieval", "hf")  # avr.store.export.FORMATS
+
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and export feature caches.")
 app.add_typer(cache_app, name="cache")
 index_app = typer.Typer(no_args_is_help=True, help="Build the first-stage faiss index of a cache.")
@@ -19,8 +21,9 @@ app.add_typer(index_app, name="index")
 
 @cache_app.command("info")
 def cache_info(
-    path: str = options.store_argument(),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    store: Optional[str] = options.store_argument(),
+    cache: Optional[str] = options.store_option(),
+    as_json: bool = options.json_flag(),
 ):
     """Rows, arrays, shapes, bytes, backbones and failures of a store."""
     import json
@@ -29,6 +32,7 @@ def cache_info(
 
     from avr.store.info import cache_info as read_info
 
+    path = options.the_store(store, cache)
     info = read_info(path)
     if as_json:
         print(json.dumps(info, indent=2))
@@ -64,33 +68,64 @@ def cache_info(
 
 @cache_app.command("export")
 def cache_export(
-    path: str = options.store_argument(...),
-    out: str = typer.Argument(..., help="Output file: a path or a URL."),
-    format: str = typer.Option("h5", "--format", help="h5 (HDF5, same array names).",
-                               callback=options.one_of("h5")),
+    store: Optional[str] = options.store_argument(),
+    out_argument: Optional[str] = typer.Argument(None, metavar="OUT", show_default=False,
+                                                 help="The same as --out."),
+    cache: Optional[str] = options.store_option(),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to write: a file for h5, a "
+                                                          "folder for the others; a path or a "
+                                                          "URL."),
+    format: str = typer.Option("h5", "--format", help="h5 (one HDF5 file, the store's arrays) "
+                               "| npy (one memory-mappable .npy per array) | parquet (videos "
+                               "and captions tables: ids, texts, embeddings) | clip-retrieval "
+                               "(img_emb/, text_emb/, metadata/) | hf (a datasets folder for "
+                               "load_from_disk).", callback=options.one_of(*EXPORT_FORMATS)),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits to "
+                                                                "export (default: all)."),
+    arrays: Optional[str] = typer.Option(None, "--arrays", help="Comma-separated arrays to "
+                                         "export (default: all for h5 and npy; for parquet "
+                                         "and hf, columns beside the embeddings)."),
+    as_json: bool = options.json_flag(),
 ):
-    """Write a store to another format under the same array names."""
-    from avr.store.export import export_h5
-    from avr.store.info import stored_bytes
+    """Write a store in the forms other tools read (docs/cache.md, *Exports*)."""
+    import json
 
-    written = export_h5(path, out)
-    console.print(f"wrote {written} ({stored_bytes(written) / 1e6:,.1f} MB)")
+    from avr.errors import AvrError
+    from avr.store.export import export_store
+
+    if out_argument is not None and out is not None and out_argument != out:
+        raise AvrError(f"the output is given twice ({out_argument} and --out {out}): give one")
+    if (out or out_argument) is None:
+        raise AvrError("give where to write: --out PATH (a file for h5, a folder otherwise)")
+    summary = export_store(options.the_store(store, cache), out or out_argument, format,
+                           splits=tuple(options.names(splits)) if splits else None,
+                           arrays=tuple(options.names(arrays)) if arrays else None,
+                           console=None if as_json else console)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"wrote {escape(summary['out'])} ({summary['format']}: {summary['videos']:,} "
+                  f"videos, {summary['captions']:,} captions, {len(summary['files'])} files)",
+                  highlight=False)
 
 
 @cache_app.command("verify")
 def cache_verify(
-    path: str = options.store_argument(),
+    store: Optional[str] = options.store_argument(),
+    cache: Optional[str] = options.store_option(),
     repair: bool = typer.Option(False, "--repair", help="Mark the damaged rows not done, so "
                                                          "that the next `avr extract` "
                                                          "recomputes exactly those."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = options.json_flag(),
 ):
-    """Read every chunk under done rows: present, checksum holds. Exit 0 clean, 1 damaged."""
+    """Read every chunk under done rows: present, checksum holds; every array's metadata
+    against the schema. Exit 0 clean, 1 damaged."""
     import json
 
     from avr.store.integrity import repair_store, verify_store
     from avr.store.lock import StoreLock
 
+    path = options.the_store(store, cache)
     progress_console = None if as_json else console
     if repair:
         with StoreLock(path) as lock:
@@ -135,6 +170,14 @@ def _print_verify_report(report) -> None:
                       f"there, silently altered bytes are not (`avr extract --overwrite` "
                       f"rewrites the store with them)")
     _print_unwritten(report.unwritten)
+    if report.metadata:
+        console.print(f"[bold red]damaged[/]: {escape(report.store)}: the metadata of its arrays "
+                      f"disagrees with the schema (chunks not read):", highlight=False)
+        for difference in report.metadata:
+            console.print(f"  {escape(difference)}", highlight=False, soft_wrap=True)
+        console.print("the zarr.json files were edited or damaged; --repair cannot fix this: "
+                      "re-extract with --overwrite")
+        return
     if report.clean:
         done = ", ".join(f"{kind}s {len(report.done[kind])}/{report.rows[kind]} done"
                          for kind in report.rows)
@@ -170,13 +213,21 @@ def _print_verify_report(report) -> None:
 
 @cache_app.command("break-lock")
 def cache_break_lock(
-    path: str = options.store_argument(...),
+    store: Optional[str] = options.store_argument(),
+    cache: Optional[str] = options.store_option(),
+    as_json: bool = options.json_flag(),
 ):
     """Remove a store's lock left by a writer that is gone (refused while it runs here)."""
+    import json
+    from dataclasses import asdict
+
     from avr.store.lock import break_lock
 
+    path = options.the_store(store, cache)
     holder = break_lock(path)
-    if holder is None:
+    if as_json:
+        print(json.dumps({"store": path, "removed": asdict(holder) if holder else None}))
+    elif holder is None:
         console.print(f"{path}: no lock to remove")
     else:
         console.print(f"removed the lock of {path} held by {holder.describe()}")
@@ -184,7 +235,8 @@ def cache_break_lock(
 
 @index_app.command("build")
 def index_build(
-    cache: str = options.store_argument(),
+    store: Optional[str] = options.store_argument(),
+    cache: Optional[str] = options.store_option(),
     out: Optional[str] = typer.Option(None, "--out", help="Index folder, a path or a URL "
                                                           "(default: CACHE/index/)."),
     kind: str = typer.Option("auto", "--kind", help="auto | flat | ivf | hnsw (auto: flat up to "
@@ -193,15 +245,29 @@ def index_build(
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1,
                                         help="IVF lists (default ~4 sqrt(videos))."),
     m: int = typer.Option(32, "--m", min=2, help="HNSW links per node."),
+    embeddings: str = typer.Option("clip", "--embeddings", help="clip (mean-pooled CLIP frames, "
+                                   "for eval's --rerank-k and any run's search) | run:RUN (that "
+                                   "run's own video vectors, for heads with one vector per "
+                                   "video such as meanp; serves `avr search --run RUN`; the "
+                                   "store defaults to the run's)."),
+    device: str = options.device("cpu"),
+    as_json: bool = options.json_flag(),
 ):
-    """Index every extracted video's mean-pooled CLIP frames, one faiss index per split, for
-    `avr eval --rerank-k` and `avr search`."""
+    """Index every extracted video, one faiss index per split (int64 ids: store rows, mapped to
+    video ids in video_ids.json), for `avr eval --rerank-k` and `avr search`."""
+    import json
+
     from avr.evaluate.index import build_index, read_meta
 
-    path = build_index(cache, out, kind, nlist=nlist, m=m)
+    default = None if embeddings.startswith("run:") else "cache"
+    path = build_index(options.the_store(store, cache, default), out, kind, nlist=nlist, m=m,
+                       embeddings=embeddings, device=device)
     meta = read_meta(path)
+    if as_json:
+        print(json.dumps({"index": str(path), **meta}, indent=2))
+        return
     for split, entry in meta["splits"].items():
         settings = "".join(f" {k}={v}" for k, v in entry["params"].items())
         console.print(f"{split}: {entry['videos']:,} videos, {entry['kind']}{settings} "
                       f"({entry['build_seconds']:.1f} s)")
-    console.print(f"index -> {path}")
+    console.print(f"index of {meta['vectors']} -> {path}", highlight=False)

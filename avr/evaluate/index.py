@@ -15,11 +15,20 @@ and IVF above: on a million clustered 512-d vectors (benchmarks/search_million.p
 the exact top 10 with a few probed lists, where HNSW (M = 32) needs ef_search = 256 to reach
 0.95 recall@10, though its graph builds in half IVF's time on a CPU.
 
+With ``embeddings="run:RUN"`` the index holds a trained head's own video vectors instead, for
+heads whose videos are vectors that do not depend on the query (``RetrievalHead.dual_encoder``:
+meanP); queries are then the head's text vectors, so `avr search --run RUN` searches the head
+itself. Such an index serves that run only: eval's ``--rerank-k`` (CLIP's first stage) and
+other runs refuse it.
+
 On disk (default ``<cache>/index/``, a folder zarr does not read): ``index.json`` (the store's
-path and spec fingerprint, its row count and done-mask digest, and per split the kind, params
-and file names), ``<split>.faiss`` and ``<split>.rows.npy`` (the store row of each index id).
-An index refuses a store with another fingerprint, and a store whose done rows changed since
-the build (a resumed extract), so a stale index is never searched silently. The index folder,
+path and spec fingerprint, its row count and done-mask digest, what the vectors are, and per
+split the kind, params and file names), ``<split>.faiss`` whose int64 ids are store rows, and
+``video_ids.json`` mapping each id to its video id, so a user of ``faiss.read_index`` maps hits
+to videos. Indexes written before ids were store rows (positions, with ``<split>.rows.npy``
+beside) are still read. An index refuses a store with another fingerprint, and a store whose
+done rows changed since the build (a resumed extract), so a stale index is never searched
+silently. The index folder,
 like the store, is a local path or a URL: its files are written and read through fsspec
 (faiss serialises an index to bytes), so a store at ``s3://bucket/cache`` keeps its index at
 ``s3://bucket/cache/index``.
@@ -49,6 +58,8 @@ from avr.store.read import read_rows
 
 INDEX_DIR = schema.INDEX_DIR
 META_FILE = "index.json"
+ID_MAP_FILE = "video_ids.json"
+RUN_PREFIX = "run:"
 KINDS = ("auto", "flat", "ivf", "hnsw")
 FLAT_MAX_VIDEOS = 50_000  # auto: exact search up to here (one query ~ 25 MFLOP), IVF above
 MIN_POINTS_PER_LIST = 39  # faiss's k-means wants at least 39 training points per centroid
@@ -118,8 +129,9 @@ def read_pooled_by_split(group) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def make_index(vectors: np.ndarray, kind: str = "auto", *, nlist: int | None = None,
-               m: int = DEFAULT_M, seed: int = 0):
-    """A faiss inner-product index over ``vectors`` [N, D] float32 and its search params."""
+               m: int = DEFAULT_M, seed: int = 0, ids: np.ndarray | None = None):
+    """A faiss inner-product index over ``vectors`` [N, D] float32, the int64 ``ids`` of its
+    vectors (default 0..N-1), and its search params."""
     import faiss
 
     if kind not in KINDS:
@@ -128,7 +140,7 @@ def make_index(vectors: np.ndarray, kind: str = "auto", *, nlist: int | None = N
     if kind == "auto":
         kind = "flat" if n <= FLAT_MAX_VIDEOS else "ivf"
     if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         params: dict[str, Any] = {}
     elif kind == "ivf":
         lists = min(nlist or default_nlist(n), max(1, n // MIN_POINTS_PER_LIST))
@@ -139,24 +151,31 @@ def make_index(vectors: np.ndarray, kind: str = "auto", *, nlist: int | None = N
         index.train(vectors)
         params = {"nlist": lists, "nprobe": min(DEFAULT_NPROBE, lists)}
     else:
-        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = EF_CONSTRUCTION
+        graph = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = EF_CONSTRUCTION
+        index = faiss.IndexIDMap2(graph)
         params = {"m": m, "ef_construction": EF_CONSTRUCTION, "ef_search": DEFAULT_EF_SEARCH}
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     for start in range(0, n, 65536):
-        index.add(vectors[start:start + 65536])
+        index.add_with_ids(vectors[start:start + 65536], ids[start:start + 65536])
     return index, kind, params
 
 
-def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str = "auto", *,
-                nlist: int | None = None, m: int = DEFAULT_M, seed: int = 0) -> str | Path:
+def build_index(cache_path: str | Path | None = None, out: str | Path | None = None,
+                kind: str = "auto", *, nlist: int | None = None, m: int = DEFAULT_M,
+                seed: int = 0, embeddings: str = "clip", device: str = "cpu") -> str | Path:
     """Build the first-stage index of every split of the store at ``cache_path`` into ``out``
     (default ``<cache>/index/``; paths or URLs), replacing an index already there.
-    ``index.json`` is written last: a folder without it is no index. Returns ``out``."""
+    ``embeddings``: "clip" (mean-pooled CLIP frames) or "run:RUN" (that run's video vectors;
+    ``cache_path`` defaults to the run's store). ``index.json`` is written last: a folder
+    without it is no index. Returns ``out``."""
     import faiss
 
+    vectors_of, described, run = _vector_source(embeddings, cache_path, device)
+    cache_path = cache_path if cache_path is not None else run["cache"]
     group, spec = open_store(cache_path)
     out = store_location(out) if out is not None else default_index_path(cache_path)
-    by_split = read_pooled_by_split(group)
+    by_split = vectors_of(group)
     if not by_split:
         raise AvrError(f"{cache_path}: no extracted videos to index; run `avr extract` first")
     fs, folder = store_filesystem(out)
@@ -165,18 +184,81 @@ def build_index(cache_path: str | Path, out: str | Path | None = None, kind: str
     splits: dict[str, Any] = {}
     for split, (rows, vectors) in by_split.items():
         started = time.perf_counter()
-        index, chosen, params = make_index(vectors, kind, nlist=nlist, m=m, seed=seed)
+        index, chosen, params = make_index(vectors, kind, nlist=nlist, m=m, seed=seed, ids=rows)
         fs.pipe_file(f"{folder}/{split}.faiss", faiss.serialize_index(index).tobytes())
-        fs.pipe_file(f"{folder}/{split}.rows.npy", _npy_bytes(rows))
         splits[split] = {"kind": chosen, "params": params, "videos": int(rows.size),
-                         "index_file": f"{split}.faiss", "rows_file": f"{split}.rows.npy",
+                         "index_file": f"{split}.faiss",
                          "build_seconds": round(time.perf_counter() - started, 3)}
+    indexed = np.sort(np.concatenate([rows for rows, _ in by_split.values()]))
+    video_ids = read_rows(group[schema.VIDEO_ID], indexed)
+    fs.pipe_file(f"{folder}/{ID_MAP_FILE}", json.dumps(
+        {str(row): str(video_id) for row, video_id in zip(indexed.tolist(), video_ids)}
+    ).encode())
+    dim = next(iter(by_split.values()))[1].shape[1]
     meta = {"store": location_text(cache_path), "fingerprint": spec.fingerprint(),
-            **store_state(group), "dim": spec.clip_dim, "metric": "inner_product",
-            "vectors": "masked mean of CLIP frame embeddings, L2-normalised",
+            **store_state(group), "dim": dim, "metric": "inner_product", "vectors": described,
+            "embeddings": {"run": run["dir"], "head": run["head"]} if run else "clip",
+            "ids": f"store row of each video; {ID_MAP_FILE} maps it to the video id",
+            "id_map": ID_MAP_FILE,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": splits}
     fs.pipe_file(f"{folder}/{META_FILE}", json.dumps(meta, indent=2).encode())
     return out
+
+
+def _vector_source(embeddings: str, cache_path, device: str):
+    """(``group -> {split: (rows, vectors)}``, their description, the run or None)."""
+    if embeddings == "clip":
+        return read_pooled_by_split, "masked mean of CLIP frame embeddings, L2-normalised", None
+    if not embeddings.startswith(RUN_PREFIX) or len(embeddings) == len(RUN_PREFIX):
+        raise AvrError(f"--embeddings {embeddings}: give clip or run:RUN (a run folder)")
+    from avr.device import resolve_device
+    from avr.evaluate.evaluator import open_run
+
+    run_dir = Path(embeddings[len(RUN_PREFIX):])
+    head, config, run_cache = open_run(run_dir, cache_path, resolve_device(device))
+    if not getattr(head, "dual_encoder", False):
+        raise AvrError(f"--embeddings {embeddings}: head {head.name!r} scores each video "
+                       f"against each query (its video state depends on the query), so its "
+                       f"videos are no vectors to index; heads with one vector per video: "
+                       f"meanp")
+    run = {"dir": location_text(run_dir), "head": head.name, "cache": run_cache}
+    return (lambda group: _head_vectors_by_split(head, group),
+            f"video vectors of run {run['dir']} (head {head.name})", run)
+
+
+@torch.no_grad()
+def _head_vectors_by_split(head, group) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Store rows and the head's L2-normalised video vectors of the done videos, per split."""
+    device = next(head.parameters()).device
+    done = read_rows(group[schema.VIDEO_DONE]).astype(bool)
+    split_of = read_rows(group[schema.VIDEO_SPLIT])
+    out = {}
+    for code, split in enumerate(schema.SPLITS):
+        rows = np.flatnonzero(done & (split_of == code))
+        if rows.size == 0:
+            continue
+        vectors = []
+        for start in range(0, rows.size, 1024):
+            block = rows[start:start + 1024]
+            inputs = {name: torch.from_numpy(read_rows(group[name], block)).to(device)
+                      for name in head.video_inputs}
+            state = head.encode_videos(inputs)["video"]
+            vectors.append(F.normalize(state.float(), dim=-1).cpu().numpy())
+        out[split] = (rows.astype(np.int64), np.ascontiguousarray(np.concatenate(vectors),
+                                                                  dtype=np.float32))
+    return out
+
+
+def query_vectors(index: VideoIndex, head, caption_rows: dict[str, torch.Tensor]) -> np.ndarray:
+    """The queries ``index`` is searched with for these encoded captions: their CLIP sentence
+    embeddings, or the head's text vectors for an index of that head's video vectors."""
+    if index.run is None:
+        return normalised_queries(caption_rows[schema.TEXT_EMBEDDINGS])
+    device = next(head.parameters()).device
+    with torch.no_grad():
+        text = head.encode_texts({name: caption_rows[name].to(device)
+                                  for name in head.caption_inputs})["text"]
+    return F.normalize(text.float(), dim=-1).cpu().numpy()
 
 
 def clear_index_folder(fs, folder: str, location: str | Path) -> None:
@@ -186,7 +268,7 @@ def clear_index_folder(fs, folder: str, location: str | Path) -> None:
     if not fs.exists(folder):
         return
     names = [path.rsplit("/", 1)[-1] for path in fs.find(folder)]
-    others = [name for name in names if name != META_FILE
+    others = [name for name in names if name not in (META_FILE, ID_MAP_FILE)
               and not name.endswith((".faiss", ".rows.npy"))]
     if others:
         raise AvrError(f"{location} holds files that are not an avr index ({others[0]} ...); "
@@ -194,12 +276,6 @@ def clear_index_folder(fs, folder: str, location: str | Path) -> None:
     if META_FILE in names:
         fs.rm_file(f"{folder}/{META_FILE}")
     fs.rm(folder, recursive=True)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -216,13 +292,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class SplitIndex:
-    """One split's faiss index; id i of the index is store row ``rows[i]``."""
+    """One split's faiss index; its ids are store rows (an index written before: id i is store
+    row ``rows[i]``)."""
 
     split: str
     kind: str
     params: dict[str, Any]
     index: Any  # faiss.Index
-    rows: np.ndarray  # int64 [n]
+    rows: np.ndarray | None = None  # int64 [n], only for indexes whose ids are positions
 
 
 @dataclass
@@ -235,6 +312,12 @@ class VideoIndex:
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
+    @property
+    def run(self) -> str | None:
+        """The run whose video vectors the index holds; None for CLIP's."""
+        embeddings = self.meta.get("embeddings", "clip")
+        return embeddings["run"] if isinstance(embeddings, dict) else None
+
     def split(self, name: str) -> SplitIndex | None:
         """The index of split ``name`` (read on first use); None when it has no videos."""
         import faiss
@@ -245,7 +328,8 @@ class VideoIndex:
         if name not in self._loaded:
             fs, folder = store_filesystem(self.path)
             index_bytes = np.frombuffer(fs.cat_file(f"{folder}/{entry['index_file']}"), np.uint8)
-            rows = np.load(io.BytesIO(fs.cat_file(f"{folder}/{entry['rows_file']}")))
+            rows = (np.load(io.BytesIO(fs.cat_file(f"{folder}/{entry['rows_file']}")))
+                    if "rows_file" in entry else None)
             self._loaded[name] = SplitIndex(name, entry["kind"], entry["params"],
                                             faiss.deserialize_index(index_bytes), rows)
         return self._loaded[name]
@@ -263,10 +347,12 @@ def load_index(path: str | Path, expect_fingerprint: str) -> VideoIndex:
     return VideoIndex(path, meta)
 
 
-def find_index(cache_path: str | Path, path: str | Path | None = None) -> VideoIndex | None:
+def find_index(cache_path: str | Path, path: str | Path | None = None, *,
+               run: str | Path | None = None) -> VideoIndex | None:
     """The index of the store at ``cache_path``: ``path`` when given (it must exist), else
     ``<cache>/index/`` when one was built (None otherwise). Refuses an index whose store has
-    another fingerprint or other done rows than when it was built."""
+    another fingerprint or other done rows than when it was built, and an index of a run's
+    video vectors unless it is searched for that ``run``."""
     index_path = store_location(path) if path is not None else \
         default_index_path(cache_path)
     if path is None:
@@ -282,6 +368,12 @@ def find_index(cache_path: str | Path, path: str | Path | None = None) -> VideoI
             f"{index_path} is stale: built when {cache_path} had {built['done_videos']} of "
             f"{built['video_rows']} videos done, it now has {state['done_videos']} of "
             f"{state['video_rows']}; rebuild it with `avr index build {cache_path}`")
+    if index.run is not None and (run is None or location_text(run) != index.run):
+        use = "CLIP's first stage" if run is None else f"run {location_text(run)}"
+        raise CacheMismatchError(
+            f"{index_path} holds the video vectors of run {index.run}, which only that run's "
+            f"search uses; this needs {use}: give another --index, or build one with "
+            f"`avr index build {cache_path} --out DIR`")
     return index
 
 
@@ -301,5 +393,6 @@ def search(split_index: SplitIndex, queries: np.ndarray, k: int, *, nprobe: int 
         ef = max(ef_search or split_index.params["ef_search"], k)
         params = faiss.SearchParametersHNSW(efSearch=ef)
     scores, ids = split_index.index.search(queries, k, params=params)
-    rows = np.where(ids >= 0, split_index.rows[np.maximum(ids, 0)], -1)
-    return scores, rows
+    if split_index.rows is None:
+        return scores, ids
+    return scores, np.where(ids >= 0, split_index.rows[np.maximum(ids, 0)], -1)

@@ -86,9 +86,10 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
     if not query.strip():
         raise AvrError("the query is empty")
     torch_device = resolve_device(device)
-    head, _, cache_path = open_run(resolve_run(run), None, torch_device)
+    run_dir = resolve_run(run)
+    head, _, cache_path = open_run(run_dir, None, torch_device)
     group, spec = open_store(cache_path)
-    saved = first_stage.find_index(cache_path, index)
+    saved = first_stage.find_index(cache_path, index, run=run_dir)
     if candidates is not None and saved is None:
         raise AvrError(f"--candidates needs a first-stage index; build one with "
                        f"`avr index build {cache_path}`")
@@ -96,7 +97,7 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
     backbones = backbones_for_spec(spec, torch_device)
     caption = encode_query(backbones, query, tuple(dict.fromkeys(
         (*head.caption_inputs, schema.TEXT_EMBEDDINGS))), torch.float16)
-    sentence = first_stage.normalised_queries(caption[schema.TEXT_EMBEDDINGS])
+    queries = first_stage.query_vectors(saved, head, caption) if saved is not None else None
     query_row = {n: caption[n] for n in head.caption_inputs}
     hits: list[Hit] = []
     for name in splits:
@@ -104,7 +105,7 @@ def search(query: str, run: str | Path | None = None, *, k: int = 10, split: str
         split_index = saved.split(name) if saved is not None else None
         if split_index is not None and (candidates is not None
                                         or rows.size > EXHAUSTIVE_MAX_VIDEOS):
-            _, found = first_stage.search(split_index, sentence,
+            _, found = first_stage.search(split_index, queries,
                                           candidates or CANDIDATES_PER_HIT * k)
             rows = np.sort(found[0][found[0] >= 0])
         if rows.size == 0:

@@ -21,24 +21,31 @@ Backbones are built once per worker process and kept in ``_BACKBONES`` (keyed by
 names, seed and device); ``device="auto"`` is resolved on the worker, so a worker uses its GPU
 when it has one (one worker per GPU: ``CUDA_VISIBLE_DEVICES`` per worker, or dask-cuda).
 
-A worker that dies loses only the chunk it was writing: its rows are not marked done, the
-scheduler reschedules the task on another worker (up to dask's ``allowed-failures``), a task
-that raises is retried twice, and whatever still failed is redone by the next run (the done
-mask), which then ends with the same store as an uninterrupted run.
+The workers need no access to the dataset: the parent reads each chunk's video files and
+hands them to the worker that runs the chunk (``client.scatter``), which decodes them from a
+temporary folder of its own; a few chunks per worker are in flight at a time, so the parent
+holds only those in memory. A file the parent cannot read is left to the worker, which records
+why it fails exactly as one process does.
+
+A worker that dies loses only the chunk it was writing: its rows are not marked done and the
+parent submits the chunk again (its files with it) up to TASK_RETRIES times, as it does for a
+task that raised; whatever still failed is redone by the next run (the done mask), which then
+ends with the same store as an uninterrupted run.
 
 The store is a location that the parent and every worker reach under the same name: a
 local path for a local cluster, a shared filesystem or an object store URL (``s3://``,
 ``gs://``; each worker needs s3fs or gcsfs and the credentials) across machines. A
-``memory://`` store lives in one process and so cannot be shared with worker processes. The
-dataset's video files must be reachable at the same paths too.
+``memory://`` store lives in one process and so cannot be shared with worker processes.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +53,7 @@ from avr.errors import AvrError
 from avr.extract import pipeline
 from avr.extract.backbones import Backbones, load_backbones
 from avr.extract.pipeline import ChunkResult, ExtractConfig, ExtractSummary
+from avr.extras import require
 from avr.progress import Meter
 from avr.store import schema
 from avr.store.group import open_store
@@ -54,7 +62,8 @@ from avr.store.lock import WriterToken
 from avr.store.read import read_region, read_rows
 from avr.store.schema import CacheSpec
 
-TASK_RETRIES = 2  # a task that raises is run again this many times before it counts as failed
+TASK_RETRIES = 2  # a task that fails is run again this many times before it counts as failed
+CHUNKS_PER_WORKER = 2  # video chunks in flight per worker (their files held by the parent)
 
 
 # ---- on the workers ----------------------------------------------------------------------------
@@ -110,22 +119,65 @@ def run_caption_chunk(task: CaptionChunkTask) -> tuple[int, int]:
     return task.start, task.stop
 
 
-def run_video_chunk(task: VideoChunkTask) -> ChunkResult:
-    """Decode, encode and commit the rows of one video chunk not yet done, on a worker.
+def run_video_chunk(task: VideoChunkTask, media: list[bytes | None]) -> ChunkResult:
+    """Decode, encode and commit the rows of one video chunk not yet done, on a worker;
+    ``media``: the chunk's video files as the parent read them (None: not readable there).
 
-    The done mask is read here, not in the parent, so a rescheduled or retried task skips
-    rows that an earlier attempt already committed."""
+    The done mask is read here, not in the parent, so a retried task skips rows that an
+    earlier attempt already committed."""
     writer = WriterToken(task.store, task.lock_token)
     writer.check()  # before the work, and again before the writes
     group = _open_group(task.store)
     done_region = read_region(group[schema.VIDEO_DONE], task.start, task.stop)
     rows = np.flatnonzero(~done_region) + task.start
-    ids = dict(zip(range(task.start, task.stop), task.video_ids))
-    paths = dict(zip(range(task.start, task.stop), task.video_paths))
-    decoded = pipeline.decode_rows(rows, ids, paths, task.spec, task.config.read_audio)
+    decoded = decode_shipped(task, rows, media)
     return pipeline.commit_video_chunk(group, task.layout, worker_backbones(task.config),
                                        task.config, task.start, task.stop, done_region, decoded,
                                        writer)
+
+
+def read_media(task: VideoChunkTask) -> list[bytes | None]:
+    """The chunk's video files, read in the parent (None where it cannot: the worker then
+    tries the path and records the failure as one process would)."""
+    media = []
+    for path in task.video_paths:
+        try:
+            media.append(Path(path).read_bytes())
+        except OSError:
+            media.append(None)
+    return media
+
+
+def decode_shipped(task: VideoChunkTask, rows: np.ndarray, media: list[bytes | None]
+                   ) -> list:
+    """Decode ``rows`` of the chunk from the shipped files, written to a temporary folder of
+    this worker (its dask local directory); failures name the dataset's path, not that copy."""
+    ids = dict(zip(range(task.start, task.stop), task.video_ids))
+    paths = dict(zip(range(task.start, task.stop), task.video_paths))
+    with tempfile.TemporaryDirectory(prefix="avr-chunk-", dir=_local_directory()) as folder:
+        copies = dict(paths)
+        for row in rows.tolist():
+            data = media[row - task.start]
+            if data is not None:
+                copies[row] = str(Path(folder) / f"{row}{Path(paths[row]).suffix}")
+                Path(copies[row]).write_bytes(data)
+        decoded = pipeline.decode_rows(rows, ids, copies, task.spec, task.config.read_audio)
+    for item in decoded:
+        if item.failure is not None and copies[item.row] != paths[item.row]:
+            item.failure = replace(item.failure, path=paths[item.row],
+                                   message=item.failure.message.replace(copies[item.row],
+                                                                        paths[item.row]))
+    return decoded
+
+
+def _local_directory() -> str | None:
+    """This dask worker's own working folder (None outside a worker: the system's)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().local_directory
+    except (ImportError, ValueError):
+        return None
 
 
 # ---- in the parent -----------------------------------------------------------------------------
@@ -135,11 +187,7 @@ def dask_client(scheduler: str | None = None, local_workers: int | None = None
                 ) -> Iterator:
     """A client of the scheduler at ``scheduler`` (``tcp://HOST:PORT``), or of a local cluster
     of ``local_workers`` worker processes with one thread each, on loopback."""
-    try:
-        from distributed import Client
-    except ImportError:
-        raise AvrError("dask extraction needs the distributed package: "
-                       "pip install distributed") from None
+    Client = require("distributed", "avr extract --scheduler/--dask-workers").Client
     if (scheduler is None) == (local_workers is None):
         raise AvrError("give either --scheduler tcp://HOST:PORT or --dask-workers N")
     if scheduler is not None:
@@ -162,8 +210,7 @@ def local_cluster(workers: int):
     """A dask cluster of ``workers`` processes with one thread each, on the loopback, with no
     dashboard. The scheduler still serves its health and metrics endpoints over HTTP; they get
     a free port rather than the dashboard's 8787, which another cluster may hold."""
-    from distributed import LocalCluster
-
+    LocalCluster = require("distributed", "avr extract --dask-workers").LocalCluster
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                         host="127.0.0.1", dashboard_address=None,
                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
@@ -175,7 +222,7 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
     store, resume, failure record and refusal as ``pipeline.extract``. ``on_chunk(start,
     stop)`` is called in this process as each video chunk's result arrives."""
     started = time.perf_counter()
-    with pipeline.hold_store_lock(config, console) as lock:
+    with pipeline.hold_store_lock(config, console) as lock, pipeline.disk_full_stops(config.out):
         index = pipeline.list_dataset(config, console)
         config = pipeline.with_dataset_defaults(config, index)
         spec_backbones = load_backbones(config.weights, config.names, device="cpu",
@@ -212,10 +259,12 @@ def extract_on_dask(config: ExtractConfig, client, *, console=None,
 
 def _run_tasks(client, caption_tasks, video_tasks, pending, video_ids, out, group, failures,
                progress, on_chunk, lock) -> tuple[dict, list[BaseException]]:
-    """Submit every task, then take results as they complete: progress, failure record, the
-    callback. Returns the summed numbers and the errors of tasks that failed for good. Stops
-    (cancelling what is left) as soon as the parent's lock is lost."""
-    from distributed import as_completed
+    """Submit the caption tasks and the first video tasks, then take results as they complete:
+    progress, failure record, the callback, the next video task; a failed task (it raised, or
+    its worker died) is submitted again up to TASK_RETRIES times. Returns the summed numbers
+    and the errors of tasks that failed for good. Stops (cancelling what is left) as soon as
+    the parent's lock is lost."""
+    distributed = require("distributed", "avr extract --scheduler/--dask-workers")
 
     totals = {"done_now": 0, "decode_s": 0.0, "encode_s": 0.0, "devices": set()}
     errors: list[BaseException] = []
@@ -223,19 +272,40 @@ def _run_tasks(client, caption_tasks, video_tasks, pending, video_ids, out, grou
                                "captions") if caption_tasks else None
     video_bar = progress.add("videos", sum(len(rows) for _, _, rows in pending),
                              "clips") if video_tasks else None
-    futures = (client.map(run_caption_chunk, caption_tasks, retries=TASK_RETRIES, pure=False)
-               + client.map(run_video_chunk, video_tasks, retries=TASK_RETRIES, pure=False))
+    attempts: dict = {}  # future -> (task, attempts so far)
+
+    def submit(task, attempt: int = 0):
+        if isinstance(task, CaptionChunkTask):
+            future = client.submit(run_caption_chunk, task, pure=False)
+        else:
+            [media] = client.scatter([read_media(task)], hash=False)
+            future = client.submit(run_video_chunk, task, media, pure=False)
+        attempts[future] = (task, attempt + 1)
+        return future
+
+    queue = iter(video_tasks)
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    first = [submit(task) for task in caption_tasks]
+    first += [submit(task) for _, task in zip(range(CHUNKS_PER_WORKER * workers), queue)]
+    completed = distributed.as_completed(first)
     try:
-        for future in as_completed(futures):
+        for future in completed:
             lock.check()
+            task, attempt = attempts.pop(future)
             try:
                 result = future.result()
-            except Exception as error:  # the task failed on every attempt, or its workers died
-                errors.append(error)
+            except Exception as error:  # the task raised, or its worker died with it
+                if attempt <= TASK_RETRIES:
+                    completed.add(submit(task, attempt))
+                else:
+                    errors.append(error)
                 continue
-            if isinstance(result, tuple):  # a caption chunk
+            if isinstance(task, CaptionChunkTask):
                 progress.advance(caption_bar, result[1] - result[0])
                 continue
+            following = next(queue, None)
+            if following is not None:
+                completed.add(submit(following))
             totals["done_now"] += len(result.done_rows)
             totals["decode_s"] += result.decode_seconds
             totals["encode_s"] += result.encode_seconds
@@ -246,5 +316,5 @@ def _run_tasks(client, caption_tasks, video_tasks, pending, video_ids, out, grou
             if on_chunk is not None:
                 on_chunk(result.start, result.stop)
     finally:
-        client.cancel([f for f in futures if not f.done()])
+        client.cancel(list(attempts))
     return totals, errors

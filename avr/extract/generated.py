@@ -74,7 +74,7 @@ from avr.extract.datasets import ADAPTERS, PARAGRAPHS, DatasetFacts, facts_of
 from avr.extract.pipeline import pending_caption_chunks, pending_video_chunks, to_numpy
 from avr.progress import BYTES_UNIT, Meter
 from avr.store import schema
-from avr.store.group import clear_store, create_store, open_store, store_condition
+from avr.store.group import create_store, open_store, replace_store, store_condition
 from avr.store.info import stored_bytes
 from avr.store.location import store_location
 from avr.store.lock import StoreLock
@@ -627,7 +627,7 @@ def _prepare(location, spec: CacheSpec, settings: GeneratorSettings, plan: Plan,
     """Open the store for resuming when it was generated with the same settings; else create
     it (replacing an unfinished one, or any avr store with ``overwrite``)."""
     if overwrite:
-        clear_store(location)
+        replace_store(location)
     condition = store_condition(location)
     if condition == "foreign":
         raise AvrError(f"{location} exists and is not an avr store; choose another --out")

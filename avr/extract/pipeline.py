@@ -19,7 +19,9 @@ reads and writes the arrays, fsspec checks, deletes and measures the store and w
 ``failures.jsonl``, so both kinds behave alike.
 
 Writing into a store made with other backbones, parameters or dataset contents is refused
-with the differences unless ``overwrite`` is set.
+with the differences unless ``overwrite`` is set, which replaces only an avr store or an empty
+folder (``replace_store``); an ``--out`` inside ``--root`` is refused. A full disk ends the run
+with one line and the store resumes; decode workers end with their parent, even a killed one.
 
 One writer: the run takes the store's lock (``avr.store.lock``) before anything else and holds it to
 the end; a second run on the same store refuses at once, naming the holder, and a lock left by
@@ -32,12 +34,14 @@ this process runs it or a dask worker does (``avr.extract.distributed``).
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,14 +52,15 @@ from rich.markup import escape
 
 from avr.batching import map_batches
 from avr.device import resolve_device
-from avr.errors import AvrError, CacheMismatchError, DecodeError
+from avr.errors import AvrError, CacheMismatchError, DecodeError, StoreFullError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
-from avr.extract.datasets import DatasetIndex, load_dataset
+from avr.extract.datasets import DatasetIndex, default_root, load_dataset
 from avr.progress import Meter
 from avr.store import schema
-from avr.store.group import clear_store, create_store, open_store, store_condition
+from avr.store.group import (create_store, open_store, refuse_foreign, replace_store,
+                             store_condition)
 from avr.store.info import stored_bytes
-from avr.store.location import reachable_location, store_filesystem
+from avr.store.location import reachable_location, store_filesystem, store_location
 from avr.store.lock import StoreLock, WriterToken
 from avr.store.read import read_region, read_rows
 from avr.store.schema import AudioParams, CacheSpec
@@ -132,6 +137,10 @@ def _decode_one(row: int, video_id: str, path: str, num_frames: int, image_size:
         reason = getattr(error, "reason", "unreadable")
         return _Decoded(row, None, Failure(video_id, path, reason, str(error)),
                         time.perf_counter() - start)
+    except OSError as error:  # a path the system refuses (a name too long, no permission)
+        return _Decoded(row, None, Failure(video_id, path, "unreadable",
+                                           f"{path}: {error.strerror or error}"),
+                        time.perf_counter() - start)
 
 
 class _InlineExecutor(Executor):
@@ -154,7 +163,26 @@ def _executor(workers: int) -> Executor:
     if workers <= 0:
         return _InlineExecutor()
     # spawn, not fork: the parent has live torch thread pools, which fork does not survive.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_end_with_parent, initargs=(os.getpid(),))
+
+
+PARENT_POLL_S = 0.5
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a decode worker: exit as soon as the extract that started it is gone. A SIGKILLed
+    parent cannot stop its pool, and a worker waiting for work would wait forever (and keep
+    multiprocessing's resource tracker alive with it). A thread polls the parent pid: once the
+    worker is re-parented, the parent is gone."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 # ---- the store ----------------------------------------------------------------------------------
@@ -167,7 +195,7 @@ def prepare_store(out: str | Path, spec: CacheSpec, index: DatasetIndex, *, over
     replaces it. A new store records the dataset's caption protocol (``avr eval`` reports it)."""
     caption_video, caption_text, caption_tags = _caption_columns(index)
     if overwrite:
-        clear_store(out)
+        replace_store(out)
     condition = store_condition(out)
     if condition == "complete":
         try:
@@ -272,7 +300,7 @@ def extract(config: ExtractConfig, *, console=None,
     """Run (or resume) one extract. ``on_chunk(start, stop)`` is called after each video chunk
     is committed (tests use it to interrupt a run)."""
     started = time.perf_counter()
-    with hold_store_lock(config, console) as lock:
+    with hold_store_lock(config, console) as lock, disk_full_stops(config.out):
         index = list_dataset(config, console)
         config = with_dataset_defaults(config, index)
         device = resolve_device(config.device)
@@ -318,12 +346,48 @@ def with_dataset_defaults(config: ExtractConfig, index: DatasetIndex) -> Extract
 
 def hold_store_lock(config: ExtractConfig, console=None) -> StoreLock:
     """The lock of ``config.out``, taken first of all so that a second run refuses at once
-    (``with`` it to hold it); says so when it replaced a lock left by a killed run."""
+    (``with`` it to hold it), once ``--out`` is known not to be inside the dataset, and that
+    refuses a ``--out`` holding files avr did not write; says so when it replaced a lock left
+    by a killed run."""
+    check_out_beside_root(config)
     lock = StoreLock(reachable_location(config.out)).acquire()
+    try:
+        refuse_foreign(config.out, overwrite=config.overwrite)
+    except BaseException:
+        lock.release()
+        raise
     if lock.took_over is not None and console is not None:
         console.print(f"[yellow]took over the lock of {lock.location}[/] left by "
                       f"{lock.took_over.describe()}, which is no longer running")
     return lock
+
+
+def check_out_beside_root(config: ExtractConfig) -> None:
+    """Refuse a local ``--out`` equal to or inside ``--root``: the store would be written among
+    the dataset's files (and ``--overwrite`` would be asked to replace them)."""
+    out = store_location(config.out)
+    if not isinstance(out, Path):
+        return
+    root = (config.root if config.root is not None else default_root(config.dataset)).resolve()
+    out = out.resolve()
+    if out == root or root in out.parents:
+        raise AvrError(f"--out {config.out} is {'--root' if out == root else 'inside --root'} "
+                       f"{root}: write the store outside the dataset's folder")
+
+
+@contextmanager
+def disk_full_stops(out: str | Path) -> Iterator[None]:
+    """A write that finds the disk under the store full ends the run with one line: rows are
+    marked done only after their arrays are written (and zarr writes each chunk to a temporary
+    file first), so every row done so far is kept and the same command resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreFullError(f"{out}: no space left on the device ({error.filename or 'a write'}"
+                             f"); the videos done so far are kept: free space and run the same "
+                             f"command again to resume") from None
 
 
 def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Backbones):

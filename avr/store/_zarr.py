@@ -55,6 +55,34 @@ def has_checksum(array) -> bool:
     return any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs)
 
 
+def store_of(location: str | Path, *, read_only: bool) -> str | object:
+    """What zarr opens for ``location``: a local path or a URL without avr's remote options
+    as it is, a ``s3://`` URL as zarr's FsspecStore with the timeouts and tries of
+    ``location.remote_options``."""
+    from avr.store.location import bounded, remote_options, store_location
+
+    location = store_location(location)
+    options = remote_options(location)
+    if not options:
+        return str(location)
+    from zarr.storage import FsspecStore
+
+    store = FsspecStore.from_url(location, storage_options=options, read_only=read_only)
+    bounded(store.fs)
+    return store
+
+
+def arrays_of(group) -> dict:
+    """Every array of ``group`` by name, their metadata read together. The entries beside them
+    that are not zarr nodes (the lock, ``failures.jsonl``, the index folder) are skipped without
+    zarr's warning about each."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        return dict(group.arrays())
+
+
 def chunk_key(array, chunk: int) -> str:
     """The key of row-chunk ``chunk`` within ``array`` (e.g. "c/3/0/0")."""
     return array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))

@@ -22,7 +22,7 @@ import numpy as np
 
 from avr.progress import BYTES_UNIT, Meter
 from avr.store import _zarr, schema
-from avr.store.group import open_store, unwritten_by
+from avr.store.group import metadata_differences, open_store, unwritten_by
 from avr.store.location import store_location
 from avr.store.lock import lock_holder
 from avr.store.read import (ChunkDamage, absent_chunks, chunk_count, chunk_rows, chunk_span,
@@ -63,6 +63,7 @@ class VerifyReport:
     store: str
     damage: list[ChunkDamage] = field(default_factory=list)
     missing_arrays: list[str] = field(default_factory=list)
+    metadata: list[str] = field(default_factory=list)  # where array metadata breaks the schema
     unwritten: dict[str, str] = field(default_factory=dict)  # name -> command that left it out
     arrays: int = 0
     chunks: int = 0  # chunks checked
@@ -77,7 +78,7 @@ class VerifyReport:
 
     @property
     def clean(self) -> bool:
-        return not self.damage and not self.missing_arrays
+        return not self.damage and not self.missing_arrays and not self.metadata
 
     @property
     def unrepairable(self) -> list[ChunkDamage]:
@@ -109,6 +110,7 @@ class VerifyReport:
             "without_checksum": self.without_checksum,
             "damage": [d.to_json() for d in self.damage],
             "missing_arrays": self.missing_arrays,
+            "metadata": self.metadata,
             "unwritten": self.unwritten,
             "damaged_rows": self.damaged_rows(),
             "damaged_videos": self.damaged_video_ids(),
@@ -123,10 +125,14 @@ def verify_store(location: str | Path, *, console=None) -> VerifyReport:
     stored and that it decodes (its checksum holds). A rich progress bar with throughput is
     shown on ``console``."""
     started = time.perf_counter()
-    group, spec = open_store(location)
+    group, spec = open_store(location, check_metadata=False)
     holder = lock_holder(location)
     report = VerifyReport(str(store_location(location)),
                           writer=holder.describe() if holder is not None else None)
+    report.metadata = [d for d in metadata_differences(group, spec) if "missing (" not in d]
+    if report.metadata:  # chunks read through wrong metadata would mislead: fix it first
+        report.seconds = time.perf_counter() - started
+        return report
     arrays = {}
     for name in schema.array_layout(spec, 0, 0):
         try:

@@ -15,10 +15,13 @@ from avr.evaluate import search as search_module
 from avr.evaluate.evaluator import EvalConfig, evaluate_run, first_stage_embeddings, rerank
 from avr.evaluate.search import search
 from avr.fuse import trainer
+from avr.fuse.heads import HEADS, build_head
 from avr.fuse.trainer import TrainConfig
 from avr.store import schema
 from avr.store.group import open_store
 from avr.store.info import cache_info
+from avr.store.splits import random_split
+from support.console import assert_one_line_error, ok, run_avr
 from support.specs import make_tiny_spec
 from support.stores import make_learnable_store
 
@@ -41,8 +44,7 @@ def recall_at_10(kind: str, vectors: np.ndarray, queries: np.ndarray) -> float:
     exact.add(vectors)
     _, truth = exact.search(queries, 10)
     index, chosen, params = first_stage.make_index(vectors, kind)
-    split_index = first_stage.SplitIndex("test", chosen, params, index,
-                                         np.arange(len(vectors), dtype=np.int64))
+    split_index = first_stage.SplitIndex("test", chosen, params, index)
     _, found = first_stage.search(split_index, queries, 10)
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)]))
 
@@ -101,7 +103,7 @@ def test_built_index_round_trips_every_done_video_per_split(store, tmp_path):
                              ("val", list(range(48, 60))),
                              ("test", [r for r in range(60, 72) if r != 70])):
         split_index = index.split(split)
-        assert split_index.kind == "flat" and split_index.rows.tolist() == done_rows
+        assert split_index.kind == "flat" and split_index.rows is None
         _, video = first_stage_embeddings(cache, split)
         _, rows = first_stage.search(split_index, video, 1)  # each video finds itself
         assert rows[:, 0].tolist() == done_rows
@@ -144,8 +146,7 @@ def test_rebuilding_replaces_the_index(store, tmp_path):
     meta = json.loads((tmp_path / "index" / first_stage.META_FILE).read_text())
     assert {s["kind"] for s in meta["splits"].values()} == {"ivf"}
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
-        [first_stage.META_FILE] + [f"{s}{suffix}" for s in meta["splits"]
-                                   for suffix in (".faiss", ".rows.npy")])
+        [first_stage.META_FILE, first_stage.ID_MAP_FILE] + [f"{s}.faiss" for s in meta["splits"]])
 
 
 def test_building_into_a_folder_of_other_files_is_refused(store, tmp_path):
@@ -217,3 +218,84 @@ def test_search_through_the_index_rescores_only_first_stage_candidates(run, stor
 def test_search_candidates_without_an_index_is_refused(run):
     with pytest.raises(AvrError, match="avr index build"):
         search("a red square", run, k=3, device="cpu", candidates=5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_faiss_read_index_hits_map_to_video_ids_through_the_file_beside_it(store, tmp_path, kind):
+    """A faiss user needs nothing of avr: read_index, search, look the int64 ids up."""
+    import faiss
+
+    ok(run_avr("index", "build", "--cache", store, "--out", tmp_path / "index", "--kind", kind,
+               "--nlist", "2"))
+    index = faiss.read_index(str(tmp_path / "index" / "test.faiss"))
+    video_ids = json.loads((tmp_path / "index" / "video_ids.json").read_text())
+    _, video = first_stage_embeddings(store, "test")
+    _, hits = index.search(video, 1)  # each test video finds itself
+    assert [video_ids[str(hit)] for hit in hits[:, 0]] == \
+        [f"video{row:04d}" for row in range(60, 72) if row != 70]
+
+
+def test_an_index_written_with_positions_and_a_rows_file_is_still_searched(run, store, tmp_path):
+    """Indexes written before ids were store rows: id i is store row rows[i]."""
+    import faiss
+
+    first_stage.build_index(store, tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / first_stage.META_FILE).read_text())
+    for split, entry in meta["splits"].items():
+        rows, vectors = first_stage.read_pooled_by_split(open_store(store)[0])[split]
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(vectors)
+        faiss.write_index(flat, str(tmp_path / "index" / entry["index_file"]))
+        np.save(tmp_path / "index" / f"{split}.rows.npy", rows)
+        entry["rows_file"] = f"{split}.rows.npy"
+    for key in ("ids", "id_map", "embeddings"):
+        meta.pop(key)
+    (tmp_path / "index" / first_stage.META_FILE).write_text(json.dumps(meta))
+    (tmp_path / "index" / first_stage.ID_MAP_FILE).unlink()
+    old = search("caption 3 of video 1", run, k=3, split="train", device="cpu",
+                 index=tmp_path / "index", candidates=47)
+    exhaustive = search("caption 3 of video 1", run, k=3, split="train", device="cpu")
+    assert [h.video_id for h in old] == [h.video_id for h in exhaustive]
+
+
+def test_an_index_of_a_meanp_run_serves_that_runs_search(run, store, tmp_path):
+    ok(run_avr("index", "build", "--embeddings", f"run:{run}", "--out", tmp_path / "index"))
+    meta = json.loads((tmp_path / "index" / first_stage.META_FILE).read_text())
+    assert meta["embeddings"] == {"run": str(run.resolve()), "head": "meanp"}
+    assert meta["store"] == str(store.resolve())
+    exhaustive = search("caption 3 of video 1", run, k=3, split="train", device="cpu")
+    indexed = search("caption 3 of video 1", run, k=3, split="train", device="cpu",
+                     index=tmp_path / "index", candidates=3)
+    assert [h.video_id for h in indexed] == [h.video_id for h in exhaustive]
+    assert [h.score for h in indexed] == pytest.approx([h.score for h in exhaustive], abs=1e-3)
+
+
+def test_an_index_of_a_run_is_refused_by_eval_rerank(run, store, tmp_path):
+    first_stage.build_index(embeddings=f"run:{run}", out=tmp_path / "index")
+    with pytest.raises(CacheMismatchError, match="video vectors of run.*CLIP's first stage"):
+        evaluate_run(run, store, EvalConfig(device="cpu", rerank_k=4, index=tmp_path / "index"))
+
+
+def test_a_head_without_one_vector_per_video_is_refused(store, tmp_path):
+    trainer.train(store, TrainConfig(head="xpool", **FAST), tmp_path / "xpool")
+    done = run_avr("index", "build", "--embeddings", f"run:{tmp_path / 'xpool'}", "--out",
+                   tmp_path / "index")
+    assert_one_line_error(done, "head 'xpool'", "meanp")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in HEADS.items() if cls.dual_encoder))
+def test_a_dual_encoder_head_scores_by_the_inner_product_of_its_vectors(name):
+    """What indexing a head's vectors relies on: one vector per video and per caption, the
+    score their inner product."""
+    import torch
+
+    spec = make_tiny_spec()
+    head = build_head(name, spec, {}).eval()
+    split = random_split(spec, 6, 2, video_names=head.video_inputs,
+                         caption_names=head.caption_inputs, dtype=torch.float32)
+    with torch.no_grad():
+        videos = head.encode_videos(split.videos)["video"]
+        texts = head.encode_texts(split.captions)["text"]
+        scores = head.score({"text": texts}, {"video": videos})
+    assert videos.shape[0] == 6 and texts.shape[0] == 12
+    torch.testing.assert_close(scores, texts @ videos.T)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avr.errors import CacheMismatchError
 from avr.extract import pipeline
 from avr.extract.demo_data import generate_demo
 from avr.extract.pipeline import ExtractConfig, extract
@@ -212,18 +211,6 @@ def test_a_fixed_file_is_picked_up_by_the_next_run(broken_root, tmp_path):
     summary = extract(config_for(broken_root, out, dataset="generic", chunk_rows=2))
     assert summary.done_now == 1
     assert "absent" not in {f.video_id for f in summary.failures}
-
-
-def test_a_store_made_with_other_parameters_is_refused(straight, demo_root):
-    with pytest.raises(CacheMismatchError, match="(?s)num_frames.*--overwrite"):
-        extract(config_for(demo_root, straight, num_frames=4))
-
-
-def test_overwrite_replaces_a_mismatched_store(demo_root, tmp_path):
-    out = tmp_path / "cache"
-    extract(config_for(demo_root, out, num_frames=4))
-    extract(config_for(demo_root, out, num_frames=5, overwrite=True))
-    assert open_store(out)[1].num_frames == 5
 
 
 def test_hdf5_export_round_trips(straight, tmp_path):

@@ -22,6 +22,22 @@ def demo_extract_config(root: Path, out: Path | str, chunk_rows: int, **override
     return ExtractConfig(**values)
 
 
+def demo_data(tmp_path_factory) -> Path:
+    """The demo set with one look (6 clips), generated in a folder of its own."""
+    from avr.extract.demo_data import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, num_looks=1)
+
+
+def reference_extract(root: Path, tmp_path_factory, chunk_rows: int) -> Path:
+    """``root`` extracted into a local folder of its own through the Python API."""
+    from avr.extract.pipeline import extract
+
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    extract(demo_extract_config(root, out, chunk_rows))
+    return out
+
+
 def read_store(path: Path) -> dict[str, np.ndarray]:
     group, spec = open_store(path)
     return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}

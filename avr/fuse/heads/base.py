@@ -101,6 +101,10 @@ class RetrievalHead(nn.Module):
     # --parallel`, ``avr.fuse.stacked``): its modules and its InfoNCE loss run under
     # ``torch.func.vmap`` and a stacked trial equals its solo run (the contract test checks it).
     stackable: ClassVar[bool] = False
+    # True when ``encode_videos`` gives each video one vector ``{"video": [V, D]}`` that no query
+    # changes, ``encode_texts`` one ``{"text": [Q, D]}``, and ``score`` is their inner product:
+    # the videos can then be indexed (`avr index build --embeddings run:RUN`).
+    dual_encoder: ClassVar[bool] = False
 
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()

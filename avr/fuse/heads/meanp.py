@@ -47,6 +47,7 @@ class MeanP(RetrievalHead):
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
     stackable = True
+    dual_encoder = True
 
     def __init__(self, spec, config: MeanPConfig):
         super().__init__(spec, config)
