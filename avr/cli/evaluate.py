@@ -11,6 +11,12 @@ from avr.cli import _options as options
 from avr.cli._app import app, console
 
 
+def _check_per_query(path: Path) -> None:
+    from avr.evaluate.per_query import check_path
+
+    check_path(path)
+
+
 def _metrics_table(result):
     from rich.table import Table
 
@@ -54,8 +60,9 @@ def eval_(
                                    callback=options.one_of("va", "v", "a")),
     device: str = options.device(),
     save_similarity: Optional[Path] = typer.Option(None, "--save-similarity",
-                                                   help="Write sim [captions x videos] and "
-                                                        "caption_video to this .npz."),
+                                                   help="Write sim [captions x videos], "
+                                                        "caption_video and the names of its rows "
+                                                        "and columns to this .npz."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md with plots "
                                                                  "into this directory."),
@@ -71,6 +78,12 @@ def eval_(
     resident: str = typer.Option("fp16", "--resident", help="fp16: token arrays as stored "
                                  "(default, also for a run trained with int8) | int8.",
                                  callback=options.one_of("fp16", "int8")),
+    per_query: Optional[Path] = typer.Option(
+        None, "--per-query", help="Write one row per caption (.csv or .parquet): its text, tag, "
+        "video, rank, top videos with scores, and what audio and frames contributed.",
+        callback=options.checked(_check_per_query)),
+    per_query_k: int = typer.Option(10, "--per-query-k", min=1, help="Top videos listed per "
+                                    "caption in --per-query."),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
 
@@ -81,7 +94,8 @@ def eval_(
     config = EvalConfig(split=split, dsl=dsl or dsl_temperature is not None,
                         dsl_temperature=dsl_temperature, qbnorm=qbnorm, rerank_k=rerank_k,
                         modalities=modalities, device=device, report=report, index=index,
-                        score_chunk=score_chunk, memory_budget=memory_budget, resident=resident)
+                        score_chunk=score_chunk, memory_budget=memory_budget, resident=resident,
+                        per_query=per_query, per_query_k=per_query_k)
     result = evaluate_run(run, cache, config)
     if result.residency["tokens"] == "store" or resident == "int8":
         held = ("read from the store a batch of rows at a time"
@@ -95,8 +109,10 @@ def eval_(
                       f"their captions count as failed queries[/]")
     write_metrics(result, json_out)
     if save_similarity is not None:
-        np.savez(save_similarity, sim=result.sim, caption_video=result.caption_video)
+        np.savez(save_similarity, **result.similarity_arrays())
         console.print(f"similarity -> {save_similarity}")
+    if result.per_query is not None:
+        console.print(f"per-query table -> {result.per_query}")
     if result.report is not None:
         console.print(f"report -> {result.report}")
 
