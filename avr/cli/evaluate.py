@@ -119,7 +119,9 @@ def eval_(
 
 @app.command()
 def search(
-    query: str = typer.Argument(..., help='e.g. "a dog barks while a red ball rolls"'),
+    query: Optional[str] = typer.Argument(None, help='e.g. "a dog barks while a red ball rolls"'),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="A UTF-8 file of queries, one "
+                                           "per line, answered in one run."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
     k: int = typer.Option(10, "--k", min=1, help="How many videos to show."),
     split: str = typer.Option("test", help="test | val | train | all.",
@@ -131,22 +133,41 @@ def search(
     candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="Videos per split the "
                                              "index hands to the head (default: 10 x k, and "
                                              "only for splits over 10,000 videos)."),
+    memory_budget: Optional[float] = options.memory_budget(
+        "GB of the head's cached video rows held for the index's candidates (default: what "
+        "fits); beyond it they are read from the store per query."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Encode a query with the run's text backbones and rank the cache's videos with its head."""
+    """Encode a query with the run's text backbones (only those: CLIP's text tower, RoBERTa when
+    the head reads it) and rank the cache's videos with its head."""
     import json
+    import time
 
     from rich.table import Table
 
-    from avr.evaluate.search import search as run_search
+    from avr.evaluate.search import Searcher, read_queries
 
-    hits = run_search(query, run, k=k, split=split, device=device, index=index,
-                      candidates=candidates)
+    if (query is None) == (queries is None):
+        raise typer.BadParameter("give a QUERY or --queries FILE (one of them)")
+    texts = read_queries(queries) if queries is not None else [query]
+    started = time.perf_counter()
+    searcher = Searcher(run, split=split, device=device, index=index, candidates=candidates,
+                        memory_budget=memory_budget)
+    loaded = time.perf_counter()
+    answers = searcher.search_many(texts, k)
+    answered = time.perf_counter()
     if as_json:
-        print(json.dumps([vars(h) for h in hits], indent=2))
+        payload = ([vars(h) for h in answers[0]] if queries is None else
+                   [{"query": text, "hits": [vars(h) for h in hits]}
+                    for text, hits in zip(texts, answers)])
+        print(json.dumps(payload, indent=2))
         return
-    table = Table("rank", "video", "split", "score", "a caption of it", title=query)
-    for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), hit.video_id, hit.split, f"{hit.score:.4f}",
-                      hit.captions[0] if hit.captions else "")
-    console.print(table)
+    for text, hits in zip(texts, answers):
+        table = Table("rank", "video", "split", "score", "a caption of it", title=text)
+        for rank, hit in enumerate(hits, 1):
+            table.add_row(str(rank), hit.video_id, hit.split, f"{hit.score:.4f}",
+                          hit.captions[0] if hit.captions else "")
+        console.print(table)
+    console.print(f"loaded in {loaded - started:.2f} s; {len(texts)} "
+                  f"quer{'y' if len(texts) == 1 else 'ies'} in {answered - loaded:.3f} s",
+                  highlight=False)
