@@ -1,4 +1,5 @@
-"""`avr eval` and `avr search`: a trained run scored on a split, or asked a query."""
+"""`avr eval`, `avr search` and `avr report`: a trained run scored on a split, asked a query, or
+shown on a static page."""
 
 from __future__ import annotations
 
@@ -115,6 +116,32 @@ def eval_(
         console.print(f"per-query table -> {result.per_query}")
     if result.report is not None:
         console.print(f"report -> {result.report}")
+
+
+@app.command()
+def report(
+    run: Optional[Path] = typer.Argument(None, help="Run directory (default: the latest under "
+                                                    "runs/)."),
+    out: Path = typer.Option(..., "--out", help="Folder for index.html, thumbs/ and plots/."),
+    against: Optional[Path] = typer.Option(None, "--against", help="A second run on the same "
+                                           "store: also show the captions whose rank moved most "
+                                           "between the two, both ways."),
+    split: str = typer.Option("test", help="test | val.", callback=options.one_of("test", "val")),
+    failures: int = typer.Option(12, "--failures", min=0, help="Worst failures shown."),
+    moved: int = typer.Option(12, "--moved", min=0, help="Captions shown per direction with "
+                                                         "--against."),
+    device: str = options.device(),
+    memory_budget: Optional[float] = options.memory_budget(
+        "GB of the split's cached arrays held (default: what fits); beyond it they are read "
+        "from the store in batches."),
+):
+    """Write a static HTML page of a run: metrics, per-tag table, worst failures with
+    thumbnails and the head's explanations; with --against, where two runs differ most."""
+    from avr.evaluate.static_report import ReportSettings, write_static_report
+
+    path = write_static_report(run, out, against, ReportSettings(
+        split=split, failures=failures, moved=moved, device=device, memory_budget=memory_budget))
+    console.print(f"report -> {path}")
 
 
 @app.command()

@@ -341,3 +341,22 @@ def paired_explanations(head: RetrievalHead, data: SplitTensors, rows: list[int]
         videos = head.encode_videos({k: v[video_rows].to(device) for k, v in data.videos.items()})
         explained = head.explain(texts, videos)
     return {name: value.float().cpu().numpy() for name, value in explained.items()}
+
+
+@torch.no_grad()
+def explain_store_pairs(head: RetrievalHead, cache_path: str | Path, caption_rows: np.ndarray,
+                        video_rows: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
+    """``head.explain`` on the pairs (store caption row i, store video row i), reading only
+    those rows of the store: the few pairs a report draws."""
+    group, _ = open_store(cache_path)
+
+    def read(names, rows):
+        unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        return {name: torch.from_numpy(read_rows(group[name], unique)[inverse]).to(device)
+                for name in names}
+
+    head.eval()
+    explained = head.explain(head.encode_texts(read(head.caption_inputs, caption_rows)),
+                             head.encode_videos(read(head.video_inputs, video_rows)))
+    return {name: value.float().cpu().numpy() for name, value in explained.items()}
+

@@ -108,6 +108,80 @@ def plot_alignment(alignment: np.ndarray, label: str, path: Path) -> Path:
     return path
 
 
+def plot_pair(explained: dict[str, np.ndarray], path: Path, title: str, *,
+              tiles: list[np.ndarray] | None = None, tile_frames: np.ndarray | None = None,
+              audio_grid: tuple[int, int] = (12, 101)) -> Path:
+    """One (caption, video) pair as the head explains it (``explained``: its entries for that
+    pair, without the pair axis): attention over frames as bars with the thumbnail ``tiles``
+    under the frames ``tile_frames`` they show, attention over audio (on AST's frequency x time
+    grid when it has that size), gates and thresholds written as values."""
+    plt = _pyplot()
+    frames = explained.get(base.EXPLAIN_FRAME_ATTENTION)
+    audio = explained.get(base.EXPLAIN_AUDIO_ATTENTION)
+    rows = [("frames", 2.0)] * (frames is not None) + [("tiles", 0.9)] * (
+        frames is not None and bool(tiles)) + [("audio", 1.6)] * (audio is not None)
+    fig = plt.figure(figsize=(6.4, 0.9 + sum(h for _, h in rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False,
+                        gridspec_kw={"height_ratios": [h for _, h in rows]})[:, 0] if rows else []
+    panels = dict(zip((name for name, _ in rows), axes))
+    if frames is not None:
+        ax = panels["frames"]
+        ax.bar(np.arange(len(frames)), frames, color="tab:blue")
+        ax.set_xlim(-0.5, len(frames) - 0.5)
+        ax.set_ylabel("weight", fontsize=8)
+        ax.set_title("attention over frames", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if "tiles" in panels:
+            _draw_tiles(panels["tiles"], tiles, tile_frames, len(frames))
+    if audio is not None:
+        ax = panels["audio"]
+        if audio.size == np.prod(audio_grid):
+            ax.imshow(audio.reshape(audio_grid), aspect="auto", origin="lower", cmap="viridis",
+                      interpolation="nearest")
+            ax.set_ylabel("freq", fontsize=8)
+        else:
+            ax.plot(np.arange(audio.size), audio.reshape(-1), color="tab:orange")
+            ax.set_ylabel("weight", fontsize=8)
+        ax.set_xlabel("audio step", fontsize=8)
+        ax.set_title("attention over audio", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("\n".join([_wrapped(title, 80), *pair_values(explained)]), fontsize=9)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def pair_values(explained: dict[str, np.ndarray]) -> list[str]:
+    """The values a pair's explanation holds as numbers, not pictures: the mean audio gate and
+    HTAV's learned threshold."""
+    lines = []
+    if base.EXPLAIN_AUDIO_GATE in explained:
+        gates = np.asarray(explained[base.EXPLAIN_AUDIO_GATE]).reshape(-1)
+        lines.append(f"audio gate {gates.mean():.3f} (mean of {gates.size}; "
+                     f"{gates.min():.3f} to {gates.max():.3f})")
+    if base.EXPLAIN_THRESHOLD in explained:
+        lines.append(f"audio threshold {np.asarray(explained[base.EXPLAIN_THRESHOLD]).mean():.3f}")
+    return lines
+
+
+def _draw_tiles(ax, tiles: list[np.ndarray], tile_frames: np.ndarray, num_frames: int) -> None:
+    """The thumbnails under the frame axis, each centred on the frame it shows."""
+    for tile, frame in zip(tiles, tile_frames):
+        ax.imshow(tile, extent=(frame - 0.45, frame + 0.45, 0, 1), interpolation="nearest")
+    ax.set_xlim(-0.5, num_frames - 0.5)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("auto")
+    ax.set_yticks([])
+    ax.set_xlabel("frame", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _wrapped(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:3]) or text
+
+
 def write_report(result, explanations: dict[str, np.ndarray], captions: list[str],
                  out_dir: str | Path, audio_grid: tuple[int, int] = (12, 101)) -> Path:
     """Write ``report.md`` and its PNG plots into ``out_dir``; returns the markdown path.

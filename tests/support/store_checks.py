@@ -24,7 +24,8 @@ def demo_extract_config(root: Path, out: Path | str, chunk_rows: int, **override
 
 def read_store(path: Path) -> dict[str, np.ndarray]:
     group, spec = open_store(path)
-    return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
+    names = [*schema.array_layout(spec, 0, 0), *(n for n in schema.MEDIA_ARRAYS if n in group)]
+    return {name: np.asarray(group[name][:]) for name in names}
 
 
 def assert_same_store(a: Path, b: Path) -> None:
