@@ -1,5 +1,5 @@
-"""`avr eval`, `avr search` and `avr report`: a trained run scored on a split, asked a query, or
-shown on a static page."""
+"""`avr eval`, `avr search`, `avr report` and `avr serve`: a trained run scored on a split, asked
+a query, shown on a static page, or served over HTTP with a search page."""
 
 from __future__ import annotations
 
@@ -198,3 +198,33 @@ def search(
     console.print(f"loaded in {loaded - started:.2f} s; {len(texts)} "
                   f"quer{'y' if len(texts) == 1 else 'ies'} in {answered - loaded:.3f} s",
                   highlight=False)
+
+
+@app.command()
+def serve(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless "
+                                                          "told otherwise)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Dataset root the clips are served "
+                                        "from (default: the one the store records)."),
+    split: str = typer.Option("all", help="test | val | train | all.",
+                              callback=options.one_of("test", "val", "train", "all")),
+    device: str = options.device(),
+    index: Optional[str] = typer.Option(None, "--index", help="First-stage index, a path or a "
+                                        "URL (default: CACHE/index/ when built)."),
+    memory_budget: Optional[float] = options.memory_budget(
+        "GB of the head's cached video rows held for the index's candidates (default: what "
+        "fits); beyond it they are read from the store per query."),
+):
+    """Serve a trained run over HTTP: a search page, JSON search, thumbnails, clips and the
+    head's explanations (read-only)."""
+    from avr.serve.app import serve as run_service
+
+    def ready(searcher):
+        console.print(f"serving {searcher.head.name} over {searcher.num_videos:,} videos of "
+                      f"{searcher.cache} at http://{host}:{port}/ (Ctrl-C stops)",
+                      highlight=False)
+
+    run_service(run, host=host, port=port, root=root, split=split, device=device, index=index,
+                memory_budget=memory_budget, on_ready=ready)
