@@ -234,7 +234,7 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
         explanations = paired_explanations(head, data, rows, device)
         result.report = report.write_report(
             result, explanations, [data.caption_text[j] for j in rows], config.report,
-            audio_grid=(data.spec.ast_freq_patches, data.spec.ast_time_patches))
+            spec=data.spec, strips=caption_strips(cache_path, config.split, data, rows))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -260,6 +260,28 @@ def query_table(head: RetrievalHead, data: SplitTensors, result: EvalResult,
                            caption_video_ids(group, data.caption_store_rows), data.caption_text,
                            data.caption_tags, data.caption_store_rows, config.per_query_k,
                            modality_sims=modality_sims, explained=explained)
+
+
+def caption_strips(cache_path: str | Path, split: str, data: SplitTensors, rows: list[int]
+                   ) -> list[tuple[list[np.ndarray], np.ndarray] | None]:
+    """The thumbnail tiles (and the frames they show) of the video of each caption ``rows``,
+    None where the store has none: the frames drawn under attention over frames."""
+    from avr.extract.thumbnails import strip_frames, strip_tiles
+    from avr.store.media import read_thumbnails
+
+    group, _ = open_store(cache_path)
+    store_rows = split_rows(group, split).done
+    strips = []
+    for j in rows:
+        local = int(data.caption_video[j])
+        jpeg = read_thumbnails(group, store_rows[[local]])[0] if local >= 0 else None
+        if jpeg is None:
+            strips.append(None)
+            continue
+        frames = strip_frames(int(read_rows(group[schema.FRAME_MASK],
+                                            store_rows[[local]]).sum()))
+        strips.append((strip_tiles(jpeg, len(frames)), frames))
+    return strips
 
 
 def caption_video_ids(group, caption_rows: np.ndarray) -> list[str]:

@@ -54,19 +54,42 @@ def plot_recall_curves(result, path: Path) -> Path:
 
 
 def plot_rows(values: np.ndarray, labels: list[str], path: Path, title: str, xlabel: str) -> Path:
-    """One heat-map row per sample caption (attention over frames, audio steps or gates)."""
+    """One heat-map row per sample caption (attention over audio steps, gates), each labelled
+    with its caption, wrapped so that no label or title is cut."""
     plt = _pyplot()
     values = values.reshape(values.shape[0], -1)
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(labels) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.75 * len(labels) + 1.6), layout="constrained")
     image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels([label if len(label) <= 60 else label[:57] + "..." for label in labels],
-                       fontsize=7)
+    ax.set_yticklabels([_wrapped(label, 45) for label in labels], fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_frame_attention(values: np.ndarray, labels: list[str], path: Path,
+                         strips: list[tuple[list[np.ndarray], np.ndarray] | None]) -> Path:
+    """Attention over frames, one panel per sample caption: bars over the frames, and under
+    them the thumbnails of the caption's video at the frames they show (``strips``: tiles and
+    frame indices per caption, None where the store has no thumbnails)."""
+    plt = _pyplot()
+    ratios = [r for strip in strips for r in ((2.0, 0.8) if strip else (2.0,))]
+    fig = plt.figure(figsize=(8, 0.9 * sum(ratios) + 0.6), layout="constrained")
+    axes = iter(fig.subplots(len(ratios), 1, squeeze=False,
+                             gridspec_kw={"height_ratios": ratios})[:, 0])
+    for weights, label, strip in zip(values, labels, strips):
+        ax = next(axes)
+        ax.bar(np.arange(len(weights)), weights, color="tab:blue")
+        ax.set_xlim(-0.5, len(weights) - 0.5)
+        ax.set_title(_wrapped(label, 100), fontsize=8)
+        ax.tick_params(labelsize=7)
+        if strip:
+            _draw_tiles(next(axes), strip[0], strip[1], len(weights))
+    fig.suptitle("attention over frames")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -77,35 +100,59 @@ def plot_audio_grid(values: np.ndarray, labels: list[str], grid: tuple[int, int]
     caption: a caption about a low hum should light the low-frequency rows."""
     plt = _pyplot()
     freq, steps = grid
-    fig, axes = plt.subplots(len(labels), 1, figsize=(7, 1.3 * len(labels) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(labels), 1, figsize=(7, 1.5 * len(labels) + 0.6),
+                             squeeze=False, layout="constrained")
     for ax, row, label in zip(axes[:, 0], values, labels):
         ax.imshow(row.reshape(freq, steps), aspect="auto", origin="lower", cmap="viridis",
                   interpolation="nearest")
-        ax.set_title(label[:80], fontsize=8)
+        ax.set_title(_wrapped(label, 100), fontsize=8)
         ax.set_ylabel("freq", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[-1, 0].set_xlabel("audio time step")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_alignment(alignment: np.ndarray, label: str, path: Path) -> Path:
-    """A soft-DTW expected alignment [text tokens, audio steps] with its arg-max path."""
+def plot_alignment(alignment: np.ndarray, label: str, path: Path, tokens: list[str]) -> Path:
+    """A soft-DTW expected alignment [text tokens, audio steps] with its arg-max path, its rows
+    labelled with the caption's tokens (the padding rows beyond them left out)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3))
+    alignment = alignment[:len(tokens)]
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(tokens) + 1.6), layout="constrained")
     image = ax.imshow(alignment, aspect="auto", cmap="magma", interpolation="nearest",
                       origin="lower")
     ax.plot(alignment.argmax(1), np.arange(alignment.shape[0]), "c.", markersize=4)
+    ax.set_yticks(range(len(tokens)))
+    ax.set_yticklabels(tokens, fontsize=7)
     ax.set_xlabel("audio step")
     ax.set_ylabel("caption token")
-    ax.set_title(f"soft-DTW alignment: {label[:60]}")
+    ax.set_title(f"soft-DTW alignment: {_wrapped(label, 90)}", fontsize=9)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def caption_tokens(spec, text: str, count: int) -> list[str]:
+    """The RoBERTa tokens of ``text`` as its store cut them (the text rows of HTAV's alignment):
+    the tiny backbones' words between <s> and </s>; a pretrained tokenizer from the local cache;
+    else the token positions."""
+    from avr.extract.backbones import HashWordTokenizer
+
+    roberta = spec.backbones["roberta"]
+    if roberta.weights.startswith("random:"):
+        tokens = ["<s>", *HashWordTokenizer.words(text)[:count - 2], "</s>"]
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(roberta.name, local_files_only=True)
+            tokens = tokenizer.convert_ids_to_tokens(
+                tokenizer(text, truncation=True, max_length=count)["input_ids"])
+        except Exception:  # no local copy of the tokenizer (a generated store): positions
+            tokens = [str(i) for i in range(count)]
+    return tokens[:count]
 
 
 def plot_pair(explained: dict[str, np.ndarray], path: Path, title: str, *,
@@ -183,11 +230,14 @@ def _wrapped(text: str, width: int) -> str:
 
 
 def write_report(result, explanations: dict[str, np.ndarray], captions: list[str],
-                 out_dir: str | Path, audio_grid: tuple[int, int] = (12, 101)) -> Path:
+                 out_dir: str | Path, spec=None,
+                 strips: list[tuple[list[np.ndarray], np.ndarray] | None] | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``out_dir``; returns the markdown path.
-    ``audio_grid`` is the (frequency, time) layout of AST's patch tokens."""
+    ``spec`` (the store's CacheSpec) gives AST's (frequency, time) patch grid and the caption
+    tokens of the alignment plot; ``strips`` the thumbnails of each caption's video."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    audio_grid = (spec.ast_freq_patches, spec.ast_time_patches) if spec else (12, 101)
     lines = [f"# {result.head} on {result.split} ({result.cache})", "",
              f"run: `{result.run_dir}`; {result.num_captions} captions x {result.num_videos} "
              f"videos; modalities `{result.modalities}`; ties: {metrics.DEFAULT_TIES}", ""]
@@ -204,12 +254,15 @@ def write_report(result, explanations: dict[str, np.ndarray], captions: list[str
     lines.append("")
     lines += [f"![recall at K]({plot_recall_curves(result, out_dir / 'recall_at_k.png').name})",
               ""]
+    if base.EXPLAIN_FRAME_ATTENTION in explanations:
+        plot_frame_attention(explanations[base.EXPLAIN_FRAME_ATTENTION], captions,
+                             out_dir / "frame_attention.png", strips or [None] * len(captions))
+        lines += ["## attention over frames", "",
+                  "![attention over frames](frame_attention.png)", ""]
     plots = [
-        (base.EXPLAIN_FRAME_ATTENTION, "frame_attention.png", "attention over frames", "frame"),
         (base.EXPLAIN_AUDIO_ATTENTION, "audio_attention.png", "attention over audio",
          "audio step"),
         (base.EXPLAIN_AUDIO_GATE, "audio_gate.png", "audio gate values", "gate"),
-        (base.EXPLAIN_THRESHOLD, "threshold.png", "thresholded audio attention", "audio step"),
     ]
     for key, file, title, xlabel in plots:
         if key not in explanations:
@@ -220,9 +273,17 @@ def write_report(result, explanations: dict[str, np.ndarray], captions: list[str
         else:
             plot_rows(values, captions, out_dir / file, title, xlabel)
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    if base.EXPLAIN_THRESHOLD in explanations:
+        threshold = explanations[base.EXPLAIN_THRESHOLD].reshape(-1)
+        lines += ["## thresholded audio attention", "",
+                  f"learned audio threshold theta = {threshold.mean():.4f}"
+                  + ("" if np.ptp(threshold) == 0 else
+                     f" (from {threshold.min():.4f} to {threshold.max():.4f})"), ""]
     if base.EXPLAIN_DTW_ALIGNMENT in explanations:
         alignment = explanations[base.EXPLAIN_DTW_ALIGNMENT][0]
-        plot_alignment(alignment, captions[0], out_dir / "dtw_alignment.png")
+        tokens = (caption_tokens(spec, captions[0], alignment.shape[0]) if spec else
+                  [str(i) for i in range(alignment.shape[0])])
+        plot_alignment(alignment, captions[0], out_dir / "dtw_alignment.png", tokens)
         lines += ["## soft-DTW alignment", "", "![soft-DTW alignment](dtw_alignment.png)", ""]
     lines += ["## sample captions", ""] + [f"{i}. {text}" for i, text in enumerate(captions, 1)]
     path = out_dir / "report.md"

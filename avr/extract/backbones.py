@@ -143,10 +143,14 @@ class HashWordTokenizer:
         digest = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
         return 3 + digest % (self.vocab_size - 3)
 
+    @staticmethod
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9']+", text.lower())
+
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            words = re.findall(r"[a-z0-9']+", text.lower())[: self.max_length - 2]
+            words = self.words(text)[: self.max_length - 2]
             row_ids = [self.bos_id, *map(self.word_id, words), self.eos_id]
             ids[row, : len(row_ids)] = torch.tensor(row_ids)
         return ids, ids != self.pad_id
