@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--split", default="all")
+    parser.add_argument("--threads", type=int, help="avr serve --threads (default: its own)")
     args = parser.parse_args()
 
     queries = store_captions(args.run)
@@ -61,7 +62,9 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(Path(sys.executable).with_name("avr")), "serve", "--run",
                                str(args.run), "--port", str(port), "--split", args.split,
-                               "--device", "cpu"], stdout=subprocess.DEVNULL,
+                               "--device", "cpu",
+                               *(["--threads", str(args.threads)] if args.threads else [])],
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         load_started = time.perf_counter()
@@ -114,7 +117,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
     lat = np.asarray(latencies) * 1000
-    print(f"run {args.run}: {args.clients} clients, {elapsed:.1f} s, {len(lat)} requests, "
+    print(f"run {args.run}: threads {args.threads or 'default'}, {args.clients} clients, {elapsed:.1f} s, {len(lat)} requests, "
           f"{len(lat) / elapsed:.1f} requests/s, p50 {np.percentile(lat, 50):.1f} ms, "
           f"p99 {np.percentile(lat, 99):.1f} ms, errors {len(errors)}, "
           f"RSS {rss_start / 2**20:.0f} MB at start, {rss_end / 2**20:.0f} MB at the end "

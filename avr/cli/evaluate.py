@@ -216,6 +216,9 @@ def serve(
     memory_budget: Optional[float] = options.memory_budget(
         "GB of the head's cached video rows held for the index's candidates (default: what "
         "fits); beyond it they are read from the store per query."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch's intra-op "
+                                          "threads (default: 1 on the CPU, torch's own on a "
+                                          "GPU)."),
 ):
     """Serve a trained run over HTTP: a search page, JSON search, thumbnails, clips and the
     head's explanations (read-only)."""
@@ -227,4 +230,4 @@ def serve(
                       highlight=False)
 
     run_service(run, host=host, port=port, root=root, split=split, device=device, index=index,
-                memory_budget=memory_budget, on_ready=ready)
+                memory_budget=memory_budget, threads=threads, on_ready=ready)

@@ -178,12 +178,21 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
 def serve(run: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000,
           root: str | Path | None = None, split: str = "all", device: str = "auto",
           index: str | Path | None = None, memory_budget: float | None = None,
-          on_ready=None) -> None:
+          threads: int | None = None, on_ready=None) -> None:
     """Load the run once (head, text towers, encoded videos) and serve it until interrupted.
-    ``on_ready(searcher)`` is called once everything is loaded, before the port opens."""
+    ``threads``: torch's intra-op threads (default: 1 on the CPU, where one query's small
+    tensors gain nothing from more threads and lose to their hand-offs; BENCHMARKS.md,
+    *Serving*). ``on_ready(searcher)`` is called once everything is loaded, before the port
+    opens."""
+    import torch
+
+    from avr.device import resolve_device
+
     uvicorn = require("uvicorn", "avr serve")
     if root is not None and not Path(root).is_dir():
         raise AvrError(f"--root {root}: no such folder")
+    if threads is not None or resolve_device(device).type == "cpu":
+        torch.set_num_threads(threads or 1)
     searcher = Searcher(run, split=split, device=device, index=index,
                         memory_budget=memory_budget)
     app = make_app(searcher, root)
