@@ -51,11 +51,14 @@ def _write_h5(group, spec: schema.CacheSpec, out: Path, rows_per_block: int) -> 
 
     done = integrity.done_rows(group)
     with h5py.File(out, "w") as h5:
-        for name in schema.array_layout(spec, 0, 0):
+        media = [name for name in schema.MEDIA_ARRAYS if name in group]
+        for name in [*schema.array_layout(spec, 0, 0), *media]:
             array = group[name]
             if unwritten_by(array) is not None:
                 continue
-            counting = integrity.rows_that_count(name, array, done)
+            # the media arrays are optional: an absent chunk of them holds nothing, no damage
+            counting = (np.zeros(0, dtype=np.int64) if name in media
+                        else integrity.rows_that_count(name, array, done))
             if array.dtype.kind in "OTU":  # variable-length strings
                 values = [str(v) for v in read_region(array, 0, array.shape[0],
                                                                 counting)]
