@@ -38,7 +38,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-class Gallery:
+class Media:
     """What the routes read besides the searcher: thumbnails and clip paths by video id."""
 
     def __init__(self, searcher: Searcher, root: str | Path | None):
@@ -104,7 +104,7 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    gallery = Gallery(searcher, root)
+    media_files = Media(searcher, root)
     page = PAGE.read_text(encoding="utf-8")
 
     def index(request):
@@ -115,8 +115,8 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
                              "head": searcher.head.name, "store": str(searcher.cache),
                              "splits": [g.split for g in searcher.galleries],
                              "videos": searcher.num_videos,
-                             "thumbnails": gallery.has_thumbnails,
-                             "media_root": str(gallery.root) if gallery.root else None})
+                             "thumbnails": media_files.has_thumbnails,
+                             "media_root": str(media_files.root) if media_files.root else None})
 
     def search(request):
         query, k = query_arguments(request.query_params)
@@ -128,13 +128,13 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
                                           "split": hit.split, "score": hit.score,
                                           "captions": hit.captions,
                                           "thumbnail": f"/thumbnails/{hit.video_id}",
-                                          "video": gallery.clip_url(hit.video_id)}
+                                          "video": media_files.clip_url(hit.video_id)}
                                          for rank, hit in enumerate(hits, 1)]})
 
     def explain(request):
         query, _ = query_arguments(request.query_params)
         video_id = request.query_params.get("video", "")
-        row = gallery.row(video_id)
+        row = media_files.row(video_id)
         from avr.extract.thumbnails import strip_frames
 
         frame_mask = searcher.group[schema.FRAME_MASK][row]
@@ -142,10 +142,10 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
                              **searcher.explain(query, video_id),
                              "thumbnail_frames": strip_frames(int(np.sum(frame_mask))).tolist(),
                              "thumbnail": f"/thumbnails/{video_id}",
-                             "video": gallery.clip_url(video_id)})
+                             "video": media_files.clip_url(video_id)})
 
     def thumbnail(request):
-        jpeg = gallery.thumbnail(request.path_params["video_id"])
+        jpeg = media_files.thumbnail(request.path_params["video_id"])
         if jpeg is None:
             raise BadRequest(404, "this store holds no thumbnail of "
                                   f"{request.path_params['video_id']!r}")
@@ -153,7 +153,7 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
                         headers={"Cache-Control": "max-age=3600"})
 
     def media(request):
-        return FileResponse(gallery.clip_file(request.path_params["path"]))
+        return FileResponse(media_files.clip_file(request.path_params["path"]))
 
     def bad_request(request, error: BadRequest):
         return JSONResponse({"error": str(error)}, status_code=error.status)
