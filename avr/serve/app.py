@@ -98,6 +98,8 @@ def query_arguments(params) -> tuple[str, int]:
 def make_app(searcher: Searcher, root: str | Path | None = None):
     """The starlette application over ``searcher``; clips are served from ``root`` (default:
     the dataset root the store records)."""
+    import torch
+
     require("starlette", "avr serve")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -116,7 +118,8 @@ def make_app(searcher: Searcher, root: str | Path | None = None):
                              "splits": [g.split for g in searcher.galleries],
                              "videos": searcher.num_videos,
                              "thumbnails": media_files.has_thumbnails,
-                             "media_root": str(media_files.root) if media_files.root else None})
+                             "media_root": str(media_files.root) if media_files.root else None,
+                             "threads": torch.get_num_threads()})
 
     def search(request):
         query, k = query_arguments(request.query_params)
@@ -182,7 +185,7 @@ def serve(run: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000,
     """Load the run once (head, text towers, encoded videos) and serve it until interrupted.
     ``threads``: torch's intra-op threads (default: 1 on the CPU, where one query's small
     tensors gain nothing from more threads and lose to their hand-offs; BENCHMARKS.md,
-    *Serving*). ``on_ready(searcher)`` is called once everything is loaded, before the port
+    *Search and serving*). ``on_ready(searcher)`` is called once everything is loaded, before the port
     opens."""
     import torch
 

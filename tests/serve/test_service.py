@@ -110,3 +110,8 @@ def test_it_binds_the_loopback_unless_told_otherwise(service):
     base, root = service
     assert "serving tefal over" in (root.parent / "serve.log").read_text()
     assert "http://127.0.0.1:" in (root.parent / "serve.log").read_text()
+
+
+def test_queries_run_on_one_intra_op_thread_on_the_cpu(service):
+    base, _ = service
+    assert get_json(f"{base}/health")[1]["threads"] == 1
