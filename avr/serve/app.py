@@ -184,8 +184,8 @@ def serve(run: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000,
           threads: int | None = None, on_ready=None) -> None:
     """Load the run once (head, text towers, encoded videos) and serve it until interrupted.
     ``threads``: torch's intra-op threads (default: 1 on the CPU, where one query's small
-    tensors gain nothing from more threads and lose to their hand-offs; BENCHMARKS.md,
-    *Search and serving*). ``on_ready(searcher)`` is called once everything is loaded, before the port
+    tensors gain nothing from more threads and lose to their hand-offs; BENCHMARKS.md, *Search
+    and serving*). ``on_ready(searcher)`` is called once everything is loaded, before the port
     opens."""
     import torch
 
