@@ -117,7 +117,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
     lat = np.asarray(latencies) * 1000
-    print(f"run {args.run}: threads {args.threads or 'default'}, {args.clients} clients, {elapsed:.1f} s, {len(lat)} requests, "
+    print(f"run {args.run}: threads {args.threads or 'default'}, {args.clients} clients, "
+          f"{elapsed:.1f} s, {len(lat)} requests, "
           f"{len(lat) / elapsed:.1f} requests/s, p50 {np.percentile(lat, 50):.1f} ms, "
           f"p99 {np.percentile(lat, 99):.1f} ms, errors {len(errors)}, "
           f"RSS {rss_start / 2**20:.0f} MB at start, {rss_end / 2**20:.0f} MB at the end "
