@@ -1,7 +1,7 @@
 """Optional dependencies: a module an install may lack, imported where it is needed.
 
 A base install extracts, trains, evaluates and searches; dask, HDF5, faiss, Optuna, TensorBoard,
-the service and the experiment loggers come with extras (pyproject's
+Parquet, the service and the experiment loggers come with extras (pyproject's
 ``[project.optional-dependencies]``). ``require`` imports one of them or fails with one line
 naming the ``pip install`` that adds it.
 """
@@ -17,10 +17,11 @@ from avr.errors import MissingExtraError
 EXTRA_OF = {
     "dask": "dask", "dask.array": "dask", "distributed": "dask",
     "h5py": "h5",
-    "pyarrow": "parquet", "datasets": "hf",
+    "pyarrow": "parquet", "pyarrow.parquet": "parquet", "datasets": "hf",
     "faiss": "index",
     "optuna": "sweep",
     "torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard",
+    "starlette": "serve", "uvicorn": "serve",
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from avr.device import intra_op_threads
 from avr.store.schema import CacheSpec
+from support.demo_runs import make_demo_runs
 from support.specs import make_tiny_spec
 
 
@@ -21,3 +22,10 @@ def one_thread():
     between threads costs more than it saves)."""
     with intra_op_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """Generated clips, their store with thumbnails, and tefal and xpool runs on it
+    (support.demo_runs), made once for the tests of the report, the service and the pages."""
+    return make_demo_runs(tmp_path_factory.mktemp("demo-runs"))

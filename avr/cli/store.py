@@ -3,6 +3,7 @@ build its first-stage index."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -231,6 +232,24 @@ def cache_break_lock(
         console.print(f"{path}: no lock to remove")
     else:
         console.print(f"removed the lock of {path} held by {holder.describe()}")
+
+
+@cache_app.command("thumbnails")
+def cache_thumbnails(
+    path: str = options.store_argument(...),
+    root: Path = typer.Option(..., "--root", help="The dataset root the store was extracted "
+                                                 "from (its videos/ folder holds the clips)."),
+):
+    """Record each video's path under --root and a strip of thumbnails from its frames (for a
+    store written without them; under the store's lock)."""
+    from avr.extract.thumbnails import add_thumbnails
+
+    summary = add_thumbnails(path, root, console=console)
+    console.print(f"{summary.store}: thumbnails of {summary.written:,} of {summary.videos:,} "
+                  f"videos ({summary.with_file:,} with a file under {root}) in "
+                  f"{summary.seconds:.1f} s", highlight=False)
+    for video_id, why in summary.failed[:10]:
+        console.print(f"[yellow]no thumbnail[/] {escape(video_id)}: {escape(why)}")
 
 
 @index_app.command("build")

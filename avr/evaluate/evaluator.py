@@ -18,6 +18,7 @@ import torch
 from avr.device import resolve_device
 from avr.errors import AvrError
 from avr.evaluate import metrics, report
+from avr.evaluate.per_query import DEFAULT_TOP_K, explain_all, per_query_table, write_per_query
 from avr.evaluate.score import score_captions, score_split
 from avr.fuse import checkpoint
 from avr.fuse.heads.base import RetrievalHead, State
@@ -26,6 +27,7 @@ from avr.store import schema
 from avr.store.group import open_store
 from avr.store.identity import store_identity
 from avr.store.location import store_location
+from avr.store.read import read_rows
 from avr.store.splits import SplitTensors, load_split, split_rows
 
 MODALITIES = ("va", "v", "a")
@@ -47,6 +49,9 @@ class EvalConfig:
     # default <cache>/index/)
     memory_budget: float | None = None  # GB; a split beyond it is read from the store in batches
     resident: str = "fp16"  # token arrays held as stored, or int8 (dequantized per batch)
+    per_query: Path | None = None  # write one row per caption here (.csv or .parquet)
+    per_query_k: int = DEFAULT_TOP_K  # videos listed per caption there
+    queries: bool = False  # keep the per-query table in the result (implied by per_query)
 
 
 @dataclass
@@ -69,6 +74,20 @@ class EvalResult:
     report: Path | None = None
     residency: dict[str, Any] = field(default_factory=dict)  # where the split's tokens were held
     caption_protocol: str = schema.PROTOCOL_SENTENCES  # paragraphs: one per video, 1:1 metrics
+    video_ids: list[str] = field(default_factory=list)  # the columns of ``sim``
+    caption_text: list[str] = field(default_factory=list)  # the rows of ``sim``
+    caption_tags: list[str] = field(default_factory=list)
+    caption_rows: np.ndarray | None = None  # the rows' caption rows in the store
+    queries: dict[str, list] | None = None  # avr.evaluate.per_query's table
+    per_query: Path | None = None  # where it was written
+
+    def similarity_arrays(self) -> dict[str, np.ndarray]:
+        """``--save-similarity``'s arrays: the scores with their rows and columns named."""
+        return {"sim": self.sim, "caption_video": self.caption_video,
+                "video_id": np.asarray(self.video_ids, dtype=str),
+                "caption_text": np.asarray(self.caption_text, dtype=str),
+                "caption_tag": np.asarray(self.caption_tags, dtype=str),
+                "caption_row": np.asarray(self.caption_rows, dtype=np.int64)}
 
     def to_json(self) -> dict[str, Any]:
         return {"t2v": self.metrics["t2v"], "v2t": self.metrics["v2t"],
@@ -203,7 +222,9 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
                         residency={"tokens": "memory" if fits else "store",
                                    "bytes": size.bytes, "budget_bytes": budget,
                                    "budget_source": source, "resident": config.resident},
-                        caption_protocol=caption_protocol(cache_path))
+                        caption_protocol=caption_protocol(cache_path),
+                        video_ids=data.video_ids, caption_text=data.caption_text,
+                        caption_tags=data.caption_tags, caption_rows=data.caption_store_rows)
 
     if config.dsl:
         result.dsl = dsl_settings(head, config)
@@ -223,14 +244,69 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
         rows = np.asarray([t == tag for t in data.caption_tags])
         result.tags[tag] = {"t2v": metrics.metrics_from_ranks(
             metrics.t2v_ranks(sim[rows], caption_video[rows])), "captions": int(rows.sum())}
+    if config.queries or config.per_query is not None:
+        result.queries = query_table(head, data, result, device, config, work_bytes)
+        if config.per_query is not None:
+            result.per_query = write_per_query(result.queries, config.per_query)
     if config.report is not None:
         rows = report.sample_captions(caption_video, data.caption_tags)
         explanations = paired_explanations(head, data, rows, device)
         result.report = report.write_report(
             result, explanations, [data.caption_text[j] for j in rows], config.report,
-            audio_grid=(data.spec.ast_freq_patches, data.spec.ast_time_patches))
+            spec=data.spec, strips=caption_strips(cache_path, config.split, data, rows))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def query_table(head: RetrievalHead, data: SplitTensors, result: EvalResult,
+                device: torch.device, config: EvalConfig, work_bytes: int | None
+                ) -> dict[str, list]:
+    """avr.evaluate.per_query's table of the split: each caption's rank and top videos, its own
+    video scored with audio and with frames left out (heads that read audio), and the head's
+    explanation of the pair."""
+    ranks = metrics.t2v_ranks(result.sim, result.caption_video)
+    modality_sims = {}
+    if schema.HAS_AUDIO in head.video_inputs:
+        for name, hidden in (("visual", "v"), ("audio", "a")):
+            masked = score_split(head, mask_modalities(data.videos, hidden, head), data.captions,
+                                 device, amp=config.amp, score_chunk=config.score_chunk,
+                                 work_bytes=work_bytes).sim.numpy()
+            modality_sims[name] = (masked, metrics.t2v_ranks(masked, result.caption_video))
+    explained = explain_all(lambda rows: paired_explanations(head, data, rows, device),
+                            result.caption_video)
+    group, _ = open_store(result.cache)
+    return per_query_table(result.sim, result.caption_video, ranks, data.video_ids,
+                           caption_video_ids(group, data.caption_store_rows), data.caption_text,
+                           data.caption_tags, data.caption_store_rows, config.per_query_k,
+                           modality_sims=modality_sims, explained=explained)
+
+
+def caption_strips(cache_path: str | Path, split: str, data: SplitTensors, rows: list[int]
+                   ) -> list[tuple[list[np.ndarray], np.ndarray] | None]:
+    """The thumbnail tiles (and the frames they show) of the video of each caption ``rows``,
+    None where the store has none: the frames drawn under attention over frames."""
+    from avr.extract.thumbnails import strip_frames, strip_tiles
+    from avr.store.media import read_thumbnails
+
+    group, _ = open_store(cache_path)
+    store_rows = split_rows(group, split).done
+    strips = []
+    for j in rows:
+        local = int(data.caption_video[j])
+        jpeg = read_thumbnails(group, store_rows[[local]])[0] if local >= 0 else None
+        if jpeg is None:
+            strips.append(None)
+            continue
+        frames = strip_frames(int(read_rows(group[schema.FRAME_MASK],
+                                            store_rows[[local]]).sum()))
+        strips.append((strip_tiles(jpeg, len(frames)), frames))
+    return strips
+
+
+def caption_video_ids(group, caption_rows: np.ndarray) -> list[str]:
+    """The id of each caption's video, those that failed extraction included."""
+    video_rows = read_rows(group[schema.CAPTION_VIDEO], caption_rows)
+    return [str(v) for v in read_rows(group[schema.VIDEO_ID])[video_rows]]
 
 
 def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State | None,
@@ -306,3 +382,22 @@ def paired_explanations(head: RetrievalHead, data: SplitTensors, rows: list[int]
         videos = head.encode_videos({k: v[video_rows].to(device) for k, v in data.videos.items()})
         explained = head.explain(texts, videos)
     return {name: value.float().cpu().numpy() for name, value in explained.items()}
+
+
+@torch.no_grad()
+def explain_store_pairs(head: RetrievalHead, cache_path: str | Path, caption_rows: np.ndarray,
+                        video_rows: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
+    """``head.explain`` on the pairs (store caption row i, store video row i), reading only
+    those rows of the store: the few pairs a report draws."""
+    group, _ = open_store(cache_path)
+
+    def read(names, rows):
+        unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        return {name: torch.from_numpy(read_rows(group[name], unique)[inverse]).to(device)
+                for name in names}
+
+    head.eval()
+    explained = head.explain(head.encode_texts(read(head.caption_inputs, caption_rows)),
+                             head.encode_videos(read(head.video_inputs, video_rows)))
+    return {name: value.float().cpu().numpy() for name, value in explained.items()}
+

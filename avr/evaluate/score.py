@@ -145,10 +145,19 @@ def score_split(head: RetrievalHead, video_rows: Rows, caption_rows: Rows,
     if work_bytes is not None:
         return score_in_blocks(head, video_rows, caption_rows, device, work_bytes, amp=amp,
                                score_chunk=score_chunk, out_device=out_device)
-    with autocast(device, amp):
-        videos = encode_rows(head.encode_videos, video_rows, device, ENCODE_VIDEO_ROWS)
+    videos = encode_video_rows(head, video_rows, device, amp=amp)
     return score_captions(head, caption_rows, videos, device, amp=amp, score_chunk=score_chunk,
                           out_device=out_device)
+
+
+@torch.no_grad()
+def encode_video_rows(head: RetrievalHead, video_rows: Rows, device: torch.device, *,
+                      amp: bool = True) -> State:
+    """``head.encode_videos`` over ``video_rows`` in eval mode, ``ENCODE_VIDEO_ROWS`` at a time:
+    the states ``score_captions`` scores queries against (`avr search` keeps them)."""
+    head.eval()
+    with autocast(device, amp):
+        return encode_rows(head.encode_videos, video_rows, device, ENCODE_VIDEO_ROWS)
 
 
 @torch.no_grad()

@@ -148,10 +148,14 @@ class HashWordTokenizer:
         digest = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
         return 3 + digest % (self.vocab_size - 3)
 
+    @staticmethod
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9']+", text.lower())
+
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            words = re.findall(r"[a-z0-9']+", text.lower())[: self.max_length - 2]
+            words = self.words(text)[: self.max_length - 2]
             row_ids = [self.bos_id, *map(self.word_id, words), self.eos_id]
             ids[row, : len(row_ids)] = torch.tensor(row_ids)
         return ids, ids != self.pad_id
@@ -190,26 +194,15 @@ class Backbones:
         self.swin_mean = torch.tensor(swin_mean, device=self.device)
         self.swin_std = torch.tensor(swin_std, device=self.device)
 
-        text_tower = getattr(clip, "text", clip)  # CustomTextCLIP keeps its tower in .text
-        if not hasattr(text_tower, "ln_final"):
-            raise AvrError(f"CLIP {infos['clip'].name!r}: its text tower has no ln_final, so "
-                           f"token states cannot be read; use an open_clip model with the "
-                           f"built-in text transformer (e.g. ViT-B-32)")
-        self.clip_text_tower = text_tower
-        self.clip_pool_type = getattr(text_tower, "text_pool_type",
-                                      getattr(text_tower, "pool_type", "argmax"))
-        self.clip_eos_id = getattr(text_tower, "text_eos_id", getattr(text_tower, "eos_id", None))
-        self.clip_context = int(text_tower.context_length)
-        clip_text_len = int(clip_tokenizer(["a"]).shape[1])  # the tokenizer's length decides
-        if clip_text_len > self.clip_context:
-            raise AvrError(f"CLIP {infos['clip'].name!r} reads at most {self.clip_context} text "
-                           f"tokens; the tokenizer gives {clip_text_len}")
+        self.text = TextTowers(clip=self.clip, clip_tokenizer=clip_tokenizer,
+                               roberta=self.roberta, roberta_tokenizer=roberta_tokenizer,
+                               clip_name=infos["clip"].name, device=self.device, amp=amp)
 
         ast_freq, ast_time = self.ast.embeddings.get_shape(self.ast.config)
         self.spec_fields = dict(
             image_size=self.image_size,
             clip_dim=int(clip.visual.output_dim),
-            clip_text_len=clip_text_len,
+            clip_text_len=self.text.clip_text_len,
             swin_channels=tuple(int(swin.config.embed_dim * 2 ** k) for k in self.swin_stages),
             swin_grids=self.swin_grids,
             ast_dim=int(self.ast.config.hidden_size),
@@ -232,10 +225,7 @@ class Backbones:
         return CacheSpec(dataset=dataset, num_frames=num_frames, audio=audio, **self.spec_fields)
 
     def autocast(self) -> AbstractContextManager:
-        """bf16 autocast around forward passes on CUDA when ``amp``; full precision otherwise."""
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return amp_autocast(self.device, self.amp)
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -277,34 +267,79 @@ class Backbones:
                                                       self.spec_fields["ast_time_patches"]),
         }
 
+    def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> every caption array (``TextTowers.encode_text``)."""
+        return self.text.encode_text(texts)
+
+
+class TextTowers:
+    """What encodes a caption: CLIP's text tower (its sentence embedding and token states) and,
+    when given, RoBERTa. `avr extract` runs them inside ``Backbones``; `avr search` and `avr
+    serve` load only these (``load_text_towers``), not the image and audio models.
+
+    Not reentrant: a forward hook on ``ln_final`` captures CLIP's token states during a call."""
+
+    def __init__(self, *, clip: nn.Module, clip_tokenizer: ClipTokenizer,
+                 roberta: nn.Module | None, roberta_tokenizer: RobertaTokenizer | None,
+                 clip_name: str, device: str | torch.device = "cpu", amp: bool = True):
+        self.device = torch.device(device)
+        self.amp = amp
+        self.clip = freeze(clip).to(self.device)
+        self.roberta = None if roberta is None else freeze(roberta).to(self.device)
+        self.clip_tokenizer = clip_tokenizer
+        self.roberta_tokenizer = roberta_tokenizer
+        tower = getattr(clip, "text", clip)  # CustomTextCLIP keeps its tower in .text
+        if not hasattr(tower, "ln_final"):
+            raise AvrError(f"CLIP {clip_name!r}: its text tower has no ln_final, so token states "
+                           f"cannot be read; use an open_clip model with the built-in text "
+                           f"transformer (e.g. ViT-B-32)")
+        self.tower = tower
+        self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        self.context = int(tower.context_length)
+        self.clip_text_len = int(clip_tokenizer(["a"]).shape[1])  # the tokenizer's length decides
+        if self.clip_text_len > self.context:
+            raise AvrError(f"CLIP {clip_name!r} reads at most {self.context} text tokens; the "
+                           f"tokenizer gives {self.clip_text_len}")
+
+    def autocast(self) -> AbstractContextManager:
+        return amp_autocast(self.device, self.amp)
+
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Captions -> CLIP sentence embeddings [M, D_clip], CLIP token states [M, Lc, D_clip]
-        with their mask [M, Lc], RoBERTa states [M, Lr, D_rob] with their mask [M, Lr]."""
+        with their mask [M, Lc], and with RoBERTa its states [M, Lr, D_rob] and mask [M, Lr]."""
         clip_tokens = self.clip_tokenizer(texts).to(self.device)  # [M, Lc]
         length = clip_tokens.shape[1]
         # The text transformer is causal: padding to its context changes no kept position.
-        model_tokens = F.pad(clip_tokens, (0, self.clip_context - length))
-        roberta_ids, roberta_mask = (t.to(self.device) for t in self.roberta_tokenizer(texts))
-        tower = self.clip_text_tower
+        model_tokens = F.pad(clip_tokens, (0, self.context - length))
         captured: list[torch.Tensor] = []
-        hook = tower.ln_final.register_forward_hook(lambda _m, _i, output: captured.append(output))
+        hook = self.tower.ln_final.register_forward_hook(
+            lambda _m, _i, output: captured.append(output))
         try:
             with self.autocast():
                 sentence = self.clip.encode_text(model_tokens)  # [M, D_clip]
-                token_states = project_text_tokens(captured[0][:, :length], tower.text_projection)
-                roberta_states = self.roberta(input_ids=roberta_ids,
-                                              attention_mask=roberta_mask.long()).last_hidden_state
+                token_states = project_text_tokens(captured[0][:, :length],
+                                                   self.tower.text_projection)
         finally:
             hook.remove()
-        eot = clip_eot_positions(clip_tokens, self.clip_pool_type, self.clip_eos_id)
-        return {
-            schema.TEXT_EMBEDDINGS: sentence,
-            schema.TEXT_TOKEN_STATES: token_states,
-            schema.TEXT_TOKEN_MASK: mask_through_position(eot, clip_tokens.shape[1]),
-            schema.ROBERTA_STATES: roberta_states,
-            schema.ROBERTA_MASK: roberta_mask.bool(),
-        }
+        eot = clip_eot_positions(clip_tokens, self.pool_type, self.eos_id)
+        out = {schema.TEXT_EMBEDDINGS: sentence, schema.TEXT_TOKEN_STATES: token_states,
+               schema.TEXT_TOKEN_MASK: mask_through_position(eot, clip_tokens.shape[1])}
+        if self.roberta is not None:
+            ids, mask = (t.to(self.device) for t in self.roberta_tokenizer(texts))
+            with self.autocast():
+                out[schema.ROBERTA_STATES] = self.roberta(
+                    input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            out[schema.ROBERTA_MASK] = mask.bool()
+        return out
+
+
+def amp_autocast(device: torch.device, amp: bool) -> AbstractContextManager:
+    """bf16 autocast around forward passes on CUDA when ``amp``; full precision otherwise."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def project_text_tokens(states: torch.Tensor, projection: nn.Module | torch.Tensor | None
@@ -405,57 +440,19 @@ def hf_revision(model: nn.Module, name: str) -> str:
         return "main"
 
 
-def roberta_length(roberta: nn.Module, names: BackboneNames) -> int:
-    """RoBERTa tokens kept per caption: ``names.roberta_text_tokens`` (default ROBERTA_LEN),
-    refused beyond the model's positions (RoBERTa numbers them from 2: 514 hold 512 tokens)."""
-    wanted = names.roberta_text_tokens or ROBERTA_LEN
-    most = int(roberta.config.max_position_embeddings) - 2
-    if wanted > most:
-        raise AvrError(f"--roberta-text-tokens {wanted}: RoBERTa {names.roberta!r} reads at most "
-                       f"{most} tokens")
-    return wanted
-
-
 def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) -> Backbones:
     import open_clip
     import transformers
-    from transformers import ASTModel, AutoImageProcessor, AutoTokenizer, RobertaModel, SwinModel
+    from transformers import ASTModel, AutoImageProcessor, SwinModel
 
     check_local_paths(names)
-    try:
-        clip, _, _ = open_clip.create_model_and_transforms(names.clip_model,
-                                                           pretrained=names.clip_pretrained)
-        context = int(getattr(getattr(clip, "text", clip), "context_length"))
-        clip_len = min(context, names.clip_text_tokens or CLIP_TEXT_TOKENS)
-        clip_tokenizer = functools.partial(open_clip.get_tokenizer(names.clip_model),
-                                           context_length=clip_len)
-    except Exception as err:  # missing, unreachable or unreadable weights: say what to do
-        fetch = (f"python -c \"import open_clip; open_clip.create_model_and_transforms("
-                 f"'{names.clip_model}', pretrained='{names.clip_pretrained}')\"")
-        raise load_failure("CLIP", f"{names.clip_model}/{names.clip_pretrained}", err,
-                           fetch) from err
-
-    def hf_load(what: str, name: str, load: Callable):
-        try:
-            return load(name)
-        except Exception as err:  # missing, unreachable or unreadable weights: say what to do
-            raise load_failure(what, name, err, f"hf download {name}") from err
-
+    clip, clip_tokenizer = load_clip(names)
     swin = hf_load("Swin", names.swin,
                    lambda name: SwinModel.from_pretrained(name, add_pooling_layer=False))
     swin_processor = hf_load("the Swin image processor of", names.swin,
                              AutoImageProcessor.from_pretrained)
     ast = hf_load("AST", names.ast, ASTModel.from_pretrained)
-    roberta = hf_load("RoBERTa", names.roberta,
-                      lambda name: RobertaModel.from_pretrained(name, add_pooling_layer=False))
-    roberta_tokenizer = hf_load("the RoBERTa tokenizer of", names.roberta,
-                                AutoTokenizer.from_pretrained)
-    roberta_len = roberta_length(roberta, names)
-
-    def tokenize_roberta(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = roberta_tokenizer(texts, padding="max_length", truncation=True,
-                                  max_length=roberta_len, return_tensors="pt")
-        return batch["input_ids"], batch["attention_mask"].bool()
+    roberta, tokenize_roberta = load_roberta(names)
 
     hf_version = transformers.__version__
     infos = {
@@ -470,9 +467,96 @@ def load_real(names: BackboneNames, *, device: str | torch.device, amp: bool) ->
     return Backbones(clip=clip, clip_tokenizer=clip_tokenizer, swin=swin,
                      swin_mean=tuple(swin_processor.image_mean),
                      swin_std=tuple(swin_processor.image_std), ast=ast, roberta=roberta,
-                     roberta_tokenizer=tokenize_roberta, roberta_len=roberta_len,
+                     roberta_tokenizer=tokenize_roberta,
+                     roberta_len=roberta_length(roberta, names),
                      swin_stages=names.swin_stages, swin_grids=names.swin_grids, infos=infos,
                      device=device, amp=amp)
+
+
+def load_clip(names: BackboneNames) -> tuple[nn.Module, ClipTokenizer]:
+    """open_clip's model and tokenizer (cut at ``names.clip_text_tokens``) by name and tag."""
+    import open_clip
+
+    try:
+        clip, _, _ = open_clip.create_model_and_transforms(names.clip_model,
+                                                           pretrained=names.clip_pretrained)
+        context = int(getattr(getattr(clip, "text", clip), "context_length"))
+        clip_len = min(context, names.clip_text_tokens or CLIP_TEXT_TOKENS)
+        clip_tokenizer = functools.partial(open_clip.get_tokenizer(names.clip_model),
+                                           context_length=clip_len)
+    except Exception as err:  # missing, unreachable or unreadable weights: say what to do
+        fetch = (f"python -c \"import open_clip; open_clip.create_model_and_transforms("
+                 f"'{names.clip_model}', pretrained='{names.clip_pretrained}')\"")
+        raise load_failure("CLIP", f"{names.clip_model}/{names.clip_pretrained}", err,
+                           fetch) from err
+    return clip, clip_tokenizer
+
+
+def hf_load(what: str, name: str, load: Callable):
+    try:
+        return load(name)
+    except Exception as err:  # missing, unreachable or unreadable weights: say what to do
+        raise load_failure(what, name, err, f"hf download {name}") from err
+
+
+def roberta_length(roberta: nn.Module, names: BackboneNames) -> int:
+    """RoBERTa tokens kept per caption: ``names.roberta_text_tokens`` (default ROBERTA_LEN),
+    refused beyond the model's positions (RoBERTa numbers them from 2: 514 hold 512 tokens)."""
+    wanted = names.roberta_text_tokens or ROBERTA_LEN
+    most = int(roberta.config.max_position_embeddings) - 2
+    if wanted > most:
+        raise AvrError(f"--roberta-text-tokens {wanted}: RoBERTa {names.roberta!r} reads at most "
+                       f"{most} tokens")
+    return wanted
+
+
+def load_roberta(names: BackboneNames) -> tuple[nn.Module, RobertaTokenizer]:
+    """RoBERTa without its pooler, and its tokenizer padded and cut to ``roberta_length``."""
+    from transformers import AutoTokenizer, RobertaModel
+
+    roberta = hf_load("RoBERTa", names.roberta,
+                      lambda name: RobertaModel.from_pretrained(name, add_pooling_layer=False))
+    roberta_tokenizer = hf_load("the RoBERTa tokenizer of", names.roberta,
+                                AutoTokenizer.from_pretrained)
+    roberta_len = roberta_length(roberta, names)
+
+    def tokenize_roberta(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = roberta_tokenizer(texts, padding="max_length", truncation=True,
+                                  max_length=roberta_len, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"].bool()
+
+    return roberta, tokenize_roberta
+
+
+def load_text_towers(kind: str = "real", names: BackboneNames = BackboneNames(), *,
+                     roberta: bool, device: str | torch.device = "cpu", seed: int = 0,
+                     amp: bool = True) -> TextTowers:
+    """The text side of ``load_backbones(kind, names, seed=seed)`` alone: CLIP (its image tower
+    dropped once loaded) and, with ``roberta``, RoBERTa; the same weights, so a query encodes
+    as the store's captions did."""
+    if kind == "real":
+        check_local_paths(names)
+        clip, clip_tokenizer = load_clip(names)
+        clip.visual = None  # open_clip's encode_text never reads it
+        model, tokenizer = load_roberta(names) if roberta else (None, None)
+        return TextTowers(clip=clip, clip_tokenizer=clip_tokenizer, roberta=model,
+                          roberta_tokenizer=tokenizer, clip_name=names.clip_model,
+                          device=device, amp=amp)
+    if kind == "tiny":
+        from open_clip.tokenizer import SimpleTokenizer
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clip = tiny_clip(seed)
+            if roberta:  # its weights follow Swin's and AST's in build_tiny's seeded stream
+                tiny_swin(), tiny_ast()
+                model = tiny_roberta()
+        return TextTowers(clip=clip, clip_tokenizer=SimpleTokenizer(context_length=TINY_TEXT_LEN),
+                          roberta=model if roberta else None,
+                          roberta_tokenizer=(HashWordTokenizer(TINY_ROBERTA_VOCAB, TINY_TEXT_LEN)
+                                             if roberta else None),
+                          clip_name="tiny-clip", device=device, amp=amp)
+    raise AvrError(f"unknown backbone kind {kind!r}; expected 'real' or 'tiny'")
 
 
 def tiny_clip(seed: int = 0) -> nn.Module:

@@ -78,6 +78,7 @@ from avr.store.group import create_store, open_store, replace_store, store_condi
 from avr.store.info import stored_bytes
 from avr.store.location import store_location
 from avr.store.lock import StoreLock
+from avr.store.media import ensure_media_arrays, write_media
 from avr.store.read import read_rows
 from avr.store.schema import AudioParams, BackboneInfo, CacheSpec
 
@@ -518,6 +519,22 @@ class GeneratedEncoder:
             out[schema.HAS_AUDIO] = torch.from_numpy(plan.has_audio[rows])
         return out
 
+    def thumbnail(self, plan: Plan, look: int) -> bytes:
+        """A drawn strip of the look: the topic's colour behind a square of the first object's
+        colour that moves across the frames, and a dot of the detail's (twins share it)."""
+        from avr.extract.thumbnails import thumbnail_strip
+
+        size, count = THUMBNAIL_PIXELS, schema.THUMBNAIL_FRAMES
+        topic, (first, _, detail) = int(plan.topic[look]), plan.words[look]
+        frames = np.empty((count, size, size, 3), dtype=np.uint8)
+        frames[:] = _colour(topic)
+        side = size // 3
+        for f in range(count):
+            left = f * (size - side) // max(count - 1, 1)
+            frames[f, side:2 * side, left:left + side] = _colour(1000 + topic * 8 + int(first))
+            frames[f, 2:6, 2:6] = _colour(5000 + int(detail))
+        return thumbnail_strip(frames, np.ones(count, dtype=bool))
+
     def _gen(self, kind: int, row: int) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, kind, row]).generate_state(2, np.uint64)
         return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
@@ -589,6 +606,16 @@ def _token_rows(words: torch.Tensor, counts: torch.Tensor, length: int, start: t
 
 # ---- writing ---------------------------------------------------------------------------------
 
+THUMBNAIL_PIXELS = 32  # a generated thumbnail's frames, as the tiny backbones decode them
+
+
+def _colour(index: int) -> np.ndarray:
+    """A saturated colour per index, hues spread by the golden ratio."""
+    import colorsys
+
+    return np.asarray(colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.9)) * 255
+
+
 def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overwrite: bool = False,
                           chunk_rows: int | None = None, compression: str = "zstd", console=None,
                           on_chunk: Callable[[int, int], None] | None = None) -> dict:
@@ -606,6 +633,7 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
         plan = make_plan(settings)
         group = _prepare(location, spec, settings, plan, unwritten, overwrite,
                          settings.command(out), chunk_rows, compression)
+        ensure_media_arrays(group)
         layout = schema.array_layout(spec, settings.videos, len(plan.caption_text),
                                      video_chunk_rows=group[schema.VIDEO_DONE].chunks[0])
         encoder = GeneratedEncoder(spec, settings.seed)
@@ -689,6 +717,8 @@ def _write_videos(group, layout, encoder: GeneratedEncoder, plan: Plan, vocab: V
         values = encoder.encode_videos(plan, vocab, np.arange(start, stop), names)
         lock.check()
         chunk_bytes = _write_chunk(group, layout, start, stop, values)
+        write_media(group, start, stop, np.arange(start, stop), [""] * (stop - start),
+                    [encoder.thumbnail(plan, int(plan.look[r])) for r in range(start, stop)])
         group[schema.VIDEO_DONE][start:stop] = True  # after every array of the rows
         nbytes += chunk_bytes
         progress.advance(task, stop - start, nbytes=chunk_bytes)

@@ -55,6 +55,7 @@ from avr.device import resolve_device
 from avr.errors import AvrError, CacheMismatchError, DecodeError, StoreFullError
 from avr.extract.backbones import BackboneNames, Backbones, load_backbones
 from avr.extract.datasets import DatasetIndex, default_root, load_dataset
+from avr.extract.thumbnails import relative_path
 from avr.progress import Meter
 from avr.store import schema
 from avr.store.group import (create_store, open_store, refuse_foreign, replace_store,
@@ -62,6 +63,7 @@ from avr.store.group import (create_store, open_store, refuse_foreign, replace_s
 from avr.store.info import stored_bytes
 from avr.store.location import reachable_location, store_filesystem, store_location
 from avr.store.lock import StoreLock, WriterToken
+from avr.store.media import ensure_media_arrays, media_root, write_media
 from avr.store.read import read_region, read_rows
 from avr.store.schema import AudioParams, CacheSpec
 
@@ -123,16 +125,20 @@ class _Decoded:
     clip: Any | None  # DecodedClip
     failure: Failure | None
     seconds: float
+    path: str = ""
+    thumbnail: bytes | None = None  # the JPEG strip of a few decoded frames
 
 
 def _decode_one(row: int, video_id: str, path: str, num_frames: int, image_size: int,
                 audio: AudioParams, read_audio: bool = True) -> _Decoded:
     from avr.extract.decode import decode_clip
+    from avr.extract.thumbnails import thumbnail_strip
 
     start = time.perf_counter()
     try:
         clip = decode_clip(Path(path), num_frames, image_size, audio, read_audio=read_audio)
-        return _Decoded(row, clip, None, time.perf_counter() - start)
+        return _Decoded(row, clip, None, time.perf_counter() - start, path,
+                        thumbnail_strip(clip.frames, clip.frame_mask))
     except DecodeError as error:
         reason = getattr(error, "reason", "unreadable")
         return _Decoded(row, None, Failure(video_id, path, reason, str(error)),
@@ -397,6 +403,9 @@ def open_extract_store(config: ExtractConfig, index: DatasetIndex, backbones: Ba
     out = reachable_location(config.out)
     group = prepare_store(out, spec, index, overwrite=config.overwrite,
                           chunk_rows=config.chunk_rows, compression=config.compression)
+    ensure_media_arrays(group)  # a store written before them gets them for the rows to come
+    if media_root(group) != str(index.root.absolute()):
+        group.attrs[schema.ATTR_MEDIA_ROOT] = str(index.root.absolute())
     video_chunk = group[schema.VIDEO_DONE].chunks[0]
     layout = schema.array_layout(spec, len(index.video_ids), len(index.captions),
                                  video_chunk_rows=video_chunk)
@@ -484,6 +493,9 @@ def commit_video_chunk(group, layout, backbones: Backbones, config: ExtractConfi
         values = {name: to_numpy(value, layout[name].dtype) for name, value in encoded.items()}
         lock.check()
         _write_rows(group, layout, start, stop, good_rows, values, not done_region.any())
+        write_media(group, start, stop, good_rows,
+                    [relative_path(d.path, media_root(group)) for d in good],
+                    [d.thumbnail for d in good])
         region = done_region.copy()
         region[good_rows - start] = True
         group[schema.VIDEO_DONE][start:stop] = region  # after every array of the rows

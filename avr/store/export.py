@@ -101,7 +101,9 @@ def select(group, spec, splits, arrays, *, embeddings: bool) -> Selection:
     """The rows and arrays of an export (``Selection``); refuses unknown splits and arrays.
     ``embeddings``: done rows only, and only the arrays asked for (beside the embeddings);
     else every row of the splits, the row index and the arrays asked for (default: all)."""
-    layout = schema.array_layout(spec, 0, 0)
+    # the media arrays (thumbnails, paths) are optional: exported when the store has them
+    layout = [*schema.array_layout(spec, 0, 0),
+              *(name for name in schema.MEDIA_ARRAYS if name in group)]
     for split in splits or ():
         if split not in schema.SPLITS:
             raise AvrError(f"--splits {split}: choose among {', '.join(schema.SPLITS)}")
@@ -303,7 +305,9 @@ def _exported_arrays(group, selection: Selection, meter: Meter, task
     done = integrity.done_rows(group)
     for name in selection.arrays:
         array = group[name]
-        counting = integrity.rows_that_count(name, array, done)
+        # an absent chunk of a media array holds nothing recorded, no damage
+        counting = (np.zeros(0, dtype=np.int64) if name in schema.MEDIA_ARRAYS
+                    else integrity.rows_that_count(name, array, done))
 
         def blocks(name=name, array=array, counting=counting) -> Iterator[np.ndarray]:
             for block in _array_blocks(group, selection, name, counting):

@@ -27,8 +27,9 @@ from avr.store.location import store_filesystem, store_location
 from avr.store.schema import (ATTR_CREATED, ATTR_FAILURES, ATTR_SCHEMA_VERSION, ATTR_SPEC,
                               ATTR_SPLITS, ATTR_UNWRITTEN, CAPTION_ARRAYS, CAPTION_TAG,
                               CAPTION_TEXT, CAPTION_VIDEO, FAILURES_FILE, INDEX_DIR, LOCK_FILE,
-                              SCHEMA_VERSION, SPLITS, VIDEO_DONE, VIDEO_FEATURES, VIDEO_ID,
-                              VIDEO_SPLIT, CacheSpec, array_layout, spec_differences)
+                              MEDIA_ARRAYS, SCHEMA_VERSION, SPLITS, VIDEO_DONE, VIDEO_FEATURES,
+                              VIDEO_ID, VIDEO_SPLIT, ArraySpec, CacheSpec, array_layout,
+                              media_layout, spec_differences)
 
 
 def _is_lock_file(name: str) -> bool:
@@ -39,7 +40,8 @@ def _written_by_avr(name: str) -> bool:
     """Whether a root entry is one avr writes: arrays, metadata, the failure record, the lock,
     the first-stage index, and the temporaries of atomic writes (zarr's ``*.partial``, avr's
     ``*.tmp``)."""
-    is_array = (name in (VIDEO_ID, VIDEO_SPLIT, VIDEO_DONE, *VIDEO_FEATURES, *CAPTION_ARRAYS)
+    is_array = (name in (VIDEO_ID, VIDEO_SPLIT, VIDEO_DONE, *VIDEO_FEATURES, *CAPTION_ARRAYS,
+                         *MEDIA_ARRAYS)
                 or re.fullmatch(r"swin_stage\d+", name) is not None)
     return (is_array or name in ("zarr.json", FAILURES_FILE, INDEX_DIR) or _is_lock_file(name)
             or name.endswith((".partial", ".tmp")))
@@ -138,16 +140,9 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
     n_videos, n_captions = len(video_ids), len(caption_text)
     group = zarr.create_group(_zarr.store_of(path, read_only=False), zarr_format=3)
     layout = array_layout(spec, n_videos, n_captions, video_chunk_rows=video_chunk_rows)
+    layout.update(media_layout(n_videos, layout[VIDEO_DONE].chunk_rows))
     unwritten = dict(unwritten or {})
-    for name, arr in layout.items():
-        chunks = (arr.chunk_rows, *arr.shape[1:])
-        marks = {ATTR_UNWRITTEN: unwritten[name]} if name in unwritten else None
-        if arr.dtype is str:
-            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str,
-                               compressors=compressors, attributes=marks)
-        else:
-            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
-                               compressors=compressors, fill_value=0, attributes=marks)
+    create_arrays(group, layout, compressors, unwritten)
     split_index = {s: i for i, s in enumerate(SPLITS)}
     group[VIDEO_ID][:] = np.asarray(video_ids, dtype=object)
     group[VIDEO_SPLIT][:] = np.asarray([split_index[s] for s in video_splits], dtype=np.int8)
@@ -164,6 +159,21 @@ def create_store(path: str | Path, spec: CacheSpec, video_ids: list[str], video_
         **({ATTR_UNWRITTEN: unwritten} if unwritten else {}),
         **(attrs or {}),
     })
+
+
+def create_arrays(group, layout: dict[str, ArraySpec], compressors: tuple,
+                  unwritten: dict[str, str] | None = None) -> None:
+    """Create the arrays of ``layout`` in ``group``, empty (numbers filled with 0, strings with
+    ""), each marked with the command that leaves it out when ``unwritten`` names it."""
+    for name, arr in layout.items():
+        chunks = (arr.chunk_rows, *arr.shape[1:])
+        marks = {ATTR_UNWRITTEN: unwritten[name]} if unwritten and name in unwritten else None
+        if arr.dtype is str:
+            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=str,
+                               compressors=compressors, attributes=marks)
+        else:
+            group.create_array(name, shape=arr.shape, chunks=chunks, dtype=arr.dtype,
+                               compressors=compressors, fill_value=0, attributes=marks)
 
 
 def open_store(path: str | Path, *, mode: str = "r", expect: CacheSpec | None = None,

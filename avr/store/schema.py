@@ -34,6 +34,15 @@ Caption arrays (M rows)
     roberta_states        f16   [M, L_rob, D_rob]   RoBERTa last hidden states
     roberta_mask          bool  [M, L_rob]
 
+Media arrays (N rows; what a person sees, no head reads them; optional: stores written before
+them lack them, and an absent chunk means "none recorded" for its rows, never damage)
+    video_path            str   [N]                 the clip's file relative to the dataset root
+                                                    (attrs["media_root"]); "" when unknown
+    thumbnails            uint8 [N, THUMBNAIL_BYTES] one JPEG: a strip of THUMBNAIL_FRAMES of the
+                                                    sampled frames side by side, zero-padded (a
+                                                    JPEG ends in 0xFFD9, so trailing zeros are
+                                                    padding); all zeros when none
+
 Head inputs that are not stored (set on the video rows a head encodes, never written)
     audio_hidden          bool  [N]                 True: `avr eval --modalities v` hides this
                                                     clip's audio; the head leaves audio out
@@ -89,6 +98,14 @@ TEXT_TOKEN_MASK = "text_token_mask"
 ROBERTA_STATES = "roberta_states"
 ROBERTA_MASK = "roberta_mask"
 
+# ---- media arrays (optional: see the module docstring) ------------------------------------
+VIDEO_PATH = "video_path"
+THUMBNAILS = "thumbnails"
+MEDIA_ARRAYS = (VIDEO_PATH, THUMBNAILS)
+THUMBNAIL_FRAMES = 4  # frames per strip, spread over the clip's sampled frames
+THUMBNAIL_HEIGHT = 96  # pixels (frames decoded smaller stay as decoded)
+THUMBNAIL_BYTES = 32 << 10  # room for one strip's JPEG
+
 # ---- attributes ---------------------------------------------------------------------------
 ATTR_SCHEMA_VERSION = "schema_version"
 ATTR_SPEC = "spec"
@@ -104,6 +121,7 @@ ATTR_GENERATOR = "generator"  # a generated store's settings and command (avr.ex
 # paragraph per video; `avr eval` reports the 1:1 video-paragraph metrics). Absent: sentences.
 ATTR_CAPTION_PROTOCOL = "caption_protocol"
 PROTOCOL_SENTENCES, PROTOCOL_PARAGRAPHS = "sentences", "paragraphs"
+ATTR_MEDIA_ROOT = "media_root"  # the dataset root ``video_path`` is relative to (absolute)
 
 FAILURES_FILE = "failures.jsonl"
 LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries share the prefix
@@ -271,6 +289,13 @@ def array_layout(spec: CacheSpec, n_videos: int, n_captions: int, *,
     layout.update({name: ArraySpec((n_captions, *shape), dtype, "caption", caption_chunk)
                    for name, (shape, dtype) in per_caption.items()})
     return layout
+
+
+def media_layout(n_videos: int, video_chunk_rows: int) -> dict[str, ArraySpec]:
+    """The media arrays of a store with ``n_videos`` rows, chunked like its video arrays."""
+    chunk = min(video_chunk_rows, max(n_videos, 1))
+    return {VIDEO_PATH: ArraySpec((n_videos,), str, "video", chunk),
+            THUMBNAILS: ArraySpec((n_videos, THUMBNAIL_BYTES), np.uint8, "video", chunk)}
 
 
 def spec_differences(found: CacheSpec, expected: CacheSpec, *, ignore_versions: bool = False

@@ -49,6 +49,7 @@ class SplitTensors:
     caption_text: list[str]
     caption_tags: list[str] = field(default_factory=list)  # "" when untagged
     missing_videos: list[str] = field(default_factory=list)  # ids that failed extraction
+    caption_store_rows: np.ndarray | None = None  # the captions' rows in the store (their ids)
 
     @property
     def num_videos(self) -> int:
@@ -71,7 +72,7 @@ class SplitTensors:
 
         return SplitTensors(self.split, self.spec, self.video_ids, move(self.videos),
                             move(self.captions), self.caption_video.to(device), self.caption_text,
-                            self.caption_tags, self.missing_videos)
+                            self.caption_tags, self.missing_videos, self.caption_store_rows)
 
     def nbytes(self) -> int:
         """Bytes held in memory (arrays left in the store count nothing)."""
@@ -139,7 +140,7 @@ def load_split(path: str | Path, split: str, video_names: tuple[str, ...],
     captions = {name: held(name, index.caption_rows) for name in caption_names}
     return SplitTensors(split, spec, index.video_ids, videos, captions,
                         torch.from_numpy(index.caption_video).to(device), caption_text,
-                        caption_tags, index.missing_videos)
+                        caption_tags, index.missing_videos, index.caption_rows)
 
 
 @dataclass

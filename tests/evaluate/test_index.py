@@ -207,8 +207,9 @@ def test_search_through_the_index_rescores_only_first_stage_candidates(run, stor
     scored = []
     score_rows = search_module.score_rows
     monkeypatch.setattr(search_module, "score_rows",
-                        lambda head, query, group, rows, device: scored.append(rows.size)
-                        or score_rows(head, query, group, rows, device))
+                        lambda head, query, videos, device: scored.append(
+                            len(videos[schema.FRAME_EMBEDDINGS]))
+                        or score_rows(head, query, videos, device))
     few = search("caption 3 of video 1", run, k=3, split="train", device="cpu",
                  index=tmp_path / "index", candidates=5)
     assert scored == [5]

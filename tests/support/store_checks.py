@@ -40,7 +40,8 @@ def reference_extract(root: Path, tmp_path_factory, chunk_rows: int) -> Path:
 
 def read_store(path: Path) -> dict[str, np.ndarray]:
     group, spec = open_store(path)
-    return {name: np.asarray(group[name][:]) for name in schema.array_layout(spec, 0, 0)}
+    names = [*schema.array_layout(spec, 0, 0), *(n for n in schema.MEDIA_ARRAYS if n in group)]
+    return {name: np.asarray(group[name][:]) for name in names}
 
 
 def assert_same_store(a: Path, b: Path) -> None:
