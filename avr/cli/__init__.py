@@ -29,9 +29,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     is shown its usual way (short usage, the problem, exit status 2) whichever click typer is
     built on (its vendored copy or the click package); an AvrError prints one line and exits 2.
     Returns normally when the command succeeds, so tests and scripts can call it."""
+    args = _eval_json_path(list(sys.argv[1:] if argv is None else argv))
     try:
         try:
-            app(args=argv)
+            app(args=args)
         except Exception as error:
             from avr.store.location import remote_failure
 
@@ -48,3 +49,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     except SystemExit as done:
         if done.code not in (0, None):
             raise
+
+
+def _eval_json_path(args: list[str]) -> list[str]:
+    """`avr eval --json PATH`, from when --json took the file to write: PATH now goes to
+    --json-out (``--json`` alone prints the metrics), with a note on stderr."""
+    if "eval" not in args:
+        return args
+    for i in range(args.index("eval") + 1, len(args) - 1):
+        if args[i] == "--json" and not args[i + 1].startswith("-"):
+            err_console.print(f"note: `--json {args[i + 1]}` is now `--json-out "
+                              f"{args[i + 1]}` (--json alone prints the metrics)",
+                              highlight=False, soft_wrap=True)
+            return [*args[:i], "--json-out", *args[i + 1:]]
+    return args

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from avr.cli import _options as options
-from avr.cli._app import app, console
+from avr.cli._app import app, command_group, console
 from avr.errors import AvrError
 
 
@@ -37,9 +37,8 @@ def demo(
 
 
 
-bench_app = typer.Typer(no_args_is_help=True,
-                        help="Measure a stage on VATEX-shaped work beside the straightforward way "
-                             "(BENCHMARKS.md), or write a VATEX-shaped store from a generator.")
+bench_app = command_group("Measure a stage on VATEX-shaped work beside the straightforward way "
+                          "(BENCHMARKS.md), or write a VATEX-shaped store from a generator.")
 app.add_typer(bench_app, name="bench")
 
 

@@ -64,7 +64,11 @@ def eval_(
                                                    help="Write sim [captions x videos], "
                                                         "caption_video and the names of its rows "
                                                         "and columns to this .npz."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON to stdout "
+                                 "(instead of the table)."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the metrics as "
+                                            "JSON to this file (metrics.json in the run is "
+                                            "always written)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md with plots "
                                                                  "into this directory."),
     index: Optional[str] = typer.Option(None, "--index", help="First-stage index for "
@@ -87,6 +91,7 @@ def eval_(
                                     "caption in --per-query."),
 ):
     """Evaluate a trained run: t2v and v2t R@1/5/10, MdR, MnR from the head's own scores."""
+    import json
 
     import numpy as np
 
@@ -97,6 +102,8 @@ def eval_(
                         modalities=modalities, device=device, report=report, index=index,
                         score_chunk=score_chunk, memory_budget=memory_budget, resident=resident,
                         per_query=per_query, per_query_k=per_query_k)
+    if as_json:
+        console.quiet = True
     result = evaluate_run(run, cache, config)
     if result.residency["tokens"] == "store" or resident == "int8":
         held = ("read from the store a batch of rows at a time"
@@ -111,6 +118,8 @@ def eval_(
         console.print(f"[yellow]{len(result.missing_videos)} {split} videos failed extraction; "
                       f"their captions count as failed queries[/]")
     write_metrics(result, json_out)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
     if save_similarity is not None:
         np.savez(save_similarity, **result.similarity_arrays())
         console.print(f"similarity -> {save_similarity}")
@@ -152,7 +161,7 @@ def search(
     queries: Optional[Path] = typer.Option(None, "--queries", help="A UTF-8 file of queries, one "
                                            "per line, answered in one run."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
-    k: int = typer.Option(10, "--k", min=1, help="How many videos to show."),
+    k: int = typer.Option(10, "-k", "--top-k", "--k", min=1, help="How many videos to show."),
     split: str = typer.Option("test", help="test | val | train | all.",
                               callback=options.one_of("test", "val", "train", "all")),
     device: str = options.device(),

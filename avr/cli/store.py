@@ -10,13 +10,13 @@ import typer
 from rich.markup import escape
 
 from avr.cli import _options as options
-from avr.cli._app import app, console
+from avr.cli._app import app, command_group, console
 
 EXPORT_FORMATS = ("h5", "npy", "parquet", "clip-retrieval", "hf")  # avr.store.export.FORMATS
 
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and export feature caches.")
+cache_app = command_group("Inspect and export feature caches.")
 app.add_typer(cache_app, name="cache")
-index_app = typer.Typer(no_args_is_help=True, help="Build the first-stage faiss index of a cache.")
+index_app = command_group("Build the first-stage faiss index of a cache.")
 app.add_typer(index_app, name="index")
 
 
@@ -236,7 +236,8 @@ def cache_break_lock(
 
 @cache_app.command("thumbnails")
 def cache_thumbnails(
-    path: str = options.store_argument(...),
+    store: Optional[str] = options.store_argument(),
+    cache: Optional[str] = options.store_option(),
     root: Path = typer.Option(..., "--root", help="The dataset root the store was extracted "
                                                  "from (its videos/ folder holds the clips)."),
 ):
@@ -244,6 +245,7 @@ def cache_thumbnails(
     store written without them; under the store's lock)."""
     from avr.extract.thumbnails import add_thumbnails
 
+    path = options.the_store(store, cache)
     summary = add_thumbnails(path, root, console=console)
     console.print(f"{summary.store}: thumbnails of {summary.written:,} of {summary.videos:,} "
                   f"videos ({summary.with_file:,} with a file under {root}) in "
