@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
-def train(cache: str | Path = "cache", head: str = "tefal", run_dir: str | Path | None = None,
+def train(cache: str | Path | None = None, head: str = "tefal",
+          run_dir: str | Path | None = None,
           *, resume: str | Path | None = None, config_file: str | Path | None = None,
           on_epoch=None, **options: Any):
-    """Train a head on a store as `avr train` does (``resume``: continue that run; ``options``:
+    """Train a head on a store (default ``cache/``; a resumed run's own) as `avr train` does
+    (``resume``: continue that run; ``options``:
     training options such as ``epochs``, ``lr``, ``pairs`` and the head's own such as
     ``fusion`` or ``dropout``; unset ones come from the schedule). Returns the
     ``avr.fuse.trainer.TrainResult``."""
@@ -29,7 +31,8 @@ def train(cache: str | Path = "cache", head: str = "tefal", run_dir: str | Path 
 
     training = {k: v for k, v in options.items() if k in TRAIN_FIELDS}
     request = TrainRequest(
-        cache=str(cache), config_file=_path(config_file), run_dir=_path(run_dir),
+        cache=None if cache is None else str(cache), config_file=_path(config_file),
+        run_dir=_path(run_dir),
         resume=_path(resume), train={**training, "head": head if resume is None else None},
         head={k: v for k, v in options.items() if k not in TRAIN_FIELDS})
     return train_from_options(request, on_epoch=on_epoch)

@@ -64,9 +64,10 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4; 3e-3 on a store "
                                                   "of random backbones).",
                                        callback=options.positive),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0,
+                                                 help="AdamW weight decay (default 0.2)."),
     warmup: Optional[float] = typer.Option(None, min=0.0, max=1.0,
-                                           help="Warmup fraction of all steps."),
+                                           help="Warmup fraction of all steps (default 0.1)."),
     temperature: Optional[float] = typer.Option(None, help="Initial softmax temperature "
                                                 "(default 0.01: CLIP's logit scale, 100; 0.07, "
                                                 "CLIP's from-scratch start, on a store of "
@@ -80,11 +81,15 @@ def train(
                                         callback=options.one_of("one", "all")),
     early_stop: Optional[int] = typer.Option(None, "--early-stop", min=0,
                                              help="Stop after N epochs without a better val R@1."),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="Seed of the head's initialisation and of the "
+                                                  "batches (default 42)."),
     device: Optional[str] = options.device(None),
     memory_budget: Optional[float] = options.memory_budget(),
     resident: Optional[str] = options.resident(),
     opt: list[str] = options.opts("Any training or head option as key=value."),
+    logger: list[str] = typer.Option([], "--logger", help="Also log every epoch to wandb or "
+                                     "mlflow (repeatable; TensorBoard events are written "
+                                     "whenever tensorboard is installed)."),
     config: Optional[Path] = typer.Option(None, "--config", help="run.toml with the same keys."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir",
                                            help="Where the run goes (default runs/<time>-<head>)."),
@@ -102,7 +107,8 @@ def train(
         cache=cache, config_file=config, opts=opt, run_dir=run_dir, resume=resume,
         train=dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr,
                    weight_decay=weight_decay, warmup=warmup, pairs=pairs, early_stop=early_stop,
-                   seed=seed, device=device, memory_budget=memory_budget, resident=resident),
+                   seed=seed, device=device, memory_budget=memory_budget, resident=resident,
+                   loggers=tuple(logger) or None),
         head=dict(temperature=temperature, dropout=dropout, fusion=fusion))
     shown = _TrainProgress()
     try:

@@ -21,6 +21,7 @@ from avr.evaluate import metrics, report
 from avr.evaluate.per_query import DEFAULT_TOP_K, explain_all, per_query_table, write_per_query
 from avr.evaluate.score import score_captions, score_split
 from avr.fuse import checkpoint
+from avr.fuse.loggers import log_test_metrics
 from avr.fuse.heads.base import RetrievalHead, State
 from avr.fuse.residency.plan import split_fits, work_bytes as budget_work_bytes
 from avr.store import schema
@@ -110,7 +111,7 @@ class EvalResult:
 def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
     """``metrics.json`` in the run directory (``metrics_<split>_<modalities>.json`` for other
     splits or ablations), written under the run folder's lock, and a copy at ``extra`` when
-    given."""
+    given; the test metrics go to the run's TensorBoard events too."""
     import json
 
     payload = json.dumps(result.to_json(), indent=2)
@@ -119,6 +120,11 @@ def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
                              f"metrics_{result.split}_{result.modalities}.json")
     with checkpoint.run_lock(result.run_dir):
         checkpoint.write_atomically(path, payload.encode())
+        if default:  # the test metrics beside the run's val curves, at its best epoch
+            best = max(checkpoint.read_log(result.run_dir), key=lambda log: log.val_r1,
+                       default=None)
+            log_test_metrics(result.run_dir, result.metrics["t2v"],
+                             best.epoch if best is not None else 0)
     if extra is not None:
         extra.write_text(payload)
     return path

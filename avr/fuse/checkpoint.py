@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,9 @@ class EpochLog:
     pairs_per_s: float
     temperature: float
     parts: dict[str, float] = field(default_factory=dict)  # the head's loss parts, epoch means
+    val_r5: float = math.nan  # the rest of the validation metrics (runs before them: nan)
+    val_r10: float = math.nan
+    val_mdr: float = math.nan
 
     def row(self) -> dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "parts"}
@@ -228,6 +232,7 @@ class EpochLog:
 
 
 LOG_COLUMNS = tuple(f.name for f in dataclasses.fields(EpochLog) if f.name != "parts")
+LATER_COLUMNS = ("val_r5", "val_r10", "val_mdr")  # a log written before them lacks them
 
 
 @dataclass
@@ -317,7 +322,8 @@ def read_log(run_dir: Path) -> list[EpochLog]:
                                      float(r["lr"]), float(r["seconds"]),
                                      float(r["pairs_per_s"]), float(r["temperature"]),
                                      {k: float(v) for k, v in r.items()
-                                      if k not in LOG_COLUMNS and k is not None and v}))
+                                      if k not in LOG_COLUMNS and k is not None and v},
+                                     *(float(r.get(k) or math.nan) for k in LATER_COLUMNS)))
             except (KeyError, TypeError, ValueError) as error:
                 raise RunError(f"{path}, line {line}: not a row avr writes ({error}); the file "
                                f"was edited") from None

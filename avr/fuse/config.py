@@ -21,6 +21,7 @@ from avr.device import resolve_device
 from avr.errors import AvrError, InputFileError
 from avr.files import read_text
 from avr.fuse.fields import typed_fields
+from avr.fuse.loggers import LOGGERS
 from avr.fuse.heads import head_class, make_config
 from avr.store.splits import RESIDENT
 
@@ -70,6 +71,8 @@ class TrainConfig:
     video_block: int | None = None
     resident: str = "fp16"  # token arrays held as stored, or "int8" with a per-token fp16 scale
     shuffle_buffer: int = 0  # pairs in a streamed split's shuffle buffer; 0: chosen by the budget
+    # Loggers beside log.csv and TensorBoard (avr.fuse.loggers): "wandb", "mlflow".
+    loggers: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Every value finite and in range, the head's options its config's, the device known:
@@ -96,6 +99,9 @@ class TrainConfig:
             raise AvrError(f"memory_budget is in GB and must be > 0, not {self.memory_budget}")
         if self.resident not in RESIDENT:
             raise AvrError(f"resident must be {' or '.join(RESIDENT)}, not {self.resident!r}")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise AvrError(f"logger {unknown[0]!r} is not one of {', '.join(LOGGERS)}")
         if self.shuffle_buffer < 0:
             raise AvrError(f"shuffle_buffer must be >= 0 pairs, not {self.shuffle_buffer}")
         if self.early_stop < 0 or self.score_chunk < 0 or (self.video_block or 0) < 0:
@@ -126,7 +132,7 @@ def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
 
 # Options a resumed run may change: they decide how long and where it trains, not what it
 # learns at each step. Every other option is the run's own (``resume_changes`` refuses it).
-RESUMABLE = ("epochs", "early_stop", "device", "amp", "score_chunk", "memory_budget")
+RESUMABLE = ("epochs", "early_stop", "device", "amp", "score_chunk", "memory_budget", "loggers")
 
 
 def split_options(options: dict[str, Any], head: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -53,8 +53,9 @@ from avr.fuse.heads import build_head, head_class
 from avr.fuse.heads.base import RetrievalHead, symmetric_infonce
 from avr.fuse.loading import CacheData
 from avr.fuse.optim import StackedAdamW
+from avr.fuse.loggers import RunLoggers
 from avr.fuse.trainer import (TrainResult, claim_run_folder, end_epoch, run_config_dict,
-                              seed_everything, tensorboard, val_recall_at_1)
+                              seed_everything, val_metrics)
 from avr.store.quantize import on_device
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
@@ -214,7 +215,7 @@ class _Trial:
     head: RetrievalHead  # its own module: initialised with its seed, holds it for validation
     run_dir: Path
     progress: RunProgress = dataclasses.field(default_factory=RunProgress)
-    writer: object = None  # its TensorBoard events
+    loggers: RunLoggers | None = None
     active: bool = True
 
 
@@ -244,10 +245,11 @@ def _train_together(cache_path, configs: list[TrainConfig], run_dirs: list[Path]
         config.validate()
         seed_everything(config.seed)  # each head starts as it would alone
         head = build_head(config.head, cache.spec, config.head_options).to(device)
-        checkpoint.write_config(run_dir, run_config_dict(cache_path, config, None,
-                                                         cache.identity, head, ddp.SINGLE,
-                                                         cache.plan))
-        trials.append(_Trial(config, head, run_dir, writer=tensorboard(run_dir)))
+        recorded = run_config_dict(cache_path, config, None, cache.identity, head, ddp.SINGLE,
+                                   cache.plan)
+        checkpoint.write_config(run_dir, recorded)
+        trials.append(_Trial(config, head, run_dir,
+                             loggers=RunLoggers(run_dir, recorded, config.loggers)))
     trainable = {name for name, p in trials[0].head.named_parameters() if p.requires_grad}
     stacked, buffers = stack_module_state([_PairLoss(t.head) for t in trials])
     params = {k: v.detach().requires_grad_(True) for k, v in stacked.items()
@@ -287,7 +289,7 @@ def _train_together(cache_path, configs: list[TrainConfig], run_dirs: list[Path]
         train_seconds = time.perf_counter() - epoch_start
         mean_loss = torch.stack(losses).float().mean(0) if losses else None
         lr = optimizer.lrs()
-        val_r1 = _stacked_val_r1(scores, params, buffers, cache, device, first)
+        val = _stacked_val_metrics(scores, params, buffers, cache, device, first)
         log_scale = {**params, **buffers}["head.logit_scale"].detach()  # RetrievalHead.scale()
         for k, trial in enumerate(trials):
             if not trial.active:
@@ -295,15 +297,15 @@ def _train_together(cache_path, configs: list[TrainConfig], run_dirs: list[Path]
             log = _trial_log(trial, epoch, float(mean_loss[k]) if mean_loss is not None
                              else math.nan, lr[k], time.perf_counter() - epoch_start,
                              seen / max(train_seconds, 1e-9), cache, device,
-                             None if val_r1 is None else val_r1[k],
+                             None if val is None else val[k],
                              float(1.0 / log_scale[k].exp()),
                              lambda k=k: _load_trial(trials[k].head, params, buffers, k))
             early = end_epoch(trial.progress, log, trial.config, trial.head, trial.run_dir,
-                              trial.writer)
+                              trial.loggers)
             stop = on_epoch is not None and on_epoch(k, log)
             trial.active = not (stop or early)
     for trial in trials:
-        trial.writer.close()
+        trial.loggers.close()
     seconds = time.perf_counter() - started
     return [TrainResult(t.run_dir, t.progress.best_epoch, t.progress.best_r1, t.progress.history,
                         seconds, data.num_videos) for t in trials]
@@ -334,11 +336,12 @@ def _load_trial(head: RetrievalHead, params: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def _stacked_val_r1(scores: _PairScores, params: dict[str, torch.Tensor],
-                    buffers: dict[str, torch.Tensor], cache: CacheData, device: torch.device,
-                    config: TrainConfig) -> list[float] | None:
-    """Val R@1 of every trial from one vmapped scoring of the whole val split (``avr eval``'s
-    conventions, as ``val_recall_at_1``); None when the split is not plain tensors or its
+def _stacked_val_metrics(scores: _PairScores, params: dict[str, torch.Tensor],
+                         buffers: dict[str, torch.Tensor], cache: CacheData,
+                         device: torch.device, config: TrainConfig
+                         ) -> list[dict[str, float]] | None:
+    """Val metrics of every trial from one vmapped scoring of the whole val split (``avr
+    eval``'s conventions, as ``trainer.val_metrics``); None when the split is not plain tensors or its
     scores' work for every trial would pass ``STACKED_VAL_BYTES`` (or the plan's working
     memory under --memory-budget): then trial by trial."""
     from avr.evaluate import metrics
@@ -363,18 +366,20 @@ def _stacked_val_r1(scores: _PairScores, params: dict[str, torch.Tensor],
         sim = vmap(lambda p, b: functional_call(scores, (p, b), (videos, captions)))(
             params, buffers)
     targets = val.caption_video.cpu()
-    return [metrics.metrics_from_ranks(metrics.t2v_ranks(s.cpu(), targets))["R1"] for s in sim]
+    return [metrics.metrics_from_ranks(metrics.t2v_ranks(s.cpu(), targets)) for s in sim]
 
 
 def _trial_log(trial: _Trial, epoch: int, loss: float, lr: float, seconds: float,
                pairs_per_s: float, cache: CacheData, device: torch.device,
-               val_r1: float | None, temperature: float, load: Callable[[], None]) -> EpochLog:
-    """One trial's epoch: val R@1 (unless given) and its log. ``load()`` copies the trial's
-    stacked state into ``trial.head``: done only when the head validates itself or may be saved
-    as the trial's best."""
-    if val_r1 is None or val_r1 > trial.progress.best_r1:
+               val: dict[str, float] | None, temperature: float,
+               load: Callable[[], None]) -> EpochLog:
+    """One trial's epoch: its val metrics (unless given) and its log. ``load()`` copies the
+    trial's stacked state into ``trial.head``: done only when the head validates itself or may
+    be saved as the trial's best."""
+    if val is None or val["R1"] > trial.progress.best_r1:
         load()
-    if val_r1 is None:
-        val_r1 = val_recall_at_1(trial.head, cache.val, device, trial.config,
-                                 cache.plan.work_bytes if cache.plan else None)
-    return EpochLog(epoch + 1, loss, val_r1, lr, seconds, pairs_per_s, temperature)
+    if val is None:
+        val = val_metrics(trial.head, cache.val, device, trial.config,
+                          cache.plan.work_bytes if cache.plan else None)
+    return EpochLog(epoch + 1, loss, val["R1"], lr, seconds, pairs_per_s, temperature, {},
+                    val["R5"], val["R10"], val["MdR"])

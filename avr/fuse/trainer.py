@@ -44,6 +44,7 @@ from avr.fuse.config import (RESUMABLE, TrainConfig, TrainRequest, resume_change
 from avr.fuse.ddp import World
 from avr.fuse.heads import build_head
 from avr.fuse.heads.base import RetrievalHead
+from avr.fuse.loggers import RunLoggers
 from avr.fuse.loading import CacheData, load_cache, require_head_arrays
 from avr.fuse.optim import make_optimizer
 from avr.fuse.residency import ResidencyPlan
@@ -124,7 +125,9 @@ def fit(run: Run, on_epoch: EpochCallback | None = None) -> TrainResult:
     once the epoch under way is saved (a second Ctrl-C at once): ``RunInterrupted`` says how
     to resume."""
     config, state, world = run.config, run.state, run.world
-    writer = tensorboard(run.run_dir) if run.run_dir is not None and world.is_main else None
+    loggers = None
+    if run.run_dir is not None and world.is_main:
+        loggers = RunLoggers(run.run_dir, checkpoint.read_config(run.run_dir), config.loggers)
     started = time.perf_counter()
     try:
         with ctrl_c_ends_the_epoch() as interrupted:
@@ -132,13 +135,15 @@ def fit(run: Run, on_epoch: EpochCallback | None = None) -> TrainResult:
                 epoch_start = time.perf_counter()
                 loss, parts, seen = train_epoch(run, epoch)
                 train_seconds = time.perf_counter() - epoch_start
-                val_r1 = ddp.broadcast_object(validate(run) if world.is_main else None, world)
-                log = EpochLog(epoch + 1, loss, val_r1, state.scheduler.get_last_lr()[0],
+                val = ddp.broadcast_object(validate(run) if world.is_main else None, world)
+                log = EpochLog(epoch + 1, loss, val["R1"], state.scheduler.get_last_lr()[0],
                                time.perf_counter() - epoch_start,
                                seen / max(train_seconds, 1e-9),
-                               float(1.0 / state.head.scale().detach()), parts)
+                               float(1.0 / state.head.scale().detach()), parts,
+                               val["R5"], val["R10"], val["MdR"])
                 stop = end_epoch(state.progress, log, config, state.head,
-                                 run.run_dir if world.is_main else None, writer, state.save_last)
+                                 run.run_dir if world.is_main else None, loggers,
+                                 state.save_last)
                 asked = bool(on_epoch(epoch + 1, log)) if on_epoch is not None and \
                     world.is_main else False
                 if ddp.broadcast_object(asked, world) or stop:
@@ -152,8 +157,8 @@ def fit(run: Run, on_epoch: EpochCallback | None = None) -> TrainResult:
                              f"{config.epochs} epochs; {run.run_dir} keeps them: continue with "
                              f"`avr train --resume {run.run_dir}`") from None
     finally:
-        if writer is not None:
-            writer.close()
+        if loggers is not None:
+            loggers.close()
     ddp.barrier(world)  # the run directory is complete when any rank returns
     return TrainResult(run.run_dir, state.progress.best_epoch, state.progress.best_r1,
                        state.progress.history, time.perf_counter() - started,
@@ -239,32 +244,33 @@ def batch_loss(head: RetrievalHead, videos: HeldRows, captions: HeldRows, counts
 
 # ---- validation and the end of an epoch -----------------------------------------------------------
 
-def validate(run: Run) -> float:
-    """Val text-to-video R@1 of the run's head."""
+def validate(run: Run) -> dict[str, float]:
+    """Val text-to-video metrics of the run's head (R1, R5, R10, MdR, ...)."""
     plan = run.cache.plan
-    return val_recall_at_1(run.state.head, run.cache.val, run.device, run.config,
-                           plan.work_bytes if plan else None)
+    return val_metrics(run.state.head, run.cache.val, run.device, run.config,
+                       plan.work_bytes if plan else None)
 
 
-def val_recall_at_1(head: RetrievalHead, val: SplitTensors, device: torch.device,
-                    config: TrainConfig, work_bytes: int | None = None) -> float:
-    """Val text-to-video R@1 in percent, by the conventions of `avr eval`
+def val_metrics(head: RetrievalHead, val: SplitTensors, device: torch.device,
+                config: TrainConfig, work_bytes: int | None = None) -> dict[str, float]:
+    """Val text-to-video R@1, R@5, R@10 (percent), MdR and MnR, by the conventions of `avr eval`
     (:mod:`avr.evaluate.metrics`: failed videos count as misses, ties are not wins); scored
     within ``work_bytes`` of working memory when given (the plan's, under --memory-budget)."""
     from avr.evaluate import metrics
 
     sim = score_split(head, val.videos, val.captions, device, amp=config.amp,
                       score_chunk=config.score_chunk, work_bytes=work_bytes).sim
-    return metrics.metrics_from_ranks(metrics.t2v_ranks(sim, val.caption_video.cpu()))["R1"]
+    return metrics.metrics_from_ranks(metrics.t2v_ranks(sim, val.caption_video.cpu()))
 
 
 def end_epoch(progress: RunProgress, log: EpochLog, config: TrainConfig, head: RetrievalHead,
-              run_dir: Path | None, writer=None,
+              run_dir: Path | None, loggers: RunLoggers | None = None,
               save_last: Callable[[Path], None] | None = None) -> bool:
     """The end of an epoch, for a run alone and for each stacked trial: the log recorded, the
     best checkpoint kept when val R@1 improved (``head``: the weights to keep), last.safetensors
-    (``save_last``, for a run that can resume), a row of log.csv and TensorBoard scalars in
-    ``run_dir`` (None: nothing written). Returns whether early stopping ends the run here."""
+    (``save_last``, for a run that can resume), a row of log.csv in ``run_dir`` (None: nothing
+    written) and the epoch's figures to the run's ``loggers``. Returns whether early stopping
+    ends the run here."""
     progress.epoch = log.epoch
     progress.history.append(log)
     improved = log.val_r1 > progress.best_r1
@@ -277,23 +283,9 @@ def end_epoch(progress: RunProgress, log: EpochLog, config: TrainConfig, head: R
         if save_last is not None:
             save_last(run_dir)
         checkpoint.append_log(run_dir, log)
-        if writer is not None:
-            write_scalars(writer, log)
+    if loggers is not None:
+        loggers.epoch(log)
     return bool(config.early_stop) and log.epoch - progress.best_epoch >= config.early_stop
-
-
-def write_scalars(writer, log: EpochLog) -> None:
-    for key in ("loss", "val_r1", "lr", "temperature", "pairs_per_s"):
-        writer.add_scalar(key, getattr(log, key), log.epoch)
-    for name, value in log.parts.items():
-        writer.add_scalar(f"loss_parts/{name}", value, log.epoch)
-    writer.flush()
-
-
-def tensorboard(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(run_dir))
 
 
 # ---- entry points --------------------------------------------------------------------------------

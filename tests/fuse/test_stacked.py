@@ -83,8 +83,8 @@ def test_validation_of_every_trial_at_once_equals_trial_by_trial(tmp_path, tiny_
     configs = configs_of("xpool", epochs=2)
     cache = trainer.load_cache(store, "xpool", torch.device("cpu"))
     calls = []
-    original = stacked._stacked_val_r1
-    monkeypatch.setattr(stacked, "_stacked_val_r1",
+    original = stacked._stacked_val_metrics
+    monkeypatch.setattr(stacked, "_stacked_val_metrics",
                         lambda *args: calls.append(original(*args)) or calls[-1])
     curves = {}
     for limit in ("at once", "trial by trial"):
@@ -92,10 +92,12 @@ def test_validation_of_every_trial_at_once_equals_trial_by_trial(tmp_path, tiny_
             monkeypatch.setattr(stacked, "STACKED_VAL_BYTES", 0)
         results = stacked.train_stacked(store, configs,
                                         [tmp_path / f"{limit}-{k}" for k in range(3)], cache)
-        curves[limit] = [[h.val_r1 for h in r.history] for r in results]
-    assert [r1 is None for r1 in calls] == [False, False, True, True]  # both ways were taken
+        curves[limit] = [[(h.val_r1, h.val_r5, h.val_r10, h.val_mdr) for h in r.history]
+                         for r in results]
+    assert [val is None for val in calls] == [False, False, True, True]  # both ways were taken
     assert curves["at once"] == curves["trial by trial"]
-    assert all(0 < r1 <= 100 for curve in curves["at once"] for r1 in curve)
+    assert all(0 < r1 <= r5 <= r10 <= 100 and mdr >= 1
+               for curve in curves["at once"] for r1, r5, r10, mdr in curve)
 
 
 @pytest.mark.parametrize("x_grad", [True, False])
