@@ -18,7 +18,7 @@ from support.stores import make_learnable_store
     (["train", "--bogus"], "No such option: --bogus"),
     (["train", "--lr", "abc"], "Invalid value for '--lr'"),
     (["train", "--epochs", "-1"], "Invalid value for '--epochs'"),
-    (["cache", "export", "cache"], "Missing argument"),
+    (["cache", "export", "--format"], "Option '--format' requires an argument"),
 ])
 def test_a_usage_error_of_the_console_script_prints_the_short_usage_and_exits_2(args, expected):
     assert_usage_error(run_avr(*args), expected)
