@@ -31,7 +31,7 @@ from avr.device import resolve_device
 from avr.errors import AvrError
 from avr.evaluate import index as first_stage
 from avr.evaluate.evaluator import mask_modalities, open_run, resolve_run
-from avr.evaluate.score import encode_video_rows, score_captions, score_split
+from avr.evaluate.score import encode_video_rows, pair_bytes, score_captions, score_split
 from avr.files import read_text
 from avr.fuse.heads.base import RetrievalHead
 from avr.fuse.residency import split_fits
@@ -44,6 +44,7 @@ from avr.store.splits import load_split, split_rows
 RANDOM_WEIGHTS = "random:"
 EXHAUSTIVE_MAX_VIDEOS = 10_000  # up to here the head scores every video of a split
 CANDIDATES_PER_HIT = 10
+SEARCH_BLOCK_BYTES = 256 << 20  # a scoring block's work on the CPU (``_videos_per_block``)
 ROBERTA_INPUTS = (schema.ROBERTA_STATES, schema.ROBERTA_MASK)
 
 
@@ -184,7 +185,9 @@ class Searcher:
         """Per query, the store rows of the gallery's best ``k`` videos and their scores
         (``caption``: the queries as cached caption rows, the first stage's vectors included)."""
         if gallery.index is None:
-            sim = score_captions(self.head, query_rows, gallery.states, self.device).sim.numpy()
+            sim = score_captions(self.head, query_rows, gallery.states, self.device,
+                                 score_chunk=self._videos_per_block(gallery, query_rows)).sim
+            sim = sim.numpy()
             return self._best(sim, [gallery.rows] * len(sim), k)
         wanted = self.candidates or CANDIDATES_PER_HIT * k
         _, found = first_stage.search(
@@ -200,6 +203,16 @@ class Searcher:
             rows += best_rows
             scores += best_scores
         return rows, scores
+
+    def _videos_per_block(self, gallery: Gallery, query_rows) -> int:
+        """On the CPU, as many videos per ``head.score`` call as keep a block's work within
+        SEARCH_BLOCK_BYTES: a few queries against a split in blocks of 64 videos (eval's CPU
+        default, sized for thousands of captions) pay the call overhead hundreds of times.
+        On a GPU, 0: avr.evaluate.score sizes blocks by the free memory."""
+        if self.device.type != "cpu":
+            return 0
+        queries = len(next(iter(query_rows.values())))
+        return max(1, SEARCH_BLOCK_BYTES // (queries * pair_bytes(gallery.states)))
 
     @staticmethod
     def _best(sim: np.ndarray, rows: list[np.ndarray], k: int):

@@ -33,7 +33,7 @@ def test_a_usage_error_of_the_console_script_prints_the_short_usage_and_exits_2(
     (["sweep", "--grid", "lr=1e-3", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["eval", "--split", "dev"], "'dev' is not one of test, val"),
     (["eval", "--rerank-k", "0"], "Invalid value for '--rerank-k'"),
-    (["search"], "Missing argument"),
+    (["search"], "give a QUERY or --queries FILE"),
     (["search", "a dog", "--k", "0"], "Invalid value for '--k'"),
     (["cache", "export", "cache", "out.zip", "--format", "zip"], "'zip' is not one of h5"),
     (["index", "build", "--kind", "lsh"], "'lsh' is not one of auto, flat, ivf, hnsw"),
