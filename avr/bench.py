@@ -145,14 +145,23 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
                 Figure("raw sequential read of the same chunk files", on_disk / 1e6 / raw,
                        "MB/s", f"the stream reaches {100 * raw / seconds:.0f}% of it")]
     run = trainer.build_run(config, cache, device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     _, _, pairs = trainer.train_epoch(run, 0, max_batches=steps)
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    batches = max(1, math.ceil(pairs / batch_size))
+    peak = after.ru_maxrss * 1024  # KiB on Linux
     figures += [Figure(f"train {head_name}: {pairs} pairs", pairs / seconds, "pairs/s",
                        f"{pairs * pair_bytes / 1e6 / seconds:.1f} MB/s of rows trained on "
-                       f"(16-bit), {seconds:.1f} s"),
+                       f"(16-bit), {seconds:.1f} s, {seconds / batches:.2f} s a step"),
+                Figure("minor page faults while training, a step",
+                       (after.ru_minflt - before.ru_minflt) / batches, "faults",
+                       f"over {batches} steps"),
+                Figure("CPU time while training, a step: system",
+                       (after.ru_stime - before.ru_stime) / batches, "s",
+                       f"user {(after.ru_utime - before.ru_utime) / batches:.2f} s"),
                 Figure("peak resident memory (RSS) of this process", peak / 1e9, "GB")]
     if device.type == "cuda":
         figures.append(Figure("peak GPU memory allocated",
