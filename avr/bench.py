@@ -52,7 +52,7 @@ class Figure:
         return f"{self.name:<48} {self.value:>12.4g} {self.unit:<10} {self.note}"
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -60,12 +60,12 @@ def _sync(device: torch.device) -> None:
 def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
     """Best wall time of ``repeat`` runs after one warm-up run."""
     fn()
-    _sync(device)
+    synchronize(device)
     best = math.inf
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -148,7 +148,7 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     _, _, pairs = trainer.train_epoch(run, 0, max_batches=steps)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     batches = max(1, math.ceil(pairs / batch_size))
@@ -289,7 +289,7 @@ def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None 
         start = time.perf_counter()
         array = np.fromfile(raw, dtype=np.float16)
         torch.from_numpy(array).to(device)
-        _sync(device)
+        synchronize(device)
         raw_s = time.perf_counter() - start
     return [Figure(f"cache read {nbytes / 1e9:.2f} GB zarr -> {device.type}", nbytes / zarr_s / 1e9,
                    "GB/s"),
@@ -305,7 +305,7 @@ def _read_train_audio(store: str | Path, device: torch.device) -> tuple[float, i
     start = time.perf_counter()
     data = load_split(store, "train", (schema.AUDIO_PATCH_TOKENS,), ())
     tokens = data.videos[schema.AUDIO_PATCH_TOKENS].to(device)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start, tokens.numel() * tokens.element_size(), tokens.shape[0]
 
 

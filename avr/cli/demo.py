@@ -164,21 +164,16 @@ def bench_gpu(
     """Check every head, residency and stacked sweep on the device against the CPU, then
     measure each GPU target; one JSON (--out) and one table. Exit status 1 when a correctness
     row failed."""
-    from avr.gpu_check import check_output, run_gpu_check, table, write_json
+    from avr.gpu_check import check_output, run_gpu_check, table
 
     check_output(out)
     torch_device, _ = _bench_device(device)
     command = " ".join(["avr bench gpu", f"--device {device}", f"--out {out}",
                         *(["--quick"] if quick else []), f"--budget {budget:g}"])
-    report = run_gpu_check(torch_device, quick=quick, budget_s=budget, command=command,
-                           console=console)
-    write_json(report, out)
+    report = run_gpu_check(torch_device, quick=quick, budget_s=budget, out=out,
+                           command=command, console=console)
     console.print(table(report))
-    counts = {s: sum(r.status == s for r in report.correctness_rows) for s in ("pass", "fail",
-                                                                                 "error", "skipped")}
-    console.print(f"correctness: {counts['pass']} passed, {counts['fail']} failed, "
-                  f"{counts['error']} errors, {counts['skipped']} skipped; wrote {escape(str(out))}",
-                  highlight=False)
+    console.print(f"{report.summary()}; wrote {escape(str(out))}", highlight=False)
     if not report.passed:
         raise typer.Exit(1)
 

@@ -38,7 +38,6 @@ import torch
 from avr.errors import OutputFileError
 
 JSON_VERSION = 1
-SECTIONS = ("correctness", "figure")
 # pass / fail: a correctness row within / outside its tolerances; measured: a figure taken;
 # error: the row raised; skipped: the time guard (or the device) left it out.
 STATUSES = ("pass", "fail", "measured", "error", "skipped")
@@ -113,35 +112,32 @@ class Check:
     needs_s: float = 0.0
 
 
-def run_checks(checks: list[Check], device: torch.device, budget: Budget,
-               on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """Run ``checks`` in order, each isolated (module docstring); their rows, judged."""
-    rows: list[Row] = []
-    for check in checks:
-        done = run_one(check, device, budget)
-        rows += done
-        if on_row is not None:
-            for row in done:
-                on_row(row)
-    return rows
+def one_row(function, *args) -> Callable[[], list[Row]]:
+    """What a check runs when it makes one row: ``function(*args)``."""
+    return lambda: [function(*args)]
 
 
 def run_one(check: Check, device: torch.device, budget: Budget) -> list[Row]:
+    """The check's rows, isolated and judged (module docstring); skipped when the budget has
+    less time left than it needs."""
     if budget.left() < check.needs_s:
         return [Row(check.section, check.name, "skipped",
                     note=f"time guard: {max(budget.left(), 0):.0f} s left of the budget, "
                          f"this needs about {check.needs_s:.0f} s")]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
+    peak = None
     try:
+        if device.type == "cuda":  # inside: a CUDA error left by an earlier row fails this one
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         rows = check.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) / 1e9
     except Exception as error:  # noqa: BLE001 - a row's failure is recorded, the check goes on
         rows = [Row(check.section, check.name, "error", error=error_text(error))]
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     for row in rows:
         row.seconds, row.peak_gpu_gb = seconds, peak
         row.judged()
@@ -155,7 +151,7 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}{where}"
 
 
-# ---- the whole check ------------------------------------------------------------------------------
+# ---- the whole check ---------------------------------------------------------------------------
 
 @dataclass
 class Report:
@@ -167,10 +163,18 @@ class Report:
     sizes: dict[str, Any]
     rows: list[Row]
     seconds: float = 0.0
+    finished: bool = False  # False while rows are still to run (the JSON is written after each)
 
     @property
     def correctness_rows(self) -> list[Row]:
         return [row for row in self.rows if row.section == "correctness"]
+
+    def summary(self) -> str:
+        """The line after the table: the correctness rows by status."""
+        counts = {status: sum(row.status == status for row in self.correctness_rows)
+                  for status in ("pass", "fail", "error", "skipped")}
+        return (f"correctness: {counts['pass']} passed, {counts['fail']} failed, "
+                f"{counts['error']} errors, {counts['skipped']} skipped")
 
     @property
     def passed(self) -> bool:
@@ -182,17 +186,20 @@ class Report:
 def device_info(device: torch.device) -> dict[str, Any]:
     info = {"type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
             "cpu_count": os.cpu_count(), "intra_op_threads": torch.get_num_threads(),
-            "name": f"{platform.processor() or platform.machine()}", "memory_gb": None}
+            "name": platform.processor() or platform.machine(), "memory_gb": None}
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         info.update(name=properties.name, memory_gb=properties.total_memory / 1e9)
     return info
 
 
-def run_gpu_check(device: torch.device, *, budget_s: float, quick: bool = False, workdir: Path | None = None,
+def run_gpu_check(device: torch.device, *, budget_s: float, quick: bool = False,
+                  workdir: Path | None = None, out: Path | None = None,
                   command: str = "avr bench gpu", console=None) -> Report:
     """The whole check on ``device`` (module docstring): correctness rows, then figures while
-    the budget lasts. ``workdir``: where the generated stores go (a temporary folder inside)."""
+    the budget lasts. ``workdir``: where the generated stores go (a temporary folder inside);
+    ``out``: the JSON, written again after every check (a run killed on the way leaves the rows
+    it finished)."""
     import tempfile
 
     from avr.gpu_check import correctness as correctness_rows
@@ -202,29 +209,46 @@ def run_gpu_check(device: torch.device, *, budget_s: float, quick: bool = False,
 
     sizes = QUICK if quick else FULL
     budget = Budget(budget_s)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report = Report(command, device_info(device), "quick" if quick else "full", budget_s,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), asdict(sizes), [])
     with tempfile.TemporaryDirectory(dir=workdir, prefix="avr-gpu-check-") as tmp:
         checks = (correctness_rows.checks(device, sizes, Path(tmp))
                   + figure_rows.checks(device, sizes, Path(tmp), budget))
         with Meter(console) as meter:
             task = meter.add("gpu check", len(checks), unit="checks")
-            rows = []
             for check in checks:
-                rows += run_one(check, device, budget)
-                meter.advance(task, 1, failed=sum(r.status in ("fail", "error") for r in rows)
-                              or None)
-    return Report(command, device_info(device), "quick" if quick else "full", budget_s,
-                  started, asdict(sizes), rows, budget.elapsed())
+                report.rows += run_one(check, device, budget)
+                report.seconds = budget.elapsed()
+                if out is not None:
+                    write_json(report, out)
+                meter.advance(task, 1, failed=sum(r.status in ("fail", "error")
+                                                  for r in report.rows) or None)
+    report.finished = True
+    if out is not None:
+        write_json(report, out)
+    return report
 
 
 def report_json(report: Report) -> dict[str, Any]:
     """The JSON ``avr bench gpu --out`` writes (BENCHMARKS.md documents every key)."""
     return {"version": JSON_VERSION, "command": report.command, "device": report.device,
             "mode": report.mode, "budget_s": report.budget_s, "started": report.started,
-            "seconds": report.seconds, "sizes": report.sizes, "passed": report.passed,
+            "seconds": report.seconds, "finished": report.finished, "sizes": report.sizes,
+            "passed": report.passed,
             "counts": {status: sum(row.status == status for row in report.rows)
                        for status in STATUSES},
-            "rows": [asdict(row) for row in report.rows]}
+            "rows": [_plain(asdict(row)) for row in report.rows]}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: a non-finite float (a mismatch measures inf) as the string "inf" or "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def check_output(path: Path) -> None:
@@ -240,8 +264,10 @@ def write_json(report: Report, path: Path) -> None:
     import json
 
     text = json.dumps(report_json(report), indent=2, default=_json_value) + "\n"
+    partial = path.with_name(path.name + ".partial")
     try:
-        path.write_text(text)
+        partial.write_text(text)
+        os.replace(partial, path)  # a kill mid-write leaves the last whole JSON
     except OSError as error:
         raise OutputFileError(f"--out {path}: cannot be written ({error.strerror})") from None
 
@@ -252,7 +278,7 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"not JSON: {value!r}")
 
 
-# ---- the table --------------------------------------------------------------------------------------
+# ---- the table ---------------------------------------------------------------------------------
 
 def table(report: Report):
     """One rich table: every row's status, its worst error against its tolerance (correctness)

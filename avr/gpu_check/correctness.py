@@ -47,7 +47,7 @@ from avr.fuse.heads import HEADS, build_head, head_class, video_inputs
 from avr.fuse.loading import CacheData, place_split
 from avr.fuse.residency import ResidentSplit, StreamedSplit
 from avr.fuse.residency.plan import StoreSizes
-from avr.gpu_check import Check, Row, compared
+from avr.gpu_check import Check, Row, compared, one_row
 from avr.gpu_check.sizes import Sizes, head_options
 from avr.store.quantize import is_token_array, on_device
 from avr.store.splits import SplitTensors, load_split
@@ -96,30 +96,29 @@ STACKED_VARIANTS = [dict(lr=3e-3, warmup=0.0, seed=42, weight_decay=0.2, tempera
 EXACT = 0.0
 
 
+ROW_NEEDS_S = 5.0  # the least time a correctness row must have left (the time guard)
+
+
 def checks(device: torch.device, sizes: Sizes, workdir: Path) -> list[Check]:
-    """Every correctness row, in the order they run."""
+    """Every correctness row, in the order they run (each needs ``ROW_NEEDS_S`` left)."""
     store = CheckStore(workdir / "check-store", sizes)
     rows = [Check("correctness", "write the check store", store.write)]
     for head in HEADS:
         for dtype in ("fp32", "bf16"):
             rows.append(Check("correctness", f"{head} {dtype} vs cpu fp32",
-                              _bound(head_vs_cpu, store, head, device, dtype)))
+                              one_row(head_vs_cpu, store, head, device, dtype)))
     rows += [Check("correctness", f"streamed {resident} vs resident {resident}",
-                   _bound(streamed_vs_resident, store, device, resident))
+                   one_row(streamed_vs_resident, store, device, resident))
              for resident in ("fp16", "int8")]
-    rows += [Check("correctness", "int8 vs fp16 resident", _bound(int8_vs_fp16, store, device)),
+    rows += [Check("correctness", "int8 vs fp16 resident", one_row(int8_vs_fp16, store, device)),
              Check("correctness", "pinned host vs device-resident",
-                   _bound(host_vs_device, store, device)),
-             Check("correctness", "scoring chunk sizes", _bound(chunk_sizes_row, store, device))]
+                   one_row(host_vs_device, store, device)),
+             Check("correctness", "scoring chunk sizes", one_row(chunk_sizes_row, store, device))]
     for head in (name for name, cls in HEADS.items() if cls.stack_refusal() is None):
         for dtype in ("fp32", "bf16"):
             rows.append(Check("correctness", f"stacked {head} {dtype} vs solo",
-                              _bound(stacked_vs_solo, store, head, device, dtype, workdir)))
-    return rows
-
-
-def _bound(function, *args):
-    return lambda: [function(*args)]
+                              one_row(stacked_vs_solo, store, head, device, dtype, workdir)))
+    return [rows[0], *(dataclasses.replace(check, needs_s=ROW_NEEDS_S) for check in rows[1:])]
 
 
 # ---- the store and the runs on it ----------------------------------------------------------------

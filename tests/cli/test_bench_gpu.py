@@ -10,8 +10,8 @@ import pytest
 from support.console import assert_one_line_error, ok, run_avr
 
 # The JSON's keys (BENCHMARKS.md "The GPU check" documents each).
-REPORT_KEYS = {"version", "command", "device", "mode", "budget_s", "started", "seconds", "sizes",
-               "passed", "counts", "rows"}
+REPORT_KEYS = {"version", "command", "device", "mode", "budget_s", "started", "seconds",
+               "finished", "sizes", "passed", "counts", "rows"}
 DEVICE_KEYS = {"type", "name", "torch", "cuda", "cpu_count", "intra_op_threads", "memory_gb"}
 # The quick check takes about a minute on a quiet 2-core machine; far more on a loaded one.
 pytestmark = pytest.mark.timeout(2400)
@@ -33,6 +33,7 @@ def test_quick_cpu_check_writes_every_documented_key(quick_check):
     assert set(report) == REPORT_KEYS
     assert set(report["device"]) == DEVICE_KEYS and report["device"]["type"] == "cpu"
     assert report["mode"] == "quick" and report["sizes"]["shapes"] == "tiny"
+    assert report["finished"]
     assert all(set(row) == ROW_KEYS for row in report["rows"])
     assert sum(report["counts"].values()) == len(report["rows"])
 
