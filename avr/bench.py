@@ -145,27 +145,48 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
                 Figure("raw sequential read of the same chunk files", on_disk / 1e6 / raw,
                        "MB/s", f"the stream reaches {100 * raw / seconds:.0f}% of it")]
     run = trainer.build_run(config, cache, device)
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    # the process's times and page faults when training starts, before each optimizer step
+    # (the step's data, forward and backward are done) and at the end
+    marks = [resource.getrusage(resource.RUSAGE_SELF)]
+    hook = run.state.optimizer.register_step_pre_hook(
+        lambda *_: marks.append(resource.getrusage(resource.RUSAGE_SELF)))
     start = time.perf_counter()
     _, _, pairs = trainer.train_epoch(run, 0, max_batches=steps)
     synchronize(device)
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    hook.remove()
+    marks.append(resource.getrusage(resource.RUSAGE_SELF))
     batches = max(1, math.ceil(pairs / batch_size))
-    peak = after.ru_maxrss * 1024  # KiB on Linux
     figures += [Figure(f"train {head_name}: {pairs} pairs", pairs / seconds, "pairs/s",
                        f"{pairs * pair_bytes / 1e6 / seconds:.1f} MB/s of rows trained on "
                        f"(16-bit), {seconds:.1f} s, {seconds / batches:.2f} s a step"),
-                Figure("minor page faults while training, a step",
-                       (after.ru_minflt - before.ru_minflt) / batches, "faults",
-                       f"over {batches} steps"),
-                Figure("CPU time while training, a step: system",
-                       (after.ru_stime - before.ru_stime) / batches, "s",
-                       f"user {(after.ru_utime - before.ru_utime) / batches:.2f} s"),
-                Figure("peak resident memory (RSS) of this process", peak / 1e9, "GB")]
+                *_step_usage(marks),
+                Figure("peak resident memory (RSS) of this process",
+                       marks[-1].ru_maxrss * 1024 / 1e9, "GB")]  # KiB on Linux
     if device.type == "cuda":
         figures.append(Figure("peak GPU memory allocated",
                               torch.cuda.max_memory_allocated(device) / 1e9, "GB"))
+    return figures
+
+
+def _step_usage(marks: list) -> list[Figure]:
+    """Minor page faults and system and user CPU seconds of the first training step and of each
+    later one (from one optimizer step to the next), from ``getrusage`` marks taken at the start,
+    before each optimizer step and at the end: the first step also maps the memory the later
+    ones may reuse."""
+    def usage(first, last, steps: int) -> tuple[float, float, float]:
+        return ((last.ru_minflt - first.ru_minflt) / steps,
+                (last.ru_stime - first.ru_stime) / steps, (last.ru_utime - first.ru_utime) / steps)
+
+    spans = [("the first step", marks[0], marks[1], 1)]
+    if len(marks) > 3:
+        spans.append((f"each of the {len(marks) - 3} steps after it", marks[1], marks[-2],
+                      len(marks) - 3))
+    figures = []
+    for what, first, last, steps in spans:
+        faults, system, user = usage(first, last, steps)
+        figures += [Figure(f"minor page faults, {what}", faults, "faults"),
+                    Figure(f"CPU time, {what}: system", system, "s", f"user {user:.2f} s")]
     return figures
 
 

@@ -181,8 +181,11 @@ def train_figure(store: FigureStore, head: str, residency: str, device: torch.de
         note += f"; {tflop / epoch:.0f} TFLOP/s at ~{tflop:.0f} TFLOP an epoch"
     if residency == "streamed":
         note += "; the store was just written (page cache warm): the stream's CPU side, not a disk"
-    return judged(f"train {head} {residency}: VATEX epoch", f"train {head} {residency}", epoch,
-                  "s", quick, extrapolated=True, note=note)
+    row = judged(f"train {head} {residency}: VATEX epoch", f"train {head} {residency}", epoch,
+                 "s", quick, extrapolated=True, note=note)
+    row.info = {"step_s": seconds / max(steps, 1), "steps": steps, "pairs": pairs,
+                "pairs_per_s": pairs / seconds}
+    return row
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
