@@ -46,7 +46,7 @@ def head_options(sizes: Sizes, head: str) -> dict[str, Any]:
     return dict(DEMO_HEAD_TRAINING.get(head, {}).get("head_options", {}))
 
 
-FULL = Sizes(shapes="vatex", check_videos=(48, 16, 8), check_captions=2, check_batch=16,
+FULL = Sizes(shapes="vatex", check_videos=(32, 8, 4), check_captions=2, check_batch=8,
              check_steps=3, stacked_trials=3, stacked_epochs=2, figure_videos=(512, 32),
              figure_batch=128, figure_steps=3, stream_buffer_batches=2, eval_scale=1.0,
              eval_reference_pairs=500, sweep_trials=16, sweep_epochs=2, extract_clips=16,
