@@ -52,7 +52,7 @@ class Figure:
         return f"{self.name:<48} {self.value:>12.4g} {self.unit:<10} {self.note}"
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -60,12 +60,12 @@ def _sync(device: torch.device) -> None:
 def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
     """Best wall time of ``repeat`` runs after one warm-up run."""
     fn()
-    _sync(device)
+    synchronize(device)
     best = math.inf
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -145,18 +145,48 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
                 Figure("raw sequential read of the same chunk files", on_disk / 1e6 / raw,
                        "MB/s", f"the stream reaches {100 * raw / seconds:.0f}% of it")]
     run = trainer.build_run(config, cache, device)
+    # the process's times and page faults when training starts, before each optimizer step
+    # (the step's data, forward and backward are done) and at the end
+    marks = [resource.getrusage(resource.RUSAGE_SELF)]
+    hook = run.state.optimizer.register_step_pre_hook(
+        lambda *_: marks.append(resource.getrusage(resource.RUSAGE_SELF)))
     start = time.perf_counter()
     _, _, pairs = trainer.train_epoch(run, 0, max_batches=steps)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    hook.remove()
+    marks.append(resource.getrusage(resource.RUSAGE_SELF))
+    batches = max(1, math.ceil(pairs / batch_size))
     figures += [Figure(f"train {head_name}: {pairs} pairs", pairs / seconds, "pairs/s",
                        f"{pairs * pair_bytes / 1e6 / seconds:.1f} MB/s of rows trained on "
-                       f"(16-bit), {seconds:.1f} s"),
-                Figure("peak resident memory (RSS) of this process", peak / 1e9, "GB")]
+                       f"(16-bit), {seconds:.1f} s, {seconds / batches:.2f} s a step"),
+                *_step_usage(marks),
+                Figure("peak resident memory (RSS) of this process",
+                       marks[-1].ru_maxrss * 1024 / 1e9, "GB")]  # KiB on Linux
     if device.type == "cuda":
         figures.append(Figure("peak GPU memory allocated",
                               torch.cuda.max_memory_allocated(device) / 1e9, "GB"))
+    return figures
+
+
+def _step_usage(marks: list) -> list[Figure]:
+    """Minor page faults and system and user CPU seconds of the first training step and of each
+    later one (from one optimizer step to the next), from ``getrusage`` marks taken at the start,
+    before each optimizer step and at the end: the first step also maps the memory the later
+    ones may reuse."""
+    def usage(first, last, steps: int) -> tuple[float, float, float]:
+        return ((last.ru_minflt - first.ru_minflt) / steps,
+                (last.ru_stime - first.ru_stime) / steps, (last.ru_utime - first.ru_utime) / steps)
+
+    spans = [("the first step", marks[0], marks[1], 1)]
+    if len(marks) > 3:
+        spans.append((f"each of the {len(marks) - 3} steps after it", marks[1], marks[-2],
+                      len(marks) - 3))
+    figures = []
+    for what, first, last, steps in spans:
+        faults, system, user = usage(first, last, steps)
+        figures += [Figure(f"minor page faults, {what}", faults, "faults"),
+                    Figure(f"CPU time, {what}: system", system, "s", f"user {user:.2f} s")]
     return figures
 
 
@@ -280,7 +310,7 @@ def bench_cache(*, gigabytes: float, device: torch.device, workdir: Path | None 
         start = time.perf_counter()
         array = np.fromfile(raw, dtype=np.float16)
         torch.from_numpy(array).to(device)
-        _sync(device)
+        synchronize(device)
         raw_s = time.perf_counter() - start
     return [Figure(f"cache read {nbytes / 1e9:.2f} GB zarr -> {device.type}", nbytes / zarr_s / 1e9,
                    "GB/s"),
@@ -296,7 +326,7 @@ def _read_train_audio(store: str | Path, device: torch.device) -> tuple[float, i
     start = time.perf_counter()
     data = load_split(store, "train", (schema.AUDIO_PATCH_TOKENS,), ())
     tokens = data.videos[schema.AUDIO_PATCH_TOKENS].to(device)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start, tokens.numel() * tokens.element_size(), tokens.shape[0]
 
 

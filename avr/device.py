@@ -1,4 +1,10 @@
-"""Where the work runs: the ``--device`` flag of every command, and mixed precision on CUDA."""
+"""Where the work runs: the ``--device`` flag of every command, and mixed precision on CUDA.
+
+- ``resolve_device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device;
+- ``autocast``: bf16 autocast on CUDA when ``amp``, full precision on the CPU;
+- ``bf16_on_cpu``: within it, ``autocast`` runs bf16 on the CPU as on CUDA (`avr bench gpu
+  --device cpu` exercises the bf16 paths of training, scoring and stacked trials without a GPU).
+"""
 
 from __future__ import annotations
 
@@ -23,11 +29,27 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+_BF16_ON_CPU = [False]  # set by ``bf16_on_cpu``
+
+
 def autocast(device: torch.device, amp: bool = True):
-    """bf16 autocast on CUDA when ``amp``; full precision on the CPU (deterministic there)."""
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on CUDA when ``amp``; full precision on the CPU (deterministic there),
+    unless inside ``bf16_on_cpu``."""
+    if amp and (device.type == "cuda" or (device.type == "cpu" and _BF16_ON_CPU[0])):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+@contextmanager
+def bf16_on_cpu() -> Iterator[None]:
+    """Within the block, ``autocast(cpu, amp=True)`` is bf16 autocast, as on CUDA: the CPU mode
+    of `avr bench gpu` checks the dtype handling of the bf16 paths where no GPU is at hand."""
+    before = _BF16_ON_CPU[0]
+    _BF16_ON_CPU[0] = True
+    try:
+        yield
+    finally:
+        _BF16_ON_CPU[0] = before
 
 
 @contextmanager

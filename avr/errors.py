@@ -35,6 +35,10 @@ class InputFileError(AvrError):
     """A user's file cannot be read as written (encoding, syntax, a value of the wrong type)."""
 
 
+class OutputFileError(AvrError):
+    """A file avr was asked to write cannot be written there (no such folder, not writable)."""
+
+
 # ---- decoding ---------------------------------------------------------------------------------
 
 # Why a clip could not be decoded, as extract records it in the store's failures.

@@ -19,6 +19,7 @@ from rich.markup import escape
 # Importing a command module registers its commands, in the order `avr --help` lists them.
 from avr.cli import extract, store, train, evaluate, demo  # noqa: F401, I001
 from avr.cli._app import app, err_console, state
+from avr.allocator import keep_freed_memory
 from avr.errors import AvrError
 
 __all__ = ["app", "main"]
@@ -28,8 +29,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     """The `avr` console script. typer runs the command in its standalone mode, so a usage error
     is shown its usual way (short usage, the problem, exit status 2) whichever click typer is
     built on (its vendored copy or the click package); an AvrError prints one line and exits 2.
-    Returns normally when the command succeeds, so tests and scripts can call it."""
+    Returns normally when the command succeeds, so tests and scripts can call it. Run as the
+    process's own command (no ``argv``: the console script, ``python -m avr``), freed memory
+    stays in the process for the next training step (``avr.allocator``)."""
     args = _eval_json_path(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        keep_freed_memory()
     try:
         try:
             app(args=args)

@@ -62,6 +62,8 @@ def _print_figures(what: str, name: str, scale: float | None, figures) -> None:
         console.print(figure.line(), markup=False, highlight=False, soft_wrap=True)
 
 
+# Seconds of the 8 minutes a lent GPU gives `avr bench gpu`, start-up and imports left aside.
+DEFAULT_GPU_BUDGET_S = 420.0
 SCALE_HELP = "Fraction of VATEX's rows (per-row shapes stay)."
 
 
@@ -145,6 +147,38 @@ def bench_extract(
     torch_device, name = _bench_device(device)
     _print_figures("extract", name, None, benches.bench_extract(clips=clips, device=torch_device,
                                                                 workers=workers))
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    device: str = options.device(),
+    out: Path = typer.Option(Path("gpu_check.json"), "--out", help="The JSON to write "
+                             "(BENCHMARKS.md documents every key)."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny shapes and sizes: every row in "
+                               "about a minute, no figure judged (with --device cpu: CI)."),
+    budget: float = typer.Option(DEFAULT_GPU_BUDGET_S, "--budget", callback=options.positive,
+                                 help="Seconds the check may take; rows that would not fit "
+                                      "are skipped."),
+):
+    """Check every head, residency and stacked sweep on the device against the CPU, then
+    measure each GPU target; one JSON (--out) and one table. Exit status 1 when a correctness
+    row failed."""
+    from avr.gpu_check import check_output, run_gpu_check, table
+
+    check_output(out)
+    torch_device, _ = _bench_device(device)
+    command = " ".join(["avr bench gpu", f"--device {device}", f"--out {out}",
+                        *(["--quick"] if quick else []), f"--budget {budget:g}"])
+    report = run_gpu_check(torch_device, quick=quick, budget_s=budget, out=out,
+                           command=command, console=console)
+    console.print(table(report))
+    console.print(f"{report.summary()}; wrote {escape(str(out))}", highlight=False)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def _head_list(value: str) -> None:

@@ -3,7 +3,8 @@ held as the run's residency plan says.
 
 - ``require_head_arrays``: a store that leaves an array the head reads unwritten on purpose is
   refused before anything is loaded;
-- ``load_cache``: the plan, then train (a ``TrainSplit``: resident or streamed) and val.
+- ``load_cache``: the plan, then train (a ``TrainSplit``: resident or streamed) and val;
+- ``place_split``: a loaded split moved where a plan's mode holds it (device, or pinned host).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def load_cache(path: str | Path, head: str, device: torch.device,
     else:
         resident = load_split(path, "train", videos, cls.caption_inputs, shard=shard,
                               resident=config.resident)
-        train = ResidentSplit(_placed(resident, plan.train.mode, device))
+        train = ResidentSplit(place_split(resident, plan.train.mode, device))
     _refuse_empty(path, "train", train.num_videos, shard)
     if shard is None and train.num_videos < 2:
         raise AvrError(f"{path}: the train split has {train.num_videos} extracted video; a batch "
@@ -78,7 +79,7 @@ def load_cache(path: str | Path, head: str, device: torch.device,
         val = load_split(path, "val", videos, cls.caption_inputs, resident=config.resident,
                          tokens_in_store=plan.val.mode == "streamed")
         _refuse_empty(path, "val", val.num_videos, None)
-        val = _placed(val, plan.val.mode, device)
+        val = place_split(val, plan.val.mode, device)
     return CacheData(path, train.spec, train, val, plan, store_identity(*open_store(path)))
 
 
@@ -88,7 +89,7 @@ def _refuse_empty(path, split: str, videos: int, shard: tuple[int, int] | None) 
         raise AvrError(f"{path}: {where}the {split} split has no extracted videos")
 
 
-def _placed(data: SplitTensors, mode: str, device: torch.device) -> SplitTensors:
+def place_split(data: SplitTensors, mode: str, device: torch.device) -> SplitTensors:
     """A split where the plan holds it (``mode``): moved to the device, or pinned on the host of
     a CUDA device (each batch is then copied without blocking); arrays left in the store stay."""
     if mode == "device":

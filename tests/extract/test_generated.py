@@ -304,6 +304,9 @@ def test_bench_train_on_a_store_streams_under_a_budget(tmp_path):
     assert "raw sequential read of the same chunk files" in streamed
     assert "train tefal: 32 pairs" in streamed  # --steps 4 batches of 8
     assert "peak resident memory (RSS) of this process" in streamed
+    for what in ("the first step", "each of the 3 steps after it"):  # from getrusage
+        assert f"minor page faults, {what}" in streamed
+        assert f"CPU time, {what}: system" in streamed
     resident = ok(run_avr(*train, "--resident", "int8")).stdout
     assert figure_names(resident)[0] == "plan: train device, val device"
     assert "tokens int8" in resident and "stream read" not in resident

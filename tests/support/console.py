@@ -13,12 +13,15 @@ from support.paths import REPO, SUPPORT
 TRACEBACK_MARKS = ("Traceback", "╭─ Traceback", "File \"")
 
 
-def run_avr(*args, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_avr(*args, cwd: Path | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The console script with ``args``; ``env``: variables added to the environment."""
     script = Path(sys.executable).with_name("avr")
     assert script.exists(), f"the avr console script is not installed beside {sys.executable}"
     return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(Path.cwd()), "COLUMNS": "200"})
+                          env={**os.environ, "PYTHONPATH": str(Path.cwd()), "COLUMNS": "200",
+                               **(env or {})})
 
 
 def run_module(*args, cwd: Path, script: str | None = None, wait: bool = True):
