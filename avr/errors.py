@@ -93,3 +93,21 @@ class StoreLockedError(AvrError):
 
 class LockLostError(AvrError):
     """This process no longer holds the lock it took (taken over, removed or not refreshed)."""
+
+
+# ---- sweeps -----------------------------------------------------------------------------------
+
+class StudyLockedError(AvrError):
+    """Another worker has held a sweep study's lock for longer than this worker waits."""
+
+
+class StudyStorageError(AvrError):
+    """A sweep's study database cannot be opened or stopped answering."""
+
+
+class SweepFailedError(AvrError):
+    """Every trial of a sweep failed; ``result`` holds them (their reasons in ``rows``)."""
+
+    def __init__(self, message: str, result):
+        self.result = result
+        super().__init__(message)

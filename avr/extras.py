@@ -19,6 +19,7 @@ EXTRA_OF = {
     "h5py": "h5",
     "faiss": "index",
     "optuna": "sweep",
+    "psycopg": "postgres",
     "torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard",
 }
 
