@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -138,7 +137,9 @@ def sweep(
                                                   "<head>-<time>). Start it again to resume or "
                                                   "to add a worker."),
     storage: Optional[str] = typer.Option(None, help="Optuna database URL (default sqlite:///"
-                                                     "runs/sweeps/<name>/study.db)."),
+                                                     "runs/sweeps/<name>/study.db; "
+                                                     "postgresql://user@host/db for workers on "
+                                                     "several machines)."),
     prune: bool = typer.Option(False, "--prune", help="Stop hopeless trials early (Hyperband "
                                                       "over epochs of val R@1)."),
     cache: Optional[str] = typer.Option(None, help="Feature cache: a path or a URL (default "
@@ -205,6 +206,8 @@ class _SweepProgress:
     before that prints nothing but its error."""
 
     def __init__(self):
+        import contextlib
+
         self._bar = contextlib.ExitStack()
         self.progress, self.task, self.best = None, None, 0.0
 
