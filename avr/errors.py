@@ -123,3 +123,21 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a training run; the message says what is saved and how to resume. A
     KeyboardInterrupt, so that nothing that handles avr's errors (a sweep's trial) swallows
     it."""
+
+
+# ---- sweeps -----------------------------------------------------------------------------------
+
+class StudyLockedError(AvrError):
+    """Another worker has held a sweep study's lock for longer than this worker waits."""
+
+
+class StudyStorageError(AvrError):
+    """A sweep's study database cannot be opened or stopped answering."""
+
+
+class SweepFailedError(AvrError):
+    """Every trial of a sweep failed; ``result`` holds them (their reasons in ``rows``)."""
+
+    def __init__(self, message: str, result):
+        self.result = result
+        super().__init__(message)

@@ -20,6 +20,7 @@ EXTRA_OF = {
     "pyarrow": "parquet", "pyarrow.parquet": "parquet", "datasets": "hf",
     "faiss": "index",
     "optuna": "sweep",
+    "psycopg": "postgres",
     "torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard",
     "starlette": "serve", "uvicorn": "serve",
 }

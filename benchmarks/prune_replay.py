@@ -2,15 +2,19 @@
 
     python benchmarks/sweep_targets.py prune --cache avr-demo/cache     # records the grid
     python benchmarks/prune_replay.py sweep-bench/prune/runs/sweeps/tefal-grid --seeds 10
+    python benchmarks/sweep_targets.py prune-val                        # VATEX's val size
+    python benchmarks/prune_replay.py sweep-bench/prune-val/runs/sweeps/val-grid --seeds 5 \
+        --trials 12 --names val-tpe --margin 1
 
 Training a configuration is deterministic (same seed, CPU), so a TPE trial that draws a grid
 point reports that point's recorded val R@1 curve. Each TPE study of 24 trials is replayed as
 `avr sweep --search tpe --trials 24 --prune` runs it (TPESampler with the constant liar,
-seeded; a report after every epoch, no pruning after the last; a trial that draws a finished
-trial's options takes its result untrained, avr's `finished_twin`), under each pruner, for
+seeded by the seed plus the trial's number; a report after every epoch, no pruning after the
+last; a trial that draws a finished trial's options takes its result untrained, avr's
+`finished_twin`), under each pruner, for
 every seed and study name (Hyperband assigns brackets by a hash of both). It prints, per
-pruner: the epochs trained as a share of 24 full trials, and in how many studies the best
-complete trial is more than 2 points below the grid's best.
+pruner: the epochs trained as a share of the trials' full epochs, and in how many studies the
+best complete trial is more than ``--margin`` points below the grid's best.
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ def recorded_curves(grid_dir: Path) -> tuple[list[str], Curves]:
 def replay(names: list[str], curves: Curves, pruner, seed: int, study_name: str,
            trials: int, retrain_repeats: bool) -> tuple[int, float]:
     """One TPE study over the grid's points: (epochs trained, best complete val R@1)."""
-    study = optuna.create_study(study_name=study_name, direction="maximize", pruner=pruner,
-                                sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
+    study = optuna.create_study(study_name=study_name, direction="maximize", pruner=pruner)
     values = [sorted({point[i] for point in curves}, key=float) for i in range(len(names))]
     trained = 0
-    for _ in range(trials):
+    for number in range(trials):
+        # as avr's make_sampler: each trial's draw seeded by the seed plus its number
+        study.sampler = optuna.samplers.TPESampler(seed=seed + number, constant_liar=True)
         trial = study.ask()
         point = tuple(trial.suggest_categorical(n, v) for n, v in zip(names, values))
         earlier = None if retrain_repeats else sweeps.finished_twin(study, trial)
@@ -90,6 +95,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--names", default="tefal-tpe", help="comma-separated study names")
     parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--margin", type=float, default=2.0,
+                        help="val R@1 points below the grid's best that count as losing it")
+    parser.add_argument("--share", type=float, default=0.4,
+                        help="the target: at most this share of the full trials' epochs")
     parser.add_argument("--retrain-repeats", action="store_true",
                         help="train a drawn configuration again (avr sweep before it reused "
                              "finished trials' results)")
@@ -103,15 +112,16 @@ def main() -> None:
     full = options.trials * epochs
     print(f"grid of {len(curves)} points x {epochs} epochs, best val R@1 {grid_best:.2f}; "
           f"{len(studies)} studies of {options.trials} TPE trials per pruner")
-    print("| pruner | epochs trained (min-max, mean) | best lost > 2 points | both targets |")
+    print(f"| pruner | epochs trained (min-max, mean) | best lost > {options.margin:g} points "
+          f"| both targets |")
     print("|---|---|---|---|")
     for label, make in pruners(epochs).items():
         results = [replay(names, curves, make(), seed, name, options.trials,
                           options.retrain_repeats)
                    for seed, name in studies]
         shares = [trained / full for trained, _ in results]
-        lost = [grid_best - best > 2 for _, best in results]
-        met = sum(share <= 0.4 and not miss for share, miss in zip(shares, lost))
+        lost = [not grid_best - best <= options.margin for _, best in results]
+        met = sum(share <= options.share and not miss for share, miss in zip(shares, lost))
         print(f"| {label} | {min(shares):.0%}-{max(shares):.0%} ({sum(shares) / len(shares):.0%})"
               f" | {sum(lost)} of {len(results)} | {met} of {len(results)} |", flush=True)
 

@@ -49,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if state["debug"]:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True,
-                          highlight=False)
+                          highlight=False, emoji=False)
         sys.exit(2)
     except SystemExit as done:
         if done.code not in (0, None):

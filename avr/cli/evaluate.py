@@ -43,8 +43,9 @@ def _metrics_table(result):
 
 @app.command("eval")
 def eval_(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest "
-                                                           "under runs/)."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory, or its URL (a sweep "
+                                                          "trial on shared storage; default: "
+                                                          "the latest under runs/)."),
     cache: Optional[str] = typer.Option(None, help="Cache, a path or a URL (default: the run's "
                                                    "own)."),
     split: str = typer.Option("test", help="test | val.", callback=options.one_of("test", "val")),
@@ -160,7 +161,8 @@ def search(
     query: Optional[str] = typer.Argument(None, help='e.g. "a dog barks while a red ball rolls"'),
     queries: Optional[Path] = typer.Option(None, "--queries", help="A UTF-8 file of queries, one "
                                            "per line, answered in one run."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: latest)."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory or its URL (default: "
+                                                          "latest)."),
     k: int = typer.Option(10, "-k", "--top-k", "--k", min=1, help="How many videos to show."),
     split: str = typer.Option("test", help="test | val | train | all.",
                               callback=options.one_of("test", "val", "train", "all")),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -145,7 +144,9 @@ def sweep(
                                                   "<head>-<time>). Start it again to resume or "
                                                   "to add a worker."),
     storage: Optional[str] = typer.Option(None, help="Optuna database URL (default sqlite:///"
-                                                     "runs/sweeps/<name>/study.db)."),
+                                                     "runs/sweeps/<name>/study.db; "
+                                                     "postgresql://user@host/db for workers on "
+                                                     "several machines)."),
     prune: bool = typer.Option(False, "--prune", help="Stop hopeless trials early (Hyperband "
                                                       "over epochs of val R@1)."),
     cache: Optional[str] = typer.Option(None, help="Feature cache: a path or a URL (default "
@@ -167,16 +168,37 @@ def sweep(
     parallel: int = typer.Option(1, min=1, help="Trials trained at once by this worker, as one "
                                                 "stacked model where only lr, weight decay, "
                                                 "warmup, seed or temperature differ."),
+    heartbeat: Optional[int] = typer.Option(None, "--heartbeat", min=1,
+                                            help="Seconds between a running trial's heartbeats "
+                                                 "(default 20; kept by the study); a trial of "
+                                                 "another machine without one for 6 of them is "
+                                                 "taken as lost and trained again."),
+    runs_dir: str = typer.Option("runs/sweeps", "--runs-dir",
+                                 help="Where the sweep's folder goes (<runs-dir>/<name>/: "
+                                      "trials, trials.csv, plots): a path, or a URL every "
+                                      "worker reaches (s3://bucket/sweeps)."),
+    study_timeout: float = typer.Option(120.0, "--study-timeout", callback=options.positive,
+                                        help="Seconds a worker waits for another worker's lock "
+                                             "on the study, or for its database server to come "
+                                             "back, before it stops with one error line."),
 ):
     """Search training and head options on an Optuna study; one loaded cache per worker."""
+    from avr.errors import SweepFailedError
     from avr.fuse.sweep import run_sweep
 
-    with _SweepProgress() as shown:
-        result = run_sweep(name, grid=grid, search=search, trials=trials, prune=prune,
-                           cache=cache, storage=storage, head=head, epochs=epochs,
-                           batch_size=batch_size, seed=seed, device=device,
-                           memory_budget=memory_budget, resident=resident, options=opt,
-                           save_runs=save_runs, parallel=parallel, callbacks=shown.callbacks())
+    try:
+        with _SweepProgress() as shown:
+            result = run_sweep(name, grid=grid, search=search, trials=trials, prune=prune,
+                               cache=cache, storage=storage, head=head, epochs=epochs,
+                               batch_size=batch_size, seed=seed, device=device,
+                               memory_budget=memory_budget, resident=resident, options=opt,
+                               save_runs=save_runs, parallel=parallel,
+                               study_timeout=study_timeout, heartbeat=heartbeat,
+                               runs_dir=runs_dir,
+                               callbacks=shown.callbacks())
+    except SweepFailedError as failed:
+        _print_sweep_table(failed.result)
+        raise
     _print_sweep_table(result)
     if result.best is not None:
         best = result.best
@@ -191,6 +213,8 @@ class _SweepProgress:
     before that prints nothing but its error."""
 
     def __init__(self):
+        import contextlib
+
         self._bar = contextlib.ExitStack()
         self.progress, self.task, self.best = None, None, 0.0
 
@@ -236,6 +260,8 @@ class _SweepProgress:
 def _print_sweep_table(result) -> None:
     from rich.table import Table
 
+    from avr.fuse.sweep.results import options_text
+
     plan = result.plan
     table = Table(title=f"sweep {result.name}: "
                         f"{'heads' if plan.searches_head else plan.base.head} on {plan.cache}")
@@ -243,11 +269,13 @@ def _print_sweep_table(result) -> None:
                    "s/trial"):
         table.add_column(column)
     for rank, row in enumerate(result.rows, 1):
-        options = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.options.items())
-        table.add_row(str(rank), str(row.number), row.state, options, f"{row.best_val_r1:.1f}",
-                      str(row.best_epoch or "-"), _trained_epochs(row), f"{row.seconds:.1f}")
+        table.add_row(str(rank), str(row.number), row.state, options_text(row.options),
+                      f"{row.best_val_r1:.1f}", str(row.best_epoch or "-"),
+                      _trained_epochs(row), f"{row.seconds:.1f}")
     console.print(table)
+    for row in result.failed:
+        console.print(f"trial {row.number} failed: {row.error}", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _trained_epochs(row) -> str:

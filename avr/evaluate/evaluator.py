@@ -24,7 +24,7 @@ from avr.fuse import checkpoint
 from avr.fuse.loggers import log_test_metrics
 from avr.fuse.heads.base import RetrievalHead, State
 from avr.fuse.residency.plan import split_fits, work_bytes as budget_work_bytes
-from avr.store import schema
+from avr.store import schema, transfer
 from avr.store.group import open_store
 from avr.store.identity import store_identity
 from avr.store.location import store_location
@@ -131,6 +131,10 @@ def write_metrics(result: EvalResult, extra: Path | None = None) -> Path:
 
 
 def resolve_run(run: str | Path | None) -> Path:
+    """The run folder: ``run``, the latest run, or a local copy of a run at a URL (a sweep trial
+    on shared storage) under ``runs/remote/``."""
+    if run is not None and transfer.is_url(run):
+        return transfer.mirror(run, checkpoint.DEFAULT_RUNS_DIR / "remote")
     return Path(run) if run is not None else checkpoint.latest_run()
 
 

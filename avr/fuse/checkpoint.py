@@ -37,6 +37,7 @@ CONFIG_FILE = "config.json"
 BEST_FILE = "best.safetensors"
 LAST_FILE = "last.safetensors"
 LOG_FILE = "log.csv"
+WEIGHTS_DROPPED_FILE = "weights-dropped.txt"  # why a sweep deleted a trial's weights
 DEFAULT_RUNS_DIR = Path("runs")
 TMP_SUFFIX = ".tmp"  # a file being written, renamed into place when whole
 
@@ -203,7 +204,9 @@ def load_head(run_dir: str | Path, which: str = "best", device: str | torch.devi
     head = build_head(config["head"], run_spec(config), config.get("head_options", {}))
     path = run_dir / (BEST_FILE if which == "best" else LAST_FILE)
     if not path.exists():
-        raise RunError(f"{path} not found: the run has no {which} checkpoint yet")
+        dropped = run_dir / WEIGHTS_DROPPED_FILE
+        reason = dropped.read_text().strip() if dropped.exists() else None
+        raise RunError(f"{path} not found: {reason or f'the run has no {which} checkpoint yet'}")
     load_weights(head, path)
     return head.to(device).eval(), config
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,9 @@ from avr.errors import AvrError
 from avr.fuse import sweep as sweeps
 from avr.fuse.config import Axis, grid_points, parse_options, parse_search_space
 from avr.fuse.trainer import TrainConfig
+from support.console import assert_one_line_error, ok, run_module as run_avr
+from support.paths import REPO
 from support.stores import make_learnable_store
-from support.console import run_module as run_avr
 
 TINY = ["--head", "meanp", "--batch-size", "16"]
 
@@ -103,7 +106,8 @@ def test_grid_sweep_writes_ranked_table_trials_csv_plots_and_complete_best_run(s
     assert {(r["state"], r["epochs"], float(r["lr"])) for r in rows} == {
         ("complete", "2", 1e-5), ("complete", "2", 3e-3)}
     out = tmp_path / "runs" / "sweeps" / "g"
-    assert (out / "val_r1.png").stat().st_size and (out / "importances.png").stat().st_size
+    assert (out / "val_r1.png").stat().st_size
+    assert not (out / "importances.png").exists()  # two trials say nothing about importance
     best = max(rows, key=lambda r: float(r["best_val_r1"]))
     best_run = out / f"trial-{int(best['trial']):04d}"
     assert (best_run / "best.safetensors").exists() and (best_run / "config.json").exists()
@@ -211,7 +215,7 @@ def test_a_trial_of_a_dead_worker_is_retried_with_its_options(store, tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     orphan.set_user_attr("worker", {**sweeps.worker_identity(), "pid": gone.pid})
-    sweeps.run_worker(study, storage, plan, tmp_path / "d")
+    sweeps.run_worker(study, storage, plan, sweeps.SweepRuns.of(tmp_path, "d"))
     states = [(t.state.name, t.params["lr"]) for t in study.trials]
     assert states[0] == ("FAIL", lr) and states[1] == ("COMPLETE", lr)
     assert len(states) == 3 and states[2][0] == "COMPLETE"
@@ -220,7 +224,7 @@ def test_a_trial_of_a_dead_worker_is_retried_with_its_options(store, tmp_path):
 def _open_at_once(url, barrier, results):
     barrier.wait()  # every process opens the new database at the same moment
     try:
-        with sweeps.opening(url):
+        with sweeps.StudyLock(url, "s"):
             optuna.create_study(study_name="s", storage=sweeps.open_storage(url),
                                 load_if_exists=True)
         results.put("ok")
@@ -267,3 +271,180 @@ def test_joining_with_another_definition_is_refused(store, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
     done = run_avr("sweep", "--name", "nothing", cwd=tmp_path)
     assert done.returncode == 2 and "no sweep named 'nothing'" in done.stderr
+
+
+# ---- failures: one line each, nothing finished lost ------------------------------------------
+
+def test_a_sweep_whose_every_trial_fails_exits_2_printing_each_reason(store, tmp_path):
+    sweep_dir = tmp_path / "runs" / "sweeps" / "f"
+    for number in (0, 1):  # folders left by an earlier study of this name: each trial refuses
+        (sweep_dir / f"trial-{number:04d}").mkdir(parents=True)
+        (sweep_dir / f"trial-{number:04d}" / "config.json").write_text("{}")
+    done = run_avr("sweep", "--cache", store, *TINY, "--epochs", "1", "--name", "f",
+                   "--grid", "lr=1e-3,3e-3", cwd=tmp_path)
+    assert_one_line_error(done, "sweep 'f': every trial failed (2)", "already holds a run")
+    for number in (0, 1):
+        assert f"trial {number} failed: {sweep_dir / f'trial-{number:04d}'} already holds a run" \
+            in " ".join(done.stdout.split())
+    assert [row["state"] for row in read_trials(tmp_path, "f")] == ["failed", "failed"]
+
+
+def test_failed_trials_rank_last_whatever_they_reported():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    failed = study.ask()
+    failed.report(90.0, 1)  # reported well, then failed
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    for value in (10.0, 20.0):
+        trial = study.ask()
+        trial.report(value, 1)
+        study.tell(trial, value)
+    rows = sweeps.finished_rows(study)
+    assert [(row.number, row.state) for row in rows] == [(2, "complete"), (1, "complete"),
+                                                         (0, "failed")]
+    assert rows[-1].error == sweeps.results.LOST_WORKER
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("sqlite:///", "names no database file"),
+    ("sqlite://", "names no database file"),
+    ("sqlite:///:memory:", "names no database file"),
+    ("sqlite:///{tmp}", "is a folder; name a file in it"),
+    ("sqlite:///{tmp}/notes.db", "a damaged database, or not one (file is not a database)"),
+    ("sqlite:x", "names no database file"),
+])
+def test_a_storage_url_that_names_no_usable_sqlite_file_is_one_line(tmp_path, url, expected):
+    (tmp_path / "notes.db").write_text("not a database\n" * 100)
+    url = url.format(tmp=tmp_path)
+    done = run_avr("sweep", "--name", "s", "--storage", url, "--grid", "lr=1e-3", cwd=tmp_path)
+    assert_one_line_error(done, f"--storage {url}", expected)
+
+
+def test_a_damaged_study_db_is_named_as_damaged(store, tmp_path):
+    ok(run_avr("sweep", "--cache", store, *TINY, "--epochs", "1", "--name", "d",
+               "--grid", "lr=1e-3", cwd=tmp_path))
+    study_db = tmp_path / "runs" / "sweeps" / "d" / "study.db"
+    with study_db.open("r+b") as handle:
+        handle.seek(4096)  # the second page: the schema's tables
+        handle.write(bytes(range(256)) * 16)
+    done = run_avr("sweep", "--name", "d", cwd=tmp_path)
+    assert_one_line_error(done, f"sqlite:///{study_db}", "a damaged database",
+                          "database disk image is malformed", "another --name")
+
+
+def test_a_full_disk_stops_the_sweep_with_one_line_and_the_same_command_resumes(store,
+                                                                               tmp_path):
+    from support.disks import small_disk
+
+    args = ["sweep", "--cache", store, *TINY, "--epochs", "2", "--name", "full",
+            "--grid", "lr=1e-4,1e-3,3e-3"]
+    with small_disk(tmp_path / "disk", 4) as disk:
+        # the disk fills after trial 0's first epoch of trial 1 (3rd epoch logged)
+        full = run_avr("3", disk, *args, cwd=disk, script="fill_at_epoch.py")
+        assert_one_line_error(full, "no space left on device", "run the same command again")
+        (disk / "filler").unlink()
+        resumed = run_avr(*args, cwd=disk)
+        assert resumed.returncode == 0, resumed.stderr
+        rows = read_trials(disk, "full")
+    assert sorted(float(r["lr"]) for r in rows if r["state"] == "complete") == [1e-4, 1e-3,
+                                                                                 3e-3]
+    assert [r["trial"] for r in rows if r["state"] == "failed"] == ["1"]  # retried as trial 2
+
+
+def test_the_study_lock_gives_up_after_the_study_timeout_naming_its_holder(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom avr.fuse.sweep import StudyLock\n"
+         "with StudyLock(sys.argv[1], 'held'):\n    print('held', flush=True)\n"
+         "    time.sleep(120)\n", url], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        done = run_avr("sweep", "--name", "held", "--storage", url, "--grid", "lr=1e-3",
+                       "--study-timeout", "2", cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(done, "sweep 'held'", "locked for 2 s", f"pid {holder.pid} on host "
+                          f"{socket.gethostname()}", "command: -c", "--study-timeout")
+
+
+def test_eval_of_a_trial_whose_weights_the_sweep_dropped_names_save_runs(store, tmp_path):
+    ok(run_avr("sweep", "--cache", store, *TINY, "--epochs", "1", "--name", "w",
+               "--grid", "lr=1e-5,3e-3", cwd=tmp_path))
+    trials = (tmp_path / "runs" / "sweeps" / "w").glob("trial-*")
+    run, = [trial for trial in trials if not (trial / "best.safetensors").exists()]
+    done = run_avr("eval", "--run", run, "--cache", store, cwd=tmp_path)
+    assert_one_line_error(done, f"{run / 'best.safetensors'} not found", "sweep 'w' kept the "
+                          "weights of only its best trial's", "--save-runs")
+
+
+# ---- installs --------------------------------------------------------------------------------
+
+def test_sweep_without_optuna_names_the_extra_to_install(store, tmp_path):
+    done = run_avr("optuna", "sweep", "--cache", store, *TINY, "--grid", "lr=1e-3",
+                   cwd=tmp_path, script="without_module.py")
+    assert_one_line_error(done, "avr sweep needs optuna", "pip install 'avr[sweep]'")
+
+
+def test_the_sweep_package_imports_without_optuna():
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['optuna'] = None\n"
+                           "import avr.fuse.sweep, avr.cli"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+
+
+# ---- what the study records and the plots show ----------------------------------------------
+
+def test_a_grid_study_records_listed_numbers_as_numeric_distributions_named_val_r1(store,
+                                                                                  tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    base = TrainConfig(head="meanp", epochs=1, batch_size=16)
+    plan = sweeps.SweepPlan(str(store), "lr=1e-4,1e-3 dropout=0.0,0.3 proj=true,false", "grid",
+                            None, False, base)
+    storage = sweeps.open_storage(sweeps.storage_url("n", None, tmp_path))
+    study = sweeps.open_study("n", plan, storage)
+    asked = sweeps.take_trials(study, plan, 8, sweeps.worker.Heartbeat(storage),
+                               sweeps.worker_identity(), True)
+    assert len({tuple(sorted(options.items())) for _, options in asked}) == 8
+    distributions = asked[0][0].distributions
+    assert distributions["lr"] == FloatDistribution(1e-4, 1e-3, log=True)
+    assert distributions["dropout"] == FloatDistribution(0.0, 0.3)
+    assert distributions["proj"] == CategoricalDistribution([True, False])
+    assert study.metric_names == ["val R@1"]
+
+
+def _row(number: int, state: str, curve: list[float]) -> sweeps.TrialRow:
+    return sweeps.TrialRow(number, state, len(curve), max(curve), 1.0, {"lr": 1e-3 * number},
+                           None, None, curve, None)
+
+
+def test_the_curves_plot_has_a_legend_and_says_x_is_pruned_only_when_a_trial_was():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    complete = [_row(0, "complete", [10.0, 20.0]), _row(1, "complete", [5.0, 8.0])]
+    figure = sweeps.results.curves_figure("s", complete)
+    axes = figure.axes[0]
+    assert axes.get_title() == "s: 2 trials" and axes.get_ylabel() == "val R@1 (%)"
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["0: lr=0", "1: lr=0.001"]
+    pruned = sweeps.results.curves_figure("s", [*complete, _row(2, "pruned", [1.0])])
+    assert pruned.axes[0].get_title() == "s: 3 trials (x: pruned)"
+
+
+@pytest.mark.parametrize("complete, drawn", [(7, False), (8, True)])
+def test_importances_are_drawn_from_eight_complete_trials(tmp_path, complete, drawn):
+    from optuna.distributions import FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for number in range(complete):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": 1e-4 * (number + 1), "dropout": 0.1 * (number % 3)},
+            distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True),
+                           "dropout": FloatDistribution(0.0, 0.5)},
+            value=float(number), intermediate_values={1: float(number)}))
+    paths = sweeps.write_plots(study, tmp_path)
+    assert (tmp_path / "importances.png" in paths) == drawn
+    assert (tmp_path / "importances.png").exists() == drawn

@@ -15,6 +15,7 @@ import sys
 
 from avr.cli import main
 from avr.fuse import checkpoint
+from at_epoch import after_epoch  # this folder is on the path when run as a script
 
 
 def kill_at_epoch(nth: int) -> None:
@@ -24,17 +25,7 @@ def kill_at_epoch(nth: int) -> None:
 
         checkpoint.TrainState.save_last = die
         return
-    real_append = checkpoint.append_log
-    seen = 0
-
-    def append_and_maybe_die(run_dir, log):
-        nonlocal seen
-        real_append(run_dir, log)
-        seen += 1
-        if seen == nth:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    checkpoint.append_log = append_and_maybe_die
+    after_epoch(nth, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,6 +34,10 @@ def moto_endpoint(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
     try:
+        # moto keeps its buckets in this process's memory, shared by every server started in it:
+        # start each endpoint empty, whatever an earlier test module left.
+        urllib.request.urlopen(urllib.request.Request(
+            f"{variables['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"), timeout=30).close()
         s3().mkdir(bucket)
         yield variables
     finally:

@@ -21,6 +21,10 @@ from avr.fuse.fields import typed_fields
 from avr.fuse.heads import head_class
 
 SEARCHES = ("grid", "random", "tpe")
+HEARTBEAT_S = 20  # default seconds between a running trial's heartbeats in the study
+GRACE_HEARTBEATS = 6  # heartbeats a lost trial misses before another worker takes it
+METRIC = "val R@1"  # what every trial reports after each epoch, as the study names it
+LOG_RATIO = 3  # listed positive values spanning this ratio or more are drawn on a log axis
 
 
 @dataclass
@@ -33,6 +37,7 @@ class SweepPlan:
     trials: int | None  # configurations to draw (random, tpe); a grid trains all of its points
     prune: bool
     base: TrainConfig  # the fixed options every trial starts from
+    heartbeat: int = HEARTBEAT_S  # seconds between a running trial's heartbeats
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "base": dataclasses.asdict(self.base)}
@@ -116,6 +121,8 @@ def check_plan(plan: SweepPlan) -> None:
         raise AvrError(f"--search {plan.search!r} is not one of {', '.join(SEARCHES)}")
     if plan.search != "grid" and not (plan.trials or 0) >= 1:
         raise AvrError(f"--search {plan.search} needs --trials N (N >= 1)")
+    if not plan.heartbeat >= 1:
+        raise AvrError(f"--heartbeat {plan.heartbeat}: must be at least 1 second")
     axes = plan.axes
     for options in grid_points(axes) if plan.search == "grid" else _probe_points(axes):
         trial_config(plan.base, options)
@@ -133,7 +140,7 @@ def _probe_points(axes: list[Axis]) -> list[dict[str, Any]]:
 
 def resolve_plan(name: str, stored: SweepPlan | None, *, grid: str | None, search: str | None,
                  trials: int | None, prune: bool, cache: str | None, flags: dict[str, Any],
-                 opts: list[str]) -> SweepPlan:
+                 opts: list[str], heartbeat: int | None = None) -> SweepPlan:
     """The plan this worker trains: a new one from the options given (``flags`` None where not
     given), or the stored one with the options given laid over it (``open_study`` refuses a
     plan that differs from the stored one)."""
@@ -144,12 +151,13 @@ def resolve_plan(name: str, stored: SweepPlan | None, *, grid: str | None, searc
             raise AvrError(f"there is no sweep named {name!r} yet: start it with --grid "
                            f"\"lr=1e-5:1e-3:log temperature=0.02:0.1\" (and --search, --trials)")
         base, _ = train_config(None, flags, opts)
-        plan = SweepPlan(cache or "cache", grid, search or "grid", trials, prune, base)
+        plan = SweepPlan(cache or "cache", grid, search or "grid", trials, prune, base,
+                         heartbeat or HEARTBEAT_S)
     else:
         base, _ = train_config(None, flags, opts, start=stored.base)
         plan = SweepPlan(cache or stored.cache, grid or stored.grid, search or stored.search,
                          trials if trials is not None else stored.trials, prune or stored.prune,
-                         base)
+                         base, heartbeat or stored.heartbeat)
     check_plan(plan)
     return plan
 
@@ -177,24 +185,35 @@ def plan_differences(stored: SweepPlan, given: SweepPlan) -> str:
                      if key != "device" and old.get(key) != new.get(key))
 
 
-def suggest(trial, plan: SweepPlan) -> dict[str, Any]:
+def suggest(trial, plan: SweepPlan, numeric_grid: bool = False) -> dict[str, Any]:
     """The trial's options. random and tpe draw only the options of the trial's head (a
-    conditional space); a grid point sets every axis, and the trial ignores other heads'."""
+    conditional space); a grid point sets every axis, and the trial ignores other heads'.
+    With ``numeric_grid`` a grid's list of numbers is recorded as a numeric distribution (log
+    when its positive values span ``LOG_RATIO`` or more), so that Optuna's plots and dashboard
+    draw it on a numeric axis; random and tpe draw a list's values only, as categories."""
     options: dict[str, Any] = {}
     head = plan.base.head
     for axis in plan.axes:
         if plan.search != "grid" and axis.name not in TRAIN_FIELDS and axis.name != "head" \
                 and axis.name not in head_fields(head):
             continue
-        options[axis.name] = _suggest_axis(trial, axis)
+        options[axis.name] = _suggest_axis(trial, axis, numeric_grid and plan.search == "grid")
         if axis.name == "head":
             head = options["head"]
     return options
 
 
-def _suggest_axis(trial, axis: Axis) -> Any:
+def _suggest_axis(trial, axis: Axis, numeric_list: bool) -> Any:
     if not axis.is_range:
-        return trial.suggest_categorical(axis.name, list(axis.values))
+        values = axis.values
+        if not (numeric_list and len(values) > 1 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            return trial.suggest_categorical(axis.name, list(values))
+        low, high = min(values), max(values)
+        log = low > 0 and high >= LOG_RATIO * low
+        if all(isinstance(v, int) for v in values):
+            return trial.suggest_int(axis.name, low, high, log=log)
+        return trial.suggest_float(axis.name, low, high, log=log)
     if all(isinstance(v, int) for v in (axis.low, axis.high, axis.step or 1)):
         return trial.suggest_int(axis.name, axis.low, axis.high, step=axis.step or 1, log=axis.log)
     return trial.suggest_float(axis.name, axis.low, axis.high, step=axis.step, log=axis.log)

@@ -1,12 +1,15 @@
 """One sweep worker: it asks the study for trials, trains them on the store it loaded once,
 reports val R@1 after every epoch and tells the study how each ended.
 
-- Trials are taken under ``storage.opening``: two workers never take one grid point.
-- A running trial's heartbeat is recorded every ``HEARTBEAT_S`` on a thread of its own. A
+- Trials are taken, and pruning decided, under the study's lock (``storage.StudyLock``): two
+  workers never take one grid point, on one machine or several.
+- A worker ends with the sweep: with nothing left to start, it waits while other workers
+  train, so that a trial whose worker is lost is trained again.
+- A running trial's heartbeat is recorded every ``plan.heartbeat`` s on a thread of its own. A
   worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING; the next worker
   to look fails it and queues a copy with the same options (Optuna's
   RetryHeartbeatStaleTrialCallback; for a grid, the same point): at once when the dead worker
-  ran on this machine (its pid is gone), after ``GRACE_S`` without a heartbeat otherwise.
+  ran on this machine (its pid is gone), after ``GRACE_HEARTBEATS`` missed heartbeats otherwise.
 - A random or tpe trial that draws the options of a finished trial takes its result without
   training (``finished_twin``): training them again would repeat the run.
 - ``parallel`` trials are asked at once and trained side by side, as one stacked model where
@@ -28,9 +31,13 @@ from avr.fuse.checkpoint import EpochLog
 from avr.fuse.config import TrainConfig
 from avr.fuse.sweep.plan import SweepPlan, head_fields, suggest, trial_config
 from avr.fuse.sweep.results import TrialRow, trial_row, write_trials_csv
-from avr.fuse.sweep.storage import HEARTBEAT_S, opening, optuna_module
+from avr.fuse.sweep.runs import SweepRuns
+from avr.fuse.sweep.storage import (NUMERIC_GRID_ATTR, StudyLock, make_sampler, optuna_module,
+                                    storage_errors)
 from avr.fuse.trainer import CacheData, TrainResult, load_cache, schedule_for_store, train
 from avr.store.lock import _process_runs, machine_identity
+
+IDLE_POLL_S = 5.0  # a worker with nothing left to start looks at the study again this often
 
 
 def worker_identity() -> dict[str, Any]:
@@ -42,7 +49,8 @@ def worker_identity() -> dict[str, Any]:
 
 def release_dead_trials(study, storage) -> None:
     """Fail the RUNNING trials whose worker is gone and queue a copy of each: a dead process of
-    this machine at once, another machine's after ``GRACE_S`` without a heartbeat."""
+    this machine at once, another machine's after the storage's grace period without a
+    heartbeat."""
     optuna = optuna_module()
     here = machine_identity()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -51,6 +59,8 @@ def release_dead_trials(study, storage) -> None:
                                                                       worker["pid_started"]):
             continue
         try:
+            storage.set_trial_user_attr(trial._trial_id, "error", f"its worker (pid "
+                                        f"{worker['pid']}) stopped while training it")
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker released it first
@@ -67,6 +77,12 @@ def counted_trials(study) -> list:
     return [t for t in trials if t.number not in replaced]
 
 
+def others_running(study) -> bool:
+    """Whether a trial of the study is RUNNING (another worker's: this one has none then)."""
+    RUNNING = optuna_module().trial.TrialState.RUNNING
+    return bool(study.get_trials(deepcopy=False, states=(RUNNING,)))
+
+
 def work_left(study, plan: SweepPlan) -> bool:
     """Whether this worker should ask for another trial: a queued retry, a grid point that no
     trial has finished or is training, or fewer than ``trials`` finished and running."""
@@ -81,7 +97,8 @@ def work_left(study, plan: SweepPlan) -> bool:
 
 
 class Heartbeat:
-    """Records, every ``HEARTBEAT_S``, that this process still trains its running trials."""
+    """Records, every heartbeat interval of the storage, that this process still trains its
+    running trials."""
 
     def __init__(self, storage):
         self.storage = storage
@@ -104,9 +121,13 @@ class Heartbeat:
         self.trial_ids.add(trial_id)
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        errors = storage_errors()
+        while not self._stop.wait(self.storage.heartbeat_interval):
             for trial_id in list(self.trial_ids):
-                self.storage.record_heartbeat(trial_id)
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except errors:
+                    pass  # a database that went away: the worker's next call reports it
 
 
 class ReportWriter:
@@ -162,35 +183,57 @@ class CacheByHead:
         return self.loaded[head]
 
 
-def run_worker(study, storage, plan: SweepPlan, out_dir: Path,
-               callbacks: SweepCallbacks = SweepCallbacks(), parallel: int = 1) -> None:
+def run_worker(study, storage, plan: SweepPlan, runs: SweepRuns,
+               callbacks: SweepCallbacks = SweepCallbacks(), parallel: int = 1,
+               lock: StudyLock | None = None) -> None:
     """Train trials of the study until none is left to start, ``parallel`` at a time (stacked
-    where their options allow, :mod:`avr.fuse.stacked`); write trials.csv after each round."""
+    where their options allow, :mod:`avr.fuse.stacked`), in ``runs``; write trials.csv after
+    each round. ``lock`` (default: the study's own) is held while trials are taken and while
+    the pruner decides."""
     from avr.device import resolve_device
 
+    lock = lock or StudyLock(storage.url, study.study_name)
+    numeric_grid = bool(study.user_attrs.get(NUMERIC_GRID_ATTR))
     caches = CacheByHead(plan, resolve_device(plan.base.device))
     worker = worker_identity()
     with Heartbeat(storage) as heartbeat, ReportWriter() as reports:
         while True:
             release_dead_trials(study, storage)
-            asked = []
-            # One worker at a time looks for work and takes it: two workers asking at once
-            # could both see the last grid point free, and Optuna's grid sampler hands the second
-            # a point already taken.
-            with opening(storage.url):
-                while len(asked) < parallel and work_left(study, plan):
-                    asked.append(study.ask())
-                    heartbeat.add(asked[-1]._trial_id)
+            with lock:
+                asked = take_trials(study, plan, parallel, heartbeat, worker, numeric_grid)
             if not asked:
-                break
+                if not others_running(study):
+                    break
+                # Wait for the trials other workers train: one whose worker is lost is
+                # trained again here once its heartbeat is stale.
+                time.sleep(min(IDLE_POLL_S, storage.heartbeat_interval))
+                continue
             try:
-                started = [_start(trial, study, plan, out_dir, worker, callbacks)
-                           for trial in asked]
+                started = [_start(trial, options, study, plan, runs, callbacks)
+                           for trial, options in asked]
                 _run_trials([running for running in started if running is not None], study,
-                            plan, caches, callbacks, reports)
+                            plan, caches, callbacks, reports, lock, runs)
             finally:
-                heartbeat.trial_ids.difference_update(trial._trial_id for trial in asked)
-            write_trials_csv(study, out_dir)
+                heartbeat.trial_ids.difference_update(trial._trial_id for trial, _ in asked)
+            runs.publish([write_trials_csv(study, runs.work)])
+
+
+def take_trials(study, plan: SweepPlan, parallel: int, heartbeat: Heartbeat,
+                worker: dict[str, Any], numeric_grid: bool = False
+                ) -> list[tuple[Any, dict[str, Any]]]:
+    """Up to ``parallel`` new trials of ``worker`` and their options; called under the study's
+    lock, so that what a worker sees free is still free when it takes it (a grid point, a
+    retry). A random or tpe trial draws from a sampler seeded by the trial's number: its draw
+    depends on the study, not on which worker asked."""
+    asked = []
+    while len(asked) < parallel and work_left(study, plan):
+        if plan.search != "grid":
+            study.sampler = make_sampler(plan, len(study.get_trials(deepcopy=False)))
+        trial = study.ask()
+        heartbeat.add(trial._trial_id)
+        trial.set_user_attr("worker", worker)
+        asked.append((trial, suggest(trial, plan, numeric_grid)))
+    return asked
 
 
 @dataclass
@@ -203,18 +246,16 @@ class _Running:
     pruned: bool = False
 
 
-def _start(trial, study, plan: SweepPlan, out_dir: Path, worker: dict[str, Any],
+def _start(trial, options: dict[str, Any], study, plan: SweepPlan, runs: SweepRuns,
            callbacks: SweepCallbacks) -> _Running | None:
-    """The trial to train, or None when it draws the options of a finished trial: it then
+    """The trial to train, or None when it drew the options of a finished trial: it then
     takes that trial's result (:func:`repeat_finished`)."""
-    options = suggest(trial, plan)
-    trial.set_user_attr("worker", worker)
     if (earlier := finished_twin(study, trial)) is not None:
         callbacks.on_trial_start(trial.number, options)
         repeat_finished(study, trial, earlier, callbacks)
         return None
-    run_dir = out_dir / f"trial-{trial.number:04d}"
-    trial.set_user_attr("run_dir", str(run_dir))
+    run_dir = runs.trial_dir(trial.number)
+    trial.set_user_attr("run_dir", runs.trial_location(trial.number))
     callbacks.on_trial_start(trial.number, options)
     config, _ = schedule_for_store(plan.cache, trial_config(plan.base, options))
     return _Running(trial, config, run_dir)
@@ -249,16 +290,18 @@ def repeat_finished(study, trial, earlier, callbacks: SweepCallbacks) -> None:
 
 
 def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks,
-              reports: ReportWriter):
+              reports: ReportWriter, lock: StudyLock):
     """The trial's ``on_epoch``: report val R@1 to the study; True when the pruner stops it.
-    The pruner reads the report at once; otherwise it is written in the background."""
+    The pruner reads the report at once, under the study's lock (each decision sees every
+    report made before it); otherwise it is written in the background."""
     def on_epoch(epoch: int, log: EpochLog) -> bool:
         callbacks.on_epoch(running.trial.number, log)
         # A trial pruned after its last epoch has trained in full: it completes.
         if plan.prune and log.epoch < running.config.epochs:
             reports.wait()
-            running.trial.report(log.val_r1, log.epoch)
-            running.pruned = running.trial.should_prune()
+            with lock:
+                running.trial.report(log.val_r1, log.epoch)
+                running.pruned = running.trial.should_prune()
         else:
             reports.report(running.trial, log.val_r1, log.epoch)
         return running.pruned
@@ -267,7 +310,8 @@ def _reporter(running: _Running, plan: SweepPlan, callbacks: SweepCallbacks,
 
 
 def _run_trials(trials: list[_Running], study, plan: SweepPlan, caches: CacheByHead,
-                callbacks: SweepCallbacks, reports: ReportWriter) -> None:
+                callbacks: SweepCallbacks, reports: ReportWriter, lock: StudyLock,
+                runs: SweepRuns) -> None:
     """Train ``trials``: each stacked group together, a trial alone on its own."""
     from avr.fuse import stacked
 
@@ -279,28 +323,31 @@ def _run_trials(trials: list[_Running], study, plan: SweepPlan, caches: CacheByH
             if len(members) == 1:
                 only = members[0]
                 results = [train(plan.cache, only.config, only.run_dir, cache=cache,
-                                 on_epoch=_reporter(only, plan, callbacks, reports))]
+                                 on_epoch=_reporter(only, plan, callbacks, reports, lock))]
             else:
-                reporters = [_reporter(running, plan, callbacks, reports) for running in members]
+                reporters = [_reporter(running, plan, callbacks, reports, lock)
+                             for running in members]
                 results = stacked.train_stacked(
                     plan.cache, [r.config for r in members], [r.run_dir for r in members],
                     cache, on_epoch=lambda k, log: reporters[k](log.epoch, log))
         except AvrError as error:
             reports.wait()
             for running in members:
-                _tell(study, running, None, time.perf_counter() - started, callbacks,
+                _tell(study, running, None, time.perf_counter() - started, callbacks, runs,
                       error=str(error))
             continue
         reports.wait()
         for running, result in zip(members, results):
-            _tell(study, running, result, time.perf_counter() - started, callbacks)
+            _tell(study, running, result, time.perf_counter() - started, callbacks, runs)
 
 
 def _tell(study, running: _Running, result: TrainResult | None, seconds: float,
-          callbacks: SweepCallbacks, error: str | None = None) -> None:
-    """Record a trial's end in the study: failed (``error``), pruned or complete."""
+          callbacks: SweepCallbacks, runs: SweepRuns, error: str | None = None) -> None:
+    """Record a trial's end in the study: failed (``error``), pruned or complete; its folder is
+    where the study says first."""
     TrialState = optuna_module().trial.TrialState
     trial = running.trial
+    runs.publish_trial(trial.number)
     trial.set_user_attr("seconds", seconds)
     if result is None:
         trial.set_user_attr("error", error)
