@@ -169,6 +169,12 @@ def _array_list(value: str) -> None:
     check_arrays(generated_spec(0), _names(value))
 
 
+def _like(value: str) -> None:
+    from avr.extract.generated import LIKE_FRAMES
+
+    options.choose(value, tuple(LIKE_FRAMES))
+
+
 @bench_app.command("store")
 def bench_store(
     videos: int = typer.Option(..., "--videos", min=3, help="Videos to generate (VATEX: 28,991)."),
@@ -190,6 +196,9 @@ def bench_store(
     overwrite: bool = options.overwrite(),
     shapes: str = typer.Option("vatex", "--shapes", hidden=True, callback=options.one_of("vatex", "tiny"),
                                help="tiny: the tiny backbones' widths, for tests."),
+    like: Optional[str] = typer.Option(None, "--like", help="The dataset the store imitates "
+                                       "(vatex | msrvtt): its name and frame count, so that runs "
+                                       "take its recipes.", callback=options.checked(_like)),
 ):
     """Write a store with VATEX's per-row shapes straight from a generator: topics, captions
     near their video's frames, twins only audio tells apart (README "Generated stores")."""
@@ -201,7 +210,7 @@ def bench_store(
               else arrays_for_heads(_names(heads)) if heads is not None else None)
     settings = GeneratorSettings(videos=videos, captions_per_video=captions_per_video,
                                  seed=seed, val_videos=val_videos, test_videos=test_videos,
-                                 shapes=shapes, arrays=chosen,
+                                 shapes=shapes, like=like, arrays=chosen,
                                  heads=tuple(_names(heads)) if heads is not None else None)
     summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
                                     compression=compression, console=console)

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from avr import __version__
 from avr.errors import AvrError, CacheMismatchError
@@ -94,10 +95,16 @@ START_TOKEN, END_TOKEN = "<start>", "<end>"
 
 # ---- shapes ---------------------------------------------------------------------------------
 
-def generated_spec(seed: int, shapes: str = "vatex") -> CacheSpec:
+# Datasets a generated store may imitate (``--like``): the name its spec records, so that a
+# run takes that dataset's recipe, and the frames `avr extract` samples for it.
+LIKE_FRAMES = {"vatex": 32, "msrvtt": 12}
+
+
+def generated_spec(seed: int, shapes: str = "vatex", like: str | None = None) -> CacheSpec:
     """The spec of a generated store: "vatex" gives the real per-row shapes of `avr extract`
     with its default backbones on VATEX; "tiny" (for tests) the widths of the tiny backbones
-    and 12 x 20 AST patches."""
+    and 12 x 20 AST patches. ``like`` names the dataset it imitates (``LIKE_FRAMES``): the spec's
+    dataset and frames are that dataset's (else "generated", and the shapes' frames)."""
     names = {"clip": "ViT-B-32", "swin": "microsoft/swin-tiny-patch4-window7-224",
              "ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "roberta": "roberta-base"}
     backbones = {role: BackboneInfo(name, f"{WEIGHTS_PREFIX}{seed}", GENERATOR_LIBRARY,
@@ -110,8 +117,12 @@ def generated_spec(seed: int, shapes: str = "vatex") -> CacheSpec:
                       ast_dim=24, ast_time_patches=20, roberta_dim=24, roberta_len=12)
     else:
         raise AvrError(f"shapes {shapes!r}: one of vatex, tiny")
-    return CacheSpec(dataset="generated", image_size=224, swin_grids=(4, 2, 1),
-                     backbones=backbones, audio=AudioParams(), **widths)
+    if like is not None:
+        if like not in LIKE_FRAMES:
+            raise AvrError(f"like {like!r}: one of {', '.join(LIKE_FRAMES)}")
+        widths["num_frames"] = LIKE_FRAMES[like]
+    return CacheSpec(dataset=like or "generated", image_size=224, swin_grids=(4, 2, 1),
+                     backbones=backbones, audio=AudioParams(), audio_pooled_token=True, **widths)
 
 
 def is_generated(spec: CacheSpec) -> bool:
@@ -174,6 +185,7 @@ class GeneratorSettings:
     shapes: str = "vatex"
     arrays: tuple[str, ...] | None = None  # None: every array
     heads: tuple[str, ...] | None = None  # the heads ``arrays`` were chosen for, if any
+    like: str | None = None  # the dataset the store imitates (LIKE_FRAMES), if any
 
     def split_sizes(self) -> dict[str, int]:
         total = sum(VATEX_SPLITS.values())
@@ -190,13 +202,15 @@ class GeneratorSettings:
         data = asdict(self)
         for key in ("arrays", "heads"):
             data[key] = list(data[key]) if data[key] is not None else None
+        if data["like"] is None:
+            del data["like"]  # as stores generated before --like record their settings
         return data
 
     def command(self, out: str | Path) -> str:
         """The `avr bench store` command line that writes this store at ``out``."""
         parts = [f"avr bench store --videos {self.videos} --out {out}"]
         defaults = GeneratorSettings(self.videos)
-        for key in ("captions_per_video", "seed", "val_videos", "test_videos", "shapes"):
+        for key in ("captions_per_video", "seed", "val_videos", "test_videos", "shapes", "like"):
             if getattr(self, key) != getattr(defaults, key):
                 parts.append(f"--{key.replace('_', '-')} {getattr(self, key)}")
         if self.heads is not None:
@@ -441,18 +455,22 @@ class GeneratedEncoder:
         for k, (projection, grid) in enumerate(zip(self.swin_maps, spec.swin_grids)):
             if schema.swin_level(k) in names:
                 out[schema.swin_level(k)] = self._swin(content, projection, grid, looks, k)
-        if {schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS,
-                schema.AUDIO_TIME_TOKENS} & names:
+        if {schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS, schema.AUDIO_TIME_TOKENS,
+                schema.AUDIO_POOLED_TOKEN} & names:
             patches = self._audio_patches(plan, vocab, rows)
             if schema.AUDIO_PATCH_TOKENS in names:
                 out[schema.AUDIO_PATCH_TOKENS] = patches
             if schema.AUDIO_TIME_TOKENS in names:
                 out[schema.AUDIO_TIME_TOKENS] = ast_time_tokens(
                     patches, spec.ast_freq_patches, spec.ast_time_patches)
+            noise = torch.stack([torch.randn(2, spec.ast_dim, generator=self._gen(6, int(r)))
+                                 for r in rows])
+            global_tokens = patches.mean(1, keepdim=True) + 0.1 * noise
             if schema.AUDIO_GLOBAL_TOKENS in names:
-                noise = torch.stack([torch.randn(2, spec.ast_dim, generator=self._gen(6, int(r)))
-                                     for r in rows])
-                out[schema.AUDIO_GLOBAL_TOKENS] = patches.mean(1, keepdim=True) + 0.1 * noise
+                out[schema.AUDIO_GLOBAL_TOKENS] = global_tokens
+            if schema.AUDIO_POOLED_TOKEN in names:  # as AST's final LayerNorm of their mean
+                out[schema.AUDIO_POOLED_TOKEN] = F.layer_norm(global_tokens.mean(1),
+                                                              (spec.ast_dim,))
         if schema.HAS_AUDIO in names:
             out[schema.HAS_AUDIO] = torch.from_numpy(plan.has_audio[rows])
         return out
@@ -521,7 +539,7 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
     (``schema.COMPRESSIONS``; a resumed store keeps its own). Returns a summary: rows, bytes written
     (uncompressed), bytes on disk, seconds, and the arrays left unwritten."""
     started = time.perf_counter()
-    spec = generated_spec(settings.seed, settings.shapes)
+    spec = generated_spec(settings.seed, settings.shapes, settings.like)
     written = check_arrays(spec, settings.arrays if settings.arrays is not None
                            else feature_arrays(spec))
     unwritten = tuple(name for name in feature_arrays(spec) if name not in written)
@@ -530,6 +548,9 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
         plan = make_plan(settings)
         group = _prepare(location, spec, settings, plan, unwritten, overwrite,
                          settings.command(out), chunk_rows, compression)
+        # a store generated before its spec listed every array keeps its own spec and arrays
+        spec = schema.CacheSpec.from_attrs(group.attrs[schema.ATTR_SPEC])
+        written = tuple(name for name in written if name in schema.array_layout(spec, 0, 0))
         layout = schema.array_layout(spec, settings.videos, len(plan.caption_text),
                                      video_chunk_rows=group[schema.VIDEO_DONE].chunks[0])
         encoder = GeneratedEncoder(spec, settings.seed)

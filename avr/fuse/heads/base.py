@@ -32,6 +32,8 @@ initial value, the releases' effective behaviour.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -49,6 +51,7 @@ Rows = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp on the log of the logit scale
+LOGIT_SCALE_PARAMETER = "logit_scale"  # the learned log-scale's name among a head's parameters
 
 # Keys of ``RetrievalHead.explain`` (each [P, ...] for P paired rows), read by `avr eval --report`.
 EXPLAIN_FRAME_ATTENTION = "frame_attention"  # [P, F] weight of each frame for the caption
@@ -65,6 +68,38 @@ class HeadConfig:
     temperature: float = 0.01  # initial; logit scale = 1 / temperature (CLIP's pretrained 100)
     learn_temperature: bool = True
     dropout: float = 0.3
+    # Frames the head reads of each video's cached ones, evenly spaced (``frame_subset``); None
+    # or 0: every cached frame. `avr train` sets it from the head's recipe unless given.
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A parameter group a head declares (``RetrievalHead.parameter_groups``): the parameters
+    named ``parameters`` (or under those module names) train at ``lr_scale`` times the run's lr
+    with weight decay ``weight_decay`` (``avr.fuse.optim.group_settings``)."""
+
+    name: str
+    parameters: tuple[str, ...]
+    lr_scale: float = 1.0
+    weight_decay: float = 0.0
+
+    def holds(self, name: str) -> bool:
+        return any(name == prefix or name.startswith(prefix + ".") for prefix in self.parameters)
+
+
+def frame_subset(cached: int, wanted: int | None) -> tuple[int, ...] | None:
+    """Which of ``cached`` frames a head reading ``wanted`` of them takes: for each of ``wanted``
+    equal segments of the clip, the cached frame whose own segment holds that segment's centre
+    (cached frames are the centres of ``cached`` equal segments, docs/cache.md). None: every
+    cached frame. A decoder sampling ``wanted`` frames would take those centres themselves; the
+    subset's frames lie at most half a cached segment (duration / (2 cached)) away from them."""
+    if not wanted or wanted == cached:
+        return None
+    if wanted > cached:
+        raise AvrError(f"frames={wanted}: the store holds {cached} frames per video; ask for at "
+                       f"most {cached} (frames=0: every cached frame)")
+    return tuple((2 * k + 1) * cached // (2 * wanted) for k in range(wanted))
 
 
 class RetrievalHead(nn.Module):
@@ -92,11 +127,20 @@ class RetrievalHead(nn.Module):
     # ``torch.func.vmap`` and a stacked trial equals its solo run (the contract test checks it).
     stackable: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "encode_videos" in cls.__dict__:  # every head encodes the frames it reads
+            cls.encode_videos = _reading_head_frames(cls.__dict__["encode_videos"])
+
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()
-        self.spec = spec
+        self.cached_frames = spec.num_frames
+        self.frame_index = frame_subset(spec.num_frames, config.frames)
+        # the spec as the head sees it: ``num_frames`` is the frames it reads
+        self.spec = spec if self.frame_index is None else \
+            dataclasses.replace(spec, num_frames=len(self.frame_index))
         self.config = config
-        self.video_inputs = self.video_inputs_for(config)
+        self.video_inputs = schema.stored_inputs(self.video_inputs_for(config), spec)
         init = torch.tensor(math.log(1.0 / checked_temperature(config)))
         if config.learn_temperature:
             self.logit_scale = nn.Parameter(init)
@@ -108,6 +152,28 @@ class RetrievalHead(nn.Module):
         """The video arrays a head built with ``config`` reads (a loader loads only these):
         the class's ``video_inputs`` unless an option leaves some of them unused."""
         return cls.video_inputs
+
+    def head_frames(self, videos: Rows) -> Rows:
+        """These video rows with the frames the head reads (``frame_subset``) of every array with
+        a frame axis; applied to every ``encode_videos`` input (train, stacked trials,
+        validation, eval, search), so every path reads the same frames. Rows already reduced
+        pass as they are."""
+        if self.frame_index is None:
+            return videos
+        return {name: rows.index_select(1, torch.tensor(self.frame_index, device=rows.device))
+                if schema.on_frame_axis(name) and rows.shape[1] == self.cached_frames else rows
+                for name, rows in videos.items()}
+
+    def parameter_groups(self) -> tuple[GroupSpec, ...]:
+        """Parameter groups of the head's own, with their lr and weight decay (the optimizer puts
+        every other parameter in the run's groups). Default: none."""
+        return ()
+
+    @classmethod
+    def store_note(cls, spec: CacheSpec) -> str | None:
+        """What the head does otherwise than its method on a store of ``spec`` (one clause of the
+        run's first line), or None. Default: nothing."""
+        return None
 
     def hide_audio(self, videos: Rows) -> Rows:
         """These video rows with their audio left out (`avr eval --modalities v`). Default: every
@@ -198,6 +264,15 @@ class RetrievalHead(nn.Module):
 
     def param_dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.parameters()), torch.float32)
+
+
+def _reading_head_frames(encode):
+    """``encode`` (a head's ``encode_videos``) called on the frames the head reads."""
+    @functools.wraps(encode)
+    def encode_videos(self: RetrievalHead, videos: Rows) -> State:
+        return encode(self, self.head_frames(videos))
+
+    return encode_videos
 
 
 def checked_temperature(config: HeadConfig) -> float:
