@@ -191,11 +191,15 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
         result.variants["dsl"] = dual_softmax_variant(head, sim, caption_video, all_videos,
                                                       result.dsl)
     if config.qbnorm:
-        bank = train_bank_similarity(head, cache_path, scores.videos, video_rows, device, config,
-                                     work_bytes)
-        normed = metrics.qb_norm(cosines_of(head, sim), cosines_of(head, bank))
-        result.variants["qbnorm"] = {"t2v": metrics.metrics_from_ranks(
-            metrics.t2v_ranks(normed, caption_video))}
+        bank = cosines_of(head, train_bank_similarity(head, cache_path, scores.videos, video_rows,
+                                                      device, config, work_bytes))
+        variants = {"qbnorm": metrics.qb_norm(cosines_of(head, sim), bank)}
+        if config.dsl:
+            variants["dsl+qbnorm"] = dual_softmax_then_qb_norm(cosines_of(head, sim), bank,
+                                                               result.dsl)
+        for name, normed in variants.items():
+            result.variants[name] = {"t2v": metrics.metrics_from_ranks(
+                metrics.t2v_ranks(normed, caption_video))}
     if config.rerank_k:
         reranked = rerank(sim, cache_path, config.split, config.rerank_k, config.index)
         result.variants[f"rerank@{config.rerank_k}"] = {"t2v": metrics.metrics_from_ranks(
@@ -212,6 +216,21 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
             audio_grid=(data.spec.ast_freq_patches, data.spec.ast_time_patches))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def dual_softmax_then_qb_norm(cosines: np.ndarray, bank: np.ndarray,
+                              settings: dict[str, float]) -> np.ndarray:
+    """TEFAL's "DSL + QB-Norm" (its Table 3 reports the two combined; the paper gives no order):
+    dual softmax first, then QB-Norm, both on the cosine scale QB-Norm's beta assumes. The test
+    cosines [Q, V] and the query bank's [B, V] are each reweighted by the dual-softmax prior
+    over their own queries (at the DSL ``settings``' scale and temperature, then divided by
+    that scale), so that a test query and the bank compare the same kind of score."""
+    scale, temperature = settings["logit_scale"], settings["temperature"]
+
+    def reweighted(sim: np.ndarray) -> np.ndarray:
+        return metrics.dual_softmax(sim * scale, temperature) / scale
+
+    return metrics.qb_norm(reweighted(cosines), reweighted(bank))
 
 
 def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State | None,
