@@ -58,15 +58,22 @@ def group_settings(name: str, ndim: int, config, declared: tuple[GroupSpec, ...]
 
 def make_optimizer(head: RetrievalHead, config, total_steps: int):
     """torch's AdamW over the groups of ``group_settings``, with ``config``'s betas and eps, and
-    ``lr_factor``'s schedule over ``total_steps``. ``config``: a resolved TrainConfig."""
-    groups: dict[tuple[str, float, float], list[torch.nn.Parameter]] = {}
+    ``lr_factor``'s schedule over ``total_steps``. ``config``: a resolved TrainConfig.
+
+    The run's decay and no-decay groups come first (even empty), then the others; parameters of
+    equal lr and weight decay share a group. A run written before parameter groups (its logit
+    scale at its lr, without decay) so has the two groups it saved, and resumes."""
+    groups = {(config.lr, config.weight_decay, True): ("decay", []),
+              (config.lr, 0.0, False): ("no_decay", [])}
     declared = head.parameter_groups()
     for name, param in head.named_parameters():
         if param.requires_grad:
-            groups.setdefault(group_settings(name, param.ndim, config, declared), []).append(param)
+            group, lr, weight_decay = group_settings(name, param.ndim, config, declared)
+            key = (lr, weight_decay, decays(name, param.ndim, config.no_decay))
+            groups.setdefault(key, (group, []))[1].append(param)
     optimizer = torch.optim.AdamW(
         [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": group}
-         for (group, lr, weight_decay), params in groups.items()],
+         for (lr, weight_decay, _), (group, params) in groups.items()],
         lr=config.lr, betas=tuple(config.betas), eps=config.eps)
     warmup_steps = int(config.warmup * total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(

@@ -91,7 +91,8 @@ def resolve(config: TrainConfig, spec: schema.CacheSpec, videos: int, captions: 
     notes = [note for note in (recipe.note, head_class(config.head).store_note(spec)) if note]
     resolved = dataclasses.replace(config, **train, head_options=options)
     resolved = _fit_frames(resolved, spec, sources, notes)
-    resolved = _fit_split(resolved, recipe, videos, captions, sources, notes, fixed)
+    resolved = _fit_split(resolved, recipe.settings["batch_size"].value_for(clip), videos,
+                          captions, sources, notes, fixed)
     resolved = _from_scratch(resolved, config, spec, sources, notes, fixed)
     note = "; ".join(notes) + " (flags and --opt set them)" if notes else None
     return Resolution(resolved, note, sources, recipe)
@@ -110,10 +111,11 @@ def _fit_frames(config: TrainConfig, spec: schema.CacheSpec, sources: dict[str, 
                                                      "frames": spec.num_frames})
 
 
-def _fit_split(config: TrainConfig, recipe: Recipe, videos: int, captions: int,
+def _fit_split(config: TrainConfig, recipe_batch: int, videos: int, captions: int,
                sources: dict[str, str], notes: list[str], fixed) -> TrainConfig:
-    """The small-split rule on the batch and the epochs the recipe chose."""
-    batch = config.batch_size or recipe.settings["batch_size"].value
+    """The small-split rule on the batch and the epochs the recipe chose (``recipe_batch``: the
+    batch to count steps with when a sweep's grid sets it)."""
+    batch = config.batch_size or recipe_batch
     if "batch_size" in sources:
         batch = schedule_batch_size(videos, config.shards, config.batch_size)
     steps = math.ceil((videos if config.pairs == "one" else captions) / batch)

@@ -129,6 +129,8 @@ def test_the_frame_subset_takes_the_cached_frame_nearest_each_segment_centre():
     assert frame_subset(32, 0) is None and frame_subset(32, 32) is None
     with pytest.raises(AvrError, match="frames=40: the store holds 32 frames per video"):
         frame_subset(32, 40)
+    with pytest.raises(AvrError, match="frames=-1: give a count of frames"):
+        frame_subset(32, -1)
 
 
 @pytest.mark.parametrize("head", ["xpool", "gais", "avigate"])

@@ -94,6 +94,8 @@ def frame_subset(cached: int, wanted: int | None) -> tuple[int, ...] | None:
     (cached frames are the centres of ``cached`` equal segments, docs/cache.md). None: every
     cached frame. A decoder sampling ``wanted`` frames would take those centres themselves; the
     subset's frames lie at most half a cached segment (duration / (2 cached)) away from them."""
+    if wanted is not None and wanted < 0:
+        raise AvrError(f"frames={wanted}: give a count of frames, or 0 for every cached frame")
     if not wanted or wanted == cached:
         return None
     if wanted > cached:
