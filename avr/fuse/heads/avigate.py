@@ -36,11 +36,13 @@ frame position embedding)) (``visual_output_global`` of ``modeling.py``).
 Logit scale: CLIP's pretrained 100, learnable and clamped at 100 (``temperature=0.01``,
 ``learn_temperature=true``): the code trains CLIP's ``logit_scale`` and clamps it at ln 100
 after every step. There it sits in CLIP's parameter group at lr x coef_lr = 1e-7, so it barely
-moves; here it trains at the head's learning rate (from 100 it can only go down). A.5's margins
-(delta = 0.1, added times the scale) are tuned for s = 100; ``learn_temperature=false`` keeps it
-there. So the default schedule starts it at 100 on a store of random backbones too, where the
-other heads start at CLIP's from-scratch 1 / 0.07 (on the demo store, seed 0, demo settings:
-test R@1 35.4 from 100, 20.8 from 14.3).
+moves; the recipe gives it that lr (``scale_lr``). A.5's margins (delta = 0.1, added times the
+scale) are tuned for s = 100; ``learn_temperature=false`` keeps it there. So the default
+schedule keeps it at 100 and at the release's lr on a store of random backbones too, where the
+other heads start at CLIP's from-scratch 1 / 0.07 and learn it at the head's lr (on the demo
+store, seed 0, demo settings, before recipes: test R@1 35.4 from 100, 20.8 from 14.3).
+The query tokens train at 100 x the lr with weight decay 0.2 (``query_lr_scale``,
+``query_weight_decay``: the release's optimizer group, ``parameter_groups``).
 
 AST tokens. The code runs AST's blocks, averages the *pre-norm* CLS and distillation tokens,
 then applies AST's final LayerNorm (timm, eps 1e-6) to that average and to the patches. The

@@ -23,11 +23,13 @@ ln 100 after every optimizer step (CLIP4Clip ``main_task_retrieval.py``, X-Pool
 clamps a learned ``logit_scale`` to ``LOGIT_SCALE_MAX`` after each step, so a scale that
 starts at the clamp still gets its gradient (a clamp in the forward pass would pass none
 there). A learned scale may not start above the clamp; a fixed one (``learn_temperature=false``,
-GAID's choice) is any positive value. One departure from those releases: they train the scale
-with CLIP's parameters (X-Pool: lr 1e-6, CLIP4Clip: 1e-7, weight decay 0.2), where it barely
-moves; avr has no CLIP parameters and trains it with the head's (its lr, no weight decay, as
-open_clip excludes ``logit_scale`` from decay). ``learn_temperature=false`` keeps it at its
-initial value, the releases' effective behaviour.
+GAID's choice) is any positive value. The releases train the scale among CLIP's parameters
+(X-Pool: lr 1e-6, CLIP4Clip and AVIGATE: 1e-7, weight decay 0.2), where it barely moves; avr
+has no CLIP parameters and gives it a parameter group of its own at that lr (the training
+option ``scale_lr``, from the head's recipe; ``avr.fuse.optim.group_settings``), decayed as
+the recipe's no-decay rule says. On a store of random backbones the schedule trains it at the
+head's lr instead (``avr.fuse.schedule``). ``learn_temperature=false`` keeps it at its initial
+value.
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@ zero-shot baseline with only the temperature.
 
 Logit scale, as CLIP4Clip's release (``modules/modeling.py``, ``main_task_retrieval.py``):
 starts at CLIP's pretrained 100 (temperature 0.01), learned, unclamped in the forward pass,
-clamped to 100 after every optimizer step (``base``). Departure: CLIP4Clip trains it with
-CLIP's parameters (lr 1e-4 x coef_lr 1e-3 = 1e-7, weight decay 0.2), where it stays at 100;
-here it trains at the head's lr without weight decay (``learn_temperature=false`` fixes it).
+clamped to 100 after every optimizer step (``base``), trained at CLIP's lr there, 1e-4 x
+coef_lr 1e-3 = 1e-7, with weight decay 0.2 (the recipe's ``scale_lr``, docs/recipes.md).
 """
 
 from __future__ import annotations
