@@ -121,6 +121,7 @@ def bench_train_store(store: str, head_name: str, *, device: torch.device, batch
                          device=str(device), memory_budget=memory_budget, resident=resident)
     config.validate()
     location = store_location(store)
+    config, _ = trainer.schedule_for_store(location, config)  # the rest as the head's recipe
     start = time.perf_counter()
     cache = trainer.load_cache(location, head_name, device, config=config)
     load_seconds = time.perf_counter() - start

@@ -177,10 +177,6 @@ def bench_gpu(
         raise typer.Exit(1)
 
 
-def _names(value: str) -> list[str]:
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def _head_list(value: str) -> None:
     from avr.fuse.heads import head_class
 
@@ -210,8 +206,8 @@ def bench_store(
                                          help="Videos to generate (VATEX: 28,991)."),
     out: str = typer.Option(..., "--out", help="The store to write or resume: a path or a URL."),
     like: Optional[str] = typer.Option(
-        None, "--like", help="Shape the store like a dataset instead of --videos: its split "
-                             "sizes, captions per video, caption protocol, audio and (VATEX's "
+        None, "--like", help="Shape the store like a dataset: its split sizes (scaled to "
+                             "--videos when given), its name (runs take its recipe), captions per video, caption protocol, audio and (VATEX's "
                              "backbones) frames and text lengths: vatex | msrvtt | lsmdc | "
                              "charades | didemo | msvd | activitynet.",
         callback=options.checked(_like)),
@@ -251,14 +247,14 @@ def bench_store(
         settings = GeneratorSettings(videos=videos, captions_per_video=captions_per_video or 10,
                                      val_videos=val_videos, test_videos=test_videos, **common)
     else:
-        sized = [flag for flag, value in (("--videos", videos), ("--val-videos", val_videos),
+        sized = [flag for flag, value in (("--val-videos", val_videos),
                                           ("--test-videos", test_videos),
                                           ("--captions-per-video", captions_per_video))
                  if value is not None]
         if sized:
-            raise typer.BadParameter(f"--like {like} sets the split sizes and captions; leave "
-                                     f"out {', '.join(sized)}", param_hint="'--like'")
-        settings = GeneratorSettings.like_dataset(like, **common)
+            raise typer.BadParameter(f"--like {like} sets the split proportions and captions; "
+                                     f"leave out {', '.join(sized)}", param_hint="'--like'")
+        settings = GeneratorSettings.like_dataset(like, videos, **common)
     summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
                                     compression=compression, console=console)
     seconds = max(summary["seconds"], 1e-9)

@@ -55,13 +55,14 @@ def train(
                                                    "cache/)."),
     head: Optional[str] = typer.Option(None, help="meanp | xpool | tefal | avigate | gais | htav "
                                                   "(default: tefal).", callback=options.known_head),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default 5; more on a small "
-                                                           "train split)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs (default: the head's recipe; "
+                                                           "more on a small train split)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2,
-                                             help="Batch (default 128; less on a small train "
-                                                  "split)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4; 3e-3 on a store "
-                                                  "of random backbones).",
+                                             help="Batch (default: the head's recipe; less on a "
+                                                  "small train split)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: its "
+                                                  "recipe's; 3e-3 on a store of random "
+                                                  "backbones).",
                                        callback=options.positive),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0,
                                                  help="AdamW weight decay (default 0.2)."),
@@ -75,8 +76,8 @@ def train(
     dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
     fusion: Optional[str] = typer.Option(None, help="tefal: add | late | score_sum | concat | "
                                                     "xattn | stack."),
-    pairs: Optional[str] = typer.Option(None, help="one (a random caption per video per epoch) "
-                                                   "| all (every caption).",
+    pairs: Optional[str] = typer.Option(None, help="all (every caption each epoch, the default) "
+                                                   "| one (a random caption per video).",
                                         callback=options.one_of("one", "all")),
     early_stop: Optional[int] = typer.Option(None, "--early-stop", min=0,
                                              help="Stop after N epochs without a better val R@1."),
@@ -94,12 +95,22 @@ def train(
                                            help="Where the run goes (default runs/<time>-<head>)."),
     resume: Optional[Path] = typer.Option(None, "--resume",
                                           help="Continue this run from its last checkpoint."),
+    frames: Optional[int] = typer.Option(None, min=0, help="Frames read of each video's cached "
+                                         "ones, evenly spaced (default: the recipe's; 0: every "
+                                         "cached frame)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what the run would use (recipe, "
+                                 "flags, the small-split rule, residency) with each value's "
+                                 "source; train and write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: as JSON."),
 ):
     """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
     Under torchrun every process trains its share of each batch; rank 0 reports."""
     from avr.fuse import ddp
     from avr.fuse.config import TrainRequest
-    from avr.fuse.trainer import train_from_options
+    from avr.fuse.trainer import dry_run as plan, train_from_options
+
+    if as_json and not dry_run:
+        raise typer.BadParameter("--json prints a dry run: add --dry-run", param_hint="'--json'")
 
     console.quiet = not ddp.is_main_process()
     request = TrainRequest(
@@ -108,7 +119,11 @@ def train(
                    weight_decay=weight_decay, warmup=warmup, pairs=pairs, early_stop=early_stop,
                    seed=seed, device=device, memory_budget=memory_budget, resident=resident,
                    loggers=tuple(logger) or None),
-        head=dict(temperature=temperature, dropout=dropout, fusion=fusion))
+        head=dict(temperature=temperature, dropout=dropout, fusion=fusion, frames=frames))
+    if dry_run:
+        _print_dry_run(plan(request), as_json)
+        return
+
     shown = _TrainProgress()
     try:
         result = train_from_options(request, on_schedule=shown.on_schedule,
@@ -121,6 +136,26 @@ def train(
     finally:
         shown.close()
     _print_train_result(result)
+
+
+def _print_dry_run(run: dict, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        console.print_json(json.dumps(run))
+        return
+    console.print(f"dry run: {run['head']} on {run['cache']} (dataset {run['dataset']}, "
+                  f"{run['train_videos']} train videos, {run['train_captions']} captions); "
+                  f"nothing trains, nothing is written", highlight=False, soft_wrap=True)
+    for line in (run["schedule"], run["residency_line"]):
+        if line:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    values = {**{k: v for k, v in run["train"].items() if k not in ("head", "head_options")},
+              **run["head_options"]}
+    width = max(map(len, values))
+    for name, value in values.items():
+        console.print(f"{name:<{width}}  {json.dumps(value):<14}  {run['sources'][name]}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_train_result(result) -> None:

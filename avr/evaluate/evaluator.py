@@ -241,11 +241,15 @@ def evaluate_run(run: str | Path | None = None, cache: str | Path | None = None,
         result.variants["dsl"] = dual_softmax_variant(head, sim, caption_video, all_videos,
                                                       result.dsl)
     if config.qbnorm:
-        bank = train_bank_similarity(head, cache_path, scores.videos, video_rows, device, config,
-                                     work_bytes)
-        normed = metrics.qb_norm(cosines_of(head, sim), cosines_of(head, bank))
-        result.variants["qbnorm"] = {"t2v": metrics.metrics_from_ranks(
-            metrics.t2v_ranks(normed, caption_video))}
+        bank = cosines_of(head, train_bank_similarity(head, cache_path, scores.videos, video_rows,
+                                                      device, config, work_bytes))
+        variants = {"qbnorm": metrics.qb_norm(cosines_of(head, sim), bank)}
+        if config.dsl:
+            variants["dsl+qbnorm"] = dual_softmax_then_qb_norm(cosines_of(head, sim), bank,
+                                                               result.dsl)
+        for name, normed in variants.items():
+            result.variants[name] = {"t2v": metrics.metrics_from_ranks(
+                metrics.t2v_ranks(normed, caption_video))}
     if config.rerank_k:
         reranked = rerank(sim, cache_path, config.split, config.rerank_k, config.index)
         result.variants[f"rerank@{config.rerank_k}"] = {"t2v": metrics.metrics_from_ranks(
@@ -317,6 +321,21 @@ def caption_video_ids(group, caption_rows: np.ndarray) -> list[str]:
     """The id of each caption's video, those that failed extraction included."""
     video_rows = read_rows(group[schema.CAPTION_VIDEO], caption_rows)
     return [str(v) for v in read_rows(group[schema.VIDEO_ID])[video_rows]]
+
+
+def dual_softmax_then_qb_norm(cosines: np.ndarray, bank: np.ndarray,
+                              settings: dict[str, float]) -> np.ndarray:
+    """TEFAL's "DSL + QB-Norm" (its Table 3 reports the two combined; the paper gives no order):
+    dual softmax first, then QB-Norm, both on the cosine scale QB-Norm's beta assumes. The test
+    cosines [Q, V] and the query bank's [B, V] are each reweighted by the dual-softmax prior
+    over their own queries (at the DSL ``settings``' scale and temperature, then divided by
+    that scale), so that a test query and the bank compare the same kind of score."""
+    scale, temperature = settings["logit_scale"], settings["temperature"]
+
+    def reweighted(sim: np.ndarray) -> np.ndarray:
+        return metrics.dual_softmax(sim * scale, temperature) / scale
+
+    return metrics.qb_norm(reweighted(cosines), reweighted(bank))
 
 
 def train_bank_similarity(head: RetrievalHead, cache_path: str | Path, videos: State | None,

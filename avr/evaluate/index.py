@@ -1,7 +1,7 @@
 """`avr index build`: the first stage of two-stage retrieval as a faiss index built once.
 
-The first stage is zero-shot CLIP4Clip meanP: each video is the masked mean of its CLIP frame
-embeddings, L2-normalised, and a query is its normalised CLIP sentence embedding; the score is
+The first stage is zero-shot CLIP4Clip meanP: each video is the masked mean of its L2-normalised
+CLIP frame embeddings, L2-normalised, and a query is its normalised CLIP sentence embedding; the score is
 their inner product. ``build_index`` reads only ``frame_embeddings`` and ``frame_mask`` of the
 done video rows, in chunk-aligned blocks (never a whole array), and writes one faiss index per
 split, because eval re-ranks within one split and an index per split keeps every search exact
@@ -71,9 +71,14 @@ EF_CONSTRUCTION = 64
 BLOCK_BYTES = 64 << 20  # frame embeddings read per block
 
 
+# How the indexed vectors pool frames; an index recording another pooling is refused.
+POOLING = "meanP: each frame L2-normalised, masked mean, L2-normalised"
+
+
 def pooled_frames(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over frames, L2-normalised: [V, F, D] and [V, F] -> [V, D] float32."""
-    return F.normalize(masked_mean(frames.float(), mask), dim=-1)
+    """CLIP4Clip's meanP (``modules/modeling.py``:392-394): each frame L2-normalised, masked mean
+    over frames, L2-normalised: [V, F, D] and [V, F] -> [V, D] float32."""
+    return F.normalize(masked_mean(F.normalize(frames.float(), dim=-1), mask), dim=-1)
 
 
 def normalised_queries(text_embeddings: torch.Tensor) -> np.ndarray:
@@ -208,7 +213,7 @@ def build_index(cache_path: str | Path | None = None, out: str | Path | None = N
 def _vector_source(embeddings: str, cache_path, device: str):
     """(``group -> {split: (rows, vectors)}``, their description, the run or None)."""
     if embeddings == "clip":
-        return read_pooled_by_split, "masked mean of CLIP frame embeddings, L2-normalised", None
+        return read_pooled_by_split, POOLING, None
     if not embeddings.startswith(RUN_PREFIX) or len(embeddings) == len(RUN_PREFIX):
         raise AvrError(f"--embeddings {embeddings}: give clip or run:RUN (a run folder)")
     from avr.device import resolve_device
@@ -339,6 +344,10 @@ def load_index(path: str | Path, expect_fingerprint: str) -> VideoIndex:
     """Open the index at ``path``, refusing one built from a store with another spec."""
     path = store_location(path)
     meta = read_meta(path)
+    if meta.get("embeddings", "clip") == "clip" and meta.get("vectors") != POOLING:
+        raise CacheMismatchError(
+            f"{path} pools frames as {meta.get('vectors')!r}, not as this avr does ({POOLING}): "
+            f"rebuild it with `avr index build CACHE`")
     if meta["fingerprint"] != expect_fingerprint:
         raise CacheMismatchError(
             f"{path} was built from the store {meta['store']} (fingerprint "

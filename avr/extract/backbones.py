@@ -12,7 +12,8 @@ Every array of a store's video and caption rows (avr.store.schema) comes out of 
   and flattened row-major to g² tokens.
 - AST (transformers ``ASTModel``): ``last_hidden_state`` after the final LayerNorm; tokens 0
   and 1 are CLS and distillation, the rest are the 12 x 101 patches (docs/methods.md "AST token
-  count"). ``ASTPatchEmbeddings`` transposes the [T, F] fbank to [F, T] before its strided
+  count"); and that LayerNorm of the mean of the pre-norm CLS and distillation tokens
+  (AVIGATE's global audio token). ``ASTPatchEmbeddings`` transposes the [T, F] fbank to [F, T] before its strided
   conv and flattens the [F', T'] output grid, so patch ``p = f * 101 + t``: frequency-major.
   The time-ordered sequence averages the 12 frequency patches of each of the 101 time steps.
 - RoBERTa (transformers ``RobertaModel``): last hidden states with their attention mask.
@@ -211,6 +212,7 @@ class Backbones:
             roberta_dim=int(self.roberta.config.hidden_size),
             roberta_len=roberta_len,
             backbones=dict(infos),
+            audio_pooled_token=True,
         )
 
     def make_spec(self, dataset: str, num_frames: int, audio: AudioParams = AudioParams()
@@ -252,17 +254,23 @@ class Backbones:
     @torch.no_grad()
     def encode_audio(self, fbank: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised log-mel fbank [B, 1024, 128] (time, mel; AudioParams) -> AST patch tokens
-        [B, 1212, D], CLS and distillation tokens [B, 2, D], time tokens [B, 101, D]."""
+        [B, 1212, D], CLS and distillation tokens [B, 2, D], time tokens [B, 101, D], and the
+        final LayerNorm of the mean of the pre-norm CLS and distillation tokens [B, D]
+        (AVIGATE's global audio token: its release averages them before ``audio.v.norm``)."""
         config = self.ast.config
         if tuple(fbank.shape[1:]) != (config.max_length, config.num_mel_bins):
             raise ValueError(f"fbank must be [B, {config.max_length}, {config.num_mel_bins}], "
                              f"got {list(fbank.shape)}")
         with self.autocast():
-            tokens = self.ast(fbank.to(self.device, torch.float32)).last_hidden_state
+            out = self.ast(fbank.to(self.device, torch.float32), output_hidden_states=True)
+            pre_norm = out.hidden_states[-1]  # the last block's output, before the LayerNorm
+            pooled = self.ast.layernorm(pre_norm[:, :2].mean(1))
+        tokens = out.last_hidden_state
         patches = tokens[:, 2:]
         return {
             schema.AUDIO_PATCH_TOKENS: patches,
             schema.AUDIO_GLOBAL_TOKENS: tokens[:, :2],
+            schema.AUDIO_POOLED_TOKEN: pooled,
             schema.AUDIO_TIME_TOKENS: ast_time_tokens(patches, self.spec_fields["ast_freq_patches"],
                                                       self.spec_fields["ast_time_patches"]),
         }

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from avr import __version__
 from avr.errors import AvrError, CacheMismatchError
@@ -128,8 +129,9 @@ def generated_spec(seed: int, shapes: str = "vatex", like: str | None = None) ->
         facts = facts_of(like)
         widths.update(num_frames=facts.frames, clip_text_len=facts.text_tokens.clip,
                       roberta_len=facts.text_tokens.roberta)
-    return CacheSpec(dataset="generated", image_size=224, swin_grids=(4, 2, 1),
-                     backbones=backbones, audio=AudioParams(), **widths)
+    return CacheSpec(dataset=like or "generated", image_size=224, swin_grids=(4, 2, 1),
+                     backbones=backbones, audio=AudioParams(), audio_pooled_token=True,
+                     **widths)
 
 
 def is_generated(spec: CacheSpec) -> bool:
@@ -195,14 +197,20 @@ class GeneratorSettings:
     like: str | None = None  # a dataset whose splits, captions, frames, text and audio it takes
 
     @classmethod
-    def like_dataset(cls, name: str, **settings) -> GeneratorSettings:
+    def like_dataset(cls, name: str, videos: int | None = None, **settings) -> GeneratorSettings:
         """The settings of a store shaped like dataset ``name``: its split sizes, captions per
-        video per split, caption protocol and audio (``avr.extract.datasets`` facts)."""
-        videos = facts_of(name).videos
-        if not videos:
+        video per split, caption protocol and audio (``avr.extract.datasets`` facts). ``videos``
+        scales its splits to that many videos, in the dataset's proportions."""
+        sizes = facts_of(name).videos
+        if not sizes:
             raise AvrError(f"--like {name}: it has no fixed split sizes; choose one of "
                            f"{', '.join(LIKE_DATASETS)}")
-        return cls(videos=sum(videos.values()), like=name, **settings)
+        total = sum(sizes.values())
+        if videos is None or videos == total:
+            return cls(videos=total, like=name, **settings)
+        val = max(1, round(videos * sizes["val"] / total))
+        test = max(1, round(videos * sizes["test"] / total))
+        return cls(videos=videos, like=name, val_videos=val, test_videos=test, **settings)
 
     def facts(self) -> DatasetFacts | None:
         return facts_of(self.like) if self.like is not None else None
@@ -225,7 +233,7 @@ class GeneratorSettings:
         return facts is not None and facts.protocol == PARAGRAPHS
 
     def split_sizes(self) -> dict[str, int]:
-        if self.like is not None:
+        if self.like is not None and self.val_videos is None:
             return dict(self.facts().videos)
         total = sum(VATEX_SPLITS.values())
         val = (self.val_videos if self.val_videos is not None
@@ -250,7 +258,12 @@ class GeneratorSettings:
         parts = [f"avr bench store --like {self.like} --out {out}" if self.like is not None
                  else f"avr bench store --videos {self.videos} --out {out}"]
         defaults = GeneratorSettings(self.videos)
-        for key in ("captions_per_video", "seed", "val_videos", "test_videos", "shapes"):
+        keys = ("captions_per_video", "seed", "val_videos", "test_videos", "shapes")
+        if self.like is not None:  # its splits and captions follow from --like and --videos
+            keys = ("seed", "shapes")
+            if self.val_videos is not None:
+                parts.append(f"--videos {self.videos}")
+        for key in keys:
             if getattr(self, key) != getattr(defaults, key):
                 parts.append(f"--{key.replace('_', '-')} {getattr(self, key)}")
         if self.heads is not None:
@@ -503,18 +516,22 @@ class GeneratedEncoder:
         for k, (projection, grid) in enumerate(zip(self.swin_maps, spec.swin_grids)):
             if schema.swin_level(k) in names:
                 out[schema.swin_level(k)] = self._swin(content, projection, grid, looks, k)
-        if {schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS,
-                schema.AUDIO_TIME_TOKENS} & names:
+        if {schema.AUDIO_PATCH_TOKENS, schema.AUDIO_GLOBAL_TOKENS, schema.AUDIO_TIME_TOKENS,
+                schema.AUDIO_POOLED_TOKEN} & names:
             patches = self._audio_patches(plan, vocab, rows)
             if schema.AUDIO_PATCH_TOKENS in names:
                 out[schema.AUDIO_PATCH_TOKENS] = patches
             if schema.AUDIO_TIME_TOKENS in names:
                 out[schema.AUDIO_TIME_TOKENS] = ast_time_tokens(
                     patches, spec.ast_freq_patches, spec.ast_time_patches)
+            noise = torch.stack([torch.randn(2, spec.ast_dim, generator=self._gen(6, int(r)))
+                                 for r in rows])
+            global_tokens = patches.mean(1, keepdim=True) + 0.1 * noise
             if schema.AUDIO_GLOBAL_TOKENS in names:
-                noise = torch.stack([torch.randn(2, spec.ast_dim, generator=self._gen(6, int(r)))
-                                     for r in rows])
-                out[schema.AUDIO_GLOBAL_TOKENS] = patches.mean(1, keepdim=True) + 0.1 * noise
+                out[schema.AUDIO_GLOBAL_TOKENS] = global_tokens
+            if schema.AUDIO_POOLED_TOKEN in names:  # as AST's final LayerNorm of their mean
+                out[schema.AUDIO_POOLED_TOKEN] = F.layer_norm(global_tokens.mean(1),
+                                                              (spec.ast_dim,))
         if schema.HAS_AUDIO in names:
             out[schema.HAS_AUDIO] = torch.from_numpy(plan.has_audio[rows])
         return out
@@ -634,6 +651,9 @@ def write_generated_store(out: str | Path, settings: GeneratorSettings, *, overw
         group = _prepare(location, spec, settings, plan, unwritten, overwrite,
                          settings.command(out), chunk_rows, compression)
         ensure_media_arrays(group)
+        # a store generated before its spec listed every array keeps its own spec and arrays
+        spec = schema.CacheSpec.from_attrs(group.attrs[schema.ATTR_SPEC])
+        written = tuple(name for name in written if name in schema.array_layout(spec, 0, 0))
         layout = schema.array_layout(spec, settings.videos, len(plan.caption_text),
                                      video_chunk_rows=group[schema.VIDEO_DONE].chunks[0])
         encoder = GeneratedEncoder(spec, settings.seed)

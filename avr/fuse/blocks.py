@@ -101,7 +101,7 @@ class Pooled(NamedTuple):
 class TextConditionedPool(nn.Module):
     """X-Pool's text-conditioned pooling block (docs/methods.md B.3, E), split into a per-video and
     a per-pair part. ``dim`` is the width of text and tokens; ``dropout`` is X-Pool's (0.3 for
-    MSR-VTT/LSMDC, 0.4 for VATEX)."""
+    MSR-VTT 9k and LSMDC, 0.4 for MSR-VTT 7k and MSVD: README.md:73-76; X-Pool ran no VATEX)."""
 
     def __init__(self, dim: int, dropout: float):
         super().__init__()

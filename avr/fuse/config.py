@@ -23,13 +23,12 @@ from avr.files import read_text
 from avr.fuse.fields import typed_fields
 from avr.fuse.loggers import LOGGERS
 from avr.fuse.heads import head_class, make_config
+from avr.fuse.recipes import check_recipe_name
 from avr.store.splits import RESIDENT
 
 
-# What an unset epochs, batch size and learning rate become on a split large enough for them: the
-# papers' schedule (X-Pool, TEFAL, CLIP4Clip on VATEX and MSR-VTT). ``avr.fuse.schedule`` departs
-# from it on a small split or on features of random backbones.
-PAPER_SCHEDULE: dict[str, Any] = dict(epochs=5, batch_size=128, lr=1e-4)
+# The rules of ``avr.fuse.schedule`` on a train split too small for a recipe, or on features of
+# random backbones (the recipes themselves: ``avr.fuse.recipes``).
 MIN_BATCHES_PER_EPOCH = 4  # a batch is at most about a quarter of the split: epochs differ
 MIN_STEPS = 250  # optimizer steps a default schedule gives at least (MSR-VTT 7k: 275 at 5 x 128)
 SCRATCH_LR = 3e-3  # a head that learns an alignment from scratch (random backbones)
@@ -39,24 +38,41 @@ SCRATCH_LR = 3e-3  # a head that learns an alignment from scratch (random backbo
 SCRATCH_TEMPERATURE = 0.07
 MAX_LR = 1.0  # past it AdamW's steps are larger than the weights: a run only diverges
 MAX_WEIGHT_DECAY = 10.0
+# What weight decay leaves out (``avr.fuse.optim.decays``): nothing (X-Pool, GAID), parameters
+# named as biases (CLIP4Clip, AVIGATE), or biases, norms and the logit scale (open_clip's rule).
+NO_DECAY = ("none", "bias", "bias_norm")
+# The learning rate's shape after its linear warmup (``avr.fuse.optim.lr_factor``): cosine to 0
+# over the steps left (X-Pool, GAID) or BertAdam's cosine over the whole run (CLIP4Clip, AVIGATE).
+LR_SCHEDULES = ("cosine", "warmup_cosine")
+# What runs written before recipes trained with, for the options they do not record.
+BEFORE_RECIPES: dict[str, Any] = dict(betas=(0.9, 0.98), eps=1e-6, no_decay="bias_norm",
+                                      lr_schedule="cosine")
 
 
 @dataclass
 class TrainConfig:
     """Training options; every field can come from flags, from ``--config run.toml`` or a sweep.
-    ``epochs``, ``batch_size`` and ``lr`` left None are chosen by ``avr.fuse.schedule.resolve_schedule``
-    from the store; a value the user gives is never changed."""
+    Fields left None are chosen by ``avr.fuse.schedule.resolve_schedule`` from the head's recipe
+    for the store; a value the user gives is never changed."""
 
     head: str = "tefal"
     head_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None  # None: 5, more on a small split
-    batch_size: int | None = None  # None: 128, less on a small split
-    lr: float | None = None  # None: 1e-4, more on features of random backbones
-    weight_decay: float = 0.2
-    warmup: float = 0.1  # fraction of all steps spent in linear warmup, then cosine decay
+    # None: the head's recipe for the store's dataset (avr.fuse.recipes), adapted by the rules
+    # of avr.fuse.schedule to a small train split or to features of random backbones.
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None  # the head's new parameters
+    scale_lr: float | None = None  # a learned logit scale (the releases' CLIP lr)
+    weight_decay: float = 0.2  # every release's
+    no_decay: str | None = None  # one of NO_DECAY
+    betas: tuple[float, ...] | None = None  # AdamW's (beta1, beta2)
+    eps: float | None = None  # AdamW's
+    warmup: float = 0.1  # fraction of all steps spent in linear warmup, then lr_schedule
+    lr_schedule: str | None = None  # one of LR_SCHEDULES
     grad_clip: float = 1.0
+    recipe: str | None = None  # whose dataset's recipe (avr.fuse.recipes.DATASETS); None: the store's
     seed: int = 42
-    pairs: str = "one"  # "one": one random caption per video per epoch; "all": every caption
+    pairs: str = "all"  # "all": every caption each epoch, as every release; "one": a random one
     early_stop: int = 0  # stop after this many epochs without a better val R@1 (0: never)
     shards: int = 1  # train video shards, each giving batch_size / shards pairs to every batch
     device: str = "auto"
@@ -91,6 +107,19 @@ class TrainConfig:
         if not 0 <= self.weight_decay <= MAX_WEIGHT_DECAY or not self.grad_clip > 0:
             raise AvrError(f"weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}] (not "
                            f"{self.weight_decay:g}) and grad_clip > 0 (not {self.grad_clip:g})")
+        if self.scale_lr is not None and not self.scale_lr > 0:
+            raise AvrError(f"scale_lr must be > 0, not {self.scale_lr}")
+        if self.betas is not None and (len(self.betas) != 2
+                                       or not all(0 <= beta < 1 for beta in self.betas)):
+            raise AvrError(f"betas must be two numbers in [0, 1), not {self.betas}")
+        if self.eps is not None and not self.eps > 0:
+            raise AvrError(f"eps must be > 0, not {self.eps}")
+        for name, value, choices in (("no_decay", self.no_decay, NO_DECAY),
+                                     ("lr_schedule", self.lr_schedule, LR_SCHEDULES)):
+            if value is not None and value not in choices:
+                raise AvrError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        if self.recipe is not None:
+            check_recipe_name(self.recipe)
         if not 0 <= self.warmup <= 1:
             raise AvrError(f"warmup is a fraction of all steps, in [0, 1], not {self.warmup}")
         if not 0 <= self.seed < 2 ** 32:
@@ -125,8 +154,14 @@ FORMER_NAMES = {"val_video_chunk": "score_chunk"}
 
 
 def saved_train_config(saved: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig a run's config.json records (its ``train`` table), former names read."""
+    """The TrainConfig a run's config.json records (its ``train`` table), former names read; a
+    run written before recipes gets what it trained with (``BEFORE_RECIPES``; its logit scale
+    at its lr)."""
     values = {FORMER_NAMES.get(k, k): v for k, v in saved.items()}
+    if "lr_schedule" not in values:
+        values = {**BEFORE_RECIPES, "scale_lr": values.get("lr"), **values}
+    if values.get("betas") is not None:
+        values["betas"] = tuple(values["betas"])
     return TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
 
 
@@ -320,6 +355,19 @@ class TrainRequest:
     opts: list[str] = field(default_factory=list)  # --opt key=value
     run_dir: Path | None = None
     resume: Path | None = None
+
+    def given(self) -> dict[str, str]:
+        """Each option the request gives, with where: its flag, ``--opt`` or the config file
+        (the last of these that sets it wins, as ``train_config`` merges them)."""
+        sources = {}
+        if self.config_file is not None:
+            train, head, _ = load_toml(self.config_file)
+            sources.update(dict.fromkeys((*train, *head), str(self.config_file)))
+        flags = {**self.train, **self.head}
+        sources.update({key: f"--{key.replace('_', '-')}" for key, value in flags.items()
+                        if value is not None})
+        sources.update({key: f"--opt {key}" for key in parse_options(self.opts)})
+        return sources
 
     def resume_flags(self) -> dict[str, Any]:
         """Every flag given with --resume, named as ``resume_changes`` reports them."""

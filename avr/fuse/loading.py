@@ -46,7 +46,9 @@ class CacheData:
 def require_head_arrays(cache: str | Path, head: str, *options: dict) -> None:
     """Refuse a store that leaves an array the head reads (built with any of ``options``)
     unwritten on purpose."""
-    require_arrays_written(cache, (*video_inputs(head, *options), *head_class(head).caption_inputs))
+    _, spec = open_store(cache)
+    require_arrays_written(cache, (*video_inputs(head, *options, spec=spec),
+                                   *head_class(head).caption_inputs))
 
 
 def load_cache(path: str | Path, head: str, device: torch.device,
@@ -59,8 +61,8 @@ def load_cache(path: str | Path, head: str, device: torch.device,
     ``config``'s memory budget and ``resident`` says (``saved_residency``: a resumed run's)."""
     config = config or TrainConfig(head=head)
     cls = head_class(head)
-    videos = video_inputs(head, *(head_options or [{}]))
     path = store_location(path)
+    videos = video_inputs(head, *(head_options or [{}]), spec=open_store(path)[1])
     plan = plan_residency(path, config, device, videos, cls.caption_inputs, world,
                           saved=saved_residency, blockwise=not cls.has_own_loss())
     shard = (world.rank, world.size) if world.is_distributed else None

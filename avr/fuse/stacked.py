@@ -55,11 +55,12 @@ from avr.fuse.loading import CacheData
 from avr.fuse.optim import StackedAdamW
 from avr.fuse.loggers import RunLoggers
 from avr.fuse.trainer import (TrainResult, claim_run_folder, end_epoch, run_config_dict,
-                              seed_everything, val_metrics)
+                              schedule_for_store, seed_everything, val_metrics)
 from avr.store.quantize import on_device
 
 # Options a stacked group may differ in: none of them changes a shape or a module attribute.
-STACKED_TRAIN_OPTIONS = ("lr", "weight_decay", "warmup", "grad_clip", "seed", "early_stop")
+STACKED_TRAIN_OPTIONS = ("lr", "scale_lr", "weight_decay", "warmup", "grad_clip", "seed",
+                         "early_stop")
 STACKED_HEAD_OPTIONS = ("temperature",)
 STACKED_VAL_BYTES = 256 * 2**20  # the most the vmapped validation of every trial may work in
 
@@ -234,6 +235,7 @@ def train_stacked(cache_path, configs: list[TrainConfig], run_dirs: list[Path], 
 
 def _train_together(cache_path, configs: list[TrainConfig], run_dirs: list[Path],
                     cache: CacheData, on_epoch) -> list[TrainResult]:
+    configs = [schedule_for_store(cache_path, config)[0] for config in configs]  # as train's
     first = configs[0]
     device = resolve_device(first.device)
     data = cache.train
@@ -255,7 +257,8 @@ def _train_together(cache_path, configs: list[TrainConfig], run_dirs: list[Path]
     params = {k: v.detach().requires_grad_(True) for k, v in stacked.items()
               if k[len("head."):] in trainable}
     buffers.update({k: v.detach() for k, v in stacked.items() if k not in params})  # frozen
-    optimizer = StackedAdamW(params, [t.config for t in trials], total_steps)
+    optimizer = StackedAdamW(params, [t.config for t in trials], total_steps,
+                             trials[0].head.parameter_groups())
     template = _stacked_template(trials[0].head)
     model, scores = _PairLoss(template), _PairScores(template)
     shared = len({t.config.seed for t in trials}) == 1  # one batch order for every trial

@@ -48,7 +48,7 @@ from avr.fuse.loggers import RunLoggers
 from avr.fuse.loading import CacheData, load_cache, require_head_arrays
 from avr.fuse.optim import make_optimizer
 from avr.fuse.residency import ResidencyPlan
-from avr.fuse.schedule import resolve_schedule, schedule_for_store
+from avr.fuse.schedule import plan_run, resolve_schedule, schedule_for_store
 from avr.store.location import location_text, store_location
 from avr.store.quantize import Held, on_device
 from avr.store.splits import SplitTensors
@@ -56,7 +56,7 @@ from avr.store.splits import SplitTensors
 # The loop and its entry points, and what callers of a run reach through it from the modules
 # beside it.
 __all__ = ["DEFAULT_CACHE", "CacheData", "Run", "RunStart", "TrainConfig", "TrainResult",
-           "build_run", "end_epoch", "fit", "load_cache", "resolve_schedule", "resume",
+           "build_run", "dry_run", "end_epoch", "fit", "load_cache", "resolve_schedule", "resume",
            "schedule_for_store", "train", "train_from_options", "validate"]
 
 DEFAULT_CACHE = Path("cache")
@@ -443,6 +443,19 @@ def train_from_options(request: TrainRequest, *, on_schedule: Callable[[str], No
         on_schedule(schedule)
     run_dir = request.run_dir or default_run_dir(config.head)
     return train(cache_path, config, run_dir, on_epoch=on_epoch, on_start=on_start)
+
+
+def dry_run(request: TrainRequest) -> dict[str, Any]:
+    """What `avr train --dry-run` shows: everything the new run ``request`` asks for would use,
+    each value with its source (``avr.fuse.schedule.plan_run``); trains and writes nothing."""
+    if request.resume is not None:
+        raise AvrError("--dry-run shows a new run; a resumed run trains with its own "
+                       "config.json")
+    config, toml_cache = train_config(request.config_file, request.train, request.opts,
+                                      head_flags=request.head)
+    cache_path = store_location(request.cache or toml_cache or DEFAULT_CACHE)
+    require_head_arrays(cache_path, config.head, config.head_options)
+    return plan_run(config, cache_path, request.given())
 
 
 def _started(run: Run, cache_path, on_start: StartCallback | None,

@@ -20,6 +20,10 @@ Video arrays (N rows)
     audio_patch_tokens    f16   [N, 1212, D_ast]    AST patch tokens (12 freq x 101 time, freq-major)
     audio_global_tokens   f16   [N, 2, D_ast]       AST CLS and distillation tokens
     audio_time_tokens     f16   [N, 101, D_ast]     patch tokens averaged over the 12 frequency rows
+    audio_pooled_token    f16   [N, D_ast]          AST's final LayerNorm of the mean of its pre-norm
+                                                    CLS and distillation tokens (AVIGATE's global
+                                                    audio token); in stores whose spec has
+                                                    ``audio_pooled_token`` (written since it exists)
     has_audio             bool  [N]                 False: no audio track, the fbank was all zeros
 
 Caption arrays (M rows)
@@ -84,6 +88,7 @@ FRAME_MASK = "frame_mask"
 AUDIO_PATCH_TOKENS = "audio_patch_tokens"
 AUDIO_GLOBAL_TOKENS = "audio_global_tokens"
 AUDIO_TIME_TOKENS = "audio_time_tokens"
+AUDIO_POOLED_TOKEN = "audio_pooled_token"
 HAS_AUDIO = "has_audio"
 AUDIO_HIDDEN = "audio_hidden"  # not stored: see the module docstring
 
@@ -128,16 +133,36 @@ LOCK_FILE = "avr.lock"  # the writer's lock; takeover claims and temporaries sha
 INDEX_DIR = "index"  # `avr index build`'s first-stage index, by default inside the store
 
 
+SWIN_PREFIX = "swin_stage"
+
+
 def swin_level(k: int) -> str:
     """Name of the array holding level ``k`` of the Swin pyramid: the k-th (0-based) of the Swin
     stages the store keeps, not Swin's stage k. The on-disk name says ``stage``, as every
     store written so far spells it (docs/cache.md)."""
-    return f"swin_stage{k}"
+    return f"{SWIN_PREFIX}{k}"
+
+
+# Video arrays a store may lack because it was written before they existed: a head that reads
+# one falls back to what such a store holds (``stored_inputs``).
+OPTIONAL_VIDEO_ARRAYS = (AUDIO_POOLED_TOKEN,)
+
+
+def stored_inputs(names, spec: CacheSpec) -> tuple[str, ...]:
+    """``names`` without the optional arrays a store of ``spec`` does not hold."""
+    held = array_layout(spec, 0, 0)
+    return tuple(name for name in names if name not in OPTIONAL_VIDEO_ARRAYS or name in held)
+
+
+def on_frame_axis(name: str) -> bool:
+    """Whether the rows of array ``name`` have a frame axis (dim 1): the CLIP frames, their
+    mask and the Swin levels."""
+    return name in (FRAME_EMBEDDINGS, FRAME_MASK) or name.startswith(SWIN_PREFIX)
 
 
 # Arrays a head may ask for, split by which side of the retrieval they describe.
 VIDEO_FEATURES = (FRAME_EMBEDDINGS, FRAME_MASK, AUDIO_PATCH_TOKENS, AUDIO_GLOBAL_TOKENS,
-                  AUDIO_TIME_TOKENS, HAS_AUDIO)
+                  AUDIO_TIME_TOKENS, AUDIO_POOLED_TOKEN, HAS_AUDIO)
 CAPTION_FEATURES = (TEXT_EMBEDDINGS, TEXT_TOKEN_STATES, TEXT_TOKEN_MASK, ROBERTA_STATES,
                     ROBERTA_MASK)
 # Written whole when the store is created: every chunk of them holds data.
@@ -200,6 +225,9 @@ class CacheSpec:
     ast_freq_patches: int = 12
     ast_time_patches: int = 101
     dtype: str = "float16"
+    # Whether the store holds AUDIO_POOLED_TOKEN: stores written before it existed do not (their
+    # spec has no such key, and keeps its fingerprint).
+    audio_pooled_token: bool = False
 
     @property
     def ast_patches(self) -> int:
@@ -213,6 +241,8 @@ class CacheSpec:
         data = asdict(self)
         data["swin_channels"] = list(self.swin_channels)
         data["swin_grids"] = list(self.swin_grids)
+        if not self.audio_pooled_token:
+            del data["audio_pooled_token"]  # as stores written before it record their spec
         return data
 
     @classmethod
@@ -263,6 +293,8 @@ def array_layout(spec: CacheSpec, n_videos: int, n_captions: int, *,
         AUDIO_TIME_TOKENS: ((spec.ast_time_patches, spec.ast_dim), half),
         HAS_AUDIO: ((), np.bool_),
     }
+    if spec.audio_pooled_token:
+        per_video[AUDIO_POOLED_TOKEN] = ((spec.ast_dim,), half)
     for k, (channels, grid) in enumerate(zip(spec.swin_channels, spec.swin_grids)):
         per_video[swin_level(k)] = ((F, grid * grid, channels), half)
     per_caption: dict[str, tuple[tuple[int, ...], Any]] = {

@@ -50,3 +50,13 @@ def test_an_earlier_run_resumes_from_its_last_checkpoint(old):
     assert done.returncode == 0, done.stderr
     epochs = [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3"]
+
+
+def test_avigate_on_an_earlier_store_says_it_averages_the_post_norm_audio_tokens(old):
+    done = run_avr("train", "--cache", old / "store", "--head", "avigate", "--dry-run",
+                   cwd=old)
+    assert done.returncode == 0, done.stderr
+    schedule = done.stdout.splitlines()[1]
+    assert "avigate: the store has no audio_pooled_token (written before avr stored it), so the " \
+           "global audio token is the mean of AST's post-norm CLS and distillation tokens" \
+           in schedule

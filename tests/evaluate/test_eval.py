@@ -87,9 +87,29 @@ def test_variants_are_reported_beside_the_plain_numbers(runs):
         device="cpu", dsl=True, qbnorm=True, rerank_k=5))
     plain = evaluate_run(runs / "tefal", config=EvalConfig(device="cpu"))
     assert result.metrics == plain.metrics  # the tricks never change the plain numbers
-    assert set(result.variants) == {"dsl", "qbnorm", "rerank@5"}
+    assert set(result.variants) == {"dsl", "qbnorm", "dsl+qbnorm", "rerank@5"}
     for variant in result.variants.values():
         assert 0.0 <= variant["t2v"]["R1"] <= 100.0
+
+
+def test_dsl_and_qbnorm_together_report_tefals_combined_variant(runs, store):
+    """Dual softmax, then QB-Norm on its reweighted cosines, the query bank reweighted alike."""
+    from avr.evaluate.evaluator import open_run, train_bank_similarity
+    from avr.evaluate.score import score_split
+    from avr.store.splits import load_split
+
+    config = EvalConfig(device="cpu", dsl=True, qbnorm=True)
+    result = evaluate_run(runs / "tefal", config=config)
+    head, _, _ = open_run(runs / "tefal", None, "cpu")
+    test = load_split(store, "test", head.video_inputs, head.caption_inputs)
+    videos = score_split(head, test.videos, test.captions, "cpu").videos
+    bank = train_bank_similarity(head, store, videos, test.videos, "cpu", config)
+    scale, temperature = result.dsl["logit_scale"], result.dsl["temperature"]
+    dsl_test = metrics.dual_softmax(result.sim * scale, temperature) / scale
+    dsl_bank = metrics.dual_softmax(bank * scale, temperature) / scale
+    combined = metrics.qb_norm(dsl_test, dsl_bank)
+    assert result.variants["dsl+qbnorm"]["t2v"] == metrics.metrics_from_ranks(
+        metrics.t2v_ranks(combined, result.caption_video))
 
 
 def test_dual_softmax_runs_on_the_heads_own_logit_scale(runs):

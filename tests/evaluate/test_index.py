@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from avr.errors import AvrError, CacheMismatchError
 from avr.evaluate import index as first_stage
@@ -124,6 +125,30 @@ def test_an_index_built_from_another_store_is_refused(store, tmp_path):
     ours = open_store(other)[1].fingerprint()
     with pytest.raises(CacheMismatchError, match=f"{theirs}.*{ours}"):
         first_stage.find_index(other, tmp_path / "index")
+
+
+def test_an_index_of_raw_frame_means_from_an_earlier_avr_is_refused_with_the_reason(store,
+                                                                                 tmp_path):
+    cache = copy_store(store, tmp_path)
+    first_stage.build_index(cache)
+    meta = cache / "index" / first_stage.META_FILE
+    earlier = json.loads(meta.read_text())
+    earlier["vectors"] = "masked mean of CLIP frame embeddings, L2-normalised"
+    meta.write_text(json.dumps(earlier))
+    with pytest.raises(CacheMismatchError, match="pools frames as .*masked mean of CLIP frame "
+                                                 "embeddings.* rebuild it"):
+        first_stage.find_index(cache)
+
+
+def test_the_index_pools_each_normalised_frame_as_meanp_does():
+    frames = torch.randn(3, 5, 8)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    units = torch.nn.functional.normalize(frames, dim=-1)
+    longer = frames * (torch.rand(3, 5, 1) * 9 + 1)  # a frame's length never weighs in
+    want = torch.stack([torch.nn.functional.normalize(units[v][mask[v]].mean(0), dim=0)
+                        for v in range(3)])
+    torch.testing.assert_close(first_stage.pooled_frames(longer, mask), want)
 
 
 def test_an_index_older_than_the_done_rows_is_refused(store, tmp_path):

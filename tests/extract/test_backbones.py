@@ -73,8 +73,28 @@ def test_tiny_audio_gives_patch_global_and_time_tokens(tiny):
         schema.AUDIO_PATCH_TOKENS: (2, 1212, 24),
         schema.AUDIO_GLOBAL_TOKENS: (2, 2, 24),
         schema.AUDIO_TIME_TOKENS: (2, 101, 24),
+        schema.AUDIO_POOLED_TOKEN: (2, 24),
     }
     assert all(t.dtype == torch.float32 for t in out.values())
+
+
+def test_the_pooled_audio_token_is_the_final_norm_of_the_pre_norm_global_mean():
+    """AVIGATE's global token: AST's final LayerNorm of the mean of its pre-norm CLS and
+    distillation tokens, not the mean of the two normalised ones (their tokens made to differ:
+    the tiny AST starts them equal)."""
+    ast = bb.tiny_ast()
+    with torch.no_grad():
+        ast.embeddings.distillation_token.normal_(generator=torch.Generator().manual_seed(3))
+    backbones = Backbones(**tiny_parts(ast=ast))
+    fbank = random_fbank(2)
+    out = backbones.encode_audio(fbank)
+    with torch.no_grad():
+        hidden = ast.embeddings(fbank)
+        for layer in ast.layers:
+            hidden = layer(hidden)
+        want = ast.layernorm((hidden[:, 0] + hidden[:, 1]) / 2)
+    torch.testing.assert_close(out[schema.AUDIO_POOLED_TOKEN], want)
+    assert not torch.allclose(want, out[schema.AUDIO_GLOBAL_TOKENS].mean(1), atol=1e-3)
 
 
 def test_tiny_text_gives_clip_and_roberta_tokens_with_boolean_masks(tiny):

@@ -243,6 +243,17 @@ def test_like_a_dataset_takes_its_split_sizes_captions_frames_and_text_lengths(d
         f"avr bench store --like {dataset} --out s")
 
 
+def test_like_a_dataset_with_videos_scales_its_splits_and_keeps_its_name():
+    from avr.extract.generated import generated_spec
+
+    settings = GeneratorSettings.like_dataset("msrvtt", 800, shapes="tiny")
+    assert settings.split_sizes() == {"train": 680, "val": 40, "test": 80}  # 8,500 / 500 / 1,000
+    assert settings.captions_for("train") == 20 and settings.captions_for("test") == 1
+    assert settings.command("s") == "avr bench store --like msrvtt --out s --videos 800 " \
+                                    "--shapes tiny"
+    assert generated_spec(0, "tiny", like="msrvtt").dataset == "msrvtt"
+
+
 def test_like_a_paragraph_dataset_writes_one_paragraph_per_video():
     from avr.extract.generated import PARAGRAPH_JOIN, make_plan
 
@@ -269,8 +280,9 @@ def test_a_store_like_msvd_has_its_real_row_counts_and_no_audio(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--like", "lsmdc", "--videos", "10"], "--like lsmdc sets the split sizes and captions; "
-                                            "leave out --videos"),
+    (["--like", "lsmdc", "--captions-per-video", "2"], "--like lsmdc sets the split proportions "
+                                                       "and captions; leave out "
+                                                       "--captions-per-video"),
     (["--like", "generic"], "'generic' is not one of vatex, msrvtt"),
     (["--captions-per-video", "2"], "give --videos N or --like DATASET"),
     (["--arrays", "frame_embeddings,bogus"], "bogus is not a feature array"),

@@ -115,36 +115,39 @@ def pretrained_spec(tiny_spec):
 
 
 @pytest.mark.parametrize("videos", [25_991, 7_010])  # VATEX's and MSR-VTT 7k's train splits
-def test_a_dataset_sized_split_trains_on_the_papers_schedule(tiny_spec, videos):
-    config, note = schedule.resolve_schedule(TrainConfig(), pretrained_spec(tiny_spec), videos,
+def test_a_dataset_sized_split_trains_on_the_recipe(tiny_spec, videos):
+    spec = dataclasses.replace(pretrained_spec(tiny_spec), dataset="msrvtt", num_frames=12)
+    config, note = schedule.resolve_schedule(TrainConfig(head="meanp"), spec, videos,
                                             10 * videos)
     assert (config.epochs, config.batch_size, config.lr) == (5, 128, 1e-4) and note is None
 
 
 def test_a_small_split_gets_a_batch_that_fits_and_enough_steps(tiny_spec):
-    config, note = schedule.resolve_schedule(TrainConfig(), pretrained_spec(tiny_spec), 56, 112)
-    # 16 is the largest power of two with 4 batches of 56 videos; 4 steps an epoch -> 63 epochs.
-    assert (config.batch_size, config.epochs, config.lr) == (16, 63, 1e-4)
-    assert note.startswith("small train split (56 videos): batch 16, 63 epochs instead of "
+    spec = dataclasses.replace(pretrained_spec(tiny_spec), dataset="msrvtt", num_frames=12)
+    config, note = schedule.resolve_schedule(TrainConfig(head="meanp"), spec, 56, 112)
+    # 16 is 128 halved until 56 videos make 4 batches; every caption: 7 steps an epoch -> 36.
+    assert (config.batch_size, config.epochs, config.lr) == (16, 36, 1e-4)
+    assert note.startswith("small train split (56 videos): batch 16, 36 epochs instead of "
                            "128 / 5")
-    every_caption, _ = schedule.resolve_schedule(TrainConfig(pairs="all"),
-                                                pretrained_spec(tiny_spec), 56, 112)
-    assert (every_caption.batch_size, every_caption.epochs) == (16, 36)  # 7 steps an epoch
+    one_caption, _ = schedule.resolve_schedule(TrainConfig(head="meanp", pairs="one"), spec,
+                                               56, 112)
+    assert (one_caption.batch_size, one_caption.epochs) == (16, 63)  # 4 steps an epoch
 
 
 def test_random_backbones_learn_at_a_larger_rate(tiny_spec):
-    config, note = schedule.resolve_schedule(TrainConfig(), tiny_spec, 25_991, 259_910)
+    config, note = schedule.resolve_schedule(TrainConfig(head="meanp"), tiny_spec, 25_991,
+                                            259_910)
     assert (config.epochs, config.batch_size, config.lr) == (5, 128, SCRATCH_LR)
-    assert note.startswith("lr 0.003 instead of 0.0001, because the store's CLIP is random")
+    assert "; lr 0.003 instead of 0.0001, because the store's CLIP is random" in note
 
 
 def test_random_backbones_start_a_learned_scale_where_clip_starts_from_scratch(tiny_spec):
     config, note = schedule.resolve_schedule(TrainConfig(head="xpool"), tiny_spec, 56, 112)
-    assert config.head_options == {"temperature": SCRATCH_TEMPERATURE}
+    assert config.head_options["temperature"] == SCRATCH_TEMPERATURE
     assert "; temperature 0.07 instead of 0.01: a learned logit scale trained from scratch" in note
     pretrained, _ = schedule.resolve_schedule(TrainConfig(head="xpool"),
                                              pretrained_spec(tiny_spec), 56, 112)
-    assert pretrained.head_options == {}  # fine-tuning CLIP starts from its pretrained 100
+    assert "temperature" not in pretrained.head_options  # fine-tuning CLIP starts from 100
 
 
 @pytest.mark.parametrize("head, options", [("gais", {}),  # its fixed scale is its method
@@ -153,22 +156,29 @@ def test_random_backbones_start_a_learned_scale_where_clip_starts_from_scratch(t
                                            ("meanp", {"temperature": 0.02})])
 def test_a_fixed_or_given_scale_is_not_replaced(tiny_spec, head, options):
     given = TrainConfig(head=head, head_options=options, epochs=2, batch_size=8, lr=1e-4)
-    assert schedule.resolve_schedule(given, tiny_spec, 56, 112) == (given, None)
+    config, note = schedule.resolve_schedule(given, tiny_spec, 56, 112)
+    assert config.head_options.get("temperature") == options.get("temperature")
+    assert "temperature" not in note
 
 
 def test_the_schedule_never_changes_what_the_user_set(tiny_spec):
-    given = TrainConfig(epochs=2, batch_size=8, lr=1e-4, head_options={"temperature": 0.05})
-    assert schedule.resolve_schedule(given, tiny_spec, 56, 112) == (given, None)
+    given = TrainConfig(epochs=2, batch_size=8, lr=1e-4, scale_lr=1e-3, betas=(0.8, 0.9),
+                        eps=1e-8, no_decay="bias", lr_schedule="cosine",
+                        head_options={"temperature": 0.05, "frames": 3, "dropout": 0.1})
+    config, _ = schedule.resolve_schedule(given, tiny_spec, 56, 112)
+    assert config == given
     config, note = schedule.resolve_schedule(TrainConfig(batch_size=32), tiny_spec, 56, 112)
-    assert (config.batch_size, config.epochs) == (32, 125)
-    assert note.startswith("small train split (56 videos): 125 epochs instead of 5, so that the "
-                           "run has at least 250 optimizer steps; lr 0.003")
+    assert (config.batch_size, config.epochs) == (32, 63)  # 4 steps of every caption
+    assert "small train split (56 videos): 63 epochs instead of 5, so that the run has at " \
+           "least 250 optimizer steps; lr 0.003" in note
 
 
 def test_the_schedule_batch_is_a_multiple_of_the_shards():
     assert schedule.schedule_batch_size(56, shards=2) == 16
     assert schedule.schedule_batch_size(56, shards=3) == 15
     assert schedule.schedule_batch_size(3) == 2
+    assert schedule.schedule_batch_size(56, batch=12) == 12  # TEFAL's
+    assert schedule.schedule_batch_size(30, batch=12) == 6
 
 
 def test_the_run_records_the_resolved_schedule(store, tmp_path):
@@ -177,4 +187,4 @@ def test_the_run_records_the_resolved_schedule(store, tmp_path):
     videos = len(load_split(store, "train", (), ()).video_ids)
     assert saved["train"]["batch_size"] == schedule.schedule_batch_size(videos)
     assert saved["train"]["epochs"] == 2 and saved["train"]["lr"] == SCRATCH_LR
-    assert saved["schedule"].startswith(f"small train split ({videos} videos): batch ")
+    assert f"; small train split ({videos} videos): batch " in saved["schedule"]

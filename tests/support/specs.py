@@ -24,6 +24,7 @@ def make_tiny_spec(**overrides) -> CacheSpec:
             "roberta": BackboneInfo("tiny-roberta", "random:0", "transformers", "0"),
         },
         audio=AudioParams(),
+        audio_pooled_token=True,  # as `avr extract` writes stores now
     )
     values.update(overrides)
     return CacheSpec(**values)

@@ -17,7 +17,7 @@ from typing import Any
 from avr.errors import AvrError
 from avr.fuse.fields import typed_fields
 from avr.fuse.heads.base import HeadConfig, RetrievalHead
-from avr.store.schema import CacheSpec
+from avr.store.schema import CacheSpec, stored_inputs
 
 HEADS: dict[str, type[RetrievalHead]] = {}
 
@@ -52,13 +52,16 @@ def make_config(name: str, options: dict[str, Any] | None = None,
     return cls.Config(**typed_fields(cls.Config, options or {}, source))
 
 
-def video_inputs(name: str, *options: dict[str, Any] | None) -> tuple[str, ...]:
+def video_inputs(name: str, *options: dict[str, Any] | None,
+                 spec: CacheSpec | None = None) -> tuple[str, ...]:
     """The video arrays head ``name`` reads when built with any of ``options`` (default: its
-    default options): the union, in the head's order. What a loader shared by those runs loads."""
+    default options): the union, in the head's order; of a store of ``spec``, those it holds
+    (``schema.stored_inputs``). What a loader shared by those runs loads."""
     cls = head_class(name)
     wanted = {array for opts in (options or ({},)) for array in
               cls.video_inputs_for(make_config(name, opts))}
-    return tuple(array for array in cls.video_inputs if array in wanted)
+    names = tuple(array for array in cls.video_inputs if array in wanted)
+    return names if spec is None else stored_inputs(names, spec)
 
 
 def build_head(name: str, spec: CacheSpec, options: dict[str, Any] | None = None) -> RetrievalHead:

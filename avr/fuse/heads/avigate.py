@@ -36,11 +36,13 @@ frame position embedding)) (``visual_output_global`` of ``modeling.py``).
 Logit scale: CLIP's pretrained 100, learnable and clamped at 100 (``temperature=0.01``,
 ``learn_temperature=true``): the code trains CLIP's ``logit_scale`` and clamps it at ln 100
 after every step. There it sits in CLIP's parameter group at lr x coef_lr = 1e-7, so it barely
-moves; here it trains at the head's learning rate (from 100 it can only go down). A.5's margins
-(delta = 0.1, added times the scale) are tuned for s = 100; ``learn_temperature=false`` keeps it
-there. So the default schedule starts it at 100 on a store of random backbones too, where the
-other heads start at CLIP's from-scratch 1 / 0.07 (on the demo store, seed 0, demo settings:
-test R@1 35.4 from 100, 20.8 from 14.3).
+moves; the recipe gives it that lr (``scale_lr``). A.5's margins (delta = 0.1, added times the
+scale) are tuned for s = 100; ``learn_temperature=false`` keeps it there. So the default
+schedule keeps it at 100 and at the release's lr on a store of random backbones too, where the
+other heads start at CLIP's from-scratch 1 / 0.07 and learn it at the head's lr (on the demo
+store, seed 0, demo settings, before recipes: test R@1 35.4 from 100, 20.8 from 14.3).
+The query tokens train at 100 x the lr with weight decay 0.2 (``query_lr_scale``,
+``query_weight_decay``: the release's optimizer group, ``parameter_groups``).
 
 AST tokens. The code runs AST's blocks, averages the *pre-norm* CLS and distillation tokens,
 then applies AST's final LayerNorm (timm, eps 1e-6) to that average and to the patches. The
@@ -49,10 +51,11 @@ that final LayerNorm with its pretrained affine (eps 1e-12 in transformers' port
 
 - the patch tokens are exactly the code's tokens after ``audio.v.norm``, used as they are: a
   second LayerNorm would normalise twice and drop the pretrained affine;
-- the global token is the mean of the two post-norm tokens, LN(x_cls)/2 + LN(x_dist)/2 (how
-  AST's own classifier pools them), where the code has LN((x_cls + x_dist)/2). The two agree
-  when the CLS and distillation tokens have equal mean and spread; the pre-norm tokens are not
-  in the cache, so the code's value cannot be rebuilt from it.
+- the global token is the code's LN((x_cls + x_dist)/2): extract stores it
+  (``AUDIO_POOLED_TOKEN``, AST's final LayerNorm of the mean of the pre-norm tokens). A store
+  written before it has only the post-norm tokens, from which the code's value cannot be
+  rebuilt: there the global token is their mean, LN(x_cls)/2 + LN(x_dist)/2 (how AST's own
+  classifier pools them), and the run's first line says so (``store_note``).
 - AST's final LayerNorm is not trained here. The code lists it as trainable, but in CLIP's
   audio parameter group at lr 1e-7, where it stays at its pretrained values.
 
@@ -98,8 +101,8 @@ from torch import nn
 from avr.errors import AvrError
 from avr.fuse.blocks import masked_mean
 from avr.fuse.heads import register_head
-from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, HeadConfig,
-                                 RetrievalHead, Rows, State, symmetric_infonce)
+from avr.fuse.heads.base import (EXPLAIN_AUDIO_GATE, EXPLAIN_FRAME_ATTENTION, GroupSpec,
+                                 HeadConfig, RetrievalHead, Rows, State, symmetric_infonce)
 from avr.store import schema
 
 FUSED_WEIGHT = 0.05  # A.3, code-only: output = 0.05 fused + 0.95 (CLIP frames + position)
@@ -120,6 +123,10 @@ class AvigateConfig(HeadConfig):
     lse_lambda: float = 1.0  # lambda of the log-sum-exp over frames (A.4, --temperature)
     margin_scale: float = 0.2  # lambda of the adaptive margin (A.5, --beta)
     margin_cap: float = 0.1  # delta of the adaptive margin (A.5, --margin_BD)
+    # The query tokens' own parameter group (main_task_retrieval.py:220, 236): 100 x the lr,
+    # weight decay 0.2.
+    query_lr_scale: float = 100.0
+    query_weight_decay: float = 0.2
 
 
 # ---- pure functions ----------------------------------------------------------------------------
@@ -255,7 +262,7 @@ class GatedFusionLayer(nn.Module):
 class Avigate(RetrievalHead):
     Config = AvigateConfig
     video_inputs = (schema.FRAME_EMBEDDINGS, schema.FRAME_MASK, schema.AUDIO_PATCH_TOKENS,
-                    schema.AUDIO_GLOBAL_TOKENS, schema.HAS_AUDIO)
+                    schema.AUDIO_POOLED_TOKEN, schema.AUDIO_GLOBAL_TOKENS, schema.HAS_AUDIO)
     caption_inputs = (schema.TEXT_EMBEDDINGS,)
     score_is_scaled = True
     tuned_for_pretrained_scale = True
@@ -271,18 +278,39 @@ class Avigate(RetrievalHead):
         self.query_position = nn.Parameter(torch.randn(config.num_queries, width) * INIT_STD)
         self.resampler = nn.ModuleList(ResamplerLayer(width, heads, config.dropout)
                                        for _ in range(config.resampler_layers))
-        self.frame_position = nn.Parameter(torch.randn(spec.num_frames, width) * INIT_STD)
+        self.frame_position = nn.Parameter(torch.randn(self.spec.num_frames, width) * INIT_STD)
         self.fusion = nn.ModuleList(GatedFusionLayer(width, heads, config.dropout)
                                     for _ in range(config.fusion_layers))
         self.apply(functools.partial(init_linear_layers, width=width))
         nn.init.normal_(self.audio_proj.weight, std=spec.ast_dim ** -0.5)
 
+    def parameter_groups(self) -> tuple[GroupSpec, ...]:
+        """The query tokens at ``query_lr_scale`` x the lr with their own weight decay, as the
+        release's optimizer groups them."""
+        return (GroupSpec("query_tokens", ("queries",), self.config.query_lr_scale,
+                          self.config.query_weight_decay),)
+
     # ---- video side ----------------------------------------------------------------------------
+    @classmethod
+    def store_note(cls, spec: schema.CacheSpec) -> str | None:
+        if spec.audio_pooled_token:
+            return None
+        return (f"avigate: the store has no {schema.AUDIO_POOLED_TOKEN} (written before avr "
+                f"stored it), so the global audio token is the mean of AST's post-norm CLS and "
+                f"distillation tokens, not the release's normalised pre-norm mean (extract again "
+                f"for it)")
+
     def audio_tokens(self, videos: State) -> torch.Tensor:
-        """A.1: [mean(CLS, dist)] + 1212 patches, post-norm as cached -> Dc, as [V, 1213, Dc]."""
+        """A.1: [global token] + 1212 patches, post-norm as cached -> Dc, as [V, 1213, Dc]. The
+        global token is AST's final LayerNorm of the mean of the pre-norm CLS and distillation
+        tokens, as the release computes it (``AUDIO_POOLED_TOKEN``); on a store without it, the
+        mean of the two post-norm tokens."""
         dtype = self.param_dtype()
         patches = videos[schema.AUDIO_PATCH_TOKENS].to(dtype)  # [V, 1212, Da]
-        global_token = videos[schema.AUDIO_GLOBAL_TOKENS].to(dtype).mean(1, keepdim=True)
+        if schema.AUDIO_POOLED_TOKEN in videos:
+            global_token = videos[schema.AUDIO_POOLED_TOKEN].to(dtype)[:, None]  # [V, 1, Da]
+        else:
+            global_token = videos[schema.AUDIO_GLOBAL_TOKENS].to(dtype).mean(1, keepdim=True)
         return self.audio_proj(torch.cat([global_token, patches], 1))
 
     def resample_audio(self, audio: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,19 @@ ln 100 after every optimizer step (CLIP4Clip ``main_task_retrieval.py``, X-Pool
 clamps a learned ``logit_scale`` to ``LOGIT_SCALE_MAX`` after each step, so a scale that
 starts at the clamp still gets its gradient (a clamp in the forward pass would pass none
 there). A learned scale may not start above the clamp; a fixed one (``learn_temperature=false``,
-GAID's choice) is any positive value. One departure from those releases: they train the scale
-with CLIP's parameters (X-Pool: lr 1e-6, CLIP4Clip: 1e-7, weight decay 0.2), where it barely
-moves; avr has no CLIP parameters and trains it with the head's (its lr, no weight decay, as
-open_clip excludes ``logit_scale`` from decay). ``learn_temperature=false`` keeps it at its
-initial value, the releases' effective behaviour.
+GAID's choice) is any positive value. The releases train the scale among CLIP's parameters
+(X-Pool: lr 1e-6, CLIP4Clip and AVIGATE: 1e-7, weight decay 0.2), where it barely moves; avr
+has no CLIP parameters and gives it a parameter group of its own at that lr (the training
+option ``scale_lr``, from the head's recipe; ``avr.fuse.optim.group_settings``), decayed as
+the recipe's no-decay rule says. On a store of random backbones the schedule trains it at the
+head's lr instead (``avr.fuse.schedule``). ``learn_temperature=false`` keeps it at its initial
+value.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -49,6 +53,7 @@ Rows = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp on the log of the logit scale
+LOGIT_SCALE_PARAMETER = "logit_scale"  # the learned log-scale's name among a head's parameters
 
 # Keys of ``RetrievalHead.explain`` (each [P, ...] for P paired rows), read by `avr eval --report`.
 EXPLAIN_FRAME_ATTENTION = "frame_attention"  # [P, F] weight of each frame for the caption
@@ -65,6 +70,40 @@ class HeadConfig:
     temperature: float = 0.01  # initial; logit scale = 1 / temperature (CLIP's pretrained 100)
     learn_temperature: bool = True
     dropout: float = 0.3
+    # Frames the head reads of each video's cached ones, evenly spaced (``frame_subset``); None
+    # or 0: every cached frame. `avr train` sets it from the head's recipe unless given.
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A parameter group a head declares (``RetrievalHead.parameter_groups``): the parameters
+    named ``parameters`` (or under those module names) train at ``lr_scale`` times the run's lr
+    with weight decay ``weight_decay`` (``avr.fuse.optim.group_settings``)."""
+
+    name: str
+    parameters: tuple[str, ...]
+    lr_scale: float = 1.0
+    weight_decay: float = 0.0
+
+    def holds(self, name: str) -> bool:
+        return any(name == prefix or name.startswith(prefix + ".") for prefix in self.parameters)
+
+
+def frame_subset(cached: int, wanted: int | None) -> tuple[int, ...] | None:
+    """Which of ``cached`` frames a head reading ``wanted`` of them takes: for each of ``wanted``
+    equal segments of the clip, the cached frame whose own segment holds that segment's centre
+    (cached frames are the centres of ``cached`` equal segments, docs/cache.md). None: every
+    cached frame. A decoder sampling ``wanted`` frames would take those centres themselves; the
+    subset's frames lie at most half a cached segment (duration / (2 cached)) away from them."""
+    if wanted is not None and wanted < 0:
+        raise AvrError(f"frames={wanted}: give a count of frames, or 0 for every cached frame")
+    if not wanted or wanted == cached:
+        return None
+    if wanted > cached:
+        raise AvrError(f"frames={wanted}: the store holds {cached} frames per video; ask for at "
+                       f"most {cached} (frames=0: every cached frame)")
+    return tuple((2 * k + 1) * cached // (2 * wanted) for k in range(wanted))
 
     def __post_init__(self) -> None:
         """Every number finite, dropout a probability: a head's options are refused before
@@ -106,11 +145,20 @@ class RetrievalHead(nn.Module):
     # the videos can then be indexed (`avr index build --embeddings run:RUN`).
     dual_encoder: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "encode_videos" in cls.__dict__:  # every head encodes the frames it reads
+            cls.encode_videos = _reading_head_frames(cls.__dict__["encode_videos"])
+
     def __init__(self, spec: CacheSpec, config: HeadConfig):
         super().__init__()
-        self.spec = spec
+        self.cached_frames = spec.num_frames
+        self.frame_index = frame_subset(spec.num_frames, config.frames)
+        # the spec as the head sees it: ``num_frames`` is the frames it reads
+        self.spec = spec if self.frame_index is None else \
+            dataclasses.replace(spec, num_frames=len(self.frame_index))
         self.config = config
-        self.video_inputs = self.video_inputs_for(config)
+        self.video_inputs = schema.stored_inputs(self.video_inputs_for(config), spec)
         init = torch.tensor(math.log(1.0 / checked_temperature(config)))
         if config.learn_temperature:
             self.logit_scale = nn.Parameter(init)
@@ -122,6 +170,28 @@ class RetrievalHead(nn.Module):
         """The video arrays a head built with ``config`` reads (a loader loads only these):
         the class's ``video_inputs`` unless an option leaves some of them unused."""
         return cls.video_inputs
+
+    def head_frames(self, videos: Rows) -> Rows:
+        """These video rows with the frames the head reads (``frame_subset``) of every array with
+        a frame axis; applied to every ``encode_videos`` input (train, stacked trials,
+        validation, eval, search), so every path reads the same frames. Rows already reduced
+        pass as they are."""
+        if self.frame_index is None:
+            return videos
+        return {name: rows.index_select(1, torch.tensor(self.frame_index, device=rows.device))
+                if schema.on_frame_axis(name) and rows.shape[1] == self.cached_frames else rows
+                for name, rows in videos.items()}
+
+    def parameter_groups(self) -> tuple[GroupSpec, ...]:
+        """Parameter groups of the head's own, with their lr and weight decay (the optimizer puts
+        every other parameter in the run's groups). Default: none."""
+        return ()
+
+    @classmethod
+    def store_note(cls, spec: CacheSpec) -> str | None:
+        """What the head does otherwise than its method on a store of ``spec`` (one clause of the
+        run's first line), or None. Default: nothing."""
+        return None
 
     def hide_audio(self, videos: Rows) -> Rows:
         """These video rows with their audio left out (`avr eval --modalities v`). Default: every
@@ -212,6 +282,15 @@ class RetrievalHead(nn.Module):
 
     def param_dtype(self) -> torch.dtype:
         return next((p.dtype for p in self.parameters()), torch.float32)
+
+
+def _reading_head_frames(encode):
+    """``encode`` (a head's ``encode_videos``) called on the frames the head reads."""
+    @functools.wraps(encode)
+    def encode_videos(self: RetrievalHead, videos: Rows) -> State:
+        return encode(self, self.head_frames(videos))
+
+    return encode_videos
 
 
 def checked_temperature(config: HeadConfig) -> float:

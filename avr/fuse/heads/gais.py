@@ -43,7 +43,9 @@ Choices where the sources leave room:
 - Loss weights: S_ii below zero are clipped to zero; when no S_ii is positive the weights are
   uniform (plain symmetric InfoNCE). The code divides by the sum as it is, which a negative S_ii
   would turn into a weight that rewards a wrong ranking.
-- ``support_weight`` defaults to 0.8, the MSR-VTT setting (0.5 LSMDC, 0 VATEX/DiDeMo).
+- ``support_weight`` defaults to 0.8, the MSR-VTT setting; `avr train` takes the store's
+  dataset's from the recipe (0.5 LSMDC, 0 VATEX and DiDeMo, whose scripts never set it:
+  docs/recipes.md).
 
 Cost. Fused frames depend on the pair, so a naive implementation would normalise and project
 Q x V x F x D fused tokens. Two rewrites keep the per-pair tensors at [Q, V, F] scalars plus
@@ -150,7 +152,7 @@ class Gais(RetrievalHead):
         self.audio_proj = nn.Linear(spec.ast_dim, dim)
         self.gate = nn.Linear(3 * dim, 1)  # FGF: w^T [v; a; t] + b
         self.pool = TextConditionedPool(dim, config.dropout)
-        self.radius = identity_linear(spec.num_frames, dim)  # SVSP W_r: F -> D
+        self.radius = identity_linear(self.spec.num_frames, dim)  # SVSP W_r: F -> D
         self.alpha = nn.Parameter(torch.tensor(0.5))  # SVSP blend
 
     # ---- per video ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Video encoder, "Video Swin Feature Pyramid" (Eq. 1; docs/methods.md (iii)), per 
     FPN: a lateral 1x1 map (Linear C_k -> width) per level, top-down nearest-neighbour
     upsample-and-add from the coarsest grid to the finest, a 3x3 output conv per level, plus a
     learned level embedding. Tokens of all levels form S = sum_k g_k^2 spatial tokens per frame.
-    The CLIP frame embedding c_f [Dc] is each frame's base vector.
+    The CLIP frame embedding c_f [Dc] is each frame's base vector; c^_f = c_f / |c_f| its unit
+    vector.
 Text encoder, "Temporal RoBERTa Graph Network" (Eq. 2, 9-10; docs/methods.md (iv)), per caption:
     RoBERTa states -> LayerNorm + Linear -> TemporalGraph (GCN or GAT over sequential and
     windowed edges) = graph tokens G [L, width]. Token importance pi = masked softmax of a
@@ -29,17 +30,21 @@ have each text token attend to the video tokens), or the summary h alone
     logit of the window's mean key), then a masked softmax over the valid frames; the spans are
     mixed by softmax(W_span h) (the text picks the temporal granularity). Per query x this gives
     frame weights omega^x_f; the caption's are omega_f = sum_x pi_x omega^x_f (pi_x = 1 for the
-    summary). E_VT has a CLIP part sum_f omega_f c_f and a detail part
+    summary). E_VT has a CLIP part sum_f omega_f c^_f and a detail part
     sum_x pi_x sum_f omega^x_f d^x_f. Linearity gives the frame logits and both parts without
     building any per-frame vector for a pair.
 Audio encoder, "Audio Spectrogram LSTM" (Eq. 6-8), per video:
-    AST time tokens [V, 101, D_ast] -> LayerNorm -> bidirectional LSTM (width/2 per direction,
-    ``lstm_layers`` layers) = audio steps A [V, 101, width].
+    AST time tokens [V, 101, D_ast] -> LayerNorm -> LSTM (``lstm_layers`` layers of width
+    ``width``, as Eq. 8's LSTM; ``bidirectional=true``: width/2 per direction) = audio steps
+    A [V, 101, width].
 Audio-text block, "threshold-based dynamic time cross-attention" (Eq. 11-13):
     attention alpha_lt = softmax_t(q_a(G_l) . k_a(A_t) / sqrt(width)) (Eq. 11), then the learned
     soft threshold of docs/methods.md (i).1 (LTP-style): M = sigmoid((alpha - theta) / T),
-    alpha~ = alpha M / sum_t alpha M, theta = sigmoid(rho) / N_k with one learned rho, and
-    T = THRESHOLD_TEMPERATURE / N_k (1e-3 for the 101 AST steps). Soft-DTW (docs/methods.md (ii);
+    alpha~ = alpha M / sum_t alpha M, T = THRESHOLD_TEMPERATURE / N_k (1e-3 for the 101 AST
+    steps), with "dynamic thresholds for each audio token" (Sec. 4 C): theta_t =
+    sigmoid(w . A_t + rho) / N_k, from each audio step's own state (``threshold="token"``; w
+    starts at 0, so every theta_t starts at the global 0.5 / N_k); ``threshold="global"``: one
+    learned theta = sigmoid(rho) / N_k for every token. Soft-DTW (docs/methods.md (ii);
     avr.fuse.softdtw) between the caption's graph tokens and the audio steps with cost
     1 - cos(q_a(G_l), k_a(A_t)) and ``dtw_gamma`` gives the expected alignment E [L, 101]
     (a caption's length is the count of its RoBERTa mask, padding being at the end);
@@ -48,7 +53,7 @@ Audio-text block, "threshold-based dynamic time cross-attention" (Eq. 11-13):
     alpha~ and the product is renormalised: w_lt. Audio weights a_t = sum_l pi_l w_lt and
     E_AT = sum_t a_t W_v A_t; E_AT = 0 for a video without audio (HAS_AUDIO False).
 Fusion and readout (Eq. 14-15):
-    e_CLS = sum_f omega_f c_f + R(Dropout(detail part of E_VT + E_AT)), R a Linear width -> Dc
+    e_CLS = sum_f omega_f c^_f + R(Dropout(detail part of E_VT + E_AT)), R a Linear width -> Dc
     (the CLS-style readout is linear, and E_final = E_VT + E_AT as Eq. 14 sums them);
     score = cos(e_CLS, P t), P a Linear on the sentence embedding.
 
@@ -60,13 +65,23 @@ Departures from the paper, deliberate:
 - Eq. 3 takes the cosine of a text and a video token as the attention weight; here the weights
   are a softmax of scaled dot products of learned projections (a cosine in [-1, 1] would leave
   the attention nearly uniform).
+- Eq. 11 divides the audio-text logits by sqrt(width), as scaled dot-product attention does:
+  the paper's plain dot product of 256-wide learned projections would start its softmax
+  near one-hot.
+- Video Swin with an FPN of 5 levels (Sec. 4 A, Fig. 11): the cache holds an image Swin's first
+  three stages per frame (docs/cache.md), so the FPN has 3 levels over per-frame maps, and the
+  temporal modelling Video Swin's 3D windows would give comes from the frame attention's spans.
+  Video Swin tokens (torchvision's ``swin3d_t``: temporal stride 2, four stages, 7x7 maps at
+  the last) would need another backbone run at extraction and arrays of their own; the paper
+  names neither its Video Swin variant nor how its fifth level is made.
 - Objective: symmetric InfoNCE (the base class's), which the paper does not give. The logit
   scale, which the paper does not give either, is CLIP's 100, learnable and clamped at 100
   (``temperature=0.01``, ``learn_temperature=true``).
 
 Initialisation: the readout R starts at zero, the temporal query at zero (every frame logit is
 0, so omega_f is uniform over the valid frames) and the sentence projection P as the identity.
-The default head therefore starts as zero-shot CLIP: cos(mean of the valid CLIP frames, t), at
+The default head therefore starts as zero-shot CLIP4Clip meanP: cos(mean of the valid
+L2-normalised CLIP frames, t) (CLIP4Clip ``modules/modeling.py``:392-394), at
 any ``width``.
 
 Cost: per pair O(K F S width + L 101 width) with K = L queries (``tokens``) or 1 (``summary``),
@@ -98,6 +113,7 @@ from avr.store import schema
 SWIN_LEVELS = 3
 THRESHOLD_TEMPERATURE = 0.1  # T * N_k of the soft threshold (docs/methods.md (i).1: T ~ 1e-3 at N_k ~ 100)
 VIDEO_QUERIES = ("tokens", "summary")  # what queries the video: every graph token, or h alone
+THRESHOLDS = ("token", "global")  # the audio threshold: per audio token, or one for all
 PAIR_ELEMENTS = 1 << 27  # bound on (pairs x per-pair elements) of one block in ``score``
 EXPLAIN_BLOCK = 16  # pairs per block-diagonal evaluation in ``explain``
 
@@ -115,6 +131,8 @@ class HTAVConfig(HeadConfig):
     video_queries: str = "tokens"  # "tokens": every graph token attends (Eq. 3-4) | "summary"
     dtw_gamma: float = 0.1  # soft-DTW smoothing on 1 - cos costs (docs/methods.md (ii))
     lstm_layers: int = 1
+    bidirectional: bool = False  # the audio LSTM: Eq. 8's (False), or a BiLSTM
+    threshold: str = "token"  # one of THRESHOLDS
 
 
 class PairEvidence(NamedTuple):
@@ -124,7 +142,7 @@ class PairEvidence(NamedTuple):
     frame_weights: torch.Tensor  # [Q, V, F] omega_f
     audio_weights: torch.Tensor  # [Q, V, T] a_t
     alignment: torch.Tensor  # [Q, V, L, T] expected soft-DTW alignment
-    threshold: torch.Tensor  # [] theta of the audio attention
+    threshold: torch.Tensor  # [V, T] theta of each audio token of each video ([V, 1]: global)
 
 
 # ---- pure functions ----------------------------------------------------------------------------
@@ -210,8 +228,11 @@ class HTAV(RetrievalHead):
     def __init__(self, spec: schema.CacheSpec, config: HTAVConfig):
         super().__init__(spec, config)
         width, spans = config.width, tuple(config.spans)
-        if width % 2:
+        if width % 2 and config.bidirectional:
             raise AvrError(f"htav width {width} must be even (two LSTM directions of width/2)")
+        if config.threshold not in THRESHOLDS:
+            raise AvrError(f"htav threshold {config.threshold!r} is unknown; choose one of "
+                           f"{', '.join(THRESHOLDS)}")
         if not spans or min(spans) < 1:
             raise AvrError(f"htav spans {config.spans} must be frame counts >= 1")
         if config.video_queries not in VIDEO_QUERIES:
@@ -234,11 +255,15 @@ class HTAV(RetrievalHead):
         self.detail_key = nn.Linear(width, width, bias=False)  # W_t d_f
         # audio
         self.audio_norm = nn.LayerNorm(spec.ast_dim)
-        self.audio_lstm = nn.LSTM(spec.ast_dim, width // 2, num_layers=config.lstm_layers,
-                                  batch_first=True, bidirectional=True)
+        self.audio_lstm = nn.LSTM(spec.ast_dim, width // 2 if config.bidirectional else width,
+                                  num_layers=config.lstm_layers, batch_first=True,
+                                  bidirectional=config.bidirectional)
         self.audio_key = nn.Linear(width, width)
         self.audio_value = nn.Linear(width, width)
-        self.threshold_logit = nn.Parameter(torch.zeros(()))  # theta = sigmoid(rho) / N_k
+        self.threshold_logit = nn.Parameter(torch.zeros(()))  # rho of theta = sigmoid(.) / N_k
+        if config.threshold == "token":  # w . A_t, from 0: every token starts at the global theta
+            self.token_threshold = nn.Linear(width, 1, bias=False)
+            nn.init.zeros_(self.token_threshold.weight)
         # text
         self.token_proj = nn.Sequential(nn.LayerNorm(spec.roberta_dim),
                                         nn.Linear(spec.roberta_dim, width))
@@ -272,13 +297,21 @@ class HTAV(RetrievalHead):
         return {
             "spatial_keys": self.spatial_key(tokens) / math.sqrt(self.width),  # [V, F, S, W]
             "token_values": self.spatial_value(tokens),  # v_fs [V, F, S, W]
-            "frames": frames,  # c_f [V, F, Dc]
+            "frames": F.normalize(frames, dim=-1),  # c^_f [V, F, Dc]
             "frame_keys": self.frame_key(frames),  # K_c c_f + b [V, F, W]
             "frame_mask": videos[schema.FRAME_MASK].bool(),  # [V, F]
             "audio_keys": self.audio_key(audio),  # [V, T, W]
+            "threshold_logits": self.threshold_logits(audio),  # [V, T] or [V, 1]
             "audio_values": self.audio_value(audio) * has_audio[:, None, None].to(dtype),
             "has_audio": has_audio,  # [V]
         }
+
+    def threshold_logits(self, audio: torch.Tensor) -> torch.Tensor:
+        """The logit of each audio step's threshold [V, T] (``threshold="token"``), or of the one
+        global threshold, for each video [V, 1]."""
+        if self.config.threshold == "global":
+            return self.threshold_logit.expand(len(audio), 1)
+        return self.token_threshold(audio).squeeze(-1) + self.threshold_logit
 
     # ---- per caption -----------------------------------------------------------------------------
     def encode_texts(self, captions: Rows) -> State:
@@ -347,13 +380,15 @@ class HTAV(RetrievalHead):
 
     def _audio_text(self, texts: State, videos: State
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """E_AT [Q, V, W], audio weights a [Q, V, T], alignment [Q, V, L, T], theta []."""
+        """E_AT [Q, V, W], audio weights a [Q, V, T], alignment [Q, V, L, T], theta [V, T] (one
+        per audio token) or [V, 1] (global)."""
         queries, keys = texts["token_queries"], videos["audio_keys"]
         Q, L, _ = queries.shape
         V, T, _ = keys.shape
         logits = torch.einsum("qlw,vtw->qvlt", queries, keys).float() / math.sqrt(self.width)
-        threshold = torch.sigmoid(self.threshold_logit).float() / T
-        attention = thresholded_attention(logits.softmax(-1), threshold, THRESHOLD_TEMPERATURE / T)
+        threshold = torch.sigmoid(videos["threshold_logits"]).float() / T  # [V, T] or [V, 1]
+        attention = thresholded_attention(logits.softmax(-1), threshold[None, :, None],
+                                          THRESHOLD_TEMPERATURE / T)
         cost = 1.0 - torch.einsum("qlw,vtw->qvlt", F.normalize(queries, dim=-1),
                                   F.normalize(keys, dim=-1)).float()
         lengths = texts["token_mask"].sum(-1).clamp(min=1).repeat_interleave(V)  # [Q*V]
@@ -379,7 +414,8 @@ class HTAV(RetrievalHead):
     @torch.no_grad()
     def explain(self, texts: State, videos: State) -> dict[str, torch.Tensor]:
         """Pair i = (texts[i], videos[i]): frame weights [P, F], audio weights [P, 101], soft-DTW
-        alignment [P, L, 101] and the learned audio threshold theta [P, 1]."""
+        alignment [P, L, 101] and the audio threshold theta of each audio step [P, 101] (the
+        global one: [P, 1])."""
         parts = []
         for p0 in range(0, state_rows(texts), EXPLAIN_BLOCK):
             rows = slice(p0, p0 + EXPLAIN_BLOCK)
@@ -388,7 +424,7 @@ class HTAV(RetrievalHead):
             parts.append((evidence.frame_weights[diagonal, diagonal],
                           evidence.audio_weights[diagonal, diagonal],
                           evidence.alignment[diagonal, diagonal],
-                          evidence.threshold.expand(len(diagonal), 1)))
+                          evidence.threshold[diagonal]))
         frames, audio, alignment, threshold = (torch.cat(column).float() for column in zip(*parts))
         return {base.EXPLAIN_FRAME_ATTENTION: frames, base.EXPLAIN_AUDIO_ATTENTION: audio,
                 base.EXPLAIN_DTW_ALIGNMENT: alignment, base.EXPLAIN_THRESHOLD: threshold}

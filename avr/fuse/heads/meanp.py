@@ -1,7 +1,8 @@
 """meanP: CLIP4Clip's parameter-free temporal pooling, the floor every other head must beat.
 
-Video embedding = mean of the (masked) CLIP frame embeddings; caption embedding = the CLIP
-sentence embedding; similarity = cosine (CLIP4Clip "meanP", Luo et al. 2022, Sec. 3.3).
+Video embedding = mean of the (masked) L2-normalised CLIP frame embeddings; caption embedding =
+the CLIP sentence embedding; similarity = cosine (CLIP4Clip "meanP", Luo et al. 2022, Sec. 3.3;
+``modules/modeling.py``:392-394 normalises each frame before the masked mean).
 
 CLIP4Clip fine-tunes CLIP itself; on frozen cached features the only thing left to learn is
 a linear map on each side. ``proj=True`` (default) adds one D x D projection per side,
@@ -10,9 +11,8 @@ zero-shot baseline with only the temperature.
 
 Logit scale, as CLIP4Clip's release (``modules/modeling.py``, ``main_task_retrieval.py``):
 starts at CLIP's pretrained 100 (temperature 0.01), learned, unclamped in the forward pass,
-clamped to 100 after every optimizer step (``base``). Departure: CLIP4Clip trains it with
-CLIP's parameters (lr 1e-4 x coef_lr 1e-3 = 1e-7, weight decay 0.2), where it stays at 100;
-here it trains at the head's lr without weight decay (``learn_temperature=false`` fixes it).
+clamped to 100 after every optimizer step (``base``), trained at CLIP's lr there, 1e-4 x
+coef_lr 1e-3 = 1e-7, with weight decay 0.2 (the recipe's ``scale_lr``, docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class MeanP(RetrievalHead):
         self.text_proj = identity_linear(dim) if config.proj else nn.Identity()
 
     def encode_videos(self, videos: Rows) -> State:
-        frames = videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype())
+        frames = F.normalize(videos[schema.FRAME_EMBEDDINGS].to(self.param_dtype()), dim=-1)
         pooled = masked_mean(frames, videos.get(schema.FRAME_MASK))  # [V, D]
         return {"video": F.normalize(self.video_proj(pooled), dim=-1)}
 

@@ -19,8 +19,8 @@ No code was released; what the paper leaves open follows X-Pool's release, TEFAL
   residual linear with dropout, LN3) for symmetry.
 - Logit scale: tau is learnable, "bootstrapping from a pre-trained CLIP model" (Sec. 3): it
   starts at CLIP's 100 (temperature 0.01), learned, clamped to 100 after every step, as X-Pool's
-  release (``base``). X-Pool trains it at CLIP's lr (1e-6) with weight decay 0.2; here it trains
-  at the head's lr without weight decay.
+  release (``base``), at X-Pool's CLIP lr 1e-6 with weight decay 0.2 (the recipe's
+  ``scale_lr``, docs/recipes.md).
 - The loss is the mean of the two directions (CLIP, X-Pool); Eq. 6 sums them, which only
   doubles the gradient.
 

@@ -12,9 +12,8 @@ of memory on large test sets, docs/methods.md E).
 
 Logit scale, as X-Pool's release (``modules/loss.py``, ``trainer/trainer.py``): starts at
 CLIP's pretrained 100 (temperature 0.01), learned, ``exp`` unclamped in the loss, clamped to
-ln 100 after every optimizer step (``base``). Departure: X-Pool trains it with CLIP's
-parameters (clip_lr 1e-6, weight decay 0.2), where it stays at 100; here it trains at the
-head's lr without weight decay (``learn_temperature=false`` fixes it).
+ln 100 after every optimizer step (``base``), trained at X-Pool's clip_lr 1e-6 with weight
+decay 0.2 (the recipe's ``scale_lr``, docs/recipes.md).
 """
 
 from __future__ import annotations

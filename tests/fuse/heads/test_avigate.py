@@ -23,8 +23,9 @@ def video_rows(spec, n: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     layout = schema.array_layout(spec, n, 1)
     rows = {name: torch.randn(layout[name].shape, generator=generator).half()
-            for name in (schema.FRAME_EMBEDDINGS, schema.AUDIO_PATCH_TOKENS,
-                         schema.AUDIO_GLOBAL_TOKENS)}
+            for name in schema.stored_inputs((schema.FRAME_EMBEDDINGS, schema.AUDIO_PATCH_TOKENS,
+                                              schema.AUDIO_GLOBAL_TOKENS,
+                                              schema.AUDIO_POOLED_TOKEN), spec)}
     rows[schema.FRAME_MASK] = torch.ones(layout[schema.FRAME_MASK].shape, dtype=torch.bool)
     rows[schema.HAS_AUDIO] = torch.ones(n, dtype=torch.bool)
     return rows
@@ -139,17 +140,32 @@ def test_margins_come_from_normalised_frames_plus_positions_as_released(head, ti
     assert float(info["margin_mean"]) == pytest.approx(float(margins.sum() / 12), rel=1e-5)
 
 
-def test_audio_tokens_are_the_cached_post_norm_tokens_projected():
+def test_audio_tokens_are_the_cached_tokens_projected_after_the_pooled_global_token():
     """AST's final LayerNorm is in the cache: no second normalisation; the global token is the
-    mean of the cached CLS and distillation tokens."""
+    stored LayerNorm of the pre-norm CLS and distillation mean, as the release computes it."""
     spec = make_tiny_spec()
     head = build_head("avigate", spec, SMALL)
+    assert schema.AUDIO_POOLED_TOKEN in head.video_inputs
+    rows = video_rows(spec, 2)
+    with torch.no_grad():
+        tokens = head.audio_tokens(rows)
+    raw = torch.cat([rows[schema.AUDIO_POOLED_TOKEN].float()[:, None],
+                     rows[schema.AUDIO_PATCH_TOKENS].float()], 1)
+    torch.testing.assert_close(tokens, raw @ head.audio_proj.weight.t())
+
+
+def test_a_store_without_the_pooled_token_averages_the_post_norm_ones_and_says_so():
+    spec = make_tiny_spec(audio_pooled_token=False)
+    head = build_head("avigate", spec, SMALL)
+    assert schema.AUDIO_POOLED_TOKEN not in head.video_inputs
     rows = video_rows(spec, 2)
     with torch.no_grad():
         tokens = head.audio_tokens(rows)
     cls, dist = rows[schema.AUDIO_GLOBAL_TOKENS].float().unbind(1)
     raw = torch.cat([((cls + dist) / 2)[:, None], rows[schema.AUDIO_PATCH_TOKENS].float()], 1)
     torch.testing.assert_close(tokens, raw @ head.audio_proj.weight.t())
+    assert "no audio_pooled_token" in type(head).store_note(spec)
+    assert type(head).store_note(make_tiny_spec()) is None
 
 
 def test_resampler_and_fusion_layer_norms_use_the_codes_eps_1e_12(head):

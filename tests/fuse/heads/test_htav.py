@@ -236,7 +236,7 @@ def test_explain_reports_each_pairs_weights(tiny_spec):
     assert frames.shape == (20, tiny_spec.num_frames)
     assert audio.shape == (20, tiny_spec.ast_time_patches)
     assert alignment.shape == (20, tiny_spec.roberta_len, tiny_spec.ast_time_patches)
-    assert report[base.EXPLAIN_THRESHOLD].shape == (20, 1)
+    assert report[base.EXPLAIN_THRESHOLD].shape == (20, tiny_spec.ast_time_patches)
     assert torch.allclose(frames.sum(-1), torch.ones(20), atol=1e-5)
     assert frames[5, 2:].abs().max() == 0
     with_audio = torch.arange(20) != 3
@@ -250,8 +250,9 @@ def test_explain_reports_each_pairs_weights(tiny_spec):
 
 
 @pytest.mark.parametrize("video_queries", ["tokens", "summary"])
-def test_default_initialisation_scores_as_zero_shot_clip(tiny_spec, video_queries):
-    """At any width (16 here, CLIP's is 32): cos(mean of the valid CLIP frames, sentence)."""
+def test_default_initialisation_scores_as_zero_shot_meanp(tiny_spec, video_queries):
+    """At any width (16 here, CLIP's is 32): cos(mean of the valid normalised CLIP frames,
+    sentence), CLIP4Clip's meanP."""
     torch.manual_seed(0)
     head = build_head("htav", tiny_spec, {"width": 16, "video_queries": video_queries}).eval()
     data = split_for(head, tiny_spec, num_videos=4, captions_per_video=2)
@@ -261,6 +262,7 @@ def test_default_initialisation_scores_as_zero_shot_clip(tiny_spec, video_querie
     with torch.no_grad():
         scores = head.score(*encoded(head, data))
     frames = data.videos[schema.FRAME_EMBEDDINGS].float()
+    frames = frames / frames.norm(dim=-1, keepdim=True)
     mask = data.videos[schema.FRAME_MASK]
     mean = torch.stack([frames[v][mask[v]].mean(0) for v in range(4)])
     sentence = data.captions[schema.TEXT_EMBEDDINGS].float()
@@ -304,7 +306,7 @@ def reference_video_only_score(head, captions, videos, q, v):
                     if frame_mask[window].any() else 0.0
             exp = torch.exp(smoothed) * frame_mask
             omega = omega + span_mix[n] * exp / exp.sum()
-        clip_part = clip_part + weight * omega @ frames
+        clip_part = clip_part + weight * omega @ torch.nn.functional.normalize(frames, dim=-1)
         detail_part = detail_part + weight * omega @ detail
     embedding = clip_part + head.readout(detail_part)
     return torch.nn.functional.cosine_similarity(embedding, head.sentence_proj(sentence), dim=0)
@@ -353,6 +355,38 @@ def test_spans_are_read_from_every_config_form(given):
         make_config("htav", {"spans": "1,x"})
 
 
-def test_odd_width_is_refused_with_the_reason(tiny_spec):
+def test_an_odd_width_is_refused_for_a_bilstm_with_the_reason(tiny_spec):
     with pytest.raises(Exception, match="even"):
-        build_head("htav", tiny_spec, {"width": 15})
+        build_head("htav", tiny_spec, {"width": 15, "bidirectional": True})
+    build_head("htav", tiny_spec, {"width": 15})  # one direction: any width
+
+
+def test_each_audio_token_has_its_own_threshold_from_its_state(tiny_spec):
+    """Sec. 4 C: "dynamic thresholds for each audio token"; the global option keeps one."""
+    head = make_head(tiny_spec).eval()
+    data = split_for(head, tiny_spec, num_videos=3)
+    texts, videos = encoded(head, data)
+    steps = tiny_spec.ast_time_patches
+    with torch.no_grad():
+        audio, _ = head.audio_lstm(head.audio_norm(data.videos[schema.AUDIO_TIME_TOKENS].float()))
+        want = torch.sigmoid(head.token_threshold(audio).squeeze(-1) + head.threshold_logit) / steps
+    theta = head.explain(texts, videos)[base.EXPLAIN_THRESHOLD]
+    torch.testing.assert_close(theta, want)
+    assert theta.std(-1).min() > 0  # differs from token to token
+    single = make_head(tiny_spec, threshold="global").eval()
+    theta = single.explain(*encoded(single, data))[base.EXPLAIN_THRESHOLD]
+    assert theta.shape == (3, 1)
+    assert torch.allclose(theta, torch.sigmoid(single.threshold_logit.detach()) / steps)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_audio_lstm_reads_forward_unless_bidirectional(tiny_spec, bidirectional):
+    """Eq. 8's LSTM: an audio step's state depends on the steps before it only."""
+    head = make_head(tiny_spec, bidirectional=bidirectional).eval()
+    data = split_for(head, tiny_spec, num_videos=2)
+    later = dict(data.videos)
+    later[schema.AUDIO_TIME_TOKENS] = data.videos[schema.AUDIO_TIME_TOKENS].clone()
+    later[schema.AUDIO_TIME_TOKENS][:, -1] += 1.0
+    with torch.no_grad():
+        keys, changed = (head.encode_videos(rows)["audio_keys"] for rows in (data.videos, later))
+    assert torch.equal(keys[:, :-1], changed[:, :-1]) is not bidirectional

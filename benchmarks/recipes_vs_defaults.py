@@ -1,0 +1,80 @@
+"""The recipes against the defaults before them, on a VATEX-shaped generated store (BENCHMARKS.md).
+
+    python benchmarks/recipes_vs_defaults.py --videos 150 --out recipes-bench --base fd4ff98
+
+Writes `avr bench store --videos N --like vatex --heads xpool,tefal` (VATEX's per-row shapes
+and split proportions, only the arrays the two heads read), unpacks avr at ``--base`` (the
+commit before recipes) with `git archive`, then trains each head with no flag but the device,
+once with this checkout (the head's recipe for VATEX) and once with the earlier avr (its
+defaults), one run at a time, and prints for each: the schedule the run resolved, the best val
+R@1, the wall time and the load average seen around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def avr(pythonpath: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "avr", *args], check=True,
+                   env={**os.environ, "PYTHONPATH": str(pythonpath), "COLUMNS": "200"})
+
+
+def train(pythonpath: Path, store: Path, head: str, run_dir: Path) -> dict:
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    avr(pythonpath, "train", "--cache", str(store), "--head", head, "--device", "cpu",
+        "--run-dir", str(run_dir))
+    seconds = time.perf_counter() - started
+    with open(run_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    config = json.loads((run_dir / "config.json").read_text())["train"]
+    best = max(rows, key=lambda row: float(row["val_r1"]))
+    return {"epochs": config["epochs"], "batch": config["batch_size"], "lr": config["lr"],
+            "pairs": config["pairs"], "best_val_r1": float(best["val_r1"]),
+            "best_epoch": int(best["epoch"]), "seconds": seconds,
+            "load": (load_before, os.getloadavg()[0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=150)
+    parser.add_argument("--out", type=Path, default=Path("recipes-bench"))
+    parser.add_argument("--base", default="fd4ff98", help="The commit before recipes.")
+    parser.add_argument("--heads", default="xpool,tefal")
+    args = parser.parse_args()
+    heads = args.heads.split(",")
+    store, before = args.out / "store", args.out / "before"
+    if not store.exists():
+        avr(REPO, "bench", "store", "--videos", str(args.videos), "--like", "vatex", "--heads",
+            args.heads, "--out", str(store))
+    if not before.exists():
+        before.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+    results = {}
+    for head in heads:
+        for variant, code in (("recipe", REPO), ("before", before)):
+            results[f"{variant} {head}"] = train(code, store, head,
+                                                 args.out / "runs" / f"{variant}-{head}")
+            print(json.dumps({f"{variant} {head}": results[f"{variant} {head}"]}), flush=True)
+    print("| run | epochs x batch, pairs | lr | best val R@1 (epoch) | wall | load |")
+    print("|---|---|---:|---:|---:|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['epochs']} x {r['batch']}, {r['pairs']} | {r['lr']:g} | "
+              f"{r['best_val_r1']:.1f} ({r['best_epoch']}) | {r['seconds']:.0f} s | "
+              f"{r['load'][0]:.1f} -> {r['load'][1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
