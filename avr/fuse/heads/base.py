@@ -74,6 +74,16 @@ class HeadConfig:
     # or 0: every cached frame. `avr train` sets it from the head's recipe unless given.
     frames: int | None = None
 
+    def __post_init__(self) -> None:
+        """Every number finite, dropout a probability: a head's options are refused before
+        anything loads (a subclass with checks of its own calls this first)."""
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise AvrError(f"{option.name} must be a finite number, not {value}")
+        if not 0 <= self.dropout < 1:
+            raise AvrError(f"dropout must be in [0, 1), not {self.dropout}")
+
 
 @dataclass(frozen=True)
 class GroupSpec:
@@ -104,16 +114,6 @@ def frame_subset(cached: int, wanted: int | None) -> tuple[int, ...] | None:
         raise AvrError(f"frames={wanted}: the store holds {cached} frames per video; ask for at "
                        f"most {cached} (frames=0: every cached frame)")
     return tuple((2 * k + 1) * cached // (2 * wanted) for k in range(wanted))
-
-    def __post_init__(self) -> None:
-        """Every number finite, dropout a probability: a head's options are refused before
-        anything loads (a subclass with checks of its own calls this first)."""
-        for option in fields(self):
-            value = getattr(self, option.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise AvrError(f"{option.name} must be a finite number, not {value}")
-        if not 0 <= self.dropout < 1:
-            raise AvrError(f"dropout must be in [0, 1), not {self.dropout}")
 
 
 class RetrievalHead(nn.Module):
