@@ -95,11 +95,11 @@ def test_a_killed_holders_lock_is_taken_over_by_the_next_resume(store, tmp_path)
     assert not (tmp_path / "run" / "avr.lock").exists()
 
 
-def test_eval_does_not_write_into_a_run_folder_a_train_holds(store, trained, tmp_path):
-    first = start("train", "--resume", trained, "--epochs", "400")
+def test_eval_does_not_write_into_a_run_folder_a_train_holds(store, run):
+    first = start("train", "--resume", run, "--epochs", "400")  # a copy: it trains on
     try:
-        wait_for(trained / "avr.lock", first)
-        done = run_avr("eval", "--run", trained, "--device", "cpu")
+        wait_for(run / "avr.lock", first)
+        done = run_avr("eval", "--run", run, "--device", "cpu")
         assert done.returncode == 2 and "is locked by another avr process" in done.stderr
     finally:
         first.send_signal(signal.SIGINT)  # stops once its epoch is saved

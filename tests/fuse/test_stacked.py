@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -21,8 +22,10 @@ VARIANTS = [dict(lr=3e-3, warmup=0.0, seed=42, weight_decay=0.2, temperature=0.0
 
 
 def configs_of(head: str, epochs: int = 3) -> list[TrainConfig]:
+    """The variants as trials of one caption per video an epoch, under which trials of
+    different seeds stack (under every caption an epoch, a seed is a group of its own)."""
     options = {} if head == "meanp" else {"dropout": 0.0}
-    return [TrainConfig(head=head, epochs=epochs, batch_size=16, device="cpu",
+    return [TrainConfig(head=head, epochs=epochs, batch_size=16, device="cpu", pairs="one",
                         head_options={**options, "temperature": v["temperature"]},
                         **{k: x for k, x in v.items() if k != "temperature"})
             for v in VARIANTS]
@@ -51,9 +54,10 @@ def test_each_stacked_trial_matches_its_solo_run(tmp_path, tiny_spec, head):
         assert together[k].best_epoch == alone.best_epoch
         difference = max_difference(tmp_path / f"stacked{k}", tmp_path / f"alone{k}")
         # X-Pool's stacked step is the solo step's arithmetic (StackedAdamW, per-trial
-        # LayerNorms): equal bit for bit on AVX-512 CPUs, within the rounding of the batched
-        # matmuls on AVX2 ones; the others keep vmap's batched matmuls' rounding
-        assert difference < (1e-6 if head == "xpool" else 1e-4)
+        # LayerNorms): equal bit for bit on AVX-512 CPUs; on AVX2 ones the batched matmuls round
+        # differently and three epochs at lr 3e-3 carry that to a few 1e-6; the other heads keep
+        # vmap's batched matmuls' rounding
+        assert difference < (2e-5 if head == "xpool" else 1e-4)
         assert (tmp_path / f"stacked{k}" / "config.json").exists()
 
 
@@ -133,6 +137,11 @@ def test_options_that_change_shapes_or_modules_split_the_groups():
     configs.append(TrainConfig(head="avigate"))  # one trial at a time
     configs.append(TrainConfig(head="avigate"))
     assert stacked.groups(configs) == [[0, 1, 2], [3], [4], [5], [6]]
+
+
+def test_under_every_caption_an_epoch_each_seed_is_a_group_of_its_own():
+    configs = [dataclasses.replace(config, pairs="all") for config in configs_of("tefal")]
+    assert stacked.groups(configs) == [[0, 2], [1]]  # seeds 42, 7, 42
 
 
 def test_a_stacked_trial_stops_alone_when_pruned(tmp_path, tiny_spec):

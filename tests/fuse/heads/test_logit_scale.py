@@ -95,7 +95,7 @@ def test_the_trainer_clamps_after_every_step_a_scale_pushed_past_100(store, tmp_
     monkeypatch.setattr(MeanP, "loss", loss_wanting_a_larger_scale)
     # From CLIP's 100, which a store of random backbones would otherwise replace by 1 / 0.07.
     result = trainer.train(store, TrainConfig(head="meanp", epochs=2, batch_size=16, lr=1e-2,
-                                              warmup=0.0, device="cpu",
+                                              scale_lr=1e-2, warmup=0.0, device="cpu",
                                               head_options={"temperature": 0.01}),
                            tmp_path / "run")
     # Each AdamW step adds about lr = 0.01 to the log-scale; each clamp takes it back to ln 100.
@@ -106,7 +106,7 @@ def test_the_trainer_clamps_after_every_step_a_scale_pushed_past_100(store, tmp_
 
 def test_training_learns_the_scale_below_100(store, tmp_path):
     result = trainer.train(store, TrainConfig(head="meanp", epochs=3, batch_size=16, lr=1e-2,
-                                              warmup=0.0, device="cpu",
+                                              scale_lr=1e-2, warmup=0.0, device="cpu",
                                               head_options={"temperature": 0.01}),
                            tmp_path / "run")
     scales = [1.0 / h.temperature for h in result.history]
@@ -116,8 +116,8 @@ def test_training_learns_the_scale_below_100(store, tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"temperature": 0.005}, "above CLIP's clamp of 100"),
-    ({"temperature": 0.0}, "temperature must be positive"),
-    ({"temperature": -1.0, "learn_temperature": False}, "temperature must be positive"),
+    ({"temperature": 0.0}, "temperature must be a positive"),
+    ({"temperature": -1.0, "learn_temperature": False}, "temperature must be a positive"),
 ])
 def test_bad_temperatures_are_refused_with_the_fix(tiny_spec, options, message):
     with pytest.raises(AvrError, match=message):

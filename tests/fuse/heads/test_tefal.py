@@ -192,6 +192,7 @@ def test_loaders_shared_by_several_fusions_read_the_union(tiny_spec):
 def test_training_a_stack_run_never_loads_patch_tokens(tmp_path, tiny_spec, monkeypatch):
     from avr.evaluate import evaluator
     from avr.evaluate.evaluator import EvalConfig, evaluate_run
+    from avr.fuse import loading
     from avr.store import splits as data
 
     loaded = []
@@ -202,7 +203,7 @@ def test_training_a_stack_run_never_loads_patch_tokens(tmp_path, tiny_spec, monk
             return load(path, split, video_names, caption_names, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(trainer, "load_split", recording(data.load_split))
+    monkeypatch.setattr(loading, "load_split", recording(data.load_split))
     monkeypatch.setattr(evaluator, "load_split", recording(data.load_split))
     store = make_learnable_store(tmp_path / "c", tiny_spec)
     trainer.train(store, TrainConfig(head="tefal", head_options={"fusion": "stack"}, epochs=1,
