@@ -240,13 +240,16 @@ def cache_thumbnails(
     cache: Optional[str] = options.store_option(),
     root: Path = typer.Option(..., "--root", help="The dataset root the store was extracted "
                                                  "from (its videos/ folder holds the clips)."),
+    videos_dir: Optional[Path] = typer.Option(None, "--videos-dir", help="The folder of the "
+                                              "clips, relative to --root or absolute (default: "
+                                              "where `avr extract` looks)."),
 ):
     """Record each video's path under --root and a strip of thumbnails from its frames (for a
     store written without them; under the store's lock)."""
     from avr.extract.thumbnails import add_thumbnails
 
     path = options.the_store(store, cache)
-    summary = add_thumbnails(path, root, console=console)
+    summary = add_thumbnails(path, root, videos_dir=videos_dir, console=console)
     console.print(f"{summary.store}: thumbnails of {summary.written:,} of {summary.videos:,} "
                   f"videos ({summary.with_file:,} with a file under {root}) in "
                   f"{summary.seconds:.1f} s", highlight=False)

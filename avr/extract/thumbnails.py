@@ -78,9 +78,9 @@ class ThumbnailSummary:
     seconds: float
 
 
-def add_thumbnails(store: str | Path, root: Path, *, console=None) -> ThumbnailSummary:
+def add_thumbnails(store: str | Path, root: Path, *, videos_dir: str | Path | None = None,
+                   console=None) -> ThumbnailSummary:
     """Record every video's path under ``root`` and its thumbnail strip (module docstring)."""
-    from avr.extract.datasets import VIDEO_DIR, find_videos, vatex_alias
     from avr.progress import Meter
     from avr.store.group import open_store
     from avr.store.location import reachable_location
@@ -90,15 +90,11 @@ def add_thumbnails(store: str | Path, root: Path, *, console=None) -> ThumbnailS
 
     started = time.perf_counter()
     root = Path(root)
-    if not (root / VIDEO_DIR).is_dir():
-        raise AvrError(f"--root {root}: no {VIDEO_DIR}/ folder here; give the dataset root the "
-                       f"store was extracted from")
     location = reachable_location(store)
     with StoreLock(location).acquire() as lock:
         group, spec = open_store(location, mode="r+")
         ids = [str(v) for v in read_rows(group[schema.VIDEO_ID])]
-        paths, missing = find_videos(root, ids, vatex_alias(ids) if spec.dataset == "vatex"
-                                     else None)
+        paths, missing = video_paths(spec.dataset, root, ids, videos_dir)
         missing_ids = set(missing)
         ensure_media_arrays(group)
         group.attrs[schema.ATTR_MEDIA_ROOT] = str(root.absolute())
@@ -119,6 +115,30 @@ def add_thumbnails(store: str | Path, root: Path, *, console=None) -> ThumbnailS
                 meter.advance(task, len(rows), failed=len(failed))
     return ThumbnailSummary(str(location), len(ids), len(ids) - len(missing_ids), written,
                             failed, time.perf_counter() - started)
+
+
+def video_paths(dataset: str, root: Path, ids: list[str], videos_dir: str | Path | None = None
+                ) -> tuple[list[Path], list[str]]:
+    """Each id's file under ``root`` as `avr extract --dataset DATASET` finds it (the dataset's
+    video folders, then the root; ``videos_dir`` alone when given), and the ids without one."""
+    from avr.extract.datasets import ADAPTERS, VIDEO_DIR, video_files
+    from avr.extract.datasets._common import match_videos, video_folder_candidates
+    from avr.extract.datasets.activitynet import without_prefix
+    from avr.extract.datasets.vatex import youtube_alias
+
+    adapter = ADAPTERS.get(dataset)
+    folders = video_folder_candidates(root, adapter.video_folders if adapter else (VIDEO_DIR,),
+                                      videos_dir)
+    alias = (youtube_alias(ids) if dataset == "vatex"
+             else without_prefix if dataset == "activitynet" else None)
+    for folder in folders:
+        if folder.is_dir():
+            paths, missing = match_videos(video_files(folder), folder, ids, alias)
+            if len(missing) < len(ids):
+                return paths, missing
+    raise AvrError(f"--root {root}: none of the store's {len(ids):,} videos has a file under "
+                   f"{', '.join(str(folder) for folder in folders)}; give the dataset root the "
+                   f"store was extracted from (its videos/ folder), or --videos-dir")
 
 
 def _strip_of(path: Path, spec: schema.CacheSpec, video_id: str,

@@ -19,6 +19,7 @@ from support.stores import make_learnable_store
     (["train", "--lr", "abc"], "Invalid value for '--lr'"),
     (["train", "--epochs", "-1"], "Invalid value for '--epochs'"),
     (["cache", "export", "--format"], "Option '--format' requires an argument"),
+    (["train", "--lr"], "Option '--lr' requires an argument"),
 ])
 def test_a_usage_error_of_the_console_script_prints_the_short_usage_and_exits_2(args, expected):
     assert_usage_error(run_avr(*args), expected)
@@ -34,7 +35,7 @@ def test_a_usage_error_of_the_console_script_prints_the_short_usage_and_exits_2(
     (["eval", "--split", "dev"], "'dev' is not one of test, val"),
     (["eval", "--rerank-k", "0"], "Invalid value for '--rerank-k'"),
     (["search"], "give a QUERY or --queries FILE"),
-    (["search", "a dog", "--k", "0"], "Invalid value for '--k'"),
+    (["search", "a dog", "--k", "0"], "Invalid value for '-k' / '--top-k' / '--k'"),
     (["cache", "export", "cache", "out.zip", "--format", "zip"], "'zip' is not one of h5"),
     (["index", "build", "--kind", "lsh"], "'lsh' is not one of auto, flat, ivf, hnsw"),
     (["extract", "--dataset", "kinetics"], "unknown dataset 'kinetics'"),

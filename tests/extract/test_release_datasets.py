@@ -29,6 +29,7 @@ from avr.store.group import open_store
 from avr.store.read import read_rows
 from support import media
 from support.console import ok, run_avr
+from support.paths import REPO
 
 TINY = ("--backbones", "tiny", "--device", "cpu", "--workers", "0")
 TRAIN = ("--epochs", "2", "--batch-size", "2", "--device", "cpu")
@@ -599,7 +600,7 @@ def test_a_file_in_the_wrong_format_names_the_file_and_the_problem(tmp_path, dat
 
 def readme_dataset_rows() -> dict[str, list[str]]:
     """The cells of each row of README's table of datasets (the one with a frames column)."""
-    lines = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    lines = (REPO / "README.md").read_text().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| dataset |")
                   and "frames" in line)
     rows = {}
