@@ -151,7 +151,8 @@ def read_media(task: VideoChunkTask) -> list[bytes | None]:
 def decode_shipped(task: VideoChunkTask, rows: np.ndarray, media: list[bytes | None]
                    ) -> list:
     """Decode ``rows`` of the chunk from the shipped files, written to a temporary folder of
-    this worker (its dask local directory); failures name the dataset's path, not that copy."""
+    this worker (its dask local directory); each clip and failure names the dataset's path, not
+    that copy."""
     ids = dict(zip(range(task.start, task.stop), task.video_ids))
     paths = dict(zip(range(task.start, task.stop), task.video_paths))
     with tempfile.TemporaryDirectory(prefix="avr-chunk-", dir=_local_directory()) as folder:
@@ -163,6 +164,7 @@ def decode_shipped(task: VideoChunkTask, rows: np.ndarray, media: list[bytes | N
                 Path(copies[row]).write_bytes(data)
         decoded = pipeline.decode_rows(rows, ids, copies, task.spec, task.config.read_audio)
     for item in decoded:
+        item.path = paths[item.row]  # the store records the dataset's file, not the copy
         if item.failure is not None and copies[item.row] != paths[item.row]:
             item.failure = replace(item.failure, path=paths[item.row],
                                    message=item.failure.message.replace(copies[item.row],
