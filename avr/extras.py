@@ -20,7 +20,7 @@ EXTRA_OF = {
     "pyarrow": "parquet", "pyarrow.parquet": "parquet", "datasets": "hf",
     "faiss": "index",
     "optuna": "sweep",
-    "psycopg": "postgres",
+    "psycopg": "postgres", "s3fs": "s3", "wandb": "wandb", "mlflow": "mlflow",
     "torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard",
     "starlette": "serve", "uvicorn": "serve",
 }

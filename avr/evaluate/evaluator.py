@@ -374,7 +374,9 @@ def rerank(sim: np.ndarray, cache_path: str | Path, split: str, k: int,
 
     The search goes through the index `avr index build` wrote (``index``, else
     ``<cache>/index/`` when it exists), else through an exact in-memory IndexFlatIP."""
-    import faiss
+    from avr.extras import require
+
+    faiss = require("faiss", "--rerank-k")
 
     from avr.evaluate import index as first_stage
 

@@ -75,6 +75,12 @@ BLOCK_BYTES = 64 << 20  # frame embeddings read per block
 POOLING = "meanP: each frame L2-normalised, masked mean, L2-normalised"
 
 
+def _faiss():
+    from avr.extras import require
+
+    return require("faiss", "a faiss index (avr index build, --index, --rerank-k)")
+
+
 def pooled_frames(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """CLIP4Clip's meanP (``modules/modeling.py``:392-394): each frame L2-normalised, masked mean
     over frames, L2-normalised: [V, F, D] and [V, F] -> [V, D] float32."""
@@ -137,7 +143,7 @@ def make_index(vectors: np.ndarray, kind: str = "auto", *, nlist: int | None = N
                m: int = DEFAULT_M, seed: int = 0, ids: np.ndarray | None = None):
     """A faiss inner-product index over ``vectors`` [N, D] float32, the int64 ``ids`` of its
     vectors (default 0..N-1), and its search params."""
-    import faiss
+    faiss = _faiss()
 
     if kind not in KINDS:
         raise AvrError(f"index kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -174,7 +180,7 @@ def build_index(cache_path: str | Path | None = None, out: str | Path | None = N
     ``embeddings``: "clip" (mean-pooled CLIP frames) or "run:RUN" (that run's video vectors;
     ``cache_path`` defaults to the run's store). ``index.json`` is written last: a folder
     without it is no index. Returns ``out``."""
-    import faiss
+    faiss = _faiss()
 
     vectors_of, described, run = _vector_source(embeddings, cache_path, device)
     cache_path = cache_path if cache_path is not None else run["cache"]
@@ -325,7 +331,7 @@ class VideoIndex:
 
     def split(self, name: str) -> SplitIndex | None:
         """The index of split ``name`` (read on first use); None when it has no videos."""
-        import faiss
+        faiss = _faiss()
 
         entry = self.meta["splits"].get(name)
         if entry is None:
@@ -391,7 +397,7 @@ def search(split_index: SplitIndex, queries: np.ndarray, k: int, *, nprobe: int 
     """Top ``k`` videos of each query [Q, D] (normalised float32): scores [Q, k] and store rows
     [Q, k] (-1 where IVF's probed lists held fewer than k videos). ``nprobe`` (IVF) and
     ``ef_search`` (HNSW) default to the values recorded at build time."""
-    import faiss
+    faiss = _faiss()
 
     k = min(k, split_index.index.ntotal)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
