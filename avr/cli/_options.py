@@ -120,6 +120,25 @@ def json_flag() -> Any:
     return typer.Option(False, "--json", help="Print the result as JSON to stdout.")
 
 
+def print_json(data: Any) -> None:
+    """``data`` as JSON on stdout, alone (scripts parse it), whatever the console's state:
+    non-finite numbers as null (JSON has none), other objects as their text."""
+    import json
+    import math
+    import sys
+
+    def plain(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    sys.stdout.write(json.dumps(plain(data), indent=2, default=str) + "\n")
+
+
 def the_store(argument: Optional[str], option: Optional[str],
               default: Optional[str] = "cache") -> Optional[str]:
     """The store a `cache` or `index` command works on: its STORE argument or ``--cache`` (one

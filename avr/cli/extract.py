@@ -29,8 +29,12 @@ def extract(
                                    "videos/, vids/, MSRVTT_Videos/)."),
     show_layout: bool = typer.Option(False, "--show-layout",
                                      help="Print the files the dataset expects under --root."),
-    out: str = typer.Option("cache", help="The Zarr store to write or resume: a path or a "
-                                          "URL (s3://bucket/cache, file:///data/cache)."),
+    out: str = typer.Option("cache", "--out", "--cache", help="The Zarr store to write or "
+                                                              "resume: a path or a URL "
+                                                              "(s3://bucket/cache, "
+                                                              "file:///data/cache); --cache is "
+                                                              "the same option, as train and "
+                                                              "eval name the store."),
     backbones: str = typer.Option("real", help="real (pretrained weights) | tiny (small random "
                                                "configs of the same classes, for tests/demo).",
                                   callback=options.one_of("real", "tiny")),
@@ -70,6 +74,8 @@ def extract(
     dask_workers: Optional[int] = typer.Option(
         None, "--dask-workers", min=1, help="Run the chunks on a local dask cluster of N worker "
                                      "processes (one thread each)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout "
+                                 "(no progress): videos done, failures, bytes, seconds."),
 ):
     """Decode a dataset, run the frozen backbones once, write every token to a Zarr store."""
     from avr.extract.datasets import layout_of
@@ -89,13 +95,20 @@ def extract(
         num_frames=frames, device=device, workers=workers, chunk_rows=chunk_rows,
         compression=compression, overwrite=overwrite, seed=seed,
         dataset_options=parse_options(option))
+    shown = None if as_json else console
     if scheduler is None and dask_workers is None:
-        summary = run_extract(config, console=console)
+        summary = run_extract(config, console=shown)
     else:
         from avr.extract.distributed import dask_client, extract_on_dask
 
         with dask_client(scheduler, dask_workers) as client:
-            summary = extract_on_dask(config, client, console=console)
+            summary = extract_on_dask(config, client, console=shown)
+    if as_json:
+        from dataclasses import asdict
+
+        options.print_json({**asdict(summary), "out": str(summary.out),
+                            "clips_per_s": summary.clips_per_s})
+        return
     _print_extract_summary(summary)
 
 

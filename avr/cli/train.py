@@ -101,7 +101,9 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what the run would use (recipe, "
                                  "flags, the small-split rule, residency) with each value's "
                                  "source; train and write nothing."),
-    as_json: bool = typer.Option(False, "--json", help="With --dry-run: as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout "
+                                 "(no progress): the run's best epoch, metrics and every "
+                                 "epoch's log; with --dry-run, the plan."),
 ):
     """Train a fusion head on a feature cache; keeps the best checkpoint by val R@1.
     Under torchrun every process trains its share of each batch; rank 0 reports."""
@@ -109,10 +111,7 @@ def train(
     from avr.fuse.config import TrainRequest
     from avr.fuse.trainer import dry_run as plan, train_from_options
 
-    if as_json and not dry_run:
-        raise typer.BadParameter("--json prints a dry run: add --dry-run", param_hint="'--json'")
-
-    console.quiet = not ddp.is_main_process()
+    console.quiet = not ddp.is_main_process() or (as_json and not dry_run)
     request = TrainRequest(
         cache=cache, config_file=config, opts=opt, run_dir=run_dir, resume=resume,
         train=dict(head=head, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -135,14 +134,28 @@ def train(
         raise typer.Exit(130) from None
     finally:
         shown.close()
+    if as_json:
+        if ddp.is_main_process():
+            options.print_json(train_result_json(result))
+        return
     _print_train_result(result)
+
+
+def train_result_json(result) -> dict:
+    """What `avr train --json` prints: the run, its best epoch with its metrics, every epoch."""
+    best = next((h for h in result.history if h.epoch == result.best_epoch), None)
+    return {"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
+            "best_val": None if best is None else {
+                "R1": best.val_r1, "R5": best.val_r5, "R10": best.val_r10, "MdR": best.val_mdr},
+            "seconds": round(result.seconds, 3), "train_videos": result.train_videos,
+            "epochs": [h.row() for h in result.history]}
 
 
 def _print_dry_run(run: dict, as_json: bool) -> None:
     import json
 
     if as_json:
-        console.print_json(json.dumps(run))
+        console.options.print_json(json.dumps(run))
         return
     console.print(f"dry run: {run['head']} on {run['cache']} (dataset {run['dataset']}, "
                   f"{run['train_videos']} train videos, {run['train_captions']} captions); "
@@ -216,11 +229,14 @@ def sweep(
                                         help="Seconds a worker waits for another worker's lock "
                                              "on the study, or for its database server to come "
                                              "back, before it stops with one error line."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ranked trials as JSON on "
+                                 "stdout (no progress)."),
 ):
     """Search training and head options on an Optuna study; one loaded cache per worker."""
     from avr.errors import SweepFailedError
     from avr.fuse.sweep import run_sweep
 
+    console.quiet = as_json or console.quiet
     try:
         with _SweepProgress() as shown:
             result = run_sweep(name, grid=grid, search=search, trials=trials, prune=prune,
@@ -232,8 +248,13 @@ def sweep(
                                runs_dir=runs_dir,
                                callbacks=shown.callbacks())
     except SweepFailedError as failed:
+        if as_json:
+            options.print_json(sweep_result_json(failed.result))
         _print_sweep_table(failed.result)
         raise
+    if as_json:
+        options.print_json(sweep_result_json(result))
+        return
     _print_sweep_table(result)
     if result.best is not None:
         best = result.best
@@ -241,6 +262,15 @@ def sweep(
                       f"{best.run_dir} (avr eval --run {best.run_dir})")
     console.print("wrote " + ", ".join(str(path) for path in result.paths)
                   + f"; browse the study with `optuna-dashboard {result.storage_url}`")
+
+
+def sweep_result_json(result) -> dict:
+    """What `avr sweep --json` prints: the study and its trials, best first."""
+    from dataclasses import asdict
+
+    return {"name": result.name, "storage": result.storage_url, "folder": str(result.location),
+            "best": None if result.best is None else result.best.number,
+            "trials": [asdict(row) for row in result.rows], "wrote": list(map(str, result.paths))}
 
 
 class _SweepProgress:

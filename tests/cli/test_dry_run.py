@@ -102,7 +102,12 @@ def test_the_text_dry_run_names_each_value_and_its_source(stores, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_json_without_dry_run_is_refused_before_anything_runs(tmp_path):
-    done = run_avr("train", "--json", cwd=tmp_path)
-    assert done.returncode == 2 and "--json prints a dry run: add --dry-run" in done.stderr
-    assert not any(mark in done.stderr for mark in TRACEBACK_MARKS) and done.stdout == ""
+def test_train_json_prints_the_result_alone(stores, tmp_path):
+    done = ok(run_avr("train", "--cache", stores["msrvtt"], "--head", "meanp", "--epochs", "2",
+                      "--device", "cpu", "--run-dir", tmp_path / "run", "--json", cwd=tmp_path))
+    result = json.loads(done.stdout)  # nothing else on stdout: no progress, no schedule line
+    assert result["run_dir"] == str(tmp_path / "run") and len(result["epochs"]) == 2
+    best = result["epochs"][result["best_epoch"] - 1]
+    assert result["best_val"] == {"R1": best["val_r1"], "R5": best["val_r5"],
+                                  "R10": best["val_r10"], "MdR": best["val_mdr"]}
+    assert not any(mark in done.stderr for mark in TRACEBACK_MARKS)

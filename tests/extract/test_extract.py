@@ -204,6 +204,19 @@ def test_extract_reports_the_listed_videos_with_a_file_and_warns_when_many_have_
     assert out.index("videos listed") < out.index("videos done")
 
 
+def test_extract_json_prints_the_summary_alone(broken_root, tmp_path):
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("avr")), "extract", "--dataset", "generic", "--root",
+         str(broken_root), "--cache", str(tmp_path / "cache"), "--backbones", "tiny", "--device",
+         "cpu", "--workers", "0", "--json"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # nothing else on stdout: no progress, no table
+    assert (summary["videos"], summary["done"]) == (7, 2)
+    assert summary["out"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+    assert {f["video_id"]: f["reason"] for f in summary["failures"]}["absent"] == "missing_file"
+
+
 def test_a_fixed_file_is_picked_up_by_the_next_run(broken_root, tmp_path):
     out = tmp_path / "cache"
     extract(config_for(broken_root, out, dataset="generic", chunk_rows=2))

@@ -121,10 +121,15 @@ def test_tpe_draws_trials_within_the_ranges(store, tmp_path):
     done = run_avr("sweep", "--cache", store, *TINY, "--epochs", "1", "--name", "t",
                    "--search", "tpe", "--trials", "4",
                    "--grid", "lr=1e-4:1e-2:log temperature=0.02:0.1 proj=true,false",
-                   cwd=tmp_path)
+                   "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = read_trials(tmp_path, "t")
     assert len(rows) == 4 and {r["state"] for r in rows} == {"complete"}
+    printed = json.loads(done.stdout)  # --json: the ranked trials alone on stdout
+    assert sorted(t["number"] for t in printed["trials"]) == [int(r["trial"]) for r in rows]
+    ranked = [t["best_val_r1"] for t in printed["trials"]]
+    assert ranked == sorted(ranked, reverse=True)  # best first
+    assert printed["best"] == printed["trials"][0]["number"]
     assert all(1e-4 <= float(r["lr"]) <= 1e-2 and 0.02 <= float(r["temperature"]) <= 0.1
                for r in rows)
     saved = json.loads((tmp_path / "runs" / "sweeps" / "t" / "trial-0002" /
