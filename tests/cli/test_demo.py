@@ -99,8 +99,10 @@ def test_the_demo_table_does_not_depend_on_the_thread_count(tmp_path, demo):
 # epochs; 2 shared cores, load 6-8, runs stopped before their 63rd epoch): AVIGATE about 85 s an
 # epoch, test R@1 25.0 from the best of 38 epochs; HTAV about 110 s an epoch, test R@1 56.2 from
 # the best of 52.
+# TEFAL with no flag trains 25-36 epochs of every caption here (about 3 minutes on 2 cores); the
+# demo fixture trains it, and these three heads check the no-flag path.
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("head", ["meanp", "xpool", "tefal", "gais"])
+@pytest.mark.parametrize("head", ["meanp", "xpool", "gais"])
 def test_train_with_only_a_head_learns_on_the_demo_cache(demo, head, tmp_path):
     done = run_avr("train", "--cache", demo.extract.out, "--head", head, cwd=tmp_path,
                    timeout=600)
