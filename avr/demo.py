@@ -160,6 +160,19 @@ def _train(cache: Path, head: str, training: dict, seed: int, run_dir: Path,
                              on_epoch=on_epoch)
 
 
+def demo_json(demo: DemoResult) -> dict:
+    """What `avr demo --json` prints: the table's rows with every metric, and what ran."""
+    return {"cache": str(demo.extract.out), "videos": demo.extract.videos,
+            "rows": [{"head": row.head, "t2v": row.result.metrics["t2v"],
+                      "v2t": row.result.metrics["v2t"],
+                      "audio_only": row.result.tags.get(AUDIO_ONLY, {}).get("t2v"),
+                      "train_seconds": row.train_seconds, "epoch_seconds": row.epoch_seconds,
+                      "run_dir": str(row.result.run_dir)}
+                     for row in demo.rows],
+            "skipped": demo.skipped, "seconds": demo.seconds,
+            "report": None if demo.report is None else str(demo.report)}
+
+
 def demo_table(demo: DemoResult):
     from rich.table import Table
 

@@ -21,12 +21,17 @@ def demo(
     budget: float = typer.Option(150.0, min=0.0, help="Seconds: heads beyond xpool and tefal "
                                                       "train only while the demo fits this."),
     workers: Optional[int] = typer.Option(None, min=0, help="Decode processes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout (no "
+                                 "progress): each head's metrics, audio-only captions included."),
 ):
     """Generate the demo clips, extract with tiny backbones, train, evaluate, compare heads."""
-    from avr.demo import DemoConfig, demo_table, run_demo
+    from avr.demo import DemoConfig, demo_json, demo_table, run_demo
 
     result = run_demo(DemoConfig(workdir=workdir, seed=seed, budget_s=budget, workers=workers),
-                      console=console)
+                      console=None if as_json else console)
+    if as_json:
+        options.print_json(demo_json(result))
+        return
     console.print(demo_table(result))
     if result.skipped:
         console.print(f"not trained within the budget: {', '.join(result.skipped)} "
@@ -56,7 +61,14 @@ def _bench_device(device: str):
     return torch_device, name
 
 
-def _print_figures(what: str, name: str, scale: float | None, figures) -> None:
+def _print_figures(what: str, name: str, scale: float | None, figures,
+                   as_json: bool = False) -> None:
+    if as_json:
+        from dataclasses import asdict
+
+        options.print_json({"bench": what, "device": name, "scale": scale,
+                            "figures": [asdict(figure) for figure in figures]})
+        return
     console.print(f"[bold]avr bench {what}[/] on {name}" + (f", scale {scale}" if scale else ""))
     for figure in figures:
         console.print(figure.line(), markup=False, highlight=False, soft_wrap=True)
@@ -81,6 +93,7 @@ def bench_train(
     memory_budget: Optional[float] = options.memory_budget(),
     resident: str = options.resident("fp16"),
     batch_size: int = typer.Option(128, "--batch-size", min=2),
+    as_json: bool = options.json_flag(),
 ):
     """One training epoch of a head: on device-resident VATEX-shaped tokens, or with --cache on
     a store under a memory budget (plan, pairs/s, bytes/s, peak memory; a streamed split also
@@ -93,7 +106,7 @@ def bench_train(
             raise AvrError("--memory-budget and --resident apply to a store: give --cache")
         figures = benches.bench_train(head, scale=scale, device=torch_device, steps=steps,
                                       batch_size=batch_size)
-        _print_figures("train", name, scale, figures)
+        _print_figures("train", name, scale, figures, as_json)
         return
     from avr.fuse.loading import require_head_arrays
 
@@ -101,7 +114,7 @@ def bench_train(
     figures = benches.bench_train_store(cache, head, device=torch_device, batch_size=batch_size,
                                         steps=steps, memory_budget=memory_budget,
                                         resident=resident)
-    _print_figures(f"train --cache {cache}", name, None, figures)
+    _print_figures(f"train --cache {cache}", name, None, figures, as_json)
 
 
 @bench_app.command("eval")
@@ -109,13 +122,14 @@ def bench_eval(
     head: str = typer.Option("tefal", help="Head to score with.", callback=options.known_head),
     scale: float = typer.Option(1.0, help=SCALE_HELP, callback=options.positive),
     device: str = options.device(),
+    as_json: bool = options.json_flag(),
 ):
     """Score a VATEX-shaped test split in chunks, beside one pair at a time."""
     from avr import bench as benches
 
     torch_device, name = _bench_device(device)
     _print_figures("eval", name, scale, benches.bench_eval(head, scale=scale,
-                                                           device=torch_device))
+                                                           device=torch_device), as_json)
 
 
 @bench_app.command("cache")
@@ -126,13 +140,15 @@ def bench_cache(
     cache: Optional[str] = typer.Option(None, help="Read this store's train audio tokens (a "
                                                    "path or a URL) instead of writing a store "
                                                    "of --gigabytes."),
+    as_json: bool = options.json_flag(),
 ):
     """Read a store's audio tokens into memory, beside a raw read of the same bytes."""
     from avr import bench as benches
 
     torch_device, name = _bench_device(device)
     _print_figures("cache", name, None, benches.bench_cache(gigabytes=gigabytes,
-                                                            device=torch_device, store=cache))
+                                                            device=torch_device, store=cache),
+                   as_json)
 
 
 @bench_app.command("extract")
@@ -140,13 +156,14 @@ def bench_extract(
     device: str = options.device(),
     clips: int = typer.Option(8, min=1, help="Generated 10 s 360p clips."),
     workers: int = typer.Option(2, min=0, help="Decode processes."),
+    as_json: bool = options.json_flag(),
 ):
     """Decode generated clips in one process and in a pool; run real-size backbones."""
     from avr import bench as benches
 
     torch_device, name = _bench_device(device)
     _print_figures("extract", name, None, benches.bench_extract(clips=clips, device=torch_device,
-                                                                workers=workers))
+                                                                workers=workers), as_json)
 
 
 @bench_app.command("gpu")
@@ -207,9 +224,10 @@ def bench_store(
     out: str = typer.Option(..., "--out", help="The store to write or resume: a path or a URL."),
     like: Optional[str] = typer.Option(
         None, "--like", help="Shape the store like a dataset: its split sizes (scaled to "
-                             "--videos when given), its name (runs take its recipe), captions per video, caption protocol, audio and (VATEX's "
-                             "backbones) frames and text lengths: vatex | msrvtt | lsmdc | "
-                             "charades | didemo | msvd | activitynet.",
+                             "--videos when given), its name (runs take its recipe), captions "
+                             "per video, caption protocol, audio and (VATEX's backbones) frames "
+                             "and text lengths: vatex | msrvtt | lsmdc | charades | didemo | "
+                             "msvd | activitynet.",
         callback=options.checked(_like)),
     captions_per_video: Optional[int] = typer.Option(None, "--captions-per-video", min=1,
                                                      help="Default 10 (VATEX's)."),
@@ -229,6 +247,7 @@ def bench_store(
     overwrite: bool = options.overwrite(),
     shapes: str = typer.Option("vatex", "--shapes", hidden=True, callback=options.one_of("vatex", "tiny"),
                                help="tiny: the tiny backbones' widths, for tests."),
+    as_json: bool = options.json_flag(),
 ):
     """Write a store with VATEX's per-row shapes (or a dataset's, --like) straight from a
     generator: topics, captions near their video's frames, twins only audio tells apart
@@ -256,7 +275,10 @@ def bench_store(
                                      f"leave out {', '.join(sized)}", param_hint="'--like'")
         settings = GeneratorSettings.like_dataset(like, videos, **common)
     summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
-                                    compression=compression, console=console)
+                                    compression=compression, console=None if as_json else console)
+    if as_json:
+        options.print_json(summary)
+        return
     seconds = max(summary["seconds"], 1e-9)
     console.print(f"[bold]{escape(summary['out'])}[/]: {summary['videos']:,} videos, "
                   f"{summary['captions']:,} captions; {summary['written_bytes'] / 1e9:,.2f} GB "

@@ -146,6 +146,7 @@ def report(
     memory_budget: Optional[float] = options.memory_budget(
         "GB of the split's cached arrays held (default: what fits); beyond it they are read "
         "from the store in batches."),
+    as_json: bool = options.json_flag(),
 ):
     """Write a static HTML page of a run: metrics, per-tag table, worst failures with
     thumbnails and the head's explanations; with --against, where two runs differ most."""
@@ -153,6 +154,9 @@ def report(
 
     path = write_static_report(run, out, against, ReportSettings(
         split=split, failures=failures, moved=moved, device=device, memory_budget=memory_budget))
+    if as_json:
+        options.print_json({"report": str(path)})
+        return
     console.print(f"report -> {path}")
 
 

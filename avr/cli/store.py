@@ -243,13 +243,20 @@ def cache_thumbnails(
     videos_dir: Optional[Path] = typer.Option(None, "--videos-dir", help="The folder of the "
                                               "clips, relative to --root or absolute (default: "
                                               "where `avr extract` looks)."),
+    as_json: bool = options.json_flag(),
 ):
     """Record each video's path under --root and a strip of thumbnails from its frames (for a
     store written without them; under the store's lock)."""
     from avr.extract.thumbnails import add_thumbnails
 
     path = options.the_store(store, cache)
-    summary = add_thumbnails(path, root, videos_dir=videos_dir, console=console)
+    summary = add_thumbnails(path, root, videos_dir=videos_dir,
+                             console=None if as_json else console)
+    if as_json:
+        from dataclasses import asdict
+
+        options.print_json(asdict(summary))
+        return
     console.print(f"{summary.store}: thumbnails of {summary.written:,} of {summary.videos:,} "
                   f"videos ({summary.with_file:,} with a file under {root}) in "
                   f"{summary.seconds:.1f} s", highlight=False)

@@ -3,6 +3,7 @@ captions only their sound can match (clips that share a look have identical pixe
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -38,6 +39,16 @@ def test_demo_trains_and_evaluates_every_head(demo):
     assert [r.head for r in demo.rows] == ["xpool", "tefal", "meanp", "gais", "avigate", "htav"]
     for row in demo.rows:
         assert row.result.num_videos == 24 and row.result.tags[AUDIO_ONLY]["captions"] == 32
+
+
+def test_the_demo_json_holds_the_tables_rows(demo):
+    from avr.demo import demo_json
+
+    printed = json.loads(json.dumps(demo_json(demo)))  # what `avr demo --json` prints
+    assert [row["head"] for row in printed["rows"]] == [r.head for r in demo.rows]
+    for row, shown in zip(demo.rows, printed["rows"]):
+        assert shown["t2v"] == row.result.metrics["t2v"]
+        assert shown["audio_only"] == row.result.tags[AUDIO_ONLY]["t2v"]
 
 
 def test_video_only_heads_cannot_tell_twins_apart(demo):

@@ -305,8 +305,10 @@ def figure_names(stdout: str) -> list[str]:
 
 def test_bench_train_on_a_store_streams_under_a_budget(tmp_path):
     path = tmp_path / "store"
-    ok(run_avr("bench", "store", "--videos", "120", "--out", path, "--val-videos", "8",
-               "--test-videos", "8", "--chunk-rows", "8", *TINY))
+    written = json.loads(ok(run_avr("bench", "store", "--videos", "120", "--out", path,
+                                    "--val-videos", "8", "--test-videos", "8", "--chunk-rows",
+                                    "8", *TINY, "--json")).stdout)  # --json: the summary alone
+    assert (written["videos"], written["out"]) == (120, str(path))
     train = ("bench", "train", "--cache", path, "--head", "tefal", "--device", "cpu",
              "--batch-size", "8")
     streamed = ok(run_avr(*train, "--memory-budget", "0.0008", "--steps", "4")).stdout
@@ -319,10 +321,11 @@ def test_bench_train_on_a_store_streams_under_a_budget(tmp_path):
     for what in ("the first step", "each of the 3 steps after it"):  # from getrusage
         assert f"minor page faults, {what}" in streamed
         assert f"CPU time, {what}: system" in streamed
-    resident = ok(run_avr(*train, "--resident", "int8")).stdout
-    assert figure_names(resident)[0] == "plan: train device, val device"
-    assert "tokens int8" in resident and "stream read" not in resident
-    assert "train tefal: 104 pairs" in resident  # the whole epoch: 104 train videos, batch 8
+    resident = json.loads(ok(run_avr(*train, "--resident", "int8", "--json")).stdout)
+    assert resident["figures"][0]["name"] == "plan: train device, val device"
+    text = json.dumps(resident)
+    assert "tokens int8" in text and "stream read" not in text
+    assert "train tefal: 104 pairs" in text  # the whole epoch: 104 train videos, batch 8
 
 
 @pytest.mark.parametrize("args, expected", [
