@@ -73,7 +73,9 @@ def train(
                                                 "CLIP's from-scratch start, on a store of "
                                                 "random backbones).",
                                                 callback=options.positive),
-    dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Head dropout."),
+    dropout: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                            help="Head dropout (default: the head's recipe, "
+                                                 "e.g. 0.3 for X-Pool on MSR-VTT 9k)."),
     fusion: Optional[str] = typer.Option(None, help="tefal: add | late | score_sum | concat | "
                                                     "xattn | stack."),
     pairs: Optional[str] = typer.Option(None, help="all (every caption each epoch, the default) "
