@@ -157,7 +157,7 @@ def _print_dry_run(run: dict, as_json: bool) -> None:
     import json
 
     if as_json:
-        console.options.print_json(json.dumps(run))
+        options.print_json(run)
         return
     console.print(f"dry run: {run['head']} on {run['cache']} (dataset {run['dataset']}, "
                   f"{run['train_videos']} train videos, {run['train_captions']} captions); "

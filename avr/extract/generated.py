@@ -112,7 +112,8 @@ START_TOKEN, END_TOKEN = "<start>", "<end>"
 def generated_spec(seed: int, shapes: str = "vatex", like: str | None = None) -> CacheSpec:
     """The spec of a generated store: "vatex" gives the real per-row shapes of `avr extract`
     with its default backbones on VATEX, or with ``like`` on that dataset (its frames and text
-    lengths); "tiny" (for tests) the widths of the tiny backbones and 12 x 20 AST patches."""
+    lengths); "tiny" (for tests) the widths of the tiny backbones and 12 x 20 AST patches (with
+    ``like``, its frames). ``like`` is also the spec's dataset, so that runs take its recipe."""
     names = {"clip": "ViT-B-32", "swin": "microsoft/swin-tiny-patch4-window7-224",
              "ast": "MIT/ast-finetuned-audioset-10-10-0.4593", "roberta": "roberta-base"}
     backbones = {role: BackboneInfo(name, f"{WEIGHTS_PREFIX}{seed}", GENERATOR_LIBRARY,
@@ -125,10 +126,12 @@ def generated_spec(seed: int, shapes: str = "vatex", like: str | None = None) ->
                       ast_dim=24, ast_time_patches=20, roberta_dim=24, roberta_len=12)
     else:
         raise AvrError(f"shapes {shapes!r}: one of vatex, tiny")
-    if like is not None and shapes == "vatex":
+    if like is not None:  # its frames; with VATEX's backbones its text lengths too
         facts = facts_of(like)
-        widths.update(num_frames=facts.frames, clip_text_len=facts.text_tokens.clip,
-                      roberta_len=facts.text_tokens.roberta)
+        widths.update(num_frames=facts.frames)
+        if shapes == "vatex":
+            widths.update(clip_text_len=facts.text_tokens.clip,
+                          roberta_len=facts.text_tokens.roberta)
     return CacheSpec(dataset=like or "generated", image_size=224, swin_grids=(4, 2, 1),
                      backbones=backbones, audio=AudioParams(), audio_pooled_token=True,
                      **widths)
