@@ -164,6 +164,7 @@ def train_figure(store: FigureStore, head: str, residency: str, device: torch.de
     config = TrainConfig(head=head, epochs=1, batch_size=sizes.figure_batch, lr=1e-4, seed=0,
                          device=str(device), resident="int8" if residency == "int8" else "fp16",
                          head_options=head_options(sizes, head))
+    config = trainer.schedule_for_store(store.path, config)[0]  # the rest as the head's recipe
     split = store.held_split(head, residency, device, sizes.figure_batch)
     run = trainer.build_run(config, CacheData(store.path, split.spec, split, None), device)
     trainer.train_epoch(run, 0, max_batches=1)  # kernels chosen, memory allocated

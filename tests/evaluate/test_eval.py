@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from avr.cli import main
@@ -100,10 +101,11 @@ def test_dsl_and_qbnorm_together_report_tefals_combined_variant(runs, store):
 
     config = EvalConfig(device="cpu", dsl=True, qbnorm=True)
     result = evaluate_run(runs / "tefal", config=config)
-    head, _, _ = open_run(runs / "tefal", None, "cpu")
+    cpu = torch.device("cpu")
+    head, _, _ = open_run(runs / "tefal", None, cpu)
     test = load_split(store, "test", head.video_inputs, head.caption_inputs)
-    videos = score_split(head, test.videos, test.captions, "cpu").videos
-    bank = train_bank_similarity(head, store, videos, test.videos, "cpu", config)
+    videos = score_split(head, test.videos, test.captions, cpu).videos
+    bank = train_bank_similarity(head, store, videos, test.videos, cpu, config)
     scale, temperature = result.dsl["logit_scale"], result.dsl["temperature"]
     dsl_test = metrics.dual_softmax(result.sim * scale, temperature) / scale
     dsl_bank = metrics.dual_softmax(bank * scale, temperature) / scale

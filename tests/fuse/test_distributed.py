@@ -194,7 +194,8 @@ def test_a_rank_draws_from_its_loaded_shard_the_pairs_one_process_draws_for_it(s
 
 def test_a_global_batch_takes_an_equal_part_from_every_shard(store):
     full = load_split(store, "train", (), ())
-    batches = list(sampling.epoch_batches(full, TrainConfig(batch_size=16, shards=2), 0))
+    batches = list(sampling.epoch_batches(full, TrainConfig(batch_size=16, shards=2,
+                                                            pairs="one"), 0))
     assert [counts for _, _, counts in batches] == [[8, 8], [8, 8], [8, 7]]
     for videos, captions, _ in batches:
         assert torch.equal(videos % 2, torch.tensor([0] * 8 + [1] * (len(videos) - 8)))
@@ -205,7 +206,7 @@ def test_a_global_batch_takes_an_equal_part_from_every_shard(store):
 
 def test_one_shard_draws_the_batches_of_one_shuffled_pair_list(store):
     full = load_split(store, "train", (), ())
-    config = TrainConfig(batch_size=16)
+    config = TrainConfig(batch_size=16, pairs="one")
     videos, captions = sampling.draw_pairs(full.caption_video, "one",
                                            sampling.shard_generator(config.seed, 2, 0))
     batches = list(sampling.epoch_batches(full, config, 2))
