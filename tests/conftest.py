@@ -3,9 +3,19 @@ pyproject's ``pythonpath``); test folders mirror the packages of ``avr/``."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import sys
 
-from avr.device import intra_op_threads
+# The suite runs in two pytest-xdist workers (pyproject's addopts) on CI's two cores: one
+# intra-op thread per process keeps the workers and the `avr` processes they start (which
+# inherit it) from oversubscribing the cores. A value the environment sets is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file: give it the same count
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import pytest  # noqa: E402
+
+from avr.device import intra_op_threads  # noqa: E402
 from avr.store.schema import CacheSpec
 from support.demo_runs import make_demo_runs
 from support.specs import make_tiny_spec

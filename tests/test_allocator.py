@@ -68,18 +68,18 @@ def test_training_gives_the_same_weights_whether_or_not_freed_memory_is_kept(tmp
     threshold): `avr train` as it runs, and with a user's malloc setting that makes avr leave
     glibc's defaults (large blocks mapped and unmapped every step)."""
     store = tmp_path / "store"
-    ok(run_avr("bench", "store", "--videos", 40, "--val-videos", 4, "--test-videos", 4,
+    ok(run_avr("bench", "store", "--videos", 28, "--val-videos", 4, "--test-videos", 4,
                "--heads", "tefal", "--captions-per-video", 2, "--out", store))
     runs = {}
     for name, env in (("kept", {}), ("glibc", {"MALLOC_MMAP_MAX_": "65536"})):
         runs[name] = tmp_path / name
-        ok(run_avr("train", "--cache", store, "--head", "tefal", "--epochs", 2,
+        ok(run_avr("train", "--cache", store, "--head", "tefal", "--epochs", 1,
                    "--batch-size", 16, "--device", "cpu", "--run-dir", runs[name], env=env,
                    timeout=900))
     kept, glibc = (load_file(str(runs[n] / "best.safetensors")) for n in ("kept", "glibc"))
     assert kept.keys() == glibc.keys()
     assert all(bool((kept[k] == glibc[k]).all()) for k in kept)
     logs = {name: list(csv.DictReader((run / "log.csv").open())) for name, run in runs.items()}
-    assert len(logs["kept"]) == 2
+    assert len(logs["kept"]) == 1
     for column in ("loss", "val_r1", "lr", "temperature"):
         assert [row[column] for row in logs["kept"]] == [row[column] for row in logs["glibc"]]
