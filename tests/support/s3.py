@@ -33,6 +33,7 @@ def moto_endpoint(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
+    forget_s3_filesystems()
     try:
         # moto keeps its buckets in this process's memory, shared by every server started in it:
         # start each endpoint empty, whatever an earlier test module left.
@@ -47,6 +48,16 @@ def moto_endpoint(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
             else:
                 os.environ[name] = value
         server.stop()
+        forget_s3_filesystems()
+
+
+def forget_s3_filesystems() -> None:
+    """fsspec keeps one S3 filesystem per set of arguments, with the endpoint it read from the
+    environment when it was made: one made against an earlier test module's server (stopped
+    since) would otherwise be reused."""
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()
 
 
 def s3():
