@@ -81,3 +81,10 @@ def test_a_command_that_needs_an_extra_names_it(store, tmp_path, args, extra):
     if args[0] in ("sweep", "train"):
         args += ["--cache", str(store)]
     assert_one_line_error(base(*args, cwd=tmp_path), f"pip install 'avr[{extra}]'")
+
+
+def test_a_postgres_study_without_its_driver_names_the_extra(store, tmp_path):
+    done = run_avr("psycopg", "sweep", "--cache", store, *TRAIN[:2], "--grid", "lr=1e-3",
+                   "--epochs", "1", "--name", "p", "--storage", "postgresql://avr@127.0.0.1:9/avr",
+                   cwd=tmp_path, script="without_module.py")
+    assert_one_line_error(done, "pip install 'avr[postgres]'")

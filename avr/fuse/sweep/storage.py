@@ -151,6 +151,8 @@ def _server_engine(url: str, timeout_s: float, **options):
     """A SQLAlchemy engine for a database server that waits for it (``wait_for_server``)."""
     from sqlalchemy import create_engine
 
+    if url.startswith("postgresql+psycopg://"):
+        require("psycopg", f"--storage {url}")
     engine = create_engine(url, pool_pre_ping=True, **options)
     wait_for_server(engine, timeout_s)
     return engine
