@@ -278,6 +278,25 @@ def carve_val(name: str, train_ids: list[str], val_size: int, source: Path
     return ordered[:cut], ordered[cut:]
 
 
+def val_from_list_or_train(name: str, split_ids: dict[str, list[str]],
+                           sources: dict[str, Path], lists: dict[str, Path],
+                           val_size: int | str | None, default_size: int) -> str | None:
+    """A release whose val list may be absent: with ``lists["val"]`` read into ``split_ids``,
+    it is the val split and ``val_size`` is refused; without it, val is carved from the end of
+    the train list (``carve_val``, ``default_size`` ids unless ``val_size`` says). Updates
+    ``split_ids`` and ``sources`` in place; returns the note that says where val came from."""
+    if "val" in split_ids:
+        if val_size is not None:
+            raise DatasetError(f"{name}: val_size applies only to a release without a val "
+                               f"list; {lists['val']} is the val split")
+        return None
+    size = default_size if val_size is None else whole_number(val_size, name, "val_size")
+    split_ids["train"], split_ids["val"] = carve_val(name, split_ids["train"], size,
+                                                     lists["train"])
+    sources["val"] = lists["train"]
+    return f"val: the last {size:,} of the sorted train list ({lists['val'].name} absent)"
+
+
 # ---- videos ------------------------------------------------------------------------------
 
 def video_files(video_dir: Path) -> dict[str, Path]:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from avr.errors import DatasetError
 from avr.extract.datasets._common import (VIDEO_DIR, Adapter, Caption, DatasetFacts, Listing,
-                                          carve_val, check_disjoint, drop_uncaptioned,
+                                          check_disjoint, drop_uncaptioned,
                                           first_present, missing_files_error, unique_ids,
-                                          videos_layout, whole_number)
+                                          val_from_list_or_train, videos_layout)
 from avr.extract.datasets._readers import (caption_strings, read_json, read_lines,
                                            read_plain_pickle)
 
@@ -108,16 +108,8 @@ def read(root: Path, val_size: int | str | None = None) -> Listing:
                  for split, path in lists.items() if path.is_file()}
     sources = dict(lists)
     notes = [f"captions from {captions_path.relative_to(root)}"]
-    if "val" in split_ids:
-        if val_size is not None:
-            raise DatasetError(f"msvd: val_size applies only to a release without a val list; "
-                               f"{lists['val']} is the val split")
-    else:
-        size = VAL_SIZE if val_size is None else whole_number(val_size, "msvd", "val_size")
-        split_ids["train"], split_ids["val"] = carve_val("msvd", split_ids["train"], size,
-                                                         lists["train"])
-        sources["val"] = lists["train"]
-        notes.append(f"val: the last {size:,} of the sorted train list (val_list.txt absent)")
+    carved = val_from_list_or_train("msvd", split_ids, sources, lists, val_size, VAL_SIZE)
+    notes += [carved] if carved else []
     check_disjoint(split_ids, sources)
     captions = {v: [Caption(v, text) for text in texts[v]]
                 for ids in split_ids.values() for v in ids}

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from avr.errors import DatasetError
-from avr.extract.datasets._common import (Adapter, Caption, DatasetFacts, Listing, carve_val,
+from avr.extract.datasets._common import (Adapter, Caption, DatasetFacts, Listing,
                                           check_disjoint, first_present, list_missing_ids,
-                                          missing_files_error, videos_layout, whole_number)
+                                          missing_files_error, val_from_list_or_train, videos_layout)
 from avr.extract.datasets._readers import caption_strings, read_id_list, read_json
 
 ANNOTATIONS = ("vatex_training_v1.0.json", "vatex_validation_v1.0.json")
@@ -167,17 +167,8 @@ def read(root: Path, val_size: int | str | None = None) -> Listing:
     notes = [f"captions from {' + '.join(str(p.relative_to(root)) for p in captions_from)}",
              "split lists " + ", ".join(str(p.relative_to(root)) for p in lists.values()
                                         if p.is_file())]
-    if "val" in split_ids:
-        if val_size is not None:
-            raise DatasetError(f"vatex: val_size applies only to a release without a val list; "
-                               f"{lists['val']} is the val split")
-    else:
-        size = VAL_SIZE if val_size is None else whole_number(val_size, "vatex", "val_size")
-        split_ids["train"], split_ids["val"] = carve_val("vatex", split_ids["train"], size,
-                                                         lists["train"])
-        sources["val"] = lists["train"]
-        notes.append(f"val: the last {size:,} of the sorted train list "
-                     f"({lists['val'].name} absent)")
+    carved = val_from_list_or_train("vatex", split_ids, sources, lists, val_size, VAL_SIZE)
+    notes += [carved] if carved else []
     check_disjoint(split_ids, sources)
     for split, ids in split_ids.items():
         list_missing_ids(ids, english, "captions in " + " or ".join(
