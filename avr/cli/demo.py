@@ -239,9 +239,11 @@ def bench_store(
                                         "heads read (comma-separated, e.g. xpool,gais).",
                                         callback=options.checked(_head_list)),
     val_videos: Optional[int] = typer.Option(None, "--val-videos", min=1,
-                                             help="Default: VATEX's share (1,500 of 28,991)."),
+                                             help="Default: VATEX's share (1,500 of 28,991), or "
+                                                  "--like's share of --videos."),
     test_videos: Optional[int] = typer.Option(None, "--test-videos", min=1,
-                                              help="Default: VATEX's share (1,500 of 28,991)."),
+                                              help="Default: VATEX's share (1,500 of 28,991), or "
+                                                   "--like's share of --videos."),
     chunk_rows: Optional[int] = options.chunk_rows(),
     compression: str = options.compression(),
     overwrite: bool = options.overwrite(),
@@ -266,14 +268,10 @@ def bench_store(
         settings = GeneratorSettings(videos=videos, captions_per_video=captions_per_video or 10,
                                      val_videos=val_videos, test_videos=test_videos, **common)
     else:
-        sized = [flag for flag, value in (("--val-videos", val_videos),
-                                          ("--test-videos", test_videos),
-                                          ("--captions-per-video", captions_per_video))
-                 if value is not None]
-        if sized:
-            raise typer.BadParameter(f"--like {like} sets the split proportions and captions; "
-                                     f"leave out {', '.join(sized)}", param_hint="'--like'")
-        settings = GeneratorSettings.like_dataset(like, videos, **common)
+        if captions_per_video is not None:
+            raise typer.BadParameter(f"--like {like} sets the captions of each split; leave out "
+                                     f"--captions-per-video", param_hint="'--like'")
+        settings = GeneratorSettings.like_dataset(like, videos, val_videos, test_videos, **common)
     summary = write_generated_store(out, settings, overwrite=overwrite, chunk_rows=chunk_rows,
                                     compression=compression, console=None if as_json else console)
     if as_json:

@@ -200,19 +200,23 @@ class GeneratorSettings:
     like: str | None = None  # a dataset whose splits, captions, frames, text and audio it takes
 
     @classmethod
-    def like_dataset(cls, name: str, videos: int | None = None, **settings) -> GeneratorSettings:
+    def like_dataset(cls, name: str, videos: int | None = None, val_videos: int | None = None,
+                     test_videos: int | None = None, **settings) -> GeneratorSettings:
         """The settings of a store shaped like dataset ``name``: its split sizes, captions per
         video per split, caption protocol and audio (``avr.extract.datasets`` facts). ``videos``
-        scales its splits to that many videos, in the dataset's proportions."""
+        scales its splits to that many videos, in the dataset's proportions; ``val_videos`` and
+        ``test_videos`` replace the scaled sizes of those splits (train takes the rest)."""
         sizes = facts_of(name).videos
         if not sizes:
             raise AvrError(f"--like {name}: it has no fixed split sizes; choose one of "
                            f"{', '.join(LIKE_DATASETS)}")
         total = sum(sizes.values())
         if videos is None or videos == total:
-            return cls(videos=total, like=name, **settings)
-        val = max(1, round(videos * sizes["val"] / total))
-        test = max(1, round(videos * sizes["test"] / total))
+            if val_videos is None and test_videos is None:
+                return cls(videos=total, like=name, **settings)
+            videos = total
+        val = val_videos or max(1, round(videos * sizes["val"] / total))
+        test = test_videos or max(1, round(videos * sizes["test"] / total))
         return cls(videos=videos, like=name, val_videos=val, test_videos=test, **settings)
 
     def facts(self) -> DatasetFacts | None:

@@ -280,10 +280,25 @@ def test_a_store_like_msvd_has_its_real_row_counts_and_no_audio(tmp_path):
     assert group.attrs[schema.ATTR_CAPTION_PROTOCOL] == "sentences"
 
 
+def test_bench_store_like_takes_given_val_and_test_sizes(tmp_path):
+    """--val-videos and --test-videos replace --like's scaled split sizes; train takes the
+    rest, and the store is still the dataset's (its captions per split, its name)."""
+    path = tmp_path / "s"
+    done = ok(run_avr("bench", "store", "--like", "vatex", "--videos", "120", "--val-videos",
+                      "30", "--test-videos", "5", "--heads", "meanp", "--out", path, *TINY))
+    assert "120 videos, 1,200 captions" in done.stdout, done.stdout
+    group, _ = open_store(path)
+    splits = read_rows(group[schema.VIDEO_SPLIT])
+    assert [int((splits == schema.split_code(s)).sum()) for s in schema.SPLITS] == [85, 30, 5]
+    assert cache_info(path)["dataset"] == "vatex"
+    fails = run_avr("bench", "store", "--like", "vatex", "--videos", "20", "--val-videos", "15",
+                    "--test-videos", "5", "--out", tmp_path / "t", *TINY)
+    assert_one_line_error(fails, "leaves no train videos beside 15 val and 5 test")
+
+
 @pytest.mark.parametrize("args, expected", [
-    (["--like", "lsmdc", "--captions-per-video", "2"], "--like lsmdc sets the split proportions "
-                                                       "and captions; leave out "
-                                                       "--captions-per-video"),
+    (["--like", "lsmdc", "--captions-per-video", "2"], "--like lsmdc sets the captions of each "
+                                                       "split; leave out --captions-per-video"),
     (["--like", "generic"], "'generic' is not one of vatex, msrvtt"),
     (["--captions-per-video", "2"], "give --videos N or --like DATASET"),
     (["--arrays", "frame_embeddings,bogus"], "bogus is not a feature array"),
