@@ -4,7 +4,7 @@
     python benchmarks/prune_replay.py sweep-bench/prune/runs/sweeps/tefal-grid --seeds 10
     python benchmarks/sweep_targets.py prune-val                        # VATEX's val size
     python benchmarks/prune_replay.py sweep-bench/prune-val/runs/sweeps/val-grid --seeds 5 \
-        --trials 12 --names val-tpe --margin 1
+        --trials 12 --names val-tpe --margin 1 --share-of grid
 
 Training a configuration is deterministic (same seed, CPU), so a TPE trial that draws a grid
 point reports that point's recorded val R@1 curve. Each TPE study of 24 trials is replayed as
@@ -99,6 +99,9 @@ def main() -> None:
                         help="val R@1 points below the grid's best that count as losing it")
     parser.add_argument("--share", type=float, default=0.4,
                         help="the target: at most this share of the full trials' epochs")
+    parser.add_argument("--share-of", choices=("trials", "grid"), default="trials",
+                        help="the epochs the share counts against: the TPE trials' full epochs, "
+                             "or the full grid's (a study of fewer trials than grid points)")
     parser.add_argument("--retrain-repeats", action="store_true",
                         help="train a drawn configuration again (avr sweep before it reused "
                              "finished trials' results)")
@@ -109,10 +112,11 @@ def main() -> None:
     grid_best = max(max(curve) for curve in curves.values())
     studies = [(seed, name) for seed in range(options.seeds)
                for name in options.names.split(",")]
-    full = options.trials * epochs
+    full = (options.trials if options.share_of == "trials" else len(curves)) * epochs
     print(f"grid of {len(curves)} points x {epochs} epochs, best val R@1 {grid_best:.2f}; "
           f"{len(studies)} studies of {options.trials} TPE trials per pruner")
-    print(f"| pruner | epochs trained (min-max, mean) | best lost > {options.margin:g} points "
+    print(f"| pruner | epochs trained, of the {options.share_of}' {full} (min-max, mean) "
+          f"| best lost > {options.margin:g} points "
           f"| both targets |")
     print("|---|---|---|---|")
     for label, make in pruners(epochs).items():

@@ -123,7 +123,7 @@ def prune_val(cache: str | None, out: Path, epochs: int) -> None:
           f"{trained} of the grid's {points * epochs} epochs ({trained / (points * epochs):.1%}), "
           f"best val R@1 {best_tpe:.2f} ({best_tpe - best_grid:+.2f}); replay more seeds with "
           f"benchmarks/prune_replay.py {out / 'runs' / 'sweeps' / 'val-grid'} --seeds 5 "
-          f"--trials {VAL_TRIALS} --margin 1")
+          f"--trials {VAL_TRIALS} --names val-tpe --margin 1 --share-of grid")
 
 
 WORKERS_STORE = ["--shapes", "tiny", "--videos", "240", "--val-videos", "40", "--test-videos",
