@@ -115,7 +115,8 @@ def main() -> None:
     full = (options.trials if options.share_of == "trials" else len(curves)) * epochs
     print(f"grid of {len(curves)} points x {epochs} epochs, best val R@1 {grid_best:.2f}; "
           f"{len(studies)} studies of {options.trials} TPE trials per pruner")
-    print(f"| pruner | epochs trained, of the {options.share_of}' {full} (min-max, mean) "
+    whose = "the grid's" if options.share_of == "grid" else "the trials'"
+    print(f"| pruner | epochs trained, of {whose} {full} (min-max, mean) "
           f"| best lost > {options.margin:g} points "
           f"| both targets |")
     print("|---|---|---|---|")
