@@ -27,7 +27,8 @@ from pathlib import Path
 from avr.errors import DatasetError
 from avr.extract.datasets._common import (Adapter, Caption, DatasetFacts, Listing,
                                           check_disjoint, first_present, list_missing_ids,
-                                          missing_files_error, val_from_list_or_train, videos_layout)
+                                          missing_files_error, val_from_list_or_train,
+                                          videos_layout)
 from avr.extract.datasets._readers import caption_strings, read_id_list, read_json
 
 ANNOTATIONS = ("vatex_training_v1.0.json", "vatex_validation_v1.0.json")
