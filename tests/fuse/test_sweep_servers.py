@@ -45,7 +45,7 @@ def load(name: str, url: str) -> optuna.Study:
 @pytest.mark.timeout(1800)  # 20 worker processes; minutes on a busy machine
 def test_four_workers_on_one_postgres_study_train_every_grid_point_exactly_once(
         store, postgres_url, tmp_path):
-    for run in range(3):  # three races of four workers for twelve trials
+    for run in range(5):
         name = f"grid-{run}"
         args = ["sweep", "--cache", store, *TINY, "--epochs", "1", "--name", name,
                 "--storage", postgres_url, "--grid", GRID_12]
