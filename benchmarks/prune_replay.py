@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=2.0,
                         help="val R@1 points below the grid's best that count as losing it")
     parser.add_argument("--share", type=float, default=0.4,
-                        help="the target: at most this share of the full trials' epochs")
+                        help="the target: at most this share of the full epochs (--share-of)")
     parser.add_argument("--share-of", choices=("trials", "grid"), default="trials",
                         help="the epochs the share counts against: the TPE trials' full epochs, "
                              "or the full grid's (a study of fewer trials than grid points)")

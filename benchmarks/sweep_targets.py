@@ -95,7 +95,7 @@ def prune(cache: str, out: Path, epochs: int) -> None:
 
 VAL_STORE = ["--shapes", "tiny", "--videos", "2600", "--val-videos", "1500", "--test-videos",
              "100", "--heads", "tefal"]  # 1,000 train videos; VATEX's val split
-VAL_SPACE = ("lr=1e-4,3e-4,1e-3,3e-3 temperature=0.01,0.03,0.1 dropout=0.0,0.3")  # 24 points
+VAL_SPACE = "lr=1e-4,3e-4,1e-3,3e-3 temperature=0.01,0.03,0.1 dropout=0.0,0.3"  # 24 points
 VAL_TRIALS = 12
 # Every caption each epoch at batch 128 (1,000 train videos: 79 steps), not the MSR-VTT recipe's
 # batch 32 that a generated store falls back to: 6 epochs of a trial take a minute, not ten.
