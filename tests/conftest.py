@@ -21,21 +21,6 @@ from support.demo_runs import make_demo_runs
 from support.specs import make_tiny_spec
 
 
-# The files that take minutes, slowest first: they start before the rest, so that the two
-# workers finish together instead of one running a long file alone at the end.
-SLOWEST_FIRST = ("tests/cli/test_demo.py", "tests/fuse/test_sweep_servers.py",
-                 "tests/fuse/test_sweep.py", "tests/store/test_s3.py",
-                 "tests/extract/test_extract_dask.py", "tests/store/test_kill.py",
-                 "tests/fuse/test_run_folder.py", "tests/extract/test_generated.py",
-                 "tests/fuse/test_residency.py", "tests/extract/test_release_datasets.py",
-                 "tests/extract/test_extract_dask_s3.py", "tests/test_allocator.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
-
 @pytest.fixture
 def tiny_spec() -> CacheSpec:
     return make_tiny_spec()
