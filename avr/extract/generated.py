@@ -211,12 +211,11 @@ class GeneratorSettings:
             raise AvrError(f"--like {name}: it has no fixed split sizes; choose one of "
                            f"{', '.join(LIKE_DATASETS)}")
         total = sum(sizes.values())
-        if videos is None or videos == total:
-            if val_videos is None and test_videos is None:
-                return cls(videos=total, like=name, **settings)
-            videos = total
-        val = val_videos or max(1, round(videos * sizes["val"] / total))
-        test = test_videos or max(1, round(videos * sizes["test"] / total))
+        videos = total if videos is None else videos
+        if videos == total and val_videos is None and test_videos is None:
+            return cls(videos=total, like=name, **settings)
+        val = max(1, round(videos * sizes["val"] / total)) if val_videos is None else val_videos
+        test = max(1, round(videos * sizes["test"] / total)) if test_videos is None else test_videos
         return cls(videos=videos, like=name, val_videos=val, test_videos=test, **settings)
 
     def facts(self) -> DatasetFacts | None:
